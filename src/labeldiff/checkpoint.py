@@ -1,0 +1,149 @@
+"""Run folders: safetensors weights + ``config.json``; atomic writes; strict loading.
+
+Layout of a run folder::
+
+    config.json                 the full resolved RunConfig (load needs no flags)
+    model.safetensors           weights for downstream use (EMA weights when EMA is on)
+    log.jsonl                   one JSON line per logged step
+    checkpoints/step_XXXXXXX/   resumable state: model, ema, optimizer tensors + state.json
+    latest.json                 {"step": N, "dir": "checkpoints/step_XXXXXXX"}
+
+Nothing here unpickles: tensors come from safetensors, everything else from JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP / torch.compile prefixes and make every tensor contiguous and detached."""
+    out = {}
+    for key, value in state.items():
+        for prefix in STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value.detach().contiguous().clone()
+    return out
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(clean_state_dict(state), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is this a labeldiff run folder?")
+    return load_file(str(path))
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into flat tensors (safetensors) and JSON-able metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor] | None, extra: dict[str, Any], keep: int = 1) -> Path:
+    """Write a resumable checkpoint for ``step`` atomically and point ``latest.json`` at it."""
+    run_dir = Path(run_dir)
+    final = run_dir / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(clean_state_dict(model.state_dict()), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(clean_state_dict(ema), str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
+              str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(run_dir / "latest.json", json.dumps({"step": step, "dir": str(final.relative_to(run_dir))}))
+    old = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in old[:-keep]:
+        shutil.rmtree(p)
+    return final
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """Read the latest resumable checkpoint of a run folder (no unpickling)."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from (no latest.json)")
+    info = json.loads(latest.read_text())
+    ck = run_dir / info["dir"]
+    meta = json.loads((ck / "state.json").read_text())
+    state = load_file(str(ck / "state.safetensors"))
+    opt_tensors = {k[len("optim."):]: v for k, v in state.items() if k.startswith("optim.")}
+    return {
+        "step": meta["step"],
+        "model": load_file(str(ck / "model.safetensors")),
+        "ema": load_file(str(ck / "ema.safetensors")) if (ck / "ema.safetensors").exists() else None,
+        "optimizer": optimizer_from_tensors(opt_tensors, meta["optimizer"]),
+        "rng": {k[len("rng."):]: v for k, v in state.items() if k.startswith("rng.")},
+        "extra": {k: v for k, v in meta.items() if k not in ("step", "optimizer")},
+    }
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:
+    """Create ``run_dir``; refuse to touch an existing non-empty one unless told how."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            return run_dir
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                f"or choose another --out")
+        shutil.rmtree(run_dir)
+    elif resume:
+        raise FileNotFoundError(f"--resume: {run_dir} does not exist or is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

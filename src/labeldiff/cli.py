@@ -1,0 +1,221 @@
+"""Command line: ``labeldiff pretrain | finetune | evaluate | predict | demo``.
+
+Heavy libraries (torch, MONAI, matplotlib) are imported inside the commands so ``--help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.split(","))
+
+
+def _bools(s: str) -> tuple[bool, ...]:
+    return tuple(v.strip().lower() in ("1", "true", "yes") for v in s.split(","))
+
+
+# (flag, config field, type, help); every one of them defaults to "keep the config/recipe value"
+DATA_OPTS = [
+    ("--size", "data.size", int, "training input size in pixels (square crops or resize target) [64]"),
+    ("--mode", "data.mode", str, "'crop': random size² crops of the scaled image, sliding window at inference; "
+                                 "'resize': the whole image resized to size² [crop]"),
+    ("--scale", "data.scale", float, "scale factor applied to images before cropping (crop mode) [1.0]"),
+    ("--channels", "data.channels", int, "image channels the network sees (1 = grey, 3 = RGB) [3]"),
+    ("--num-workers", "data.num_workers", int, "data-loading worker processes [0]"),
+]
+TRAIN_OPTS = [
+    ("--steps", "train.steps", int, "optimisation steps"),
+    ("--batch-size", "train.batch_size", int, "images per step [8]"),
+    ("--lr", "train.lr", float, "base learning rate"),
+    ("--seed", "train.seed", int, "random seed (subset choice, init, batches) [0]"),
+    ("--device", "train.device", str, "auto (CUDA if present), cpu or cuda[:N] [auto]"),
+    ("--precision", "train.precision", str, "auto (bf16 where the CPU/GPU supports it), fp32 or bf16 [auto]"),
+    ("--ema-decay", "train.ema_decay", float, "EMA rate of the weights; 0 disables EMA"),
+    ("--grad-clip", "train.grad_clip", float, "gradient norm clip; 0 disables [1.0]"),
+    ("--warmup-steps", "train.warmup_steps", int, "linear learning-rate warm-up steps [50]"),
+    ("--checkpoint-every", "train.checkpoint_every", int, "write a resumable checkpoint every N steps [200]"),
+]
+MODEL_OPTS = [
+    ("--unet-channels", "model.channels", _ints, "UNet widths per level, e.g. 32,64,128"),
+    ("--res-blocks", "model.num_res_blocks", int, "residual blocks per level [1]"),
+    ("--attention", "model.attention_levels", _bools, "self-attention per level, e.g. 0,0,1 [0,0,0]"),
+]
+PRETRAIN_OPTS = [
+    ("--method", "corruption.method", str, "pretext task [ddpm]"),
+    ("--schedule", "corruption.schedule", str, "β schedule: linear (1e-4 → 0.02) or cosine [linear]"),
+    ("--timesteps", "corruption.num_timesteps", int, "diffusion steps T [1000]"),
+]
+FINETUNE_OPTS = [
+    ("--pretrained", "transfer.pretrained", str, "a `labeldiff pretrain` run folder to start from"),
+    ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
+    ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
+    ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),
+    ("--num-classes", "data.num_classes", int, "number of classes K (default: max mask value + 1)"),
+    ("--train-split", "data.train_split", str, "split.json entry the labeled images come from [train]"),
+    ("--test-split", "data.test_split", str, "split.json entry evaluated by default [test]"),
+]
+
+
+def _add(p: argparse.ArgumentParser, opts) -> None:
+    for flag, dest, typ, help_ in opts:
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+
+
+def _overrides(args: argparse.Namespace, opts) -> dict:
+    return {dest: getattr(args, dest) for _, dest, _, _ in opts}
+
+
+def _run_config(args: argparse.Namespace, opts, base):
+    from labeldiff.config import apply_overrides, load_recipe, merge_recipe
+
+    cfg = base
+    if getattr(args, "recipe", None):
+        cfg = merge_recipe(cfg, load_recipe(args.recipe))
+    cfg = apply_overrides(cfg, _overrides(args, opts))
+    cfg.data.path = str(args.data)
+    return cfg
+
+
+def default_pretrain_config():
+    from labeldiff.config import RunConfig
+
+    return RunConfig(kind="pretrain")
+
+
+def default_finetune_config():
+    from labeldiff.config import RunConfig, TrainConfig
+
+    return RunConfig(kind="segmentation",
+                     train=TrainConfig(steps=300, lr=2e-4, warmup_steps=20, ema_decay=0.0, checkpoint_every=100))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from labeldiff.pretrain.run import run_pretrain
+
+    opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS
+    cfg = _run_config(args, opts, default_pretrain_config())
+    result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
+          f"run folder {args.out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from labeldiff.transfer.finetune import run_finetune
+
+    opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS
+    cfg = _run_config(args, opts, default_finetune_config())
+    if args.from_scratch:
+        cfg.transfer.strategy = "scratch"
+    result = run_finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
+          f"run folder {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from labeldiff.evaluate.run import run_evaluate
+
+    run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
+                 split=args.split, device=args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from labeldiff.evaluate.run import run_predict
+
+    run_predict(args.model, args.input, args.out, device=args.device)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from labeldiff.demo import run_demo
+
+    run_demo(Path(args.out), pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+             seeds=args.seeds, labels=args.labels, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labeldiff", description=(
+        "Label-efficient semantic segmentation from diffusion pretraining: pretrain a timestep-conditioned "
+        "UNet on unlabeled images, fine-tune it with a few labeled ones, evaluate it against the same "
+        "network trained from scratch."))
+    from labeldiff import __version__
+
+    parser.add_argument("--version", action="version", version=f"labeldiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a UNet on unlabeled images with a pretext task (DDPM)",
+                       description="Pretrain a timestep-conditioned UNet on unlabeled images (DDPM ε-prediction).")
+    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained UNet (or train it from scratch) with k labels",
+                       description="Fine-tune with k labeled images: full fine-tuning of a pretrained run, or "
+                                   "--from-scratch for the identical network from random weights.")
+    p.add_argument("--data", required=True, type=Path, help="labeled dataset root (images/, masks/, split.json)")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--from-scratch", action="store_true", help="random initialisation, same network and schedule")
+    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="Dice / IoU of a fine-tuned run on a split, with overlays",
+                       description="Evaluate a fine-tuned run on a named split at the original mask resolution.")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder")
+    p.add_argument("--split", default=None, help="split.json entry to evaluate [the run's test split]")
+    p.add_argument("--data", default=None, help="labeled dataset root [the one the run was trained on]")
+    p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image",
+                       description="Predict masks for new images with a fine-tuned run.")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder")
+    p.add_argument("--input", required=True, type=Path, help="an image, a folder of images or a dataset root")
+    p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",
+                       description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch "
+                                   "with k labeled slices, evaluate both on a disjoint slab, write a report.")
+    p.add_argument("--out", default="labeldiff-demo", help="report folder [labeldiff-demo]")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="DDPM pretraining steps [demo default]")
+    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per run [demo default]")
+    p.add_argument("--labels", type=int, default=2, help="labeled slices k [2]")
+    p.add_argument("--seeds", type=int, default=None, help="number of fine-tuning seeds [demo default]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from labeldiff.data.io import DataError
+
+    try:
+        args.func(args)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as e:
+        from labeldiff.pretrain.loop import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

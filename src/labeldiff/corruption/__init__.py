@@ -1,0 +1,19 @@
+"""Pretext tasks. Adding one = one new module + one line in ``CORRUPTIONS``."""
+from __future__ import annotations
+
+from labeldiff.config import CorruptionConfig
+from labeldiff.corruption.base import Corrupted, Corruption
+from labeldiff.corruption.gaussian import GaussianNoise
+
+CORRUPTIONS: dict[str, type[Corruption]] = {
+    "ddpm": GaussianNoise,
+}
+
+
+def build_corruption(cfg: CorruptionConfig) -> Corruption:
+    if cfg.method not in CORRUPTIONS:
+        raise ValueError(f"pretext method {cfg.method!r} is unknown; available: {sorted(CORRUPTIONS)}")
+    return CORRUPTIONS[cfg.method](cfg)
+
+
+__all__ = ["CORRUPTIONS", "Corrupted", "Corruption", "build_corruption"]

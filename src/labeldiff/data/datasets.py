@@ -1,0 +1,252 @@
+"""Labeled and unlabeled image folders, splits, k-shot subsets and per-step batches.
+
+A labeled dataset is ``ROOT/images/*`` + ``ROOT/masks/*`` (same stem) + optional
+``ROOT/split.json`` (``{"train": [stems], "test": [stems], ...}``). An unlabeled dataset is a
+folder of images, or the ``images/`` of a labeled one. Nothing is read until it is needed; decoded
+images sit in a cache bounded in megabytes.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labeldiff.config import DataConfig
+from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Map stem → path for every image file in ``folder`` (sorted, non-recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; point --data at a folder of images or at a dataset root")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    out: dict[str, Path] = {}
+    for p in files:
+        if p.stem in out:
+            raise DataError(f"{p}: two files share the stem {p.stem!r} ({out[p.stem].name}); rename one")
+        out[p.stem] = p
+    return out
+
+
+@dataclass
+class Sample:
+    stem: str
+    image: Path
+    mask: Path | None = None
+
+
+class LabeledFolder:
+    """``images/`` + ``masks/`` + optional ``split.json``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if not (self.root / "images").is_dir():
+            raise DataError(f"{self.root}: no images/ folder; a labeled dataset is ROOT/images + ROOT/masks")
+        if not (self.root / "masks").is_dir():
+            raise DataError(f"{self.root}: no masks/ folder; a labeled dataset is ROOT/images + ROOT/masks")
+        self.images = list_images(self.root / "images")
+        self.masks = list_images(self.root / "masks")
+        split_file = self.root / "split.json"
+        self.splits: dict[str, list[str]] = {}
+        if split_file.is_file():
+            try:
+                raw = json.loads(split_file.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{split_file}: not valid JSON ({e})") from None
+            self.splits = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
+
+    def stems(self, split: str | None) -> list[str]:
+        """Stems of a named split (``None`` or ``"all"`` without a split.json entry: every image)."""
+        if split is None or (split == "all" and "all" not in self.splits):
+            return sorted(self.images)
+        if split not in self.splits:
+            have = ", ".join(sorted(self.splits)) or "none (no split.json)"
+            raise DataError(f"{self.root / 'split.json'}: no split named {split!r}; available: {have}")
+        missing = [s for s in self.splits[split] if s not in self.images]
+        if missing:
+            raise DataError(f"{self.root / 'split.json'}: split {split!r} names {missing[0]!r} but "
+                            f"images/ has no such file; fix split.json")
+        return list(self.splits[split])
+
+    def samples(self, stems: list[str]) -> list[Sample]:
+        out = []
+        for s in stems:
+            if s not in self.masks:
+                raise DataError(f"{self.images[s]}: no mask with stem {s!r} in {self.root / 'masks'}; "
+                                f"add masks/{s}.png or drop the image")
+            out.append(Sample(s, self.images[s], self.masks[s]))
+        return out
+
+
+def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
+    """Check every pair (readable, same size, integer values < K) and return K.
+
+    With ``num_classes=None``, K is inferred as max label + 1 over these samples (at least 2).
+    """
+    if not samples:
+        raise DataError("no samples to validate: the split is empty")
+    highest = 0
+    for s in samples:
+        ih, iw = image_size(s.image)
+        assert s.mask is not None
+        mask = read_mask(s.mask, num_classes)
+        if mask.shape != (ih, iw):
+            raise DataError(f"mask {s.mask} is {mask.shape[1]}×{mask.shape[0]} but image {s.image} is {iw}×{ih}; "
+                            f"masks must have the image's size")
+        highest = max(highest, int(mask.max()))
+    return num_classes if num_classes is not None else max(2, highest + 1)
+
+
+def unlabeled_samples(path: Path) -> list[Sample]:
+    """Every image under ``path`` (a folder of images, or a dataset root with ``images/``)."""
+    path = Path(path)
+    folder = path / "images" if (path / "images").is_dir() else path
+    samples = [Sample(stem, p) for stem, p in list_images(folder).items()]
+    for s in samples:
+        image_size(s.image)  # readable header, or a DataError naming the file
+    return samples
+
+
+def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train") -> list[str]:
+    """Pick ``k`` stems reproducibly for ``seed`` (order-independent of the input order)."""
+    if k < 1:
+        raise DataError(f"--labels must be at least 1 (got {k})")
+    if k > len(stems):
+        raise DataError(f"--labels {k} is larger than the {split_name!r} split ({len(stems)} images); "
+                        f"use --labels {len(stems)} or fewer")
+    return sorted(random.Random(seed).sample(sorted(stems), k))
+
+
+class ImageCache:
+    """Decoded, scaled images kept in RAM up to ``max_mb`` megabytes (least recently used out)."""
+
+    def __init__(self, max_mb: int):
+        self.max_bytes = max_mb * 2**20
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: str, load) -> np.ndarray:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = load()
+        if value.nbytes <= self.max_bytes:
+            self.items[key] = value
+            self.bytes += value.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return value
+
+
+def resize_image(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased) resize of ``[C, H, W]`` or ``[B, C, H, W]``."""
+    squeeze = x.dim() == 3
+    y = x[None] if squeeze else x
+    if tuple(y.shape[-2:]) != tuple(hw):
+        y = F.interpolate(y, size=hw, mode="bilinear", antialias=True, align_corners=False)
+    return y[0] if squeeze else y
+
+
+def resize_mask(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer mask ``[H, W]``."""
+    if tuple(m.shape) == tuple(hw):
+        return m
+    return F.interpolate(m[None, None].float(), size=hw, mode="nearest-exact")[0, 0].long()
+
+
+def network_hw(hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
+    """The size an image of size ``hw`` is brought to before the network sees it."""
+    if cfg.mode == "resize":
+        return cfg.size, cfg.size
+    h, w = max(1, round(hw[0] * cfg.scale)), max(1, round(hw[1] * cfg.scale))
+    if min(h, w) < cfg.size:  # too small for a crop: enlarge so the short side equals the crop
+        f = cfg.size / min(h, w)
+        h, w = max(cfg.size, round(h * f)), max(cfg.size, round(w * f))
+    return h, w
+
+
+class ScaledImages:
+    """Loads an image (and mask) brought to :func:`network_hw`, through an :class:`ImageCache`."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.cache = ImageCache(cfg.cache_mb)
+
+    def image(self, s: Sample) -> torch.Tensor:
+        def load() -> np.ndarray:
+            x = torch.from_numpy(read_image(s.image, self.cfg.channels))
+            return resize_image(x, network_hw(tuple(x.shape[-2:]), self.cfg)).numpy()
+        return torch.from_numpy(self.cache.get(f"i:{s.image}", load))
+
+    def mask(self, s: Sample, num_classes: int | None = None) -> torch.Tensor:
+        assert s.mask is not None
+
+        def load() -> np.ndarray:
+            m = torch.from_numpy(read_mask(s.mask, num_classes))
+            return resize_mask(m, network_hw(tuple(m.shape), self.cfg)).to(torch.uint8 if m.max() < 256 else torch.int64).numpy()
+        return torch.from_numpy(self.cache.get(f"m:{s.mask}", load)).long()
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """``batches[step]`` is the training batch of that step, fully determined by ``(seed, step)``.
+
+    Images are drawn with replacement, randomly cropped to ``size``² (crop mode) and flipped
+    horizontally with probability 0.5 — the only augmentations. Because a batch depends only on
+    the step, a resumed run sees exactly the batches an uninterrupted one would.
+    Returns ``{"image": [B, C, S, S] float32, "mask": [B, S, S] int64 (labeled only)}``.
+    """
+
+    def __init__(self, samples: list[Sample], cfg: DataConfig, batch_size: int, seed: int,
+                 labeled: bool, num_classes: int | None = None, flip: bool = True):
+        if not samples:
+            raise DataError("no training images")
+        self.samples, self.cfg, self.batch_size, self.seed = samples, cfg, batch_size, seed
+        self.labeled, self.num_classes, self.flip = labeled, num_classes, flip
+        self.loader = ScaledImages(cfg)
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(len(self.samples), (self.batch_size,), generator=g)
+        images, masks = [], []
+        s = self.cfg.size
+        for i in idx.tolist():
+            sample = self.samples[i]
+            x = self.loader.image(sample)
+            m = self.loader.mask(sample, self.num_classes) if self.labeled else None
+            h, w = x.shape[-2:]
+            top = int(torch.randint(h - s + 1, (1,), generator=g))
+            left = int(torch.randint(w - s + 1, (1,), generator=g))
+            flip = bool(torch.rand(1, generator=g) < 0.5) and self.flip
+            x = x[:, top:top + s, left:left + s]
+            if m is not None:
+                m = m[top:top + s, left:left + s]
+            if flip:
+                x = x.flip(-1)
+                m = m.flip(-1) if m is not None else None
+            images.append(x)
+            if m is not None:
+                masks.append(m)
+        out = {"image": torch.stack(images).contiguous()}
+        if self.labeled:
+            out["mask"] = torch.stack(masks).contiguous()
+        return out
+
+
+def step_loader(batches: StepBatches, start: int, stop: int, num_workers: int):
+    """Iterate ``batches[start:stop]``, optionally decoding in worker processes."""
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
+                                       num_workers=num_workers, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,41 @@
+"""Whole-image prediction at the original resolution.
+
+The image is brought to the network's scale (``network_hw``); crop-mode models slide a
+``size``² window over it (MONAI ``sliding_window_inference``, Gaussian blending), resize-mode
+models see the whole resized image; logits are then resized back to the original size before
+the argmax, so metrics are computed against the untouched mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from labeldiff.config import DataConfig
+from labeldiff.data.datasets import network_hw, resize_image
+from labeldiff.pretrain.loop import resolve_precision
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto",
+                   overlap: float = 0.25, sw_batch_size: int = 8) -> torch.Tensor:
+    """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size."""
+    device = next(model.parameters()).device
+    hw = tuple(image.shape[-2:])
+    x = resize_image(image, network_hw(hw, cfg))[None].to(device)
+    dtype = resolve_precision(precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if cfg.mode == "resize":
+            logits = model(x)
+        else:
+            logits = sliding_window_inference(x, roi_size=(cfg.size, cfg.size), sw_batch_size=sw_batch_size,
+                                              predictor=model, overlap=overlap, mode="gaussian")
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != hw:
+        logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+    return logits[0].cpu()
+
+
+def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto") -> torch.Tensor:
+    """``image [C, H, W]`` → integer mask ``[H, W]`` at the original size."""
+    return predict_logits(model, image, cfg, precision).argmax(0)

@@ -1,0 +1,96 @@
+"""Overlays, grids and charts (matplotlib is imported only here, when a picture is drawn)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """``[C, H, W]`` in [-1, 1] → ``[H, W, 3]`` uint8."""
+    x = np.clip((np.asarray(image, dtype=np.float32) + 1) / 2, 0, 1)
+    x = np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x[:3]
+    return (x.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    return PALETTE[np.asarray(mask) % len(PALETTE)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours over the image where the mask is not background."""
+    rgb = to_rgb(image).astype(np.float32)
+    col = colorize(mask).astype(np.float32)
+    fg = (np.asarray(mask) > 0)[..., None]
+    return np.where(fg, (1 - alpha) * rgb + alpha * col, rgb).round().astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def overlay_grid(rows: list[dict], path: Path, title: str = "") -> None:
+    """One row per image: image | ground truth | prediction (overlays). ``rows``: dicts with
+    ``name``, ``image [C,H,W]``, ``target [H,W]`` (optional), ``pred [H,W]``, ``dice`` (optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3 if any(r.get("target") is not None for r in rows) else 2
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        panels = [("image", to_rgb(r["image"]))]
+        if cols == 3:
+            panels.append(("ground truth", overlay(r["image"], r["target"])))
+        label = "prediction" + (f" (Dice {r['dice']:.3f})" if r.get("dice") is not None else "")
+        panels.append((label, overlay(r["image"], r["pred"])))
+        for ax, (name, pic) in zip(ax_row, panels):
+            ax.imshow(pic)
+            ax.set_title(f"{r['name']}: {name}" if name == "image" else name, fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def bar_chart(results: dict[str, tuple[float, float]], path: Path, ylabel: str = "Dice", title: str = "") -> None:
+    """``results``: name → (mean, std). Bars with error bars, values written on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    means = [results[n][0] for n in names]
+    stds = [results[n][1] for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.5))
+    bars = ax.bar(names, means, yerr=stds, capsize=6, color=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"][: len(names)])
+    for b, m in zip(bars, means):
+        ax.text(b.get_x() + b.get_width() / 2, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_per_image_csv(rows: list[dict], path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

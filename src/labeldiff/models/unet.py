@@ -1,0 +1,114 @@
+"""The timestep-conditioned 2D UNet (MONAI ``DiffusionModelUNet``) and its segmentation form.
+
+Pretraining uses the UNet as is: ``unet(x [B,C,H,W], t [B]) -> [B, C_out, H, W]``.
+Segmentation (the CT paper, Methods, Fig. 2) reuses the same network with a fixed timestep
+embedding, drops the pretext output layer ``out`` and puts a new head on the last decoder
+features: two (conv 3×3 → BatchNorm → ReLU), then a 1×1 conv to K classes.
+"""
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from labeldiff.config import ModelConfig
+
+PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    n = len(cfg.channels)
+    if len(cfg.attention_levels) != n:
+        raise ValueError(f"attention_levels has {len(cfg.attention_levels)} entries but channels has {n}; "
+                         f"give one True/False per level")
+    for c in cfg.channels:
+        if c % cfg.norm_num_groups:
+            raise ValueError(f"channel width {c} is not divisible by norm_num_groups={cfg.norm_num_groups}")
+    for c, attn in zip(cfg.channels, cfg.attention_levels):
+        if attn and c % cfg.num_head_channels:
+            raise ValueError(f"channel width {c} with attention is not divisible by "
+                             f"num_head_channels={cfg.num_head_channels}")
+
+
+def size_multiple(cfg: ModelConfig) -> int:
+    """Input sides must be multiples of this (the UNet halves the resolution len(channels)-1 times)."""
+    return 2 ** (len(cfg.channels) - 1)
+
+
+def build_unet(cfg: ModelConfig, out_channels: int) -> DiffusionModelUNet:
+    check_model_config(cfg)
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=cfg.in_channels,
+        out_channels=out_channels,
+        channels=tuple(cfg.channels),
+        num_res_blocks=cfg.num_res_blocks,
+        attention_levels=tuple(cfg.attention_levels),
+        norm_num_groups=cfg.norm_num_groups,
+        num_head_channels=cfg.num_head_channels,
+    )
+
+
+class SegHead(nn.Module):
+    """[B, c, H, W] → [B, K, H, W]: 2 × (conv3×3 → BN → ReLU) → conv1×1 (CT paper, Fig. 2)."""
+
+    def __init__(self, in_channels: int, hidden: int, num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(2):
+            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            c = hidden
+        layers.append(nn.Conv2d(hidden, num_classes, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SegmentationNet(nn.Module):
+    """UNet backbone with a fixed timestep ``t`` and a :class:`SegHead`.
+
+    ``forward(x [B, C, H, W]) -> logits [B, K, H, W]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128):
+        super().__init__()
+        self.backbone = build_unet(cfg, out_channels=cfg.in_channels)
+        self.backbone.out = nn.Identity()  # last decoder features [B, channels[0], H, W]
+        self.head = SegHead(cfg.channels[0], head_hidden, num_classes)
+        self.t = int(t)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), self.t, dtype=torch.long, device=x.device)
+        return self.backbone(x, t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_backbone_strict(model: SegmentationNet, pretrained: dict[str, torch.Tensor],
+                         skip: tuple[str, ...] = PRETEXT_OUTPUT) -> dict[str, list[str]]:
+    """Load a pretrained UNet state dict into ``model.backbone``, strictly.
+
+    Every backbone key must be present with the same shape. Pretrained keys starting with a
+    prefix in ``skip`` (the pretext output layer) are dropped by name; any other unused key is an
+    error. Only ``head.*`` may stay at its fresh initialisation.
+    Returns ``{"loaded": [...], "skipped": [...], "new": [...]}``.
+    """
+    own = model.backbone.state_dict()
+    skipped = sorted(k for k in pretrained if k.startswith(skip))
+    usable = {k: v for k, v in pretrained.items() if not k.startswith(skip)}
+    missing = sorted(set(own) - set(usable))
+    unexpected = sorted(set(usable) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained weights do not fit this backbone: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was the run pretrained with another "
+            f"model config? (the config is read from its config.json)")
+    bad = [f"{k}: {tuple(usable[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if usable[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"pretrained weights have the wrong shape for {len(bad)} keys, e.g. {bad[:3]}")
+    model.backbone.load_state_dict(usable, strict=True)
+    new = sorted(f"head.{k}" for k in model.head.state_dict())
+    return {"loaded": sorted(usable), "skipped": skipped, "new": new}

@@ -1,0 +1,170 @@
+"""The one training loop, shared by pretraining and transfer.
+
+AdamW/Adam with linear warm-up and linear decay, optional EMA of the weights, gradient
+clipping, optional bf16 autocast, a non-finite-loss guard, JSONL logging, atomic checkpoints
+and exact resume (a batch depends only on (seed, step); see ``StepBatches``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from labeldiff.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from labeldiff.config import RunConfig, TrainConfig
+from labeldiff.data.datasets import StepBatches, step_loader
+
+LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. ``auto``: bf16 on CUDA and on CPUs with AMX/AVX512-BF16."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"precision {name!r} is unknown; use auto, fp32 or bf16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then linear decay to ``lr_final_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return 1.0 - (1.0 - cfg.lr_final_ratio) * frac
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers (float tensors), warm-started."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                      for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.state[k].copy_(v)
+
+
+def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          loss_fn: LossFn, batches: StepBatches, resume: bool = False, desc: str = "train",
+          frozen: list[torch.nn.Module] | None = None) -> dict:
+    """Train ``model`` for ``config.train.steps`` steps, writing everything into ``run_dir``.
+
+    ``frozen`` modules are put in ``eval()`` after every ``model.train()`` so their BatchNorm
+    statistics and dropout stay fixed. Returns ``{"step", "loss", "seconds"}``.
+    """
+    cfg = config.train
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    autocast_dtype = resolve_precision(cfg.precision, device)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start = 0
+    if resume:
+        ck = load_checkpoint(run_dir)
+        model.load_state_dict(ck["model"], strict=True)
+        optimizer.load_state_dict(ck["optimizer"])
+        if ema is not None and ck["ema"] is not None:
+            ema.state = {k: v.clone() for k, v in ck["ema"].items()}
+        torch.set_rng_state(ck["rng"]["torch_cpu"])
+        start = ck["step"]
+        print(f"resuming {run_dir} at step {start}/{cfg.steps}")
+    else:
+        config.save(run_dir / "config.json")
+
+    def set_train_mode() -> None:
+        model.train()
+        for m in frozen or []:
+            m.eval()
+
+    set_train_mode()
+    log = open(run_dir / "log.jsonl", "a")
+    last_good = start
+    loss_value = math.nan
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    tick, tick_step = time.time(), start
+    step = start
+    try:
+        for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+            g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = loss_fn(model, batch, g)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at step {step}; the last good checkpoint (step {last_good}) is in "
+                    f"{run_dir}. Lower --lr, raise warm-up, or use --precision fp32, then --resume or --overwrite")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, step)
+            loss_value = float(loss.detach())
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.time()
+                ips = (done - tick_step) * batches.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, done
+                log.write(json.dumps({"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                      "images_per_s": round(ips, 2)}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+                last_good = done
+            step = done
+    except KeyboardInterrupt:
+        bar.close()
+        log.close()
+        if step > last_good:
+            save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+        print(f"\ninterrupted: state of step {step} saved in {run_dir}; run the same command with --resume to continue")
+        raise
+    bar.close()
+    log.close()
+    save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+    final = ema.state if ema is not None else model.state_dict()
+    save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
+    return {"step": step, "loss": loss_value, "seconds": time.time() - t0}

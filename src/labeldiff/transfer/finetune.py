@@ -1,0 +1,116 @@
+"""``labeldiff finetune``: k labeled images, a pretrained backbone (or none), one loop.
+
+Settings from the CT paper (Huang et al. 2025, Methods, "fine-tuning settings"): Adam, head
+learning rate 10× the base, weight decay 1e-3 for the head and 1e-4 for the rest, loss
+0.5·CE + 0.5·Dice, fixed timestep embedding t = 0. ``scratch`` trains the identical network
+from random initialisation with the identical schedule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss
+
+from labeldiff.checkpoint import atomic_write_text, load_weights, prepare_run_dir
+from labeldiff.config import RunConfig
+from labeldiff.data.datasets import LabeledFolder, StepBatches, select_subset, validate_samples
+from labeldiff.models.unet import SegmentationNet, load_backbone_strict
+from labeldiff.pretrain.loop import resolve_device, train
+from labeldiff.pretrain.run import check_size
+
+STRATEGIES = ("full", "scratch")
+
+
+def segmentation_loss(ce_weight: float):
+    """0.5·CE + 0.5·Dice (softmax over K classes, background included) via MONAI's DiceCELoss."""
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=1.0 - ce_weight)
+
+    def loss_fn(model: torch.nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        logits = model(batch["image"]).float()
+        return dice_ce(logits, batch["mask"][:, None])
+
+    return loss_fn
+
+
+def inherit_pretrained(cfg: RunConfig) -> RunConfig | None:
+    """Copy the network and input settings of the pretrained run into ``cfg`` (network must match)."""
+    if not cfg.transfer.pretrained:
+        return None
+    pdir = Path(cfg.transfer.pretrained)
+    if not (pdir / "config.json").is_file():
+        raise FileNotFoundError(f"--pretrained {pdir}: no config.json there; point it at a `labeldiff pretrain` run folder")
+    pre = RunConfig.load(pdir / "config.json")
+    if pre.kind != "pretrain":
+        raise ValueError(f"--pretrained {pdir} is a {pre.kind!r} run, not a pretraining run")
+    cfg.model = pre.model
+    cfg.data.channels = pre.data.channels
+    return pre
+
+
+def build_segmenter(cfg: RunConfig, num_classes: int) -> tuple[SegmentationNet, dict[str, list[str]] | None]:
+    model = SegmentationNet(cfg.model, num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
+    report = None
+    if cfg.transfer.strategy != "scratch":
+        if not cfg.transfer.pretrained:
+            raise ValueError(f"strategy {cfg.transfer.strategy!r} needs --pretrained RUN_DIR (or use --from-scratch)")
+        state = load_weights(Path(cfg.transfer.pretrained) / "model.safetensors")
+        report = load_backbone_strict(model, state)
+    return model, report
+
+
+def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
+    t = cfg.transfer
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    rest = [p for p in model.backbone.parameters() if p.requires_grad]
+    return [
+        {"params": rest, "lr": cfg.train.lr, "weight_decay": t.backbone_weight_decay, "name": "backbone"},
+        {"params": head, "lr": cfg.train.lr * t.head_lr_mult, "weight_decay": t.head_weight_decay, "name": "head"},
+    ]
+
+
+def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
+    cfg.kind = "segmentation"
+    t = cfg.transfer
+    if t.strategy not in STRATEGIES:
+        raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}")
+    inherit_pretrained(cfg)
+    cfg.model.in_channels = cfg.data.channels
+    check_size(cfg)
+    ds = LabeledFolder(Path(cfg.data.path))
+    train_stems = ds.stems(cfg.data.train_split)
+    chosen = select_subset(train_stems, t.labels, cfg.train.seed, cfg.data.train_split)
+    num_classes = validate_samples(ds.samples(train_stems), cfg.data.num_classes)
+    cfg.num_classes = num_classes
+    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    model, report = build_segmenter(cfg, num_classes)
+    model.to(device)
+    if report is not None:
+        print(f"loaded {len(report['loaded'])} backbone tensors from {t.pretrained}; "
+              f"skipped (pretext output layer): {', '.join(report['skipped'])}; "
+              f"new (random init): {', '.join(report['new'])}")
+    atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": chosen,
+                                                         "seed": cfg.train.seed, "load_report": report}, indent=2))
+    print(f"finetune ({t.strategy}): {len(chosen)} labeled images {chosen}, K={num_classes}, "
+          f"{cfg.train.steps} steps on {device}")
+    optimizer = torch.optim.Adam(param_groups(model, cfg))
+    batches = StepBatches(ds.samples(chosen), cfg.data, cfg.train.batch_size, cfg.train.seed,
+                          labeled=True, num_classes=num_classes)
+    return train(out, cfg, model, optimizer, segmentation_loss(t.ce_weight), batches, resume=resume,
+                 desc=f"finetune {t.strategy}")
+
+
+def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[SegmentationNet, RunConfig]:
+    """Rebuild a fine-tuned segmenter from its run folder alone (config.json + model.safetensors)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {run_dir}: no config.json; point it at a `labeldiff finetune` run folder")
+    cfg = RunConfig.load(run_dir / "config.json")
+    if cfg.kind != "segmentation":
+        raise ValueError(f"--model {run_dir} is a {cfg.kind!r} run; evaluate/predict need a `labeldiff finetune` run")
+    model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
+    model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
+    return model.to(device).eval(), cfg
