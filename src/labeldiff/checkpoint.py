@@ -39,9 +39,8 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip DDP / torch.compile prefixes and make every tensor contiguous and detached."""
     out = {}
     for key, value in state.items():
-        for prefix in STRIP_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(STRIP_PREFIXES):  # any order, e.g. torch.compile(DDP(m)): "_orig_mod.module."
+            key = key[len(next(p for p in STRIP_PREFIXES if key.startswith(p))):]
         out[key] = value.detach().contiguous().clone()
     return out
 

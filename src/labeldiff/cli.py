@@ -42,6 +42,8 @@ MODEL_OPTS = [
     ("--unet-channels", "model.channels", _ints, "UNet widths per level, e.g. 32,64,128"),
     ("--res-blocks", "model.num_res_blocks", int, "residual blocks per level [1]"),
     ("--attention", "model.attention_levels", _bools, "self-attention per level, e.g. 0,0,1 [0,0,0]"),
+    ("--head-channels", "model.num_head_channels", int, "channels per attention head (widths with attention, "
+                                                         "and the last width, must be multiples) [32]"),
 ]
 PRETRAIN_OPTS = [
     ("--method", "corruption.method", str, "pretext task [ddpm]"),

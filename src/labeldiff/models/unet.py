@@ -24,10 +24,12 @@ def check_model_config(cfg: ModelConfig) -> None:
     for c in cfg.channels:
         if c % cfg.norm_num_groups:
             raise ValueError(f"channel width {c} is not divisible by norm_num_groups={cfg.norm_num_groups}")
-    for c, attn in zip(cfg.channels, cfg.attention_levels):
-        if attn and c % cfg.num_head_channels:
-            raise ValueError(f"channel width {c} with attention is not divisible by "
-                             f"num_head_channels={cfg.num_head_channels}")
+    for i, (c, attn) in enumerate(zip(cfg.channels, cfg.attention_levels)):
+        # MONAI's middle block always has self-attention at the last width, whatever attention_levels says
+        if (attn or i == n - 1) and c % cfg.num_head_channels:
+            where = "an attention level" if attn else "the last level, whose middle block has attention"
+            raise ValueError(f"channel width {c} ({where}) is not divisible by num_head_channels="
+                             f"{cfg.num_head_channels}; change the widths or set model.num_head_channels in a recipe")
 
 
 def size_multiple(cfg: ModelConfig) -> int:

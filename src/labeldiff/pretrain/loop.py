@@ -157,13 +157,13 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             step = done
     except KeyboardInterrupt:
         bar.close()
-        log.close()
         if step > last_good:
             save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
         print(f"\ninterrupted: state of step {step} saved in {run_dir}; run the same command with --resume to continue")
         raise
-    bar.close()
-    log.close()
+    finally:
+        bar.close()
+        log.close()
     save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
     final = ema.state if ema is not None else model.state_dict()
     save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})

@@ -9,7 +9,7 @@ from labeldiff.checkpoint import prepare_run_dir
 from labeldiff.config import RunConfig
 from labeldiff.corruption import Corruption, build_corruption
 from labeldiff.data.datasets import StepBatches, unlabeled_samples
-from labeldiff.models.unet import build_unet, size_multiple
+from labeldiff.models.unet import build_unet, check_model_config, size_multiple
 from labeldiff.pretrain.loop import resolve_device, train
 
 
@@ -28,6 +28,8 @@ def pretext_loss(corruption: Corruption):
 
 
 def check_size(cfg: RunConfig) -> None:
+    """Reject a network config or input size that cannot work, before any folder is written."""
+    check_model_config(cfg.model)
     m = size_multiple(cfg.model)
     if cfg.data.size % m:
         raise ValueError(f"--size {cfg.data.size} is not a multiple of {m} (the UNet halves the resolution "

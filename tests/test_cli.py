@@ -1,0 +1,341 @@
+"""Every command through ``labeldiff.cli.main`` on tiny runs, its error exits, ``--help`` and the demo."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import labeldiff.pretrain.run as pretrain_run
+from labeldiff.checkpoint import load_weights
+from labeldiff.cli import main
+from labeldiff.config import RunConfig
+from labeldiff.data.io import read_mask
+from labeldiff.models.unet import build_unet
+
+TRAIN = ["--size", "16", "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
+         "--channels", "3", "--checkpoint-every", "1"]
+MODEL = ["--unet-channels", "8,16", "--attention", "0,0"]  # + the recipe below for num_head_channels
+
+
+def _error_line(capsys) -> str:
+    """The captured stderr must be exactly one line starting with 'error:'; return it."""
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_recipe(tmp_path_factory):
+    """The CLI has no flag for num_head_channels (default 32) and MONAI's middle block needs the last width
+    divisible by it, so the 8,16 model takes it from a recipe; MODEL gains ``--recipe``."""
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")
+    MODEL.extend(["--recipe", str(path)])
+    yield path
+    del MODEL[-2:]
+
+
+@pytest.fixture(scope="module")
+def pretrained(module_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "pre"
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(module_dataset, pretrained) -> Path:
+    out = pretrained.parent / "ft"
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--pretrained", str(pretrained),
+                 "--labels", "2", "--head-hidden", "8", *TRAIN]) == 0
+    return out
+
+
+def test_pretrain(pretrained):
+    """pretrain writes config.json (tiny model, recipe + flags), model.safetensors, a log and a checkpoint."""
+    cfg = json.loads((pretrained / "config.json").read_text())
+    assert cfg["kind"] == "pretrain" and cfg["model"]["channels"] == [8, 16] and cfg["data"]["size"] == 16
+    assert cfg["model"]["num_head_channels"] == 8 and cfg["train"]["warmup_steps"] == 1  # from the recipe
+    assert cfg["train"]["steps"] == 2 and cfg["train"]["precision"] == "fp32"
+    w = load_weights(pretrained / "model.safetensors")
+    assert w["conv_in.conv.weight"].shape == (8, 3, 3, 3)
+    steps = [json.loads(ln)["step"] for ln in (pretrained / "log.jsonl").read_text().splitlines()]
+    assert steps == [2]  # log_every defaults to 10: the last step is always logged
+    assert json.loads((pretrained / "latest.json").read_text())["step"] == 2
+
+
+def test_finetune_pretrained(finetuned, pretrained, module_dataset):
+    """finetune --pretrained inherits the model, picks 2 train images and reports the skipped/new keys."""
+    cfg = json.loads((finetuned / "config.json").read_text())
+    assert cfg["kind"] == "segmentation" and cfg["num_classes"] == 3
+    assert cfg["model"]["channels"] == [8, 16] and cfg["transfer"]["strategy"] == "full"
+    labeled = json.loads((finetuned / "labeled.json").read_text())
+    train = json.loads((module_dataset / "split.json").read_text())["train"]
+    assert len(labeled["stems"]) == 2 and set(labeled["stems"]) <= set(train)
+    report = labeled["load_report"]
+    assert report["skipped"] and all(k.startswith("out.") for k in report["skipped"])
+    assert report["new"] and all(k.startswith("head.") for k in report["new"])
+    w = load_weights(finetuned / "model.safetensors")
+    assert w["head.layers.6.weight"].shape[0] == 3
+    # the backbone started from the pretrained weights: 2 tiny fine-tuning steps (lr 2e-4 in warm-up) keep it
+    # within 1e-4 of them, while pretraining itself moved the weights further than that from their init
+    pre = load_weights(pretrained / "model.safetensors")
+    assert len(report["loaded"]) == len([k for k in pre if not k.startswith("out.")])
+    assert max((w[f"backbone.{k}"] - pre[k]).abs().max().item() for k in report["loaded"]) < 1e-4
+    torch.manual_seed(0)
+    init = build_unet(RunConfig.load(pretrained / "config.json").model, out_channels=3).state_dict()
+    assert max((init[k] - pre[k]).abs().max().item() for k in report["loaded"]) > 1e-4
+
+
+def test_finetune_from_scratch(module_dataset, tmp_path):
+    """finetune --from-scratch trains the tiny network without a pretrained run."""
+    out = tmp_path / "scratch"
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--from-scratch", "--labels", "2",
+                 "--head-hidden", "8", *TRAIN, *MODEL]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transfer"]["strategy"] == "scratch" and cfg["model"]["channels"] == [8, 16]
+    assert json.loads((out / "labeled.json").read_text())["load_report"] is None
+    assert (out / "model.safetensors").is_file()
+
+
+def test_finetune_without_pretrained_is_an_error(module_dataset, tmp_path, capsys):
+    """finetune with neither --pretrained nor --from-scratch exits 2 with a one-line error."""
+    rc = main(["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "x"), "--labels", "2",
+               *TRAIN, *MODEL])
+    assert rc == 2
+    assert "--pretrained" in _error_line(capsys)
+
+
+def test_evaluate(finetuned, module_dataset, tmp_path):
+    """evaluate writes metrics.json (Dice/IoU), one CSV row per test image and overlays.png."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(finetuned), "--out", str(out), "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    test = json.loads((module_dataset / "split.json").read_text())["test"]
+    assert m["n_images"] == len(test) == 2 and m["split"] == "test"
+    for metric in ("dice", "iou"):
+        assert set(m[metric]["per_class"]) == {"0", "1", "2"}
+        assert 0.0 <= m[metric]["mean"] <= 1.0
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stem"] for r in rows] == test
+    # the per-class means in metrics.json are the nanmeans of the per-image columns
+    for c in "012":
+        col = np.array([float(r[f"dice_{c}"]) for r in rows])
+        expected = np.nanmean(col) if np.isfinite(col).any() else math.nan
+        assert m["dice"]["per_class"][c] == pytest.approx(expected, abs=1e-5, nan_ok=True)
+    with Image.open(out / "overlays.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_evaluate_default_out_and_other_split(finetuned):
+    """Without --out, evaluate writes into MODEL/eval_SPLIT; --split picks another split."""
+    assert main(["evaluate", "--model", str(finetuned), "--split", "train", "--device", "cpu"]) == 0
+    m = json.loads((finetuned / "eval_train" / "metrics.json").read_text())
+    assert m["split"] == "train" and m["n_images"] == 4
+
+
+def test_predict(finetuned, module_dataset, tmp_path):
+    """predict writes a mask PNG (values < K, the input's size) and an overlay for every image."""
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(finetuned), "--input", str(module_dataset), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    images = sorted((module_dataset / "images").glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.png")) == [p.name for p in images]
+    for p in images:
+        mask = read_mask(out / p.name, num_classes=3)  # raises if any value ≥ K
+        with Image.open(p) as im, Image.open(out / "overlays" / p.name) as ov:
+            assert mask.shape == (im.size[1], im.size[0])
+            assert ov.size == im.size and ov.mode == "RGB"
+    single = tmp_path / "single"
+    assert main(["predict", "--model", str(finetuned), "--input", str(images[0]), "--out", str(single),
+                 "--device", "cpu"]) == 0
+    assert np.array_equal(read_mask(single / images[0].name), read_mask(out / images[0].name))
+
+
+def test_evaluate_needs_a_finetune_run(pretrained, capsys):
+    """evaluate on a pretraining run exits 2 with a one-line error."""
+    assert main(["evaluate", "--model", str(pretrained), "--device", "cpu"]) == 2
+    assert "pretrain" in _error_line(capsys)
+
+
+def test_real_data_finetune_and_evaluate(monuseg_small, tmp_path):
+    """A from-scratch run and its evaluation on 3 real MoNuSeg pairs (64², binary nuclei masks)."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(monuseg_small), "--out", str(out), "--from-scratch", "--labels", "2",
+                 "--head-hidden", "8", *TRAIN, *MODEL]) == 0
+    assert json.loads((out / "config.json").read_text())["num_classes"] == 2
+    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_images"] == 1 and set(m["dice"]["per_class"]) == {"0", "1"}
+
+
+# ---------------------------------------------------------------- error exits
+
+
+def test_existing_out_needs_overwrite(module_dataset, tmp_path, capsys):
+    """An existing non-empty --out exits 2 unless --overwrite is given."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = ["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert str(out) in line and "--overwrite" in line
+    assert (out / "keep.txt").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_labels_larger_than_split(module_dataset, tmp_path, capsys):
+    """--labels above the train split size exits 2 before creating the run folder."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--from-scratch", "--labels", "9",
+                 *TRAIN, *MODEL]) == 2
+    line = _error_line(capsys)
+    assert "--labels 9" in line and "'train'" in line
+    assert not out.exists()
+
+
+def test_unknown_split(module_dataset, finetuned, tmp_path, capsys):
+    """An unknown split name exits 2 (finetune --train-split and evaluate --split)."""
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "ft"), "--from-scratch",
+                 "--train-split", "nope", *TRAIN, *MODEL]) == 2
+    assert "'nope'" in _error_line(capsys)
+    assert main(["evaluate", "--model", str(finetuned), "--split", "nope", "--device", "cpu",
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "split.json" in _error_line(capsys)
+
+
+def test_corrupt_image(module_dataset, tmp_path, capsys):
+    """A corrupt image exits 2 for pretrain and finetune, naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(module_dataset, data)
+    bad = data / "images" / "img_01.png"
+    bad.write_bytes(b"\x89PNG garbage" * 8)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), *TRAIN, *MODEL]) == 2
+    assert str(bad) in _error_line(capsys)
+    assert not (tmp_path / "pre").exists()
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--from-scratch", "--labels", "2",
+                 *TRAIN, *MODEL]) == 2
+    assert str(bad) in _error_line(capsys)
+
+
+def test_non_finite_loss_exit_code(module_dataset, tmp_path, capsys, monkeypatch):
+    """A NaN loss exits 3 with a one-line error pointing at the last good checkpoint."""
+
+    def nan_loss(corruption):
+        return lambda model, batch, g: torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(pretrain_run, "pretext_loss", nan_loss)
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "pre"), *TRAIN, *MODEL]) == 3
+    err = capsys.readouterr().err
+    assert "error: loss became nan" in err and "last good checkpoint (step 0)" in err
+
+
+def test_resume_via_cli(module_dataset, tmp_path, monkeypatch):
+    """Ctrl-C exits 130 after saving; the same command with --resume finishes like an uninterrupted run."""
+    args = ["pretrain", "--data", str(module_dataset), *TRAIN, *MODEL, "--steps", "3"]
+    real = pretrain_run.pretext_loss
+    calls = [0]
+
+    def interrupting(corruption):
+        fn = real(corruption)
+
+        def loss(model, batch, g):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt
+            return fn(model, batch, g)
+
+        return loss
+
+    monkeypatch.setattr(pretrain_run, "pretext_loss", interrupting)
+    b = tmp_path / "b"
+    assert main([*args, "--out", str(b)]) == 130
+    assert json.loads((b / "latest.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    assert main([*args, "--out", str(b)]) == 2  # without --resume the folder is protected
+    assert main([*args, "--out", str(b), "--resume"]) == 0
+    assert json.loads((b / "latest.json").read_text())["step"] == 3
+    a = tmp_path / "a"
+    assert main([*args, "--out", str(a)]) == 0
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_head_channels_error_without_recipe(module_dataset, tmp_path, capsys):
+    """Widths incompatible with the default num_head_channels exit 2 with a one-line error saying so."""
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN,
+                 "--unet-channels", "8,16", "--attention", "0,0"]) == 2
+    assert "num_head_channels" in _error_line(capsys)
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written: the fixed command can reuse --out
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]) == 0
+
+
+def test_resume_without_run_is_an_error(module_dataset, tmp_path, capsys):
+    """--resume on a missing folder exits 2."""
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "none"), "--resume",
+                 *TRAIN, *MODEL]) == 2
+    assert "--resume" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command,options", [
+    ("pretrain", ["--data", "--out", "--resume", "--overwrite", "--steps", "--unet-channels", "--schedule", "--size"]),
+    ("finetune", ["--data", "--pretrained", "--from-scratch", "--labels", "--num-classes", "--train-split"]),
+    ("evaluate", ["--model", "--split", "--data", "--out", "--device"]),
+    ("predict", ["--model", "--input", "--out"]),
+    ("demo", ["--out", "--pretrain-steps", "--finetune-steps", "--seeds", "--labels"]),
+])
+def test_help(command, options, capsys):
+    """`labeldiff CMD --help` exits 0 and lists the command's options."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: labeldiff {command}")
+    for opt in options:
+        assert opt in out, opt
+
+
+def test_top_level_help_lists_commands(capsys):
+    """`labeldiff --help` lists every command."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("pretrain", "finetune", "evaluate", "predict", "demo"):
+        assert cmd in out
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_end_to_end(tmp_path):
+    """The demo runs with tiny step counts and writes the full report for pretrained and scratch."""
+    from labeldiff.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, seeds=2)
+    report = tmp_path / "demo" / "report"
+    for name in ("summary.md", "metrics.json", "dice.png", "overlays_pretrained.png", "overlays_scratch.png"):
+        assert (report / name).is_file(), name
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"pretrained", "scratch"} == set(summary["results"])
+    for r in metrics["results"].values():
+        assert len(r["dice"]["per_seed"]) == 2 and 0 <= r["dice"]["mean"] <= 1
+    assert "| pretrained |" in (report / "summary.md").read_text()
+    split = json.loads((tmp_path / "demo" / "data" / "split.json").read_text())
+    assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
+    assert (tmp_path / "demo" / "runs" / "scratch_seed1" / "eval_test" / "metrics.json").is_file()
