@@ -96,7 +96,7 @@ def test_loss_is_weighted_mse():
     assert c.loss(pred, Corrupted(pred, torch.zeros(1), target, w)).item() == pytest.approx(17 / 2)
 
 
-@pytest.mark.parametrize("field,value", [("schedule", "quadratic"), ("method", "mae"), ("prediction", "v")])
+@pytest.mark.parametrize("field,value", [("schedule", "quadratic"), ("method", "vae"), ("prediction", "v")])
 def test_unknown_settings_raise(field, value):
     """Unknown schedule, method or prediction type raise ValueError naming the value."""
     with pytest.raises(ValueError, match=value):

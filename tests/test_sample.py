@@ -46,3 +46,11 @@ def test_save_samples_writes_pngs_and_grid(ddpm_run, tmp_path):
 def test_sampling_needs_a_pretraining_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path)
+
+
+def test_sample_cli(ddpm_run, tmp_path):
+    from labeldiff.cli import main
+
+    assert main(["sample", "--model", str(ddpm_run), "--out", str(tmp_path / "s"), "--n", "2", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "s" / "grid.png").is_file() and len(list((tmp_path / "s").glob("sample_*.png"))) == 2

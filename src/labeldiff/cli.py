@@ -46,9 +46,15 @@ MODEL_OPTS = [
                                                          "and the last width, must be multiples) [32]"),
 ]
 PRETRAIN_OPTS = [
-    ("--method", "corruption.method", str, "pretext task [ddpm]"),
+    ("--method", "corruption.method", str, "pretext task: ddpm (Gaussian noise), mdm (masked diffusion: "
+                                           "t ~ U{1..T}, ratio t/T of the patches zeroed) or mae (fixed "
+                                           "--mask-ratio, t = 0) [ddpm]"),
     ("--schedule", "corruption.schedule", str, "β schedule: linear (1e-4 → 0.02) or cosine [linear]"),
     ("--timesteps", "corruption.num_timesteps", int, "diffusion steps T [1000]"),
+    ("--patch-size", "corruption.patch_size", int, "mdm/mae: side of the masked square patches in pixels; "
+                                                   "--size must be a multiple [8]"),
+    ("--mask-ratio", "corruption.mask_ratio", float, "mae: fraction of the patches masked [0.75]"),
+    ("--loss", "corruption.loss", str, "mdm/mae reconstruction loss: ssim (1 − SSIM) or mse [ssim]"),
 ]
 FINETUNE_OPTS = [
     ("--pretrained", "transfer.pretrained", str, "a `labeldiff pretrain` run folder to start from"),
@@ -129,6 +135,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     run_predict(args.model, args.input, args.out, device=args.device)
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from labeldiff.pretrain.loop import resolve_device
+    from labeldiff.sample.diffusion import load_pretrained, sample, save_samples
+
+    model, cfg = load_pretrained(args.model, resolve_device(args.device))
+    images = sample(model, cfg, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                    batch_size=args.batch_size)
+    grid = save_samples(images, args.out)
+    print(f"wrote {args.n} samples and {grid}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from labeldiff.demo import run_demo
 
@@ -146,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"labeldiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain a UNet on unlabeled images with a pretext task (DDPM)",
-                       description="Pretrain a timestep-conditioned UNet on unlabeled images (DDPM ε-prediction).")
+    p = sub.add_parser("pretrain", help="pretrain a UNet on unlabeled images with a pretext task (ddpm, mdm, mae)",
+                       description="Pretrain a timestep-conditioned UNet on unlabeled images with a pretext task: DDPM noise "
+                                   "prediction, MDM masked diffusion, or the MAE-style fixed-ratio baseline.")
     p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/); flags override it")
@@ -184,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("sample", help="draw images from a DDPM-pretrained run (DDPM or DDIM sampler)",
+                       description="Run the reverse diffusion process of a ddpm pretraining run; writes "
+                                   "sample_XXX.png files and grid.png.")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff pretrain --method ddpm` run folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=16, help="number of images [16]")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ddpm (ancestral) or ddim [ddim]")
+    p.add_argument("--steps", type=int, default=None, help="reverse steps [ddpm: T, ddim: 50]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass [16]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",
                        description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch "

@@ -29,14 +29,23 @@ class ModelConfig:
 
 @dataclass
 class CorruptionConfig:
-    """The pretext task. ``method='ddpm'``: ε-prediction (Ho et al.; the CT paper, Methods)."""
+    """The pretext task.
 
-    method: str = "ddpm"
+    ``method='ddpm'``: ε-prediction (Ho et al.; the CT paper, Methods); uses ``schedule``, ``beta_*``,
+    ``prediction``. ``method='mdm'``: masked diffusion (MDM paper §4.1), t ~ U{1..T} and floor(N·t/T)
+    of the N patches zeroed. ``method='mae'``: the same masking at the fixed ``mask_ratio``, t = 0.
+    ``patch_size``, ``mask_ratio`` and ``loss`` are read by mdm / mae only (ddpm always uses MSE).
+    """
+
+    method: str = "ddpm"  # ddpm | mdm | mae
     num_timesteps: int = 1000
     schedule: str = "linear"  # "linear" (β 1e-4 → 0.02) or "cosine" (Nichol & Dhariwal)
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "epsilon"
+    patch_size: int = 8  # side of the square masked patches in pixels (MDM App. A.2; Table 7: 4, 8, 16)
+    mask_ratio: float = 0.75  # mae: fraction of patches masked (MAE, He et al. 2022)
+    loss: str = "ssim"  # mdm / mae reconstruction loss: "ssim" (1 − SSIM, MDM Table 4) or "mse"
 
 
 @dataclass

@@ -4,9 +4,12 @@ from __future__ import annotations
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.corruption.gaussian import GaussianNoise
+from labeldiff.corruption.masking import FixedRatioMasking, MaskedDiffusion
 
 CORRUPTIONS: dict[str, type[Corruption]] = {
     "ddpm": GaussianNoise,
+    "mdm": MaskedDiffusion,
+    "mae": FixedRatioMasking,
 }
 
 

@@ -31,6 +31,9 @@ class Corruption:
         """Number of output channels the network needs for this pretext task."""
         return in_channels
 
+    def check_input_size(self, size: int) -> None:
+        """Raise ValueError (before any run folder is written) if ``size``² inputs cannot work."""
+
     def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> Corrupted:
         raise NotImplementedError
 

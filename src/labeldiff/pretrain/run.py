@@ -43,6 +43,7 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     check_size(cfg)
     samples = unlabeled_samples(Path(cfg.data.path))  # validates before anything is written
     corruption = build_corruption(cfg.corruption)
+    corruption.check_input_size(cfg.data.size)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
