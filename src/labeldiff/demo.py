@@ -19,8 +19,8 @@ import numpy as np
 from labeldiff.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransferConfig
 
 CLASS_NAMES = ["background/CSF", "grey matter", "white matter"]
-DEMO_PRETRAIN_STEPS = 1500
-DEMO_FINETUNE_STEPS = 200
+DEMO_PRETRAIN_STEPS = 800
+DEMO_FINETUNE_STEPS = 150
 DEMO_SEEDS = 3
 
 
