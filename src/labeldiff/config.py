@@ -153,6 +153,21 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+RUN_COMMANDS = {"pretrain": "labeldiff pretrain", "segmentation": "labeldiff finetune"}
+
+
+def load_run_config(run_dir: str | Path, kind: str, flag: str = "--model") -> RunConfig:
+    """The config.json of a run folder, checked to be of ``kind`` (errors name ``flag`` and the fix)."""
+    run_dir = Path(run_dir)
+    command = RUN_COMMANDS[kind]
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {run_dir}: no config.json there; point it at a `{command}` run folder")
+    cfg = RunConfig.load(run_dir / "config.json")
+    if cfg.kind != kind:
+        raise ValueError(f"{flag} {run_dir} is a {cfg.kind!r} run; this needs a `{command}` run folder")
+    return cfg
+
+
 def _section(kind: type, value: dict[str, Any]) -> Any:
     known = {f.name: f for f in fields(kind)}
     unknown = set(value) - set(known)

@@ -13,7 +13,7 @@ from monai.networks.schedulers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import load_weights
-from labeldiff.config import RunConfig
+from labeldiff.config import RunConfig, load_run_config
 from labeldiff.corruption import build_corruption
 from labeldiff.corruption.gaussian import MONAI_SCHEDULES, GaussianNoise, make_scheduler
 from labeldiff.models.unet import build_unet
@@ -23,11 +23,7 @@ from labeldiff.pretrain.loop import resolve_precision
 def load_pretrained(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig]:
     """Rebuild a pretraining run's network (EMA weights) from its folder alone."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {run_dir}: no config.json; point it at a `labeldiff pretrain` run folder")
-    cfg = RunConfig.load(run_dir / "config.json")
-    if cfg.kind != "pretrain":
-        raise ValueError(f"--model {run_dir} is a {cfg.kind!r} run; sampling needs a `labeldiff pretrain` run")
+    cfg = load_run_config(run_dir, "pretrain")
     corruption = build_corruption(cfg.corruption)
     model = build_unet(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels))
     model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)

@@ -14,7 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from labeldiff.checkpoint import atomic_write_text, load_weights, prepare_run_dir
-from labeldiff.config import RunConfig
+from labeldiff.config import RunConfig, load_run_config
 from labeldiff.data.datasets import LabeledFolder, StepBatches, select_subset, validate_samples
 from labeldiff.models.unet import SegmentationNet, load_backbone_strict
 from labeldiff.pretrain.loop import resolve_device, train
@@ -38,12 +38,7 @@ def inherit_pretrained(cfg: RunConfig) -> RunConfig | None:
     """Copy the network and input settings of the pretrained run into ``cfg`` (network must match)."""
     if not cfg.transfer.pretrained:
         return None
-    pdir = Path(cfg.transfer.pretrained)
-    if not (pdir / "config.json").is_file():
-        raise FileNotFoundError(f"--pretrained {pdir}: no config.json there; point it at a `labeldiff pretrain` run folder")
-    pre = RunConfig.load(pdir / "config.json")
-    if pre.kind != "pretrain":
-        raise ValueError(f"--pretrained {pdir} is a {pre.kind!r} run, not a pretraining run")
+    pre = load_run_config(cfg.transfer.pretrained, "pretrain", flag="--pretrained")
     cfg.model = pre.model
     cfg.data.channels = pre.data.channels
     return pre
@@ -106,11 +101,7 @@ def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
 def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[SegmentationNet, RunConfig]:
     """Rebuild a fine-tuned segmenter from its run folder alone (config.json + model.safetensors)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {run_dir}: no config.json; point it at a `labeldiff finetune` run folder")
-    cfg = RunConfig.load(run_dir / "config.json")
-    if cfg.kind != "segmentation":
-        raise ValueError(f"--model {run_dir} is a {cfg.kind!r} run; evaluate/predict need a `labeldiff finetune` run")
+    cfg = load_run_config(run_dir, "segmentation")
     model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
     model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
     return model.to(device).eval(), cfg
