@@ -289,11 +289,63 @@ def test_resume_without_run_is_an_error(module_dataset, tmp_path, capsys):
     assert "--resume" in _error_line(capsys)
 
 
+# ---------------------------------------------------------------- other pretext tasks
+
+
+def test_ddep_pretrain_finetune_evaluate(module_dataset, tmp_path, tiny_recipe):
+    """ddep picks the EfficientNet UNet itself, and its run fine-tunes and evaluates like any other."""
+    small = ["--recipe", str(tiny_recipe)]
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "pre"), "--method", "ddep",
+                 *TRAIN, "--size", "32", "--decoder-width", "0.25", *small]) == 0
+    cfg = RunConfig.load(tmp_path / "pre" / "config.json")
+    assert cfg.model.arch == "efficientnet-unet" and cfg.corruption.method == "ddep"
+    assert main(["finetune", "--data", str(module_dataset), "--pretrained", str(tmp_path / "pre"),
+                 "--out", str(tmp_path / "ft"), *TRAIN, "--size", "32", "--labels", "2", *small]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "ft"), "--device", "cpu"]) == 0
+    assert (tmp_path / "ft" / "eval_test" / "metrics.json").is_file()
+
+
+def test_ddep_size_must_be_a_multiple_of_32(module_dataset, tmp_path, capsys):
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "pre"), "--method", "dep",
+                 *TRAIN]) == 2
+    assert "multiple of 32" in _error_line(capsys)
+    assert not (tmp_path / "pre").exists()
+
+
+def test_hybrid_pretrain_evaluate_directly_and_sample(module_dataset, tmp_path):
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "hy"), "--method", "hybrid",
+                 "--mask-weight", "1", "--prediction", "sample", *TRAIN, *MODEL]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "hy"), "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "hy" / "eval_test" / "metrics.json").read_text())
+    assert len(metrics["dice"]["per_class"]) == 3
+    assert main(["sample", "--model", str(tmp_path / "hy"), "--out", str(tmp_path / "s"), "--n", "2",
+                 "--steps", "3", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == [
+        "grid.png", "mask_000.png", "mask_001.png", "sample_000.png", "sample_001.png"]
+
+
+def test_split_command(module_dataset, tmp_path):
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({f"img_{i:02d}": i // 2 for i in range(6)}))
+    out = tmp_path / "split.json"
+    assert main(["split", "--data", str(module_dataset), "--groups", str(groups), "--test-fraction", "0.3",
+                 "--out", str(out)]) == 0
+    split = json.loads(out.read_text())
+    assert len(split["test"]) == 2 and len(split["train"]) == 4
+    assert main(["finetune", "--data", str(module_dataset), "--split-file", str(out), "--from-scratch",
+                 "--out", str(tmp_path / "ft"), *TRAIN, *MODEL, "--labels", "4"]) == 0
+    chosen = json.loads((tmp_path / "ft" / "labeled.json").read_text())["stems"]
+    assert sorted(chosen) == sorted(split["train"])
+
+
 # ---------------------------------------------------------------- help
 
 
 @pytest.mark.parametrize("command,options", [
-    ("pretrain", ["--data", "--out", "--resume", "--overwrite", "--steps", "--unet-channels", "--schedule", "--size"]),
+    ("pretrain", ["--data", "--out", "--resume", "--overwrite", "--steps", "--unet-channels", "--schedule", "--size",
+                  "--method", "--sigma", "--noise", "--decoder-width", "--encoder", "--mask-weight", "--prediction"]),
+    ("split", ["--data", "--groups", "--test-fraction", "--out"]),
+    ("sample", ["--model", "--n", "--sampler", "--steps"]),
     ("finetune", ["--data", "--pretrained", "--from-scratch", "--labels", "--num-classes", "--train-split"]),
     ("evaluate", ["--model", "--split", "--data", "--out", "--device"]),
     ("predict", ["--model", "--input", "--out"]),
@@ -316,7 +368,7 @@ def test_top_level_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("pretrain", "finetune", "evaluate", "predict", "demo"):
+    for cmd in ("pretrain", "finetune", "evaluate", "predict", "sample", "split", "demo"):
         assert cmd in out
 
 

@@ -414,3 +414,33 @@ def test_volume_unreadable(tmp_path):
     with pytest.raises(DataError) as e:
         volume_to_slices(bad, tmp_path / "out")
     assert str(bad) in str(e.value)
+
+
+def test_group_split_keeps_groups_on_one_side():
+    from labeldiff.data.datasets import group_split
+
+    stems = [str(i) for i in range(1, 41)]
+    groups = {s: (int(s) - 1) // 5 for s in stems}  # 8 groups of 5 images
+    a = group_split(stems, groups, 0.3, seed=0)
+    assert a == group_split(stems, groups, 0.3, seed=0)  # deterministic
+    assert set(a["train"]) | set(a["test"]) == set(stems) and not set(a["train"]) & set(a["test"])
+    assert {groups[s] for s in a["train"]}.isdisjoint({groups[s] for s in a["test"]})
+    assert 0.3 * 40 <= len(a["test"]) < 0.3 * 40 + 5  # whole groups, just past the fraction
+    assert group_split(stems, groups, 0.3, seed=1)["test_groups"] != a["test_groups"]
+
+
+def test_group_split_errors():
+    from labeldiff.data.datasets import group_split
+
+    with pytest.raises(DataError, match="no group"):
+        group_split(["a", "b"], {"a": 1}, 0.5, 0)
+    with pytest.raises(DataError, match="two groups"):
+        group_split(["a", "b"], {"a": 1, "b": 1}, 0.5, 0)
+
+
+def test_split_file_replaces_split_json(labeled_dataset, tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"train": ["img_05"], "test": ["img_00"]}))
+    assert LabeledFolder(labeled_dataset, f).stems("train") == ["img_05"]
+    with pytest.raises(DataError, match="does not exist"):
+        LabeledFolder(labeled_dataset, tmp_path / "nope.json")

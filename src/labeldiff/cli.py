@@ -25,6 +25,7 @@ DATA_OPTS = [
     ("--scale", "data.scale", float, "scale factor applied to images before cropping (crop mode) [1.0]"),
     ("--channels", "data.channels", int, "image channels the network sees (1 = grey, 3 = RGB) [3]"),
     ("--num-workers", "data.num_workers", int, "data-loading worker processes [0]"),
+    ("--split-file", "data.split_file", str, "split JSON to use instead of DATA/split.json (e.g. from `labeldiff split`)"),
 ]
 TRAIN_OPTS = [
     ("--steps", "train.steps", int, "optimisation steps"),
@@ -44,11 +45,26 @@ MODEL_OPTS = [
     ("--attention", "model.attention_levels", _bools, "self-attention per level, e.g. 0,0,1 [0,0,0]"),
     ("--head-channels", "model.num_head_channels", int, "channels per attention head (widths with attention, "
                                                          "and the last width, must be multiples) [32]"),
+    ("--arch", "model.arch", str, "unet (timestep-conditioned diffusion UNet) or efficientnet-unet (DDeP's "
+                                  "EfficientNet-Lite0 encoder + UNet decoder; chosen automatically for ddep/dep) [unet]"),
+    ("--decoder-width", "model.decoder_width", float, "efficientnet-unet: decoder width multiplier (DDeP: 1, 2, 3) [1]"),
+    ("--encoder", "model.encoder", str, "efficientnet-unet: initial encoder weights: imagenet, none, or a labeldiff "
+                                        "run folder with this encoder (e.g. --method supervised on a source) [imagenet]"),
 ]
 PRETRAIN_OPTS = [
     ("--method", "corruption.method", str, "pretext task: ddpm (Gaussian noise), mdm (masked diffusion: "
-                                           "t ~ U{1..T}, ratio t/T of the patches zeroed) or mae (fixed "
-                                           "--mask-ratio, t = 0) [ddpm]"),
+                                           "t ~ U{1..T}, ratio t/T of the patches zeroed), mae (fixed "
+                                           "--mask-ratio, t = 0), ddep (frozen ImageNet encoder, decoder "
+                                           "denoises), dep (encoder and decoder denoise), hybrid (labeled: "
+                                           "denoise the image and predict the mask) or supervised (labeled: "
+                                           "plain segmentation training) [ddpm]"),
+    ("--prediction", "corruption.prediction", str, "ddpm/ddep/dep/hybrid target: epsilon (the noise) or sample "
+                                                   "(the clean image x0) [epsilon]"),
+    ("--sigma", "corruption.sigma", float, "ddep/dep noise level σ [0.22]"),
+    ("--noise", "corruption.noise", str, "ddep/dep: scaled (√γ·x + √(1−γ)·ε, γ = 1/(1+σ²)) or additive (x + σ·ε) [scaled]"),
+    ("--mask-weight", "corruption.mask_weight", float, "hybrid: λ in MSE(image) + λ·MSE(mask) [1e-4]"),
+    ("--train-split", "data.train_split", str, "hybrid/supervised: split.json entry of the labeled images [train]"),
+    ("--num-classes", "data.num_classes", int, "hybrid/supervised: number of classes K (default: max mask value + 1)"),
     ("--schedule", "corruption.schedule", str, "β schedule: linear (1e-4 → 0.02) or cosine [linear]"),
     ("--timesteps", "corruption.num_timesteps", int, "diffusion steps T [1000]"),
     ("--patch-size", "corruption.patch_size", int, "mdm/mae: side of the masked square patches in pixels; "
@@ -126,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_evaluate
 
     run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
-                 split=args.split, device=args.device)
+                 split=args.split, device=args.device, split_file=args.split_file)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -137,13 +153,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from labeldiff.pretrain.loop import resolve_device
-    from labeldiff.sample.diffusion import load_pretrained, sample, save_samples
+    from labeldiff.sample.diffusion import load_pretrained, sample, sample_masks, save_samples
 
     model, cfg = load_pretrained(args.model, resolve_device(args.device))
     images = sample(model, cfg, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                     batch_size=args.batch_size)
-    grid = save_samples(images, args.out)
-    print(f"wrote {args.n} samples and {grid}")
+    masks = sample_masks(model, cfg, images, args.batch_size) if cfg.corruption.method == "hybrid" else None
+    grid = save_samples(images, args.out, masks=masks)
+    pairs = " (image, mask) pairs" if masks is not None else ""
+    print(f"wrote {args.n} samples{pairs} and {grid}")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    import json
+
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.data.datasets import LabeledFolder, group_split
+    from labeldiff.data.io import DataError
+
+    ds = LabeledFolder(args.data)
+    groups_file = args.groups or Path(args.data) / "sequences.json"
+    if not Path(groups_file).is_file():
+        raise DataError(f"groups file {groups_file} does not exist; give --groups FILE (JSON: image stem → group)")
+    groups = json.loads(Path(groups_file).read_text())
+    split = group_split(sorted(ds.images), groups, args.test_fraction, args.seed)
+    atomic_write_text(Path(args.out), json.dumps(split, indent=1))
+    print(f"wrote {args.out}: train {len(split['train'])} images from groups {split['train_groups']}, "
+          f"test {len(split['test'])} images from groups {split['test_groups']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -163,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"labeldiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain a UNet on unlabeled images with a pretext task (ddpm, mdm, mae)",
-                       description="Pretrain a timestep-conditioned UNet on unlabeled images with a pretext task: DDPM noise "
-                                   "prediction, MDM masked diffusion, or the MAE-style fixed-ratio baseline.")
+    p = sub.add_parser("pretrain", help="pretrain a network with a pretext task (ddpm, mdm, mae, ddep, dep, hybrid, supervised)",
+                       description="Pretrain a network with a pretext task: on unlabeled images DDPM noise prediction, MDM "
+                                   "masked diffusion, the MAE-style fixed-ratio baseline, DDeP/DeP decoder denoising; "
+                                   "on a labeled source domain hybrid diffusion or supervised pretraining.")
     p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/); flags override it")
@@ -188,25 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice / IoU of a fine-tuned run on a split, with overlays",
                        description="Evaluate a fine-tuned run on a named split at the original mask resolution.")
-    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder, or a hybrid/"
+                                                            "supervised pretraining run (segments as it is)")
     p.add_argument("--split", default=None, help="split.json entry to evaluate [the run's test split]")
     p.add_argument("--data", default=None, help="labeled dataset root [the one the run was trained on]")
+    p.add_argument("--split-file", default=None, help="split JSON instead of DATA/split.json [the run's]")
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image",
                        description="Predict masks for new images with a fine-tuned run.")
-    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder, or a hybrid/"
+                                                            "supervised pretraining run")
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images or a dataset root")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("sample", help="draw images from a DDPM-pretrained run (DDPM or DDIM sampler)",
+    p = sub.add_parser("sample", help="draw images (hybrid: image+mask pairs) from a ddpm or hybrid run",
                        description="Run the reverse diffusion process of a ddpm pretraining run; writes "
                                    "sample_XXX.png files and grid.png.")
-    p.add_argument("--model", required=True, type=Path, help="a `labeldiff pretrain --method ddpm` run folder")
+    p.add_argument("--model", required=True, type=Path, help="a `labeldiff pretrain --method ddpm|hybrid` run folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--n", type=int, default=16, help="number of images [16]")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ddpm (ancestral) or ddim [ddim]")
@@ -215,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass [16]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("split", help="a leak-free train/test split: whole groups (videos, patients) on one side",
+                       description="Write a split JSON for a labeled dataset in which no group (e.g. a video of "
+                                   "CVC-ClinicDB) has images on both sides; use it with --split-file.")
+    p.add_argument("--data", required=True, type=Path, help="labeled dataset root (images/, masks/)")
+    p.add_argument("--groups", type=Path, default=None, help="JSON mapping image stem → group [DATA/sequences.json]")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="at least this fraction of images in test [0.3]")
+    p.add_argument("--seed", type=int, default=0, help="which groups go to test [0]")
+    p.add_argument("--out", required=True, type=Path, help="split JSON to write")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",
                        description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch "

@@ -13,18 +13,30 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    """The timestep-conditioned UNet (MONAI ``DiffusionModelUNet``, 2D).
+    """The network.
 
-    The CPU default is the small network measured at ~0.1 s per training step (batch 8, 64²).
-    The CT paper's GPU recipe (ResBlock widths 128/256, 256²) lives in ``recipes/ddpm.yaml``.
+    ``arch='unet'``: the timestep-conditioned UNet (MONAI ``DiffusionModelUNet``, 2D). The CPU default
+    is the small network measured at ~0.1 s per training step (batch 8, 64²). The CT paper's GPU
+    recipe (ResBlock widths 128/256, 256²) lives in ``recipes/ddpm.yaml``.
+
+    ``arch='efficientnet-unet'``: DDeP's encoder–decoder (:mod:`labeldiff.models.effunet`), an
+    EfficientNet-Lite0 encoder and a UNet decoder of widths ``decoder_channels × decoder_width``; no
+    timestep input. ``encoder`` says how pretraining initialises the encoder: ``imagenet`` (the
+    supervised ImageNet-1k weights), ``none`` (random) or the folder of a labeldiff run whose network
+    has this encoder (e.g. supervised pretraining on a labeled source dataset). The ``channels``…
+    ``num_head_channels`` fields are read by ``unet`` only.
     """
 
+    arch: str = "unet"  # unet | efficientnet-unet
     in_channels: int = 3
     channels: tuple[int, ...] = (32, 64, 128)
     num_res_blocks: int = 1
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = 8
     num_head_channels: int = 32
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # efficientnet-unet: the 1× decoder
+    decoder_width: float = 1.0  # efficientnet-unet: width multiplier (DDeP §4.3: 1×, 2×, 3×)
+    encoder: str = "imagenet"  # efficientnet-unet at pretraining: imagenet | none | RUN_DIR
 
 
 @dataclass
@@ -35,9 +47,17 @@ class CorruptionConfig:
     ``prediction``. ``method='mdm'``: masked diffusion (MDM paper §4.1), t ~ U{1..T} and floor(N·t/T)
     of the N patches zeroed. ``method='mae'``: the same masking at the fixed ``mask_ratio``, t = 0.
     ``patch_size``, ``mask_ratio`` and ``loss`` are read by mdm / mae only (ddpm always uses MSE).
+
+    ``method='ddep'`` / ``'dep'``: decoder denoising (Brempong et al. 2022, §3–4): one fixed noise level
+    ``sigma``, ``noise='scaled'`` gives √γ·x + √(1−γ)·ε with γ = 1/(1+σ²), ``'additive'`` gives x + σ·ε;
+    ``prediction`` ε (default) or x₀ ('sample'); no timestep. ddep freezes the supervised encoder, dep
+    trains encoder and decoder from random weights. ``method='hybrid'`` (Sauvalle & Salzmann 2024):
+    labeled images, the UNet sees x_t and t and outputs C image + K mask channels, loss
+    MSE(image) + ``mask_weight``·MSE(mask). ``method='supervised'``: plain segmentation training of the
+    same network on labeled images (Dice + CE, t = 0), the baseline of the hybrid paper.
     """
 
-    method: str = "ddpm"  # ddpm | mdm | mae
+    method: str = "ddpm"  # ddpm | mdm | mae | ddep | dep | hybrid | supervised
     num_timesteps: int = 1000
     schedule: str = "linear"  # "linear" (β 1e-4 → 0.02) or "cosine" (Nichol & Dhariwal)
     beta_start: float = 1e-4
@@ -46,6 +66,9 @@ class CorruptionConfig:
     patch_size: int = 8  # side of the square masked patches in pixels (MDM App. A.2; Table 7: 4, 8, 16)
     mask_ratio: float = 0.75  # mae: fraction of patches masked (MAE, He et al. 2022)
     loss: str = "ssim"  # mdm / mae reconstruction loss: "ssim" (1 − SSIM, MDM Table 4) or "mse"
+    sigma: float = 0.22  # ddep / dep noise level (DDeP §4.1, Fig. 5: best for scaled additive noise)
+    noise: str = "scaled"  # ddep / dep: "scaled" (√γ·x + √(1−γ)·ε) or "additive" (x + σ·ε)
+    mask_weight: float = 1e-4  # hybrid: λ of MSE(image) + λ·MSE(mask) (hybrid paper, Sec. 4)
 
 
 @dataclass
@@ -64,6 +87,7 @@ class DataConfig:
     channels: int = 3
     train_split: str = "train"
     test_split: str = "test"
+    split_file: str | None = None  # a split JSON to use instead of ROOT/split.json (see `labeldiff split`)
     num_classes: int | None = None
     cache_mb: int = 512
     num_workers: int = 0

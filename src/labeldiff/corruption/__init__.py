@@ -4,13 +4,20 @@ from __future__ import annotations
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.corruption.gaussian import GaussianNoise
+from labeldiff.corruption.denoising import DecoderDenoising
+from labeldiff.corruption.labeled import HybridDiffusion, SupervisedSegmentation
 from labeldiff.corruption.masking import FixedRatioMasking, MaskedDiffusion
 
 CORRUPTIONS: dict[str, type[Corruption]] = {
     "ddpm": GaussianNoise,
     "mdm": MaskedDiffusion,
     "mae": FixedRatioMasking,
+    "ddep": DecoderDenoising,  # frozen supervised encoder, decoder learns to denoise
+    "dep": DecoderDenoising,  # same objective, encoder and decoder trained from random weights
+    "hybrid": HybridDiffusion,
+    "supervised": SupervisedSegmentation,
 }
+FROZEN_ENCODER = ("ddep",)  # methods whose pretraining keeps the network's encoder frozen
 
 
 def build_corruption(cfg: CorruptionConfig) -> Corruption:
@@ -19,4 +26,4 @@ def build_corruption(cfg: CorruptionConfig) -> Corruption:
     return CORRUPTIONS[cfg.method](cfg)
 
 
-__all__ = ["CORRUPTIONS", "Corrupted", "Corruption", "build_corruption"]
+__all__ = ["CORRUPTIONS", "FROZEN_ENCODER", "Corrupted", "Corruption", "build_corruption"]

@@ -23,18 +23,25 @@ class Corrupted:
 
 
 class Corruption:
-    """Base class. Subclasses define ``__call__`` and may override ``loss`` and ``out_channels``."""
+    """Base class. Subclasses define ``__call__`` and may override ``loss`` and ``out_channels``.
+
+    ``needs_labels``: the task reads masks (hybrid, supervised); ``__call__`` then gets ``mask``
+    ``[B, H, W]`` (class indices) and the run trains on a labeled split. ``archs``: the network
+    architectures it can train (tasks that feed a timestep need the timestep-conditioned UNet).
+    """
 
     name = "base"
+    needs_labels = False
+    archs: tuple[str, ...] = ("unet",)
 
-    def out_channels(self, in_channels: int) -> int:
+    def out_channels(self, in_channels: int, num_classes: int | None = None) -> int:
         """Number of output channels the network needs for this pretext task."""
         return in_channels
 
     def check_input_size(self, size: int) -> None:
         """Raise ValueError (before any run folder is written) if ``size``² inputs cannot work."""
 
-    def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> Corrupted:
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         raise NotImplementedError
 
     def loss(self, pred: torch.Tensor, c: Corrupted) -> torch.Tensor:

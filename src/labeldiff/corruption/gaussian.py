@@ -35,7 +35,7 @@ class GaussianNoise(Corruption):
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
 
-    def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> Corrupted:
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         b = x0.shape[0]
         t = torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)

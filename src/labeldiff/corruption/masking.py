@@ -65,14 +65,14 @@ class PatchMasking(Corruption):
         """(t [B] int64 fed to the network, n_mask [B] int64 patches to zero)."""
         raise NotImplementedError
 
-    def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> Corrupted:
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         """x0: [B, C, H, W] clean images in [-1, 1] → input = x0 with masked patches zeroed, target = x0."""
         b, _, h, w = x0.shape
         p = self.cfg.patch_size
         n_patches = (h // p) * (w // p)
         t, n_mask = self.schedule(b, n_patches, generator)
-        mask = patch_mask(x0.shape, n_mask, p, generator)
-        return Corrupted(input=x0.masked_fill(mask, 0.0), t=t, target=x0)
+        hidden = patch_mask(x0.shape, n_mask, p, generator)
+        return Corrupted(input=x0.masked_fill(hidden, 0.0), t=t, target=x0)
 
     def loss(self, pred: torch.Tensor, c: Corrupted) -> torch.Tensor:
         """1 − SSIM(pred, target), averaged over channels, valid pixels and the batch; or the MSE.

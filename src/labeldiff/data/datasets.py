@@ -8,6 +8,7 @@ images sit in a cache bounded in megabytes.
 from __future__ import annotations
 
 import json
+import re
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,9 +46,9 @@ class Sample:
 
 
 class LabeledFolder:
-    """``images/`` + ``masks/`` + optional ``split.json``."""
+    """``images/`` + ``masks/`` + optional ``split.json`` (or another split file, ``split_file``)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, split_file: str | Path | None = None):
         self.root = Path(root)
         if not (self.root / "images").is_dir():
             raise DataError(f"{self.root}: no images/ folder; a labeled dataset is ROOT/images + ROOT/masks")
@@ -55,7 +56,10 @@ class LabeledFolder:
             raise DataError(f"{self.root}: no masks/ folder; a labeled dataset is ROOT/images + ROOT/masks")
         self.images = list_images(self.root / "images")
         self.masks = list_images(self.root / "masks")
-        split_file = self.root / "split.json"
+        if split_file is not None and not Path(split_file).is_file():
+            raise DataError(f"split file {split_file} does not exist; write one with `labeldiff split`")
+        split_file = Path(split_file) if split_file else self.root / "split.json"
+        self.split_file = split_file
         self.splits: dict[str, list[str]] = {}
         if split_file.is_file():
             try:
@@ -70,11 +74,11 @@ class LabeledFolder:
             return sorted(self.images)
         if split not in self.splits:
             have = ", ".join(sorted(self.splits)) or "none (no split.json)"
-            raise DataError(f"{self.root / 'split.json'}: no split named {split!r}; available: {have}")
+            raise DataError(f"{self.split_file}: no split named {split!r}; available: {have}")
         missing = [s for s in self.splits[split] if s not in self.images]
         if missing:
-            raise DataError(f"{self.root / 'split.json'}: split {split!r} names {missing[0]!r} but "
-                            f"images/ has no such file; fix split.json")
+            raise DataError(f"{self.split_file}: split {split!r} names {missing[0]!r} but "
+                            f"images/ has no such file; fix {self.split_file.name}")
         return list(self.splits[split])
 
     def samples(self, stems: list[str]) -> list[Sample]:
@@ -250,3 +254,40 @@ def step_loader(batches: StepBatches, start: int, stop: int, num_workers: int):
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                        num_workers=num_workers, persistent_workers=False,
                                        prefetch_factor=4 if num_workers else None)
+
+
+def group_split(stems: list[str], groups: dict[str, object], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Split ``stems`` into ``train`` / ``test`` so that no group (e.g. a video) is on both sides.
+
+    Whole groups are drawn at random (``seed``) into ``test`` until it holds at least
+    ``test_fraction`` of the images. Every stem must have a group.
+    """
+    missing = [s for s in stems if s not in groups]
+    if missing:
+        raise DataError(f"{len(missing)} images have no group (e.g. {missing[:3]}); the groups file must map "
+                        f"every image stem to its group (video, patient, …)")
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    by_group: dict[str, list[str]] = {}
+    for s in stems:
+        by_group.setdefault(str(groups[s]), []).append(s)
+    if len(by_group) < 2:
+        raise DataError("all images are in one group; a group split needs at least two groups")
+    order = sorted(by_group)
+    perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    test_groups: list[str] = []
+    n_test = 0
+    for i in perm:
+        if n_test >= test_fraction * len(stems) or len(test_groups) == len(order) - 1:
+            break
+        test_groups.append(order[i])
+        n_test += len(by_group[order[i]])
+    test = sorted((s for g in test_groups for s in by_group[g]), key=_natural)
+    train = sorted((s for s in stems if str(groups[s]) not in set(test_groups)), key=_natural)
+    return {"train": train, "test": test,
+            "train_groups": sorted(set(order) - set(test_groups), key=_natural),
+            "test_groups": sorted(test_groups, key=_natural)}
+
+
+def _natural(s: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s))

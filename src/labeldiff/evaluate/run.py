@@ -19,7 +19,7 @@ from labeldiff.transfer.finetune import load_segmenter
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
-                 device: str = "auto", max_overlays: int = 6) -> dict:
+                 device: str = "auto", max_overlays: int = 6, split_file: str | None = None) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
     Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``.
@@ -27,7 +27,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     model, cfg = load_segmenter(Path(model_dir), resolve_device(device))
     data_path = Path(data or cfg.data.path)
     split = split or cfg.data.test_split
-    ds = LabeledFolder(data_path)
+    ds = LabeledFolder(data_path, split_file or (cfg.data.split_file if data is None else None))
     samples = ds.samples(ds.stems(split))
     k = cfg.num_classes
     validate_samples(samples, k)

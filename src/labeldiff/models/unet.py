@@ -16,7 +16,19 @@ from labeldiff.config import ModelConfig
 PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
 
 
+ARCHS = ("unet", "efficientnet-unet")
+
+
 def check_model_config(cfg: ModelConfig) -> None:
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"model arch {cfg.arch!r} is unknown; use one of {', '.join(ARCHS)}")
+    if cfg.arch == "efficientnet-unet":
+        from labeldiff.models.effunet import decoder_widths
+
+        if cfg.in_channels not in (1, 3):
+            raise ValueError(f"--arch efficientnet-unet reads RGB or grey images, not {cfg.in_channels} channels")
+        decoder_widths(tuple(cfg.decoder_channels), cfg.decoder_width)
+        return
     n = len(cfg.channels)
     if len(cfg.attention_levels) != n:
         raise ValueError(f"attention_levels has {len(cfg.attention_levels)} entries but channels has {n}; "
@@ -33,8 +45,34 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 
 def size_multiple(cfg: ModelConfig) -> int:
-    """Input sides must be multiples of this (the UNet halves the resolution len(channels)-1 times)."""
+    """Input sides must be multiples of this (the UNet halves the resolution len(channels)-1 times;
+    the EfficientNet encoder 5 times)."""
+    if cfg.arch == "efficientnet-unet":
+        return 32
     return 2 ** (len(cfg.channels) - 1)
+
+
+def feature_channels(cfg: ModelConfig) -> int:
+    """Channels of the last decoder features (what the segmentation head reads)."""
+    if cfg.arch == "efficientnet-unet":
+        from labeldiff.models.effunet import decoder_widths
+
+        return decoder_widths(tuple(cfg.decoder_channels), cfg.decoder_width)[-1]
+    return cfg.channels[0]
+
+
+def build_network(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    """``net(x [B, C, H, W], t [B]) -> [B, out_channels, H, W]`` for either architecture.
+
+    Weights are random; pretraining initialises a DDeP encoder with
+    :func:`labeldiff.models.effunet.init_encoder`.
+    """
+    check_model_config(cfg)
+    if cfg.arch == "efficientnet-unet":
+        from labeldiff.models.effunet import EfficientNetUNet
+
+        return EfficientNetUNet(cfg.in_channels, out_channels, tuple(cfg.decoder_channels), cfg.decoder_width)
+    return build_unet(cfg, out_channels)
 
 
 def build_unet(cfg: ModelConfig, out_channels: int) -> DiffusionModelUNet:
@@ -69,16 +107,16 @@ class SegHead(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """UNet backbone with a fixed timestep ``t`` and a :class:`SegHead`.
+    """Backbone (either arch) with a fixed timestep ``t`` and a :class:`SegHead`.
 
     ``forward(x [B, C, H, W]) -> logits [B, K, H, W]``.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128):
         super().__init__()
-        self.backbone = build_unet(cfg, out_channels=cfg.in_channels)
-        self.backbone.out = nn.Identity()  # last decoder features [B, channels[0], H, W]
-        self.head = SegHead(cfg.channels[0], head_hidden, num_classes)
+        self.backbone = build_network(cfg, out_channels=cfg.in_channels)
+        self.backbone.out = nn.Identity()  # last decoder features [B, feature_channels(cfg), H, W]
+        self.head = SegHead(feature_channels(cfg), head_hidden, num_classes)
         self.t = int(t)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,3 +152,21 @@ def load_backbone_strict(model: SegmentationNet, pretrained: dict[str, torch.Ten
     model.backbone.load_state_dict(usable, strict=True)
     new = sorted(f"head.{k}" for k in model.head.state_dict())
     return {"loaded": sorted(usable), "skipped": skipped, "new": new}
+
+
+class DirectSegmenter(nn.Module):
+    """A pretrained network that already outputs class scores: hybrid (mask channels) or supervised.
+
+    ``forward(x) = net(x, t)[:, first:]`` with the fixed timestep ``t`` (0: the hybrid paper's
+    "taking t = 0, a pure discriminative segmentation model").
+    """
+
+    def __init__(self, net: nn.Module, first_channel: int, t: int = 0):
+        super().__init__()
+        self.net = net
+        self.first = int(first_channel)
+        self.t = int(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), self.t, dtype=torch.long, device=x.device)
+        return self.net(x, t)[:, self.first:]

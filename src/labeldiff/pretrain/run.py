@@ -1,4 +1,4 @@
-"""``labeldiff pretrain``: a pretext task on unlabeled images, through the one loop."""
+"""``labeldiff pretrain``: a pretext task on unlabeled images (or a labeled source), through the one loop."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,10 @@ import torch
 
 from labeldiff.checkpoint import prepare_run_dir
 from labeldiff.config import RunConfig
-from labeldiff.corruption import Corruption, build_corruption
-from labeldiff.data.datasets import StepBatches, unlabeled_samples
-from labeldiff.models.unet import build_unet, check_model_config, size_multiple
+from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
+from labeldiff.data.datasets import LabeledFolder, Sample, StepBatches, unlabeled_samples, validate_samples
+from labeldiff.models.effunet import init_encoder
+from labeldiff.models.unet import build_network, check_model_config, size_multiple
 from labeldiff.pretrain.loop import resolve_device, train
 
 
@@ -17,7 +18,8 @@ def pretext_loss(corruption: Corruption):
     """loss = f(model, corruption, batch): the network never knows which pretext task it serves."""
 
     def loss_fn(model: torch.nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
-        c = corruption(batch["image"].cpu(), g)
+        mask = batch["mask"].cpu() if "mask" in batch else None
+        c = corruption(batch["image"].cpu(), g, mask)
         device = batch["image"].device
         c.input, c.t, c.target = c.input.to(device), c.t.to(device), c.target.to(device)
         if c.weight is not None:
@@ -32,26 +34,74 @@ def check_size(cfg: RunConfig) -> None:
     check_model_config(cfg.model)
     m = size_multiple(cfg.model)
     if cfg.data.size % m:
-        raise ValueError(f"--size {cfg.data.size} is not a multiple of {m} (the UNet halves the resolution "
-                         f"{len(cfg.model.channels) - 1} times); use --size {max(m, cfg.data.size // m * m)}")
+        what = ("the EfficientNet encoder halves the resolution 5 times" if cfg.model.arch == "efficientnet-unet"
+                else f"the UNet halves the resolution {len(cfg.model.channels) - 1} times")
+        raise ValueError(f"--size {cfg.data.size} is not a multiple of {m} ({what}); "
+                         f"use --size {max(m, cfg.data.size // m * m)}")
+
+
+def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:
+    """Pick the architecture a method needs (ddep/dep → efficientnet-unet) and reject mismatches."""
+    method = cfg.corruption.method
+    if method in ("ddep", "dep") and cfg.model.arch == "unet":
+        cfg.model.arch = "efficientnet-unet"
+        print(f"{method}: using the EfficientNet-Lite0 encoder + UNet decoder (model.arch = efficientnet-unet)")
+    if method == "dep":
+        cfg.model.encoder = "none"  # DeP: the whole network starts from random weights
+    if cfg.model.arch not in corruption.archs:
+        raise ValueError(f"method {method!r} cannot train arch {cfg.model.arch!r} (it needs {', '.join(corruption.archs)}"
+                         f"{': it feeds a timestep, which only the diffusion UNet reads' if 'unet' in corruption.archs else ''})")
+
+
+def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
+    """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K)."""
+    if not corruption.needs_labels:
+        return unlabeled_samples(Path(cfg.data.path)), None
+    ds = LabeledFolder(Path(cfg.data.path), cfg.data.split_file)
+    samples = ds.samples(ds.stems(cfg.data.train_split))
+    return samples, validate_samples(samples, cfg.data.num_classes)
+
+
+def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """The network to pretrain and the modules that stay frozen (DDeP's encoder)."""
+    model = build_network(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels, cfg.num_classes))
+    frozen: list[torch.nn.Module] = []
+    if cfg.model.arch == "efficientnet-unet":
+        loaded = init_encoder(model, cfg.model.encoder)
+        if loaded:
+            print(f"encoder: {len(loaded)} tensors from {cfg.model.encoder}")
+        if cfg.corruption.method in FROZEN_ENCODER:
+            if cfg.model.encoder == "none":
+                raise ValueError("ddep freezes the encoder, so it needs trained encoder weights: --encoder imagenet "
+                                 "or --encoder RUN_DIR (use --method dep to train a random encoder too)")
+            model.encoder.requires_grad_(False)
+            frozen.append(model.encoder)
+    return model, frozen
 
 
 def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     cfg.kind = "pretrain"
     if cfg.model.in_channels != cfg.data.channels:
         cfg.model.in_channels = cfg.data.channels
-    check_size(cfg)
-    samples = unlabeled_samples(Path(cfg.data.path))  # validates before anything is written
     corruption = build_corruption(cfg.corruption)
+    resolve_method(cfg, corruption)
+    check_size(cfg)
+    samples, cfg.num_classes = training_samples(cfg, corruption)  # validates before anything is written
     corruption.check_input_size(cfg.data.size)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    model = build_unet(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels)).to(device)
+    model, frozen = build_pretrain_network(cfg, corruption)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"pretrain {cfg.corruption.method}: {len(samples)} images, UNet {n_params / 1e6:.2f}M parameters, "
-          f"{cfg.train.steps} steps of batch {cfg.train.batch_size} at {cfg.data.size}² on {device}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed, labeled=False)
+    n_train = sum(p.numel() for p in trainable)
+    labels = f", {len(samples)} labeled (K={cfg.num_classes})" if corruption.needs_labels else f", {len(samples)} images"
+    print(f"pretrain {cfg.corruption.method}{labels}: {cfg.model.arch} {n_params / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M trained), {cfg.train.steps} steps of batch {cfg.train.batch_size} at "
+          f"{cfg.data.size}² on {device}")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                          labeled=corruption.needs_labels, num_classes=cfg.num_classes)
     return train(out, cfg, model, optimizer, pretext_loss(corruption), batches, resume=resume,
-                 desc=f"pretrain {cfg.corruption.method}")
+                 desc=f"pretrain {cfg.corruption.method}", frozen=frozen)

@@ -1,7 +1,10 @@
 """Reverse diffusion with MONAI's schedulers: ancestral DDPM (T steps) or DDIM (fewer steps).
 
 Works for any pretraining run whose corruption is Gaussian noise (``ddpm``), with ε or x₀
-targets; the scheduler is built from the run's own ``config.json``.
+targets, and for hybrid runs, which are generative models of (image, mask) pairs (Sauvalle &
+Salzmann 2024, Proposition 1): the reverse process runs on the image channels, and the mask of the
+final image is the mask channels' estimate at t = 0 (:func:`sample_masks`). The scheduler is built
+from the run's own ``config.json``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from labeldiff.checkpoint import load_weights
 from labeldiff.config import RunConfig, load_run_config
 from labeldiff.corruption import build_corruption
 from labeldiff.corruption.gaussian import MONAI_SCHEDULES, GaussianNoise, make_scheduler
-from labeldiff.models.unet import build_unet
+from labeldiff.corruption.labeled import HybridDiffusion
+from labeldiff.models.unet import build_network
 from labeldiff.pretrain.loop import resolve_precision
 
 
@@ -25,7 +29,7 @@ def load_pretrained(run_dir: Path, device: torch.device | str = "cpu") -> tuple[
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, "pretrain")
     corruption = build_corruption(cfg.corruption)
-    model = build_unet(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels))
+    model = build_network(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels, cfg.num_classes))
     model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
     return model.to(device).eval(), cfg
 
@@ -50,9 +54,9 @@ def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim"
            seed: int = 0, batch_size: int = 16, precision: str = "auto") -> torch.Tensor:
     """Draw ``n`` images ``[n, C, S, S]`` in [-1, 1] from pure noise by the reverse process."""
     corruption = build_corruption(cfg.corruption)
-    if not isinstance(corruption, GaussianNoise):
+    if not isinstance(corruption, (GaussianNoise, HybridDiffusion)):
         raise ValueError(f"run was pretrained with {cfg.corruption.method!r}, which is not a diffusion model; "
-                         f"sampling needs a ddpm run")
+                         f"sampling needs a ddpm or hybrid run")
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
     g = torch.Generator().manual_seed(seed)
@@ -65,21 +69,48 @@ def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim"
         for t in tqdm(sched.timesteps, desc=f"{sampler} sampling {start + b}/{n}", leave=False):
             tt = torch.full((b,), int(t), dtype=torch.long, device=device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                pred = model(x, tt).float()
+                pred = model(x, tt)[:, :ch].float()  # hybrid: the image channels
             x, _ = sched.step(pred, int(t), x, generator=g) if sampler == "ddpm" else sched.step(pred, int(t), x)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
-def save_samples(images: torch.Tensor, out: Path, title: str = "") -> Path:
-    """Write ``sample_XXX.png`` per image and ``grid.png`` (a near-square grid)."""
-    from labeldiff.evaluate.report import save_png, to_rgb
+@torch.no_grad()
+def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, batch_size: int = 16,
+                 precision: str = "auto") -> torch.Tensor:
+    """Masks ``[n, S, S]`` of sampled images from a hybrid run: argmax of the mask channels at t = 0."""
+    if cfg.corruption.method != "hybrid":
+        raise ValueError(f"only hybrid runs generate masks; this run is {cfg.corruption.method!r}")
+    device = next(model.parameters()).device
+    dtype = resolve_precision(precision, device)
+    ch = cfg.model.in_channels
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        t = torch.zeros(len(x), dtype=torch.long, device=device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x, t)[:, ch:].float()
+        out.append(logits.argmax(1).cpu())
+    return torch.cat(out)
+
+
+def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.Tensor | None = None) -> Path:
+    """Write ``sample_XXX.png`` per image (and ``mask_XXX.png``, class indices) and ``grid.png``.
+
+    With masks, each grid tile is the image next to its mask overlaid on it.
+    """
+    from labeldiff.evaluate.report import overlay, save_png, to_rgb
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pics = [to_rgb(x.numpy()) for x in images]
     for i, p in enumerate(pics):
         save_png(p, out / f"sample_{i:03d}.png")
+    if masks is not None:
+        for i, m in enumerate(masks):
+            save_png(m.numpy().astype(np.uint8), out / f"mask_{i:03d}.png")
+        pics = [np.concatenate([p, np.full((p.shape[0], 1, 3), 255, np.uint8), overlay(x.numpy(), m.numpy())], axis=1)
+                for p, x, m in zip(pics, images, masks)]
     cols = int(np.ceil(np.sqrt(len(pics))))
     rows = int(np.ceil(len(pics) / cols))
     h, w = pics[0].shape[:2]

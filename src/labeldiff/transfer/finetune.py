@@ -16,7 +16,7 @@ from monai.losses import DiceCELoss
 from labeldiff.checkpoint import atomic_write_text, load_weights, prepare_run_dir
 from labeldiff.config import RunConfig, load_run_config
 from labeldiff.data.datasets import LabeledFolder, StepBatches, select_subset, validate_samples
-from labeldiff.models.unet import SegmentationNet, load_backbone_strict
+from labeldiff.models.unet import DirectSegmenter, SegmentationNet, load_backbone_strict
 from labeldiff.pretrain.loop import resolve_device, train
 from labeldiff.pretrain.run import check_size
 
@@ -73,7 +73,7 @@ def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     inherit_pretrained(cfg)
     cfg.model.in_channels = cfg.data.channels
     check_size(cfg)
-    ds = LabeledFolder(Path(cfg.data.path))
+    ds = LabeledFolder(Path(cfg.data.path), cfg.data.split_file)
     train_stems = ds.stems(cfg.data.train_split)
     chosen = select_subset(train_stems, t.labels, cfg.train.seed, cfg.data.train_split)
     num_classes = validate_samples(ds.samples(train_stems), cfg.data.num_classes)
@@ -98,9 +98,29 @@ def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
                  desc=f"finetune {t.strategy}")
 
 
-def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[SegmentationNet, RunConfig]:
-    """Rebuild a fine-tuned segmenter from its run folder alone (config.json + model.safetensors)."""
+DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
+
+
+def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig]:
+    """Rebuild a segmenter from its run folder alone (config.json + model.safetensors).
+
+    A fine-tuned run gives its :class:`SegmentationNet`; a hybrid or supervised *pretraining* run is a
+    segmenter as it is (the mask channels at t = 0, :class:`DirectSegmenter`).
+    """
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {run_dir}: no config.json there; point it at a `labeldiff finetune` run "
+                                f"folder (or a hybrid / supervised `labeldiff pretrain` run)")
+    cfg = RunConfig.load(run_dir / "config.json")
+    if cfg.kind == "pretrain":
+        if cfg.corruption.method not in DIRECT_SEGMENTERS:
+            raise ValueError(f"--model {run_dir} is a {cfg.corruption.method!r} pretraining run, which does not "
+                             f"predict masks; fine-tune it first (`labeldiff finetune --pretrained {run_dir}`)")
+        from labeldiff.sample.diffusion import load_pretrained
+
+        net, cfg = load_pretrained(run_dir, device)
+        first = cfg.model.in_channels if cfg.corruption.method == "hybrid" else 0
+        return DirectSegmenter(net, first_channel=first, t=0).to(device).eval(), cfg
     cfg = load_run_config(run_dir, "segmentation")
     model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
     model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
