@@ -74,6 +74,13 @@ PRETRAIN_OPTS = [
 ]
 FINETUNE_OPTS = [
     ("--pretrained", "transfer.pretrained", str, "a `labeldiff pretrain` run folder to start from"),
+    ("--strategy", "transfer.strategy", str, "linear (train the head on the frozen backbone), decoder (freeze the "
+                                             "encoder), full (train everything), scratch (random init) or probe "
+                                             "(pixel-MLP ensemble on frozen features) [full]"),
+    ("--features", "transfer.features", str, "probe: default (per method: mdm t=50, ddpm t=50,150,250; middle "
+                                             "decoder blocks), auto (chosen by leave-one-image-out validation) or "
+                                             "'blocks=1,2;t=50,150' [default]"),
+    ("--members", "transfer.members", int, "probe: MLPs in the ensemble [10]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
     ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
     ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),
@@ -133,6 +140,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     cfg = _run_config(args, opts, default_finetune_config())
     if args.from_scratch:
         cfg.transfer.strategy = "scratch"
+    if cfg.transfer.strategy == "probe":
+        from labeldiff.transfer.probe_run import run_probe
+
+        if args.resume:
+            raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
+        result = run_probe(cfg, args.out, overwrite=args.overwrite)
+        print(f"done: probe trained ({result['step']} member-epochs) in {result['seconds']:.0f} s; run folder {args.out}")
+        return
     result = run_finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
           f"run folder {args.out}")
@@ -142,13 +157,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_evaluate
 
     run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
-                 split=args.split, device=args.device, split_file=args.split_file)
+                 split=args.split, device=args.device, split_file=args.split_file, tta=args.tta)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
-    run_predict(args.model, args.input, args.out, device=args.device)
+    run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -180,6 +195,15 @@ def cmd_split(args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps(split, indent=1))
     print(f"wrote {args.out}: train {len(split['train'])} images from groups {split['train_groups']}, "
           f"test {len(split['test'])} images from groups {split['test_groups']}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from labeldiff.bench import bench_probe_memory_cli
+
+    if args.what == "probe-memory":
+        bench_probe_memory_cli(str(args.pretrained), str(args.data), labels=args.labels, seed=args.seed,
+                               size=args.size, members=args.members, max_epochs=args.max_epochs,
+                               patience=args.patience, threads=args.threads)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -231,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="labeled dataset root [the one the run was trained on]")
     p.add_argument("--split-file", default=None, help="split JSON instead of DATA/split.json [the run's]")
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_evaluate)
 
@@ -240,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "supervised pretraining run")
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images or a dataset root")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.set_defaults(func=cmd_predict)
 
@@ -265,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which groups go to test [0]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("bench", help="benchmarks: probe-memory (streamed pixel-MLP probe vs the in-RAM reference)",
+                       description="probe-memory: train the pixel-MLP probe the reference way (all pixel features "
+                                   "in RAM) and the labeldiff way (float16 disk cache, streamed) on the same images, "
+                                   "features and seed, each in its own process; print peak RSS, their ratio, "
+                                   "wall time and test IoU of each.")
+    p.add_argument("what", choices=("probe-memory",), help="which benchmark")
+    p.add_argument("--pretrained", required=True, type=Path, help="a `labeldiff pretrain` run (diffusion UNet)")
+    p.add_argument("--data", required=True, type=Path, help="labeled dataset root (train and test splits)")
+    p.add_argument("--labels", type=int, default=3, help="labeled training images [3]")
+    p.add_argument("--size", type=int, default=256, help="images and masks resized to size² [256]")
+    p.add_argument("--members", type=int, default=10, help="MLPs in the ensemble [10]")
+    p.add_argument("--max-epochs", type=int, default=50, help="epochs per member at most [50]")
+    p.add_argument("--patience", type=int, default=3, help="stop a member after this many epochs without "
+                                                          "improvement of its training loss [3]")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each child process [1]")
+    p.add_argument("--seed", type=int, default=0, help="labeled-image choice and MLP seeds [0]")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",
                        description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch "

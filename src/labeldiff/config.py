@@ -121,7 +121,7 @@ class TransferConfig:
     """
 
     pretrained: str | None = None
-    strategy: str = "full"  # full | scratch (the other strategies arrive with the transfer issue)
+    strategy: str = "full"  # linear | decoder | full | scratch | probe
     labels: int = 3
     t: int = 0
     head_hidden: int = 128
@@ -129,6 +129,8 @@ class TransferConfig:
     head_weight_decay: float = 1e-3
     backbone_weight_decay: float = 1e-4
     ce_weight: float = 0.5
+    features: str = "default"  # probe: "default" (per method), "auto" (chosen by validation) or "blocks=1,2;t=50,150"
+    members: int = 10  # probe: MLPs in the ensemble (Baranchuk et al.: 10)
 
 
 SECTIONS = {

@@ -3,7 +3,8 @@
 The image is brought to the network's scale (``network_hw``); crop-mode models slide a
 ``size``² window over it (MONAI ``sliding_window_inference``, Gaussian blending), resize-mode
 models see the whole resized image; logits are then resized back to the original size before
-the argmax, so metrics are computed against the untouched mask.
+the argmax, so metrics are computed against the untouched mask. With ``tta`` the logits of the
+horizontally flipped image, flipped back, are averaged with those of the image.
 """
 from __future__ import annotations
 
@@ -18,14 +19,21 @@ from labeldiff.pretrain.loop import resolve_precision
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto",
-                   overlap: float = 0.25, sw_batch_size: int = 8) -> torch.Tensor:
-    """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size."""
+                   overlap: float = 0.25, sw_batch_size: int = 8, tta: bool = False) -> torch.Tensor:
+    """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size.
+
+    ``tta``: mean of the logits of the image and of its horizontal flip (flipped back).
+    """
+    if tta:
+        plain = predict_logits(model, image, cfg, precision, overlap, sw_batch_size)
+        flipped = predict_logits(model, image.flip(-1), cfg, precision, overlap, sw_batch_size).flip(-1)
+        return (plain + flipped) / 2
     device = next(model.parameters()).device
     hw = tuple(image.shape[-2:])
     x = resize_image(image, network_hw(hw, cfg))[None].to(device)
     dtype = resolve_precision(precision, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        if cfg.mode == "resize":
+        if cfg.mode == "resize" or getattr(model, "whole_image", False):
             logits = model(x)
         else:
             logits = sliding_window_inference(x, roi_size=(cfg.size, cfg.size), sw_batch_size=sw_batch_size,
@@ -36,6 +44,7 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
     return logits[0].cpu()
 
 
-def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto") -> torch.Tensor:
+def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto",
+                 tta: bool = False) -> torch.Tensor:
     """``image [C, H, W]`` → integer mask ``[H, W]`` at the original size."""
-    return predict_logits(model, image, cfg, precision).argmax(0)
+    return predict_logits(model, image, cfg, precision, tta=tta).argmax(0)

@@ -14,6 +14,11 @@ from torch import nn
 from labeldiff.config import ModelConfig
 
 PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
+# the encoder half of each backbone (frozen by the "decoder" transfer strategy), by submodule name
+ENCODER_PARTS = {
+    "unet": ("conv_in", "time_embed", "down_blocks", "middle_block"),  # MONAI DiffusionModelUNet
+    "efficientnet-unet": ("encoder",),
+}
 
 
 ARCHS = ("unet", "efficientnet-unet")

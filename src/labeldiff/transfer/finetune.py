@@ -2,8 +2,19 @@
 
 Settings from the CT paper (Huang et al. 2025, Methods, "fine-tuning settings"): Adam, head
 learning rate 10× the base, weight decay 1e-3 for the head and 1e-4 for the rest, loss
-0.5·CE + 0.5·Dice, fixed timestep embedding t = 0. ``scratch`` trains the identical network
-from random initialisation with the identical schedule.
+0.5·CE + 0.5·Dice, fixed timestep embedding t = 0.
+
+Strategies (:data:`FROZEN`, the one mapping from strategy to frozen submodules):
+
+- ``linear``: the whole backbone frozen, only the head trains (the CT paper's "linear classification");
+- ``decoder``: the encoder half frozen (:data:`labeldiff.models.unet.ENCODER_PARTS`), decoder and head
+  train (the CT paper's best strategy);
+- ``full``: everything trains (vanilla fine-tuning of the hybrid and DDeP papers);
+- ``scratch``: the identical network from random initialisation with the identical schedule;
+- ``probe``: pixel-MLP ensemble on frozen features (:mod:`labeldiff.transfer.probe`), not this loop.
+
+Frozen modules have ``requires_grad=False``, are left out of the optimiser and are kept in
+``eval()`` (BatchNorm statistics do not move).
 """
 from __future__ import annotations
 
@@ -16,11 +27,30 @@ from monai.losses import DiceCELoss
 from labeldiff.checkpoint import atomic_write_text, load_weights, prepare_run_dir
 from labeldiff.config import RunConfig, load_run_config
 from labeldiff.data.datasets import LabeledFolder, StepBatches, select_subset, validate_samples
-from labeldiff.models.unet import DirectSegmenter, SegmentationNet, load_backbone_strict
+from labeldiff.models.unet import ENCODER_PARTS, DirectSegmenter, SegmentationNet, load_backbone_strict
 from labeldiff.pretrain.loop import resolve_device, train
 from labeldiff.pretrain.run import check_size
 
-STRATEGIES = ("full", "scratch")
+STRATEGIES = ("linear", "decoder", "full", "scratch")  # + "probe" (labeldiff.transfer.probe)
+
+
+def frozen_parts(strategy: str, arch: str) -> tuple[str, ...]:
+    """Submodule names of a :class:`SegmentationNet` that ``strategy`` keeps frozen."""
+    if strategy == "linear":
+        return ("backbone",)
+    if strategy == "decoder":
+        return tuple(f"backbone.{name}" for name in ENCODER_PARTS[arch])
+    if strategy in ("full", "scratch"):
+        return ()
+    raise ValueError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
+
+
+def freeze(model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Module]:
+    """``requires_grad_(False)`` on the named submodules; returns them (the loop keeps them in eval())."""
+    modules = [model.get_submodule(name) for name in parts]
+    for m in modules:
+        m.requires_grad_(False)
+    return modules
 
 
 def segmentation_loss(ce_weight: float):
@@ -56,20 +86,25 @@ def build_segmenter(cfg: RunConfig, num_classes: int) -> tuple[SegmentationNet, 
 
 
 def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
+    """Adam groups of the trainable parameters: backbone at ``lr``, head at ``lr × head_lr_mult``."""
     t = cfg.transfer
     head = [p for p in model.head.parameters() if p.requires_grad]
     rest = [p for p in model.backbone.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": rest, "lr": cfg.train.lr, "weight_decay": t.backbone_weight_decay, "name": "backbone"},
         {"params": head, "lr": cfg.train.lr * t.head_lr_mult, "weight_decay": t.head_weight_decay, "name": "head"},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     cfg.kind = "segmentation"
     t = cfg.transfer
+    if t.strategy == "probe":
+        raise ValueError("the probe strategy trains pixel MLPs, not this network: use `labeldiff finetune "
+                         "--strategy probe` (the CLI routes it) or labeldiff.transfer.probe_run.run_probe")
     if t.strategy not in STRATEGIES:
-        raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}")
+        raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
     inherit_pretrained(cfg)
     cfg.model.in_channels = cfg.data.channels
     check_size(cfg)
@@ -82,6 +117,7 @@ def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model, report = build_segmenter(cfg, num_classes)
+    frozen = freeze(model, frozen_parts(t.strategy, cfg.model.arch))
     model.to(device)
     if report is not None:
         print(f"loaded {len(report['loaded'])} backbone tensors from {t.pretrained}; "
@@ -89,13 +125,16 @@ def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
               f"new (random init): {', '.join(report['new'])}")
     atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": chosen,
                                                          "seed": cfg.train.seed, "load_report": report}, indent=2))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
     print(f"finetune ({t.strategy}): {len(chosen)} labeled images {chosen}, K={num_classes}, "
-          f"{cfg.train.steps} steps on {device}")
+          f"{cfg.train.steps} steps on {device}; training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters"
+          + (f" (frozen: {', '.join(frozen_parts(t.strategy, cfg.model.arch))})" if frozen else ""))
     optimizer = torch.optim.Adam(param_groups(model, cfg))
     batches = StepBatches(ds.samples(chosen), cfg.data, cfg.train.batch_size, cfg.train.seed,
                           labeled=True, num_classes=num_classes)
     return train(out, cfg, model, optimizer, segmentation_loss(t.ce_weight), batches, resume=resume,
-                 desc=f"finetune {t.strategy}")
+                 desc=f"finetune {t.strategy}", frozen=frozen)
 
 
 DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
@@ -122,6 +161,10 @@ def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[t
         first = cfg.model.in_channels if cfg.corruption.method == "hybrid" else 0
         return DirectSegmenter(net, first_channel=first, t=0).to(device).eval(), cfg
     cfg = load_run_config(run_dir, "segmentation")
+    if cfg.transfer.strategy == "probe":
+        from labeldiff.transfer.probe_run import load_probe_segmenter
+
+        return load_probe_segmenter(run_dir, cfg, device), cfg
     model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
     model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
     return model.to(device).eval(), cfg
