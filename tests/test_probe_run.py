@@ -84,3 +84,16 @@ def test_probe_refuses_runs_without_decoder_blocks(tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "linear, decoder or full" in err and not (tmp_path / "p").exists()
+
+
+def test_probe_with_auto_features_records_the_choice(ddpm_run, tmp_path):
+    data, pre = ddpm_run
+    out = tmp_path / "auto"
+    assert main(["finetune", "--data", str(data), "--pretrained", str(pre), "--strategy", "probe", "--labels", "2",
+                 "--members", "1", "--features", "auto", "--size", "16", "--out", str(out)]) == 0
+    labeled = json.loads((out / "labeled.json").read_text())
+    assert labeled["features_requested"] == "auto" and len(labeled["selection"]) > 3
+    best = [row for row in labeled["selection"] if row["best"]]
+    assert len(best) == 1
+    chosen = RunConfig.load(out / "config.json").transfer.features
+    assert parse_spec(chosen) == FeatureSpec.from_dict(best[0]["spec"])

@@ -172,12 +172,12 @@ class FeatureExtractor:
 
 
 def make_extractor(unet: nn.Module, run_cfg, spec: FeatureSpec | None = None, noise_seed: int = 0) -> FeatureExtractor:
-    """An extractor for a pretraining run: noising with the run's own schedule for ``ddpm`` runs only."""
+    """An extractor for a pretraining run: noising with the run's own schedule for Gaussian-noise runs (ddpm, hybrid)."""
     from labeldiff.corruption.gaussian import make_scheduler
 
     method = run_cfg.corruption.method
     spec = spec or default_spec(method, len(unet.up_blocks))
-    scheduler = make_scheduler(run_cfg.corruption) if method == "ddpm" else None
+    scheduler = make_scheduler(run_cfg.corruption) if method in ("ddpm", "hybrid") else None  # Gaussian-noise runs
     return FeatureExtractor(unet, spec, scheduler, noise_seed)
 
 

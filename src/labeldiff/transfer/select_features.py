@@ -1,9 +1,9 @@
 """Automatic choice of the probe's decoder blocks and timesteps from the k labeled images alone.
 
-Baranchuk et al. (§4, Fig. 3) and the MDM paper (App. B, Fig. 6, Table 6) pick the UNet blocks and
-the diffusion steps t of the pixel probe by hand, per dataset, from test-set curves;
-yandex-research/ddpm-segmentation and MDM's code leave them as config fields to tune. Here the
-choice is made with the labeled images only:
+Baranchuk et al. and the MDM paper (App. B: Table 6 sweeps t, Fig. 6 looks at blocks) choose the
+UNet blocks and the diffusion steps t of the pixel probe by hand; yandex-research/ddpm-segmentation
+and MDM's code leave them as config fields to tune. Here the choice is made with the labeled images
+only:
 
 1. :func:`candidate_specs` lists a small grid of :class:`~labeldiff.transfer.probe.FeatureSpec`.
 2. The frozen UNet runs **once per (image, t)** for the union of all candidates' timesteps, with hooks
@@ -32,12 +32,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labeldiff.evaluate.metrics import iou_from_stats
-from labeldiff.transfer.probe import (FeatureExtractor, FeatureSpec, default_blocks, default_spec, fit_pixels,
-                                      make_extractor)
+from labeldiff.transfer.probe import FeatureExtractor, FeatureSpec, default_spec, fit_pixels, make_extractor
 
 DIFFUSION_METHODS = ("ddpm", "mdm", "hybrid")  # time embedding trained over t = 0..T−1 (mdm: 1..T)
 CLEAN_METHODS = ("mae", "supervised")  # time embedding only ever saw t = 0
-SINGLE_TIMESTEPS = (0, 50, 150, 250)  # MDM Table 6 / App. B use t = 50 and 250; Baranchuk Fig. 3 spans 50–250
+SINGLE_TIMESTEPS = (0, 50, 150, 250)  # MDM App. B, Table 6 (it also tries 650, best for neither DDPM nor MDM)
 MULTI_TIMESTEPS = default_spec("ddpm", 1).timesteps  # (50, 150, 250): Baranchuk's official setting
 MAX_FOLDS = 5  # leave-one-image-out up to 5 images, 5-fold over images beyond
 
@@ -48,11 +47,12 @@ def candidate_specs(n_up_blocks: int, method: str, num_timesteps: int | None = N
     """The grid of feature specs that :func:`select_spec` scores, the default spec first.
 
     Block sets: the default pair ``D`` of :func:`default_blocks`, every single up block next to it
-    (``|b − d| ≤ 1`` for some d in D: all blocks of the 2- and 3-level UNets we train; for deeper
-    UNets the coarsest blocks, 1/8 resolution and below, are not tried alone), and all blocks ``A``.
+    (``|b − d| ≤ 1`` for some d in D: all blocks of the 2- and 3-level UNets we train; deeper UNets
+    do not try their coarsest blocks alone, only within ``A``), and all blocks ``A``.
     Timesteps, for diffusion-trained methods (ddpm, mdm, hybrid): each single t in (0, 50, 150, 250)
     and Baranchuk's multi-t set (50, 150, 250); for mae and supervised (whose time embedding only
-    ever saw t = 0) only (0,). The grid is not the full product (25 specs for 3 blocks) but:
+    ever saw t = 0) only (0,). These are MDM's Table 6 timesteps without 650. The grid is not the
+    full product (25 specs for 3 blocks) but:
 
     - the default spec (``default_spec(method, n)``);
     - ``D`` at every timestep set: which noise level suits the paper's blocks;
@@ -219,6 +219,13 @@ def sample_features(factory: ExtractorFactory, full: FeatureSpec, images: Sequen
     return samples
 
 
+def held_out_score(ensemble, sample: PixelSample, cols: torch.Tensor, num_classes: int) -> float:
+    """Foreground mean IoU of ``ensemble`` on a held-out sample's columns ``cols``, each sampled pixel
+    weighted by the pixels of its class it stands for: an estimate of the whole image's IoU."""
+    pred = ensemble.predict_proba(sample.features[:, cols]).argmax(-1)
+    return foreground_iou(weighted_stats(pred, sample.labels, sample.weights, num_classes))
+
+
 def pick_best(table: Sequence[dict], tie_tolerance: float = 1e-3) -> int:
     """Index of the winning row: highest ``mean``; rows within ``tie_tolerance`` of it are tied and
     the fewest ``n_features`` wins, then the earliest row. NaN means never win unless all are NaN."""
@@ -295,17 +302,13 @@ def select_spec(extractor_factory_or_unet: ExtractorFactory | nn.Module, run_cfg
             ens = fit_pixels(torch.cat([s.features[:, cols] for s in train]), torch.cat([s.labels for s in train]),
                              num_classes, members=1, lr=lr, batch_pixels=batch_pixels, max_epochs=max_epochs,
                              patience=patience, seed=seed, progress=False)
-            per_image = []
-            for j in held:
-                s = samples[j]
-                pred = ens.predict_proba(s.features[:, cols]).argmax(-1)
-                per_image.append(foreground_iou(weighted_stats(pred, s.labels, s.weights, num_classes)))
+            per_image = [held_out_score(ens, samples[j], cols, num_classes) for j in held]
             scores.append(float(np.nanmean(per_image)) if np.isfinite(per_image).any() else math.nan)
             bar.update()
         finite = [x for x in scores if math.isfinite(x)]
         table.append({"spec": spec.to_dict(), "scores": scores, "mean": float(np.mean(finite)) if finite else math.nan,
                       "n_features": len(cols), "seconds": round(time.perf_counter() - start, 3), "best": False})
-        bar.set_postfix(best=f"{max((r['mean'] for r in table), default=0):.3f}")
+        bar.set_postfix(best=f"{max((r['mean'] for r in table if math.isfinite(r['mean'])), default=0):.3f}")
     bar.close()
     best = pick_best(table, tie_tolerance)
     table[best]["best"] = True
@@ -326,10 +329,11 @@ def format_selection(table: Sequence[dict]) -> str:
         spec = r["spec"]
         lines.append(f"| {'→' if r.get('best') else ''} | {','.join(map(str, spec['blocks']))} | "
                      f"{','.join(map(str, spec['timesteps']))} | {r['n_features']} | {num(r['mean'])} | "
-                     f"{' '.join(num(x) for x in r['scores'])} | {r['seconds']:.1f} |")
+                     f"{' '.join(num(x) for x in r['scores'])} | {r['seconds']:.2f} |")
     return "\n".join(lines)
 
 
 __all__ = ["candidate_specs", "feature_columns", "fold_groups", "balanced_pixels", "weighted_stats",
-           "foreground_iou", "PixelSample", "check_labeled", "sample_features", "pick_best", "select_spec",
-           "format_selection", "DIFFUSION_METHODS", "CLEAN_METHODS", "SINGLE_TIMESTEPS", "MULTI_TIMESTEPS"]
+           "foreground_iou", "PixelSample", "check_labeled", "sample_features", "held_out_score", "pick_best",
+           "select_spec", "format_selection", "DIFFUSION_METHODS", "CLEAN_METHODS", "SINGLE_TIMESTEPS",
+           "MULTI_TIMESTEPS"]
