@@ -197,6 +197,12 @@ def cmd_split(args: argparse.Namespace) -> None:
           f"test {len(split['test'])} images from groups {split['test_groups']}")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from labeldiff.study import run_study
+
+    run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from labeldiff.bench import bench_probe_memory_cli
 
@@ -291,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which groups go to test [0]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("study", help="the label-efficiency table on your data: methods × strategies × k × seeds "
+                                      "from one YAML",
+                       description="Pretrain each method once (cached by its resolved config), transfer with every "
+                                   "strategy, label budget k and seed, evaluate, and write results.csv, results.md, "
+                                   "per_class.md, paired.md (differences vs scratch with 95% CIs), dice_vs_labels.png, "
+                                   "overlays.png and environment.json. Resumable: finished cells are never recomputed.")
+    p.add_argument("study", type=Path, help="study YAML (see studies/)")
+    p.add_argument("--out", required=True, type=Path, help="study folder (cached pretraining, cells, reports)")
+    p.add_argument("--dry-run", action="store_true", help="list pretraining runs and cells (done/todo); train nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the reports from finished cells; train nothing")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="benchmarks: probe-memory (streamed pixel-MLP probe vs the in-RAM reference)",
                        description="probe-memory: train the pixel-MLP probe the reference way (all pixel features "

@@ -1,0 +1,108 @@
+"""The RunConfigs a study trains, and the hashes that name their cached folders.
+
+Precedence, lowest first: labeldiff's defaults (those of ``labeldiff pretrain`` / ``finetune``), the
+recipe, the study's ``data`` options, the method's (or ``finetune``'s) overrides, then what the
+runner sets per run (data paths, ``train.steps`` of a sweep, and per cell: strategy, k, seed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from labeldiff.config import ModelConfig, RunConfig, apply_overrides, load_recipe, merge_recipe
+from labeldiff.study.spec import MethodSpec, Recipe, Study
+
+# DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
+PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers")
+# fields that do not change what a run computes: left out of the hashes
+NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
+
+
+def digest(obj: Any, n: int = 10) -> str:
+    """A short, stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def identity(cfg: RunConfig) -> dict:
+    """``cfg.to_dict()`` without the fields that do not change the result.
+
+    The dataset path stays (another dataset is another result); ``transfer.pretrained`` and
+    ``data.split_file`` are dropped: the callers hash the pretrained run's identity and the split's
+    stems instead of these paths.
+    """
+    d = cfg.to_dict()
+    for section, names in NOT_RESULT.items():
+        for name in names:
+            d[section].pop(name, None)
+    d["transfer"]["pretrained"] = None
+    d["data"]["split_file"] = None
+    return d
+
+
+def _layered(base: RunConfig, recipe: Recipe, data: dict[str, Any]) -> RunConfig:
+    """defaults → recipe file → the study's data options → the recipe's overrides."""
+    if recipe.path is not None:
+        base = merge_recipe(base, load_recipe(recipe.path))
+    return apply_overrides(apply_overrides(base, data), recipe.overrides)
+
+
+def _data_overrides(study: Study, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {f"data.{k}": v for k, v in study.data.options.items() if names is None or k in names}
+
+
+def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunConfig:
+    """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None)."""
+    from labeldiff.cli import default_pretrain_config
+
+    cfg = _layered(default_pretrain_config(), method.recipe, _data_overrides(study, PRETRAIN_DATA_FIELDS))
+    if steps is not None:
+        cfg.train.steps = steps
+    d = study.data
+    if method.pretrain_on == "source":
+        cfg.data.path = str(d.source)
+        cfg.data.train_split, cfg.data.split_file = d.source_split, None
+    else:
+        cfg.data.path = str(d.unlabeled or d.path)
+    return cfg
+
+
+def run_name(method: MethodSpec, steps: int | None) -> str:
+    return method.name if steps is None else f"{method.name}@{steps}"
+
+
+def pretrain_runs(study: Study) -> list[tuple[str, MethodSpec, int | None]]:
+    """``(name, method, steps)`` of every pretraining run (method ``none`` has none)."""
+    return [(run_name(m, s), m, s) for m in study.methods if m.pretrains for s in (m.pretrain_steps or [None])]
+
+
+def resolved_model(cfg: RunConfig) -> ModelConfig:
+    """The network ``run_pretrain`` would build for ``cfg`` (channels from the data, ddep → efficientnet)."""
+    from labeldiff.corruption import build_corruption
+    from labeldiff.pretrain.run import resolve_method
+
+    c = RunConfig.from_dict(cfg.to_dict())
+    c.model.in_channels = c.data.channels
+    resolve_method(c, build_corruption(c.corruption))
+    return c.model
+
+
+def arch_key(model: ModelConfig) -> str:
+    return digest(asdict(model), 8)
+
+
+def finetune_config(study: Study) -> RunConfig:
+    """Fine-tuning settings shared by every cell (cells add data paths, strategy, k, seed, network)."""
+    from labeldiff.cli import default_finetune_config
+
+    cfg = _layered(default_finetune_config(), study.finetune, _data_overrides(study))
+    cfg.data.path = str(study.data.path)
+    return cfg
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from labeldiff.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,94 @@
+"""Data a study makes before it trains: the demo's brain slices, a group split, environment.json."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from labeldiff.study.configs import write_json
+from labeldiff.study.spec import Study
+
+BRAIN_DEMO = "brain-demo"
+
+
+def prepare_data(study: Study, out: Path) -> None:
+    """Run the ``prepare`` hook and the ``split`` block, filling ``study.data.path`` / ``split_file``.
+
+    ``prepare: brain-demo`` writes :func:`labeldiff.demo.build_brain_dataset`'s MNI152 axial slices
+    (train = lower slab, test = upper slab, all = both) into ``OUT/data/brain-demo`` once.
+    ``data.split`` writes ``OUT/data/split.json`` with :func:`labeldiff.data.datasets.group_split`
+    (what ``labeldiff split`` writes) and points ``data.split_file`` at it.
+    """
+    if study.prepare == BRAIN_DEMO:
+        from labeldiff.demo import build_brain_dataset
+
+        root = out / "data" / BRAIN_DEMO
+        if not (root / "split.json").is_file():
+            print(f"prepare: slicing the MNI152 template (nilearn) into {root}")
+            build_brain_dataset(root)
+        if study.data.path is None:
+            study.data.path = root
+    if study.data.split is not None:
+        from labeldiff.data.datasets import LabeledFolder, group_split
+
+        s = study.data.split
+        ds = LabeledFolder(study.data.path)
+        groups = json.loads(Path(s.groups).read_text())
+        split = group_split(sorted(ds.images), groups, s.test_fraction, s.seed)
+        path = out / "data" / "split.json"
+        write_json(path, split)
+        study.data.split_file = path
+        print(f"split: {len(split['train'])} train / {len(split['test'])} test images from groups "
+              f"{s.groups.name} (test fraction {s.test_fraction}, seed {s.seed}) → {path}")
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def git_state(folder: Path) -> dict | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``folder``, or None."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode:
+            return None
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_environment(path: Path, study: Study, rows: list[dict], pretrain_seconds: dict[str, float | None],
+                      wall_seconds: float) -> None:
+    import labeldiff
+
+    write_json(path, {
+        "packages": {name: _version(name) for name in ("torch", "monai", "numpy", "labeldiff")},
+        "python": platform.python_version(),
+        "git": git_state(Path(labeldiff.__file__).parent),
+        "cpu": {"model": cpu_model(), "count": os.cpu_count()},
+        "study": str(study.file),
+        "seeds": study.seeds,
+        "wall_seconds_this_invocation": round(wall_seconds, 1),
+        "seconds_per_pretraining": pretrain_seconds,
+        "seconds_per_cell": {r["cell"]: r.get("seconds") for r in rows},
+    })

@@ -1,0 +1,364 @@
+"""``labeldiff study STUDY.yaml --out DIR``: cached pretraining, one fine-tune per cell, reports.
+
+Layout of DIR::
+
+    study.yaml, plan.json            the study as given, and every pretraining run and cell it makes
+    data/                            prepared data (``prepare: brain-demo``, a ``split`` block)
+    pretrain/<name>-<hash>/          one pretraining run per (method, steps); <hash> of its resolved
+                                     config (RunConfig.to_dict() minus fields that do not change the
+                                     result), so an edited method gets a new folder and the rest is reused
+    cells/<cell-id>/                 cell.json (the cell and its labeled stems), split.json, run/ (the
+                                     fine-tuning or probe run), eval/ (metrics.json, per_image.csv,
+                                     overlays.png, timing.json)
+    results.csv results.md per_class.md paired.md dice_vs_labels.png overlays.png environment.json
+
+A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
+weights is resumed (``run_pretrain(..., resume=True)``); anything else in its folder is replaced.
+A cell is finished when ``eval/metrics.json`` exists (``eval/`` is written as ``eval.tmp/`` and
+renamed); finished cells are never recomputed, any other cell folder is deleted and redone.
+
+How a cell trains on exactly its chosen subset without changing the fine-tuning code: the runner
+writes ``cells/<id>/split.json = {"train": chosen stems, "test": test stems}`` and runs
+``run_finetune`` / ``run_probe`` with ``data.split_file`` = that file, ``train_split = "train"`` and
+``transfer.labels = k``, so ``select_subset`` picks all k of them (in any seed's order).
+``data.num_classes`` is set to the dataset's K so a subset missing a class still gets K outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from labeldiff.config import ModelConfig, RunConfig, replace
+from labeldiff.data.datasets import LabeledFolder, validate_samples
+from labeldiff.data.io import DataError
+from labeldiff.evaluate.run import run_evaluate
+from labeldiff.pretrain.run import run_pretrain
+from labeldiff.study import report
+from labeldiff.study.configs import (arch_key, digest, finetune_config, identity, pretrain_config, pretrain_runs,
+                                     resolved_model, write_json)
+from labeldiff.study.prepare import prepare_data, write_environment
+from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
+from labeldiff.study.spec import NONE_METHOD, Study, load_study
+from labeldiff.transfer.finetune import run_finetune
+from labeldiff.transfer.probe_run import PROBE_METHODS, run_probe
+
+OVERLAY_IMAGES = 3
+
+
+@dataclass
+class Target:
+    """The labeled dataset cells train and test on."""
+
+    ds: LabeledFolder
+    train: list[str]
+    test: list[str]
+    num_classes: int
+    classes: dict[str, frozenset[int]] | None  # per train image, with require_all_classes
+
+    @classmethod
+    def load(cls, study: Study, ft: RunConfig) -> "Target":
+        ds = LabeledFolder(Path(study.data.path), study.data.split_file)
+        train, test = ds.stems(ft.data.train_split), ds.stems(ft.data.test_split)
+        k = validate_samples(ds.samples(train + test), ft.data.num_classes)
+        classes = class_sets(ds, train, k) if study.require_all_classes else None
+        return cls(ds, train, test, k, classes)
+
+    def size(self, k: int | str) -> int:
+        """k of a ``labels`` entry ("all" = every train image), checked against the train split."""
+        if k == "all":
+            return len(self.train)
+        if int(k) > len(self.train):
+            raise DataError(f"labels: {k} is larger than the train split ({len(self.train)} images); use "
+                            f"{len(self.train)} or fewer, or \"all\"")
+        return int(k)
+
+
+@dataclass
+class Pretraining:
+    name: str
+    cfg: RunConfig
+    key: str
+    dir: Path
+    model: ModelConfig  # the network run_pretrain builds
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "model.safetensors").is_file()
+
+
+@dataclass
+class Cell:
+    id: str
+    dir: Path
+    method: str  # row label: run name ("ddpm@200"), or "none" for scratch
+    arch: str
+    strategy: str
+    k: int
+    seed: int
+    select: str
+    pre: Pretraining | None  # None: scratch
+    model: ModelConfig
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "eval" / "metrics.json").is_file()
+
+    def describe(self) -> dict:
+        return {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy, "k": self.k,
+                "seed": self.seed, "select": self.select, "pretrained": str(self.pre.dir) if self.pre else None,
+                "pretrain_steps": self.pre.cfg.train.steps if self.pre else None}
+
+    def short(self) -> str:
+        return f"{self.method} {self.strategy} k={self.k} seed={self.seed} {self.select}"
+
+
+def plan_pretraining(study: Study, out: Path) -> list[Pretraining]:
+    runs = []
+    for name, method, steps in pretrain_runs(study):
+        cfg = pretrain_config(study, method, steps)
+        key = digest(identity(cfg))
+        runs.append(Pretraining(name, cfg, key, out / "pretrain" / f"{name}-{key}", resolved_model(cfg)))
+    return runs
+
+
+def scratch_networks(study: Study, runs: list[Pretraining]) -> dict[str, tuple[str, ModelConfig]]:
+    """arch key → (row label, network): one scratch baseline per distinct network, not per method."""
+    nets: dict[str, tuple[list[str], ModelConfig]] = {}
+    for r in runs:
+        nets.setdefault(arch_key(r.model), ([], r.model))[0].append(r.name)
+    for m in study.methods:
+        if m.name == NONE_METHOD:
+            model = resolved_model(pretrain_config(study, m, None))
+            nets.setdefault(arch_key(model), ([], model))[0].insert(0, NONE_METHOD)
+    single = len(nets) == 1
+    return {a: (NONE_METHOD if single or names[0] == NONE_METHOD else f"{NONE_METHOD}[{names[0]}]", model)
+            for a, (names, model) in nets.items()}
+
+
+def plan_cells(study: Study, runs: list[Pretraining], target: Target, ft: RunConfig, out: Path) -> list[Cell]:
+    """Every (method run, strategy, select, k, seed), then scratch per network; notes skipped combinations."""
+    shared = {"finetune": identity(ft), "train": target.train, "test": target.test, "K": target.num_classes,
+              "require_all_classes": study.require_all_classes}
+    ks = list(dict.fromkeys(target.size(k) for k in study.labels))
+    cells: list[Cell] = []
+
+    def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
+        for select in study.select:
+            for k in ks:
+                for seed in study.seeds:
+                    what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
+                    key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed, "select": select}, 8)
+                    cid = f"{label}-{strategy}-k{k}-s{seed}-{select}-{key}"
+                    cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model))
+
+    for run in runs:
+        for strategy in (s for s in study.strategies if s != "scratch"):
+            if strategy == "probe" and (run.model.arch != "unet" or run.cfg.corruption.method not in PROBE_METHODS):
+                print(f"note: skipping probe for {run.name}: the probe reads the decoder of a diffusion UNet")
+                continue
+            add(run.name, arch_key(run.model), strategy, run, run.model)
+    if "scratch" in study.strategies:
+        for arch, (label, model) in scratch_networks(study, runs).items():
+            add(label, arch, "scratch", None, model)
+    return cells
+
+
+class Selector:
+    """The labeled subset of a cell (see :mod:`labeldiff.study.select`), features computed once per network."""
+
+    def __init__(self, target: Target, ft: RunConfig):
+        self.target, self.ft = target, ft
+        self.features: dict[str, object] = {}
+
+    def stems(self, cell: Cell) -> list[str]:
+        t = self.target
+        if cell.select == "random":
+            return random_subset(t.train, cell.k, cell.seed, t.classes, t.num_classes)
+        use_unet = cell.pre is not None and cell.pre.model.arch == "unet"
+        source = str(cell.pre.dir) if use_unet else "pixels"
+        if source not in self.features:
+            self.features[source] = (unet_features(cell.pre.dir, t.ds, t.train, self.ft.data) if use_unet
+                                     else pixel_features(t.ds, t.train, self.ft.data))
+        return diverse_subset(t.train, self.features[source], cell.k, t.classes, t.num_classes)
+
+
+TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
+
+
+def pretrain(runs: list[Pretraining]) -> None:
+    """Train, resume or reuse every pretraining run."""
+    for i, run in enumerate(runs, 1):
+        if run.finished:
+            print(f"[pretrain {i}/{len(runs)}] {run.name}: finished, reusing {run.dir}")
+        else:
+            resume = (run.dir / "latest.json").is_file()
+            print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
+            cfg = RunConfig.from_dict(run.cfg.to_dict())
+            result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
+            write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
+
+
+def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
+    """Seconds of each pretraining run (of its last session when resumed; None: not trained by a study)."""
+    files = {r.name: r.dir / TIMING for r in runs}
+    return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
+
+
+def cell_config(cell: Cell, ft: RunConfig, target: Target, split_file: Path) -> RunConfig:
+    cfg = RunConfig.from_dict(ft.to_dict())
+    cfg.data.split_file, cfg.data.train_split, cfg.data.test_split = str(split_file), "train", "test"
+    cfg.data.num_classes = target.num_classes
+    cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
+    if cell.pre is not None:
+        cfg.transfer.pretrained = str(cell.pre.dir)
+    else:  # scratch: the pretrained runs' network, built from the config alone
+        cfg.transfer.pretrained = None
+        cfg.model = replace(cell.model)
+        cfg.data.channels = cell.model.in_channels
+    return cfg
+
+
+def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector) -> float:
+    """Select, train, evaluate one cell into its folder (replacing a partial one); returns seconds."""
+    t0 = time.time()
+    if cell.dir.exists():
+        shutil.rmtree(cell.dir)
+    stems = selector.stems(cell)
+    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems})
+    write_json(cell.dir / "split.json", {"train": stems, "test": target.test})
+    cfg = cell_config(cell, ft, target, cell.dir / "split.json")
+    if cell.strategy == "probe":
+        run_probe(cfg, cell.dir / "run")
+    else:
+        run_finetune(cfg, cell.dir / "run")
+    tmp = cell.dir / "eval.tmp"
+    run_evaluate(cell.dir / "run", tmp, split="test", device=cfg.train.device)
+    seconds = time.time() - t0
+    write_json(tmp / "timing.json", {"seconds": seconds})
+    os.replace(tmp, cell.dir / "eval")
+    return seconds
+
+
+def cell_row(cell: Cell) -> dict:
+    info = json.loads((cell.dir / "cell.json").read_text())
+    m = json.loads((cell.dir / "eval" / "metrics.json").read_text())
+    timing = cell.dir / "eval" / "timing.json"
+    row = {"cell": cell.id, "method": cell.method, "pretrain_steps": info.get("pretrain_steps"), "arch": cell.arch,
+           "strategy": cell.strategy, "k": cell.k, "seed": cell.seed, "select": cell.select,
+           "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
+    row.update({f"dice_{c}": v for c, v in m["dice"]["per_class"].items()})
+    row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    return row
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path) -> int:
+    """Run the unfinished cells with progress and ETA; returns how many were computed."""
+    selector = Selector(target, ft)
+    done = [c for c in cells if c.finished]
+    times = [s for s in (cell_row(c)["seconds"] for c in done) if s is not None]
+    todo = [c for c in cells if not c.finished]
+    print(f"cells: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
+    for i, cell in enumerate(todo):
+        eta = sum(times) / len(times) * (len(todo) - i) if times else None
+        print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
+              f"ETA {_duration(eta)} → {cell.dir}")
+        try:
+            times.append(run_cell(cell, ft, target, selector))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
+                  f"command again to continue (finished cells and pretraining runs are reused)")
+            report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+            raise
+        report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+    return len(todo)
+
+
+def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pre_seconds: dict, t0: float) -> list[dict]:
+    rows = [cell_row(c) for c in cells if c.finished]
+    write_environment(out / "environment.json", study, rows, pre_seconds, time.time() - t0)
+    if not rows:
+        print("no finished cells yet: nothing to report")
+        return rows
+    title = f"{study.file.stem}: {Path(study.data.path).name}, test split {len(target.test)} images"
+    report.write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title))
+    if "per-class" in study.metrics:
+        (out / "per_class.md").write_text(report.per_class_markdown(rows))
+    (out / "paired.md").write_text(report.paired_markdown(rows))
+    report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
+    overlays(study, cells, target, out / "overlays.png")
+    print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
+          f"dice_vs_labels.png, overlays.png, environment.json")
+    return rows
+
+
+def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> None:
+    """The first test images, predicted by every method × strategy at the largest k and seed 0."""
+    import torch
+
+    from labeldiff.data.io import read_image, read_mask
+    from labeldiff.evaluate.predict import predict_mask
+    from labeldiff.transfer.finetune import load_segmenter
+
+    finished = [c for c in cells if c.finished and c.select == study.select[0]]
+    if not finished:
+        return
+    k = max(c.k for c in finished)
+    seed = 0 if any(c.seed == 0 for c in finished) else min(c.seed for c in finished)
+    chosen = [c for c in finished if c.k == k and c.seed == seed]
+    samples = target.ds.samples(target.test[:OVERLAY_IMAGES])
+    channels = RunConfig.load(chosen[0].dir / "run" / "config.json").data.channels
+    images = [{"name": s.stem, "image": read_image(s.image, channels), "target": read_mask(s.mask, target.num_classes)}
+              for s in samples]
+    preds = {}
+    for c in chosen:
+        model, cfg = load_segmenter(c.dir / "run", "cpu")
+        preds[f"{c.method} / {c.strategy}"] = [
+            predict_mask(model, torch.from_numpy(read_image(s.image, cfg.data.channels)), cfg.data,
+                         cfg.train.precision).numpy() for s in samples]
+    report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}")
+
+
+def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False) -> list[dict]:
+    """Run the study in ``path`` into ``out`` (see the module docstring); returns the result rows.
+
+    ``dry_run``: print the plan (what is finished, what would run) and train nothing.
+    ``report_only``: rewrite the reports from the finished cells and train nothing.
+    """
+    t0 = time.time()
+    study = load_study(path)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(study.file, out / "study.yaml")
+    prepare_data(study, out)
+    ft = finetune_config(study)
+    target = Target.load(study, ft)
+    runs = plan_pretraining(study, out)
+    cells = plan_cells(study, runs, target, ft, out)
+    write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
+                                   "train": len(target.train), "test": len(target.test), "K": target.num_classes,
+                                   "pretraining": [{"name": r.name, "dir": r.dir, "finished": r.finished} for r in runs],
+                                   "cells": [{**c.describe(), "finished": c.finished} for c in cells]})
+    stale = {p.name for p in (out / "cells").glob("*")} - {c.id for c in cells} if (out / "cells").is_dir() else set()
+    print(f"study {study.file.name}: {len(runs)} pretraining runs ({sum(r.finished for r in runs)} finished), "
+          f"{len(cells)} cells ({sum(c.finished for c in cells)} finished), K={target.num_classes}, "
+          f"{len(target.train)} train / {len(target.test)} test images"
+          + (f"; {len(stale)} cell folders of earlier versions of the study are kept, not reported" if stale else ""))
+    if dry_run:
+        for c in cells:
+            print(f"  {'done' if c.finished else 'todo'}  {c.id}")
+        return [cell_row(c) for c in cells if c.finished]
+    if not report_only:
+        pretrain(runs)
+        run_cells(cells, ft, target, out)
+    return write_reports(study, cells, target, out, pretrain_seconds(runs), t0)

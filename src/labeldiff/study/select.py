@@ -1,0 +1,135 @@
+"""Which k labeled images a cell trains on: random or diverse, optionally covering every class.
+
+- ``random``: :func:`labeldiff.data.datasets.select_subset` (the subset ``labeldiff finetune --labels k
+  --seed s`` would pick). With ``require_all_classes`` the subset is redrawn deterministically
+  (attempt i > 0 uses seed ``s·1_000_003 + i``) until it contains every class 0..K-1, up to
+  :data:`MAX_TRIES` attempts.
+- ``diverse``: k-center greedy (Sener & Savarese 2018, "core-set") on one feature vector per train
+  image: the first center is the image closest to the mean feature, then each next one is the image
+  farthest (Euclidean) from the centers chosen so far. Features are the mean-pooled decoder features
+  of the pretrained UNet (the probe's :class:`~labeldiff.transfer.probe.FeatureExtractor` with the
+  method's default blocks and timesteps, :func:`unet_features`), or, for scratch and non-UNet runs,
+  the image resized to 16² (:func:`pixel_features`). The choice does not depend on the seed (seeds
+  then vary only initialisation and batches). With ``require_all_classes``, once the remaining
+  picks are no more than the missing classes, only images that add a missing class are candidates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from labeldiff.data.datasets import LabeledFolder, select_subset
+from labeldiff.data.io import DataError, read_mask
+
+MAX_TRIES = 1000
+PIXEL_SIDE = 16
+
+
+def class_sets(ds: LabeledFolder, stems: list[str], num_classes: int) -> dict[str, frozenset[int]]:
+    """The classes present in each image's mask."""
+    return {s: frozenset(int(c) for c in np.unique(read_mask(ds.masks[s], num_classes))) for s in stems}
+
+
+def check_coverable(classes: dict[str, frozenset[int]], num_classes: int, split_name: str = "train") -> None:
+    """Raise when some class appears in no image of the split (no subset can contain it)."""
+    present = frozenset().union(*classes.values()) if classes else frozenset()
+    missing = sorted(set(range(num_classes)) - present)
+    if missing:
+        raise DataError(f"require_all_classes: class {missing[0]} appears in no image of the {split_name!r} split "
+                        f"({len(classes)} images, classes present: {sorted(present)}); move images with class "
+                        f"{missing[0]} into {split_name!r}, set data.num_classes, or set require_all_classes: false")
+
+
+def _covers(chosen: list[str], classes: dict[str, frozenset[int]], num_classes: int) -> bool:
+    return frozenset().union(*(classes[s] for s in chosen)) >= frozenset(range(num_classes))
+
+
+def random_subset(stems: list[str], k: int, seed: int, classes: dict[str, frozenset[int]] | None = None,
+                  num_classes: int = 0, tries: int = MAX_TRIES) -> list[str]:
+    """``select_subset(stems, k, seed)``; with ``classes``, redrawn until every class is in the subset."""
+    if classes is None:
+        return select_subset(stems, k, seed)
+    check_coverable({s: classes[s] for s in stems}, num_classes)
+    for i in range(tries):
+        chosen = select_subset(stems, k, seed if i == 0 else seed * 1_000_003 + i)
+        if _covers(chosen, classes, num_classes):
+            return chosen
+    raise DataError(f"require_all_classes: none of {tries} random draws of k={k} of the {len(stems)} train images "
+                    f"(seed {seed}) contains every class 0..{num_classes - 1}; raise k or set require_all_classes: false")
+
+
+def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] | None = None,
+                    num_classes: int = 0) -> list[int]:
+    """Indices of ``k`` rows of ``features [N, F]`` in pick order (see the module docstring).
+
+    Ties go to the lower index, so the result is deterministic.
+    """
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    n = len(x)
+    if not 1 <= k <= n:
+        raise DataError(f"labels k={k} must be between 1 and the {n} train images")
+    chosen: list[int] = []
+    covered: set[int] = set()
+    need = set(range(num_classes)) if classes is not None else set()
+    score = -np.linalg.norm(x - x.mean(0), axis=1)  # first pick: closest to the mean
+    while len(chosen) < k:
+        ok = np.ones(n, dtype=bool)
+        ok[chosen] = False
+        missing = need - covered
+        if missing and k - len(chosen) <= len(missing):
+            ok &= np.array([bool(classes[i] & missing) for i in range(n)])
+            if not ok.any():
+                break
+        i = int(np.flatnonzero(ok)[np.argmax(score[ok])])
+        chosen.append(i)
+        if classes is not None:
+            covered |= classes[i]
+        dist = np.linalg.norm(x - x[i], axis=1)
+        score = dist if len(chosen) == 1 else np.minimum(score, dist)
+    if need - covered:
+        raise DataError(f"require_all_classes: k={k} diverse picks cannot cover classes "
+                        f"{sorted(need - covered)}; raise k or set require_all_classes: false")
+    return chosen
+
+
+def diverse_subset(stems: list[str], features: np.ndarray, k: int, classes: dict[str, frozenset[int]] | None = None,
+                   num_classes: int = 0) -> list[str]:
+    """The stems :func:`k_center_greedy` picks (sorted, like :func:`select_subset`)."""
+    if classes is not None:
+        check_coverable({s: classes[s] for s in stems}, num_classes)
+    sets = [classes[s] for s in stems] if classes is not None else None
+    return sorted(stems[i] for i in k_center_greedy(features, k, sets, num_classes))
+
+
+def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
+    """``[N, C·16·16]``: each image as the network would see it, resized to 16²."""
+    from labeldiff.data.datasets import ScaledImages, resize_image
+
+    loader = ScaledImages(data_cfg)
+    return np.stack([resize_image(loader.image(s), (PIXEL_SIDE, PIXEL_SIDE)).flatten().numpy()
+                     for s in ds.samples(stems)])
+
+
+def unet_features(pre_dir: Path, ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
+    """``[N, F]``: the probe's default decoder features of the pretrained UNet, mean-pooled per image.
+
+    Images are brought to the network's scale (``data.scale`` in crop mode, ``size``² in resize mode)
+    and fed whole, as the probe does.
+    """
+    import torch
+
+    from labeldiff.config import load_run_config, replace
+    from labeldiff.data.datasets import ScaledImages
+    from labeldiff.transfer.probe import make_extractor
+    from labeldiff.transfer.probe_run import PaddedExtractor, load_frozen_unet
+
+    pre = load_run_config(pre_dir, "pretrain", flag="--pretrained")
+    unet = load_frozen_unet(Path(pre_dir), pre)
+    extractor = PaddedExtractor(make_extractor(unet, pre, noise_seed=0))
+    loader = ScaledImages(replace(data_cfg, channels=pre.data.channels))
+    feats = []
+    with torch.no_grad():
+        for s in ds.samples(stems):
+            feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].numpy())
+    return np.stack(feats)

@@ -1,0 +1,316 @@
+"""A study YAML → :class:`Study` (dataclasses), validated with errors that say how to fix the YAML.
+
+Relative paths in a study file are looked up, in this order, in the study file's folder, the
+current directory and the labeldiff source checkout (the folder holding ``recipes/``); the first
+that exists wins and the resolved absolute path is used (and printed). A ``split.groups`` file is
+first looked up in the dataset root, like ``labeldiff split``'s default ``DATA/sequences.json``.
+
+Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/*.yaml``)::
+
+    data:
+      path: ../shared/datasets/monuseg   # labeled target: images/, masks/, split.json
+      split_file: null                   # or a split JSON instead of path/split.json
+      split: {groups: sequences.json, test_fraction: 0.3, seed: 0}  # or: make a group split
+      unlabeled: null                    # pretraining images [path/images]
+      source: null                       # labeled source dataset (hybrid / supervised pretraining)
+      source_split: train                # split of the source used for labeled pretraining
+      size: 64                           # + any DataConfig field: mode, scale, channels, num_classes,
+      scale: 0.25                        #   train_split, test_split, cache_mb, num_workers
+    prepare: null                        # brain-demo: build the demo's MNI152 slices into OUT/data
+    methods:
+      - name: ddpm
+        recipe: recipes/ddpm-cpu.yaml
+        overrides: {train.steps: 800}    # section.field: value, applied after the recipe
+        pretrain_steps: [200, 800]       # optional sweep: one pretrained run per length ("ddpm@200")
+        pretrain_on: unlabeled           # unlabeled | source [source for hybrid/supervised]
+      - name: none                       # no pretraining: only the scratch strategy
+    strategies: [probe, linear, decoder, full, scratch]
+    labels: [1, 3, all]
+    seeds: [0, 1, 2]
+    select: random                       # random | diverse, or [random, diverse] as an axis
+    require_all_classes: false
+    finetune: {recipe: recipes/finetune-cpu.yaml, overrides: {train.steps: 300}}
+    metrics: [dice, iou, per-class]
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from labeldiff.config import SECTIONS, DataConfig, RunConfig, apply_overrides, load_recipe, merge_recipe
+
+STRATEGIES = ("probe", "linear", "decoder", "full", "scratch")
+SELECTS = ("random", "diverse")
+METRICS = ("dice", "iou", "per-class")
+PREPARE = ("brain-demo",)
+NONE_METHOD = "none"
+LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
+TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
+            "finetune", "metrics")
+DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
+DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
+METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class StudyError(ValueError):
+    """A study file that cannot run; the message names the key and how to fix it."""
+
+
+@dataclass
+class SplitSpec:
+    """A group split made by the runner (``labeldiff split`` semantics) into ``OUT/data/split.json``."""
+
+    groups: Path
+    test_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class DataSpec:
+    path: Path | None = None  # None only with ``prepare``
+    split_file: Path | None = None
+    split: SplitSpec | None = None
+    unlabeled: Path | None = None
+    source: Path | None = None
+    source_split: str = "train"
+    options: dict[str, Any] = field(default_factory=dict)  # DataConfig fields
+
+
+@dataclass
+class Recipe:
+    """A recipe file (may be None: the defaults) and ``{section.field: value}`` overrides on top."""
+
+    path: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        if self.path is not None:
+            cfg = merge_recipe(cfg, load_recipe(self.path))
+        return apply_overrides(cfg, self.overrides)
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    recipe: Recipe
+    pretrain_steps: list[int] | None = None  # None: the recipe's train.steps, no name suffix
+    pretrain_on: str = "unlabeled"  # unlabeled | source
+    pretext: str = "ddpm"  # corruption.method after recipe + overrides
+
+    @property
+    def pretrains(self) -> bool:
+        return self.name != NONE_METHOD
+
+
+@dataclass
+class Study:
+    file: Path
+    data: DataSpec
+    methods: list[MethodSpec]
+    strategies: list[str]
+    labels: list[int | str]
+    seeds: list[int]
+    select: list[str]
+    require_all_classes: bool = False
+    finetune: Recipe = field(default_factory=Recipe)
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    prepare: str | None = None
+
+
+def _fail(file: Path, where: str, msg: str) -> StudyError:
+    return StudyError(f"{file}: {where}: {msg}")
+
+
+def _unknown(file: Path, where: str, keys, known) -> None:
+    bad = [k for k in keys if k not in known]
+    if bad:
+        hint = difflib.get_close_matches(str(bad[0]), list(known), n=1)
+        hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise _fail(file, where, f"unknown key {bad[0]!r}{hint}; known keys: {', '.join(known)}")
+
+
+def resolve_path(value: Any, file: Path, where: str, first: Path | None = None) -> Path:
+    """An existing path for ``value``: absolute, or relative to ``first``, the study file's folder,
+    the current directory or the labeldiff checkout (in that order)."""
+    if not isinstance(value, str) or not value:
+        raise _fail(file, where, f"expected a path string, got {value!r}")
+    p = Path(value)
+    bases = [b for b in (first, file.parent, Path.cwd(), REPO_ROOT) if b is not None]
+    candidates = [p] if p.is_absolute() else [b / p for b in bases]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    looked = ", ".join(str(c) for c in candidates)
+    raise _fail(file, where, f"{value} does not exist (looked at {looked}); relative paths are taken from the study "
+                             f"file's folder, then the current directory, then the labeldiff checkout")
+
+
+def _list(raw: Any, file: Path, where: str) -> list:
+    if raw is None:
+        return []
+    return list(raw) if isinstance(raw, (list, tuple)) else [raw]
+
+
+def _ints(raw: Any, file: Path, where: str, minimum: int, allow_all: bool = False) -> list:
+    out = []
+    for v in _list(raw, file, where):
+        if allow_all and v == "all":
+            out.append(v)
+        elif isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            extra = ' or "all"' if allow_all else ""
+            raise _fail(file, where, f"{v!r} is not an integer ≥ {minimum}{extra}")
+        else:
+            out.append(v)
+    return list(dict.fromkeys(out))
+
+
+def _choices(raw: Any, file: Path, where: str, choices: tuple[str, ...], default: list[str]) -> list[str]:
+    values = _list(raw, file, where) or default
+    for v in values:
+        if v not in choices:
+            raise _fail(file, where, f"{v!r} is not one of {', '.join(choices)}")
+    return list(dict.fromkeys(values))
+
+
+def _recipe(raw: Any, file: Path, where: str) -> Recipe:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise _fail(file, where, "expected a mapping {recipe: PATH, overrides: {section.field: value}}")
+    _unknown(file, where, raw, ("recipe", "overrides"))
+    path = resolve_path(raw["recipe"], file, f"{where}.recipe") if raw.get("recipe") else None
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise _fail(file, f"{where}.overrides", "expected a mapping like {train.steps: 800}")
+    for key in overrides:
+        section, _, name = str(key).partition(".")
+        if section not in SECTIONS or not name:
+            raise _fail(file, f"{where}.overrides", f"{key!r} is not 'section.field' with section one of "
+                                                   f"{', '.join(SECTIONS)} (e.g. train.steps)")
+        known = [f.name for f in fields(SECTIONS[section])]
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise _fail(file, f"{where}.overrides", f"{key!r}: {section} has no field {name!r}"
+                        + (f" (did you mean {section}.{hint[0]}?)" if hint else f"; known: {', '.join(known)}"))
+    recipe = Recipe(path, dict(overrides))
+    try:
+        recipe.apply(RunConfig())
+    except (ValueError, TypeError) as e:
+        raise _fail(file, where, f"the recipe and overrides do not make a valid config: {e}") from None
+    return recipe
+
+
+def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
+    if raw is None and prepare is None:
+        raise _fail(file, "data", "missing; name the labeled dataset, e.g. data: {path: ../shared/datasets/monuseg}")
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise _fail(file, "data", "expected a mapping with path: DATASET_ROOT and data options (size, scale, …)")
+    _unknown(file, "data", raw, DATA_PATH_KEYS + DATA_OPTION_KEYS)
+    spec = DataSpec(options={k: raw[k] for k in DATA_OPTION_KEYS if k in raw})
+    if raw.get("path"):
+        spec.path = resolve_path(raw["path"], file, "data.path")
+    elif prepare is None:
+        raise _fail(file, "data.path", "missing; give the labeled dataset root (a folder with images/ and masks/)")
+    if raw.get("split_file") and raw.get("split"):
+        raise _fail(file, "data", "give either split_file (an existing split JSON) or split (make one), not both")
+    if raw.get("split_file"):
+        spec.split_file = resolve_path(raw["split_file"], file, "data.split_file")
+    if raw.get("split"):
+        s = raw["split"]
+        if not isinstance(s, dict) or "groups" not in s:
+            raise _fail(file, "data.split", "expected {groups: GROUPS.json, test_fraction: 0.3, seed: 0}")
+        _unknown(file, "data.split", s, ("groups", "test_fraction", "seed"))
+        spec.split = SplitSpec(resolve_path(s["groups"], file, "data.split.groups", first=spec.path),
+                               float(s.get("test_fraction", 0.3)), int(s.get("seed", 0)))
+    for key in ("unlabeled", "source"):
+        if raw.get(key):
+            setattr(spec, key, resolve_path(raw[key], file, f"data.{key}"))
+    spec.source_split = str(raw.get("source_split", "train"))
+    try:
+        apply_overrides(RunConfig(), {f"data.{k}": v for k, v in spec.options.items()})
+    except (ValueError, TypeError) as e:
+        raise _fail(file, "data", str(e)) from None
+    return spec
+
+
+def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
+    where = f"methods[{i}]"
+    if isinstance(raw, str) and raw == NONE_METHOD:
+        raw = {"name": NONE_METHOD}
+    if not isinstance(raw, dict) or not raw.get("name"):
+        raise _fail(file, where, "expected {name: NAME, recipe: recipes/X.yaml, overrides: {...}} (or name: none)")
+    _unknown(file, where, raw, METHOD_KEYS)
+    name = str(raw["name"])
+    where = f"methods[{i}] ({name})"
+    if "@" in name or "/" in name:
+        raise _fail(file, where, "a method name may not contain '@' or '/' (the runner adds '@STEPS' to sweeps)")
+    recipe = _recipe({k: raw[k] for k in ("recipe", "overrides") if k in raw}, file, where)
+    if name != NONE_METHOD and recipe.path is None:
+        raise _fail(file, where, "needs a recipe (e.g. recipe: recipes/ddpm-cpu.yaml); use name: none for no pretraining")
+    steps = _ints(raw.get("pretrain_steps"), file, f"{where}.pretrain_steps", 0) or None
+    if steps and name == NONE_METHOD:
+        raise _fail(file, where, "method none has no pretraining; drop pretrain_steps")
+    pretext = recipe.apply(RunConfig()).corruption.method
+    default_on = "source" if pretext in LABELED_METHODS else "unlabeled"
+    on = raw.get("pretrain_on", default_on)
+    if on not in ("unlabeled", "source"):
+        raise _fail(file, f"{where}.pretrain_on", f"{on!r} is not unlabeled or source")
+    if name != NONE_METHOD and on == "source" and data.source is None:
+        why = (f"pretext {pretext!r} trains on labeled images and must not see the target's labels"
+               if pretext in LABELED_METHODS else "pretrain_on: source")
+        raise _fail(file, where, f"{why}; name a labeled source dataset in data.source")
+    if pretext in LABELED_METHODS and on != "source" and name != NONE_METHOD:
+        raise _fail(file, where, f"pretext {pretext!r} needs labels; it can only pretrain on data.source")
+    return MethodSpec(name, recipe, steps, on, pretext)
+
+
+def parse_study(raw: Any, file: Path) -> Study:
+    """Validate the parsed YAML ``raw`` of ``file`` into a :class:`Study`."""
+    file = Path(file).resolve()
+    if not isinstance(raw, dict):
+        raise StudyError(f"{file}: a study file is a mapping with data, methods, strategies, labels, seeds, …")
+    _unknown(file, "top level", raw, TOP_KEYS)
+    prepare = raw.get("prepare")
+    if prepare is not None and prepare not in PREPARE:
+        raise _fail(file, "prepare", f"{prepare!r} is unknown; available: {', '.join(PREPARE)}")
+    data = _data(raw.get("data"), file, prepare)
+    methods = [_method(m, i, file, data) for i, m in enumerate(_list(raw.get("methods"), file, "methods"))]
+    if not methods:
+        raise _fail(file, "methods", "empty; list at least one, e.g. - {name: ddpm, recipe: recipes/ddpm-cpu.yaml}")
+    names = [m.name for m in methods]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise _fail(file, "methods", f"the name {dup!r} is used twice; give each method its own name")
+    strategies = _choices(raw.get("strategies"), file, "strategies", STRATEGIES, [])
+    if not strategies:
+        raise _fail(file, "strategies", f"missing; choose from {', '.join(STRATEGIES)}")
+    if NONE_METHOD in names and "scratch" not in strategies:
+        raise _fail(file, "methods", "method none has no pretraining, so it only runs with strategy scratch; "
+                                     "add scratch to strategies or drop the method")
+    labels = _ints(raw.get("labels"), file, "labels", 1, allow_all=True)
+    if not labels:
+        raise _fail(file, "labels", "missing; list the numbers of labeled images k, e.g. labels: [1, 3, 30]")
+    seeds = _ints(raw.get("seeds", [0]), file, "seeds", 0)
+    select = _choices(raw.get("select"), file, "select", SELECTS, ["random"])
+    require = raw.get("require_all_classes", False)
+    if not isinstance(require, bool):
+        raise _fail(file, "require_all_classes", f"expected true or false, got {require!r}")
+    metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS))
+    finetune = _recipe(raw.get("finetune"), file, "finetune")
+    return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare)
+
+
+def load_study(path: str | Path) -> Study:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist; see studies/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: not valid YAML ({e})") from None
+    return parse_study(raw, path)

@@ -1,0 +1,367 @@
+"""``labeldiff study``: spec validation, subset selection, the aggregation on hand-written rows, and
+tiny end-to-end studies that are interrupted, resumed and edited."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import labeldiff.study.runner as runner
+from labeldiff.data.datasets import LabeledFolder, select_subset
+from labeldiff.data.io import DataError
+from labeldiff.study import report
+from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset,
+                                    unet_features)
+from labeldiff.study.spec import StudyError, load_study, parse_study
+
+from conftest import write_labeled_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PRETRAIN = {
+    "model": {"channels": [8, 16], "attention_levels": [False, False], "num_head_channels": 8, "norm_num_groups": 8,
+              "num_res_blocks": 1},
+    "corruption": {"method": "ddpm"},
+    "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9, "precision": "fp32",
+              "device": "cpu", "checkpoint_every": 100, "log_every": 1},
+}
+TINY_FINETUNE = {
+    "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "device": "cpu",
+              "checkpoint_every": 100, "log_every": 1},
+    "transfer": {"head_hidden": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A folder with data/ (6 images, K=3, 4 train / 2 test), pre.yaml and ft.yaml (tiny recipes)."""
+    root = tmp_path_factory.mktemp("study")
+    write_labeled_dataset(root / "data", n=6, k=3)
+    (root / "pre.yaml").write_text(yaml.safe_dump(TINY_PRETRAIN))
+    (root / "ft.yaml").write_text(yaml.safe_dump(TINY_FINETUNE))
+    return root
+
+
+def base_study(**changes) -> dict:
+    s = {"data": {"path": "data", "size": 16, "channels": 3},
+         "methods": [{"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [2]}],
+         "strategies": ["full", "scratch"], "labels": [1, 2], "seeds": [0], "finetune": {"recipe": "ft.yaml"}}
+    s.update(changes)
+    return s
+
+
+def write_study(folder: Path, study: dict, name: str = "study.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+class Calls:
+    """Wraps runner.run_finetune / run_pretrain and records the calls (optionally interrupting)."""
+
+    def __init__(self, monkeypatch, interrupt_after: int | None = None):
+        self.finetune: list[str] = []
+        self.pretrain: list[tuple[str, bool]] = []
+        from labeldiff.pretrain.run import run_pretrain as real_pre
+        from labeldiff.transfer.finetune import run_finetune as real_ft
+
+        def finetune(cfg, out, **kw):
+            if interrupt_after is not None and len(self.finetune) == interrupt_after:
+                Path(out).mkdir(parents=True)
+                (Path(out) / "half_written").write_text("x")  # a partial cell folder
+                raise KeyboardInterrupt
+            self.finetune.append(Path(out).parent.name)
+            return real_ft(cfg, out, **kw)
+
+        def pretrain(cfg, out, resume=False, overwrite=False):
+            self.pretrain.append((Path(out).name, resume))
+            return real_pre(cfg, out, resume=resume, overwrite=overwrite)
+
+        monkeypatch.setattr(runner, "run_finetune", finetune)
+        monkeypatch.setattr(runner, "run_pretrain", pretrain)
+
+
+# --- subset selection -----------------------------------------------------------------------------------------
+
+STEMS = [f"s{i}" for i in range(10)]
+
+
+def test_random_subset_is_select_subset_and_deterministic():
+    for seed in range(5):
+        assert random_subset(STEMS, 3, seed) == select_subset(STEMS, 3, seed)
+        assert random_subset(STEMS, 3, seed) == random_subset(list(reversed(STEMS)), 3, seed)
+    assert len({tuple(random_subset(STEMS, 3, s)) for s in range(5)}) > 1
+
+
+def test_random_subset_covers_every_class_deterministically():
+    classes = {s: frozenset({0, 1}) for s in STEMS}
+    classes["s7"] = frozenset({0, 2})  # the only image with class 2
+    for seed in range(6):
+        chosen = random_subset(STEMS, 2, seed, classes, num_classes=3)
+        assert "s7" in chosen and len(chosen) == 2
+        assert chosen == random_subset(STEMS, 2, seed, classes, num_classes=3)
+    # a draw that already covers every class is select_subset's own
+    covering = next(s for s in range(50) if "s7" in select_subset(STEMS, 2, s))
+    assert random_subset(STEMS, 2, covering, classes, 3) == select_subset(STEMS, 2, covering)
+
+
+def test_class_coverage_impossible_errors():
+    classes = {s: frozenset({0, 1}) for s in STEMS}
+    with pytest.raises(DataError, match="class 2 appears in no image of the 'train' split"):
+        random_subset(STEMS, 3, 0, classes, num_classes=3)
+    with pytest.raises(DataError, match="class 2 appears in no image"):
+        diverse_subset(STEMS, np.zeros((10, 2)), 3, classes, num_classes=3)
+    split = {"a": frozenset({0, 1}), "b": frozenset({0, 2})}  # every class present, but never in one image
+    with pytest.raises(DataError, match="none of 1000 random draws of k=1"):
+        random_subset(["a", "b"], 1, 0, split, num_classes=3)
+    with pytest.raises(DataError, match=r"cannot cover classes \[2\]"):
+        diverse_subset(["a", "b"], np.array([[0.0], [1.0]]), 1, split, num_classes=3)
+
+
+def test_k_center_greedy_spreads_over_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = [6, 3, 2]
+    x = np.concatenate([c + 0.1 * rng.standard_normal((n, 2)) for c, n in zip(centers, sizes)])
+    cluster = np.repeat([0, 1, 2], sizes)
+    picks = k_center_greedy(x, 3)
+    assert sorted(cluster[picks]) == [0, 1, 2]
+    assert picks[0] == int(np.argmin(np.linalg.norm(x - x.mean(0), axis=1)))  # first: closest to the mean
+    assert k_center_greedy(x, 3) == picks  # deterministic
+    # class coverage: class 2 only in one image of the big cluster → the last pick must take it
+    classes = [frozenset({0, 1})] * len(x)
+    classes[4] = frozenset({0, 2})
+    constrained = k_center_greedy(x, 3, classes, num_classes=3)
+    assert 4 in constrained and constrained[:2] == picks[:2]
+
+
+def test_diverse_features_of_a_pretrained_unet(files, tmp_path, tiny_run_config):
+    from labeldiff.pretrain.run import run_pretrain
+
+    cfg = tiny_run_config(files / "data", steps=2)
+    run_pretrain(cfg, tmp_path / "pre")
+    ds = LabeledFolder(files / "data")
+    train = ds.stems("train")
+    feats = unet_features(tmp_path / "pre", ds, train, cfg.data)
+    assert feats.shape[0] == 4 and feats.ndim == 2 and np.isfinite(feats).all()
+    pix = pixel_features(ds, train, cfg.data)
+    assert pix.shape == (4, 3 * 16 * 16)
+    assert diverse_subset(train, feats, 2) == diverse_subset(train, feats, 2)
+
+
+# --- aggregation on hand-written rows -------------------------------------------------------------------------
+
+def _row(method, strategy, k, seed, dice, stems="a", select="random", arch="A"):
+    return {"cell": f"{method}-{strategy}-{k}-{seed}", "method": method, "pretrain_steps": None, "arch": arch,
+            "strategy": strategy, "k": k, "seed": seed, "select": select, "stems": stems, "dice": dice,
+            "iou": dice / 2, "dice_0": 1.0, "dice_1": dice, "seconds": 1.0}
+
+
+HAND_ROWS = [
+    *[_row("ddpm", "full", 1, s, d, stems=f"x{s}") for s, d in enumerate([0.6, 0.7, 0.8])],
+    *[_row("none", "scratch", 1, s, d, stems=f"x{s}") for s, d in enumerate([0.5, 0.5, 0.5])],
+    *[_row("ddpm", "full", 3, s, d) for s, d in enumerate([0.9])],
+    *[_row("none", "scratch", 3, s, d) for s, d in enumerate([0.95])],
+]
+
+
+def test_results_table_mean_std_n_and_bold_best():
+    table = report.results_table(HAND_ROWS, "dice")
+    lines = table.strip().splitlines()
+    assert lines[0] == "| method | strategy | k = 1 | k = 3 |"
+    # ddpm: mean 0.7, sample std 0.1 over 3 seeds, best at k = 1; at k = 3 only one seed and scratch is best
+    assert lines[2] == "| ddpm | full | **0.700 ± 0.100 (3)** | 0.900 (1) |"
+    assert lines[3] == "| none | scratch | 0.500 ± 0.000 (3) | **0.950 (1)** |"
+    stats = report.summarize(HAND_ROWS)
+    mean, std, n = stats[("ddpm", "full", "random")][1]
+    assert (round(mean, 9), round(std, 9), n) == (0.7, 0.1, 3)
+    md = report.per_class_markdown(HAND_ROWS)
+    assert "| ddpm | full | 1.000 ± 0.000 (3) | 0.700 ± 0.100 (3) |" in md
+
+
+def test_results_table_select_axis_and_missing_entries():
+    rows = [_row("ddpm", "full", 1, 0, 0.4), _row("ddpm", "full", 1, 0, 0.6, select="diverse"),
+            _row("ddpm", "full", 2, 0, 0.5, select="diverse")]
+    table = report.results_table(rows, "dice")
+    assert "| ddpm | full | random | 0.400 (1) | – |" in table
+    assert "| ddpm | full | diverse | **0.600 (1)** | **0.500 (1)** |" in table
+
+
+def test_paired_ci_against_hand_calculation():
+    pairs = report.paired_differences(HAND_ROWS)
+    by_k = {p["k"]: p for p in pairs}
+    # k = 1: differences 0.1, 0.2, 0.3 → mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 → half width 0.248414
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)
+    assert by_k[1]["n"] == 3 and math.isclose(by_k[1]["mean"], 0.2)
+    assert math.isclose(by_k[1]["low"], 0.2 - half, rel_tol=1e-6)
+    assert math.isclose(by_k[1]["high"], 0.2 + half, rel_tol=1e-6)
+    assert by_k[3]["n"] == 1 and math.isclose(by_k[3]["mean"], -0.05) and math.isnan(by_k[3]["low"])
+    md = report.paired_markdown(HAND_ROWS)
+    assert "| ddpm | full | random | 1 | +0.200 | [-0.048, +0.448] | 3 | 0 |" in md
+    assert "| ddpm | full | random | 3 | -0.050 | n/a | 1 | 0 |" in md
+    # a different subset (diverse picks per network) is not a pair; another architecture has no baseline
+    rows = HAND_ROWS + [_row("ddpm", "full", 3, 0, 0.9, stems="other", select="random", arch="B")]
+    rows[6] = dict(rows[6], stems="zzz")
+    p3 = {p["k"]: p for p in report.paired_differences(rows)}[3]
+    assert (p3["n"], p3["unpaired"]) == (0, 1)
+
+
+def test_t_quantile_matches_tables():
+    for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423), (100, 1.9840)]:
+        assert abs(report.t_quantile(0.95, df) - t) < 1e-4
+
+
+def test_csv_round_trip(tmp_path):
+    report.write_csv(HAND_ROWS, tmp_path / "r.csv")
+    back = report.read_csv(tmp_path / "r.csv")
+    assert list(back[0])[:11] == report.LEAD and "dice_1" in back[0] and list(back[0])[-1] == "seconds"
+    assert report.results_table(back) == report.results_table(HAND_ROWS)
+
+
+# --- YAML validation ------------------------------------------------------------------------------------------
+
+BAD = [
+    (dict(lables=[1]), r"unknown key 'lables' \(did you mean 'labels'\?\)"),
+    (dict(strategies=["full", "fine"]), "strategies: 'fine' is not one of probe, linear, decoder, full, scratch"),
+    (dict(labels=[0]), r"labels: 0 is not an integer ≥ 1 or \"all\""),
+    (dict(labels=[]), "labels: missing"),
+    (dict(select="best"), "select: 'best' is not one of random, diverse"),
+    (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
+     r"'train.stepz': train has no field 'stepz' \(did you mean train.steps\?\)"),
+    (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"steps": 3}}]), "is not 'section.field'"),
+    (dict(methods=[{"name": "ddpm", "recipe": "nope.yaml"}]), "methods\\[0\\] \\(ddpm\\).recipe: nope.yaml does not exist"),
+    (dict(methods=[{"name": "ddpm"}]), "needs a recipe"),
+    (dict(methods=[{"name": "a", "recipe": "pre.yaml"}, {"name": "a", "recipe": "pre.yaml"}]), "used twice"),
+    (dict(methods=["none"], strategies=["full"]), "method none has no pretraining, so it only runs with strategy scratch"),
+    (dict(methods=[{"name": "hyb", "recipe": "pre.yaml", "overrides": {"corruption.method": "hybrid"}}]),
+     "name a labeled source dataset in data.source"),
+    (dict(data={"path": "missing_dir"}), "data.path: missing_dir does not exist"),
+    (dict(data={"path": "data", "sise": 16}), "unknown key 'sise' \\(did you mean 'size'\\?\\)"),
+    (dict(data={"size": 16}), "data.path: missing"),
+    (dict(require_all_classes="yes"), "require_all_classes: expected true or false"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:30] for _, m in BAD])
+def test_yaml_validation_errors(files, change, message):
+    with pytest.raises(StudyError, match=message):
+        parse_study(base_study(**change), files / "study.yaml")
+
+
+def test_paths_relative_to_the_yaml_then_the_cwd(files, tmp_path, monkeypatch):
+    sub = tmp_path / "studies"
+    sub.mkdir()
+    path = write_study(sub, base_study(data={"path": str(files / "data")}, finetune={"recipe": "ft.yaml"},
+                                       methods=[{"name": "ddpm", "recipe": "pre.yaml"}]))
+    monkeypatch.chdir(files)  # pre.yaml and ft.yaml are not next to the YAML: found in the current directory
+    s = load_study(path)
+    assert s.methods[0].recipe.path == files / "pre.yaml" and s.finetune.path == files / "ft.yaml"
+    (sub / "pre.yaml").write_text(yaml.safe_dump(TINY_PRETRAIN))  # the YAML's folder wins
+    assert load_study(path).methods[0].recipe.path == sub / "pre.yaml"
+
+
+@pytest.mark.parametrize("name", ["monuseg", "kvasir_to_cvc", "brain"])
+def test_shipped_studies_parse(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
+    data = (raw.get("data") or {})
+    for key in ("path", "source"):
+        if key in data and not (REPO / data[key]).exists():
+            pytest.skip(f"dataset {data[key]} not available")
+    s = load_study(REPO / "studies" / f"{name}.yaml")
+    assert s.methods and s.strategies and s.labels
+
+
+def test_split_block_writes_a_group_split(files, tmp_path):
+    from labeldiff.study.prepare import prepare_data
+
+    data = tmp_path / "grouped"
+    shutil.copytree(files / "data", data)
+    (data / "split.json").unlink()
+    (data / "groups.json").write_text(json.dumps({f"img_{i:02d}": i // 2 for i in range(6)}))
+    s = parse_study(base_study(data={"path": str(data), "split": {"groups": "groups.json", "test_fraction": 0.3}}),
+                    files / "study.yaml")
+    prepare_data(s, tmp_path / "out")
+    split = json.loads((tmp_path / "out" / "data" / "split.json").read_text())
+    assert s.data.split_file == tmp_path / "out" / "data" / "split.json"
+    group = {f"img_{i:02d}": i // 2 for i in range(6)}
+    assert {group[x] for x in split["train"]}.isdisjoint({group[x] for x in split["test"]})  # groups stay together
+    assert len(split["train"]) + len(split["test"]) == 6
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+def _metrics(out: Path) -> list[Path]:
+    return sorted(out.glob("cells/*/eval/metrics.json"))
+
+
+def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeypatch):
+    path = write_study(files, base_study(), name="resume.yaml")
+    out = tmp_path / "out"
+    calls = Calls(monkeypatch, interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(path, out)
+    assert len(calls.pretrain) == 1 and len(calls.finetune) == 2 and len(_metrics(out)) == 2
+    partial = [p for p in out.glob("cells/*") if not (p / "eval" / "metrics.json").exists()]
+    assert len(partial) == 1 and (partial[0] / "run" / "half_written").exists()
+
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, out)
+    assert calls.pretrain == [] and len(calls.finetune) == 2  # exactly the 2 missing cells, no pretraining
+    assert partial[0].name in calls.finetune and not (partial[0] / "run" / "half_written").exists()
+    assert len(rows) == 4 and {(r["strategy"], r["k"]) for r in rows} == {(s, k) for s in ("full", "scratch")
+                                                                           for k in (1, 2)}
+    for name in ("results.csv", "results.md", "per_class.md", "paired.md", "dice_vs_labels.png", "overlays.png",
+                 "environment.json", "plan.json"):
+        assert (out / name).is_file(), name
+    csv_rows = report.read_csv(out / "results.csv")
+    assert len(csv_rows) == 4 and {"dice_0", "dice_1", "dice_2", "stems", "seconds"} <= set(csv_rows[0])
+    assert {r["method"] for r in csv_rows} == {"ddpm@2", "none"}
+    for r in csv_rows:  # the fine-tuning trained on exactly the chosen stems
+        labeled = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["stems"]
+        assert ";".join(labeled) == r["stems"] and len(labeled) == int(r["k"])
+    env = json.loads((out / "environment.json").read_text())
+    assert env["cpu"]["count"] and env["packages"]["torch"] and set(env["seconds_per_cell"]) == {r["cell"] for r in rows}
+
+    victim = _metrics(out)[0]
+    victim.unlink()
+    calls = Calls(monkeypatch)
+    runner.run_study(path, out)
+    assert calls.finetune == [victim.parents[1].name] and calls.pretrain == []
+
+    pre = next((out / "pretrain").iterdir())  # an interrupted pretraining: checkpoint, no weights
+    (pre / "model.safetensors").unlink()
+    calls = Calls(monkeypatch)
+    runner.run_study(path, out)
+    assert calls.pretrain == [(pre.name, True)] and calls.finetune == []
+
+
+def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path, monkeypatch):
+    methods = [{"name": "ddpm", "recipe": "pre.yaml"},
+               {"name": "mdm", "recipe": "pre.yaml", "overrides": {"corruption.method": "mdm", "corruption.patch_size": 4}}]
+    path = write_study(files, base_study(methods=methods, labels=[1]), name="edit.yaml")
+    out = tmp_path / "out"
+    calls = Calls(monkeypatch)
+    runner.run_study(path, out)
+    assert len(calls.pretrain) == 2 and len(calls.finetune) == 3  # ddpm full, mdm full, one scratch (same network)
+
+    methods[1]["overrides"]["train.lr"] = 5e-4
+    write_study(files, base_study(methods=methods, labels=[1]), name="edit.yaml")
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, out)
+    assert [name.split("-")[0] for name, _ in calls.pretrain] == ["mdm"]
+    assert len(calls.finetune) == 1 and calls.finetune[0].startswith("mdm-full-k1-s0")
+    assert len(rows) == 3  # the old mdm cell stays on disk but is not reported
+    assert len(list((out / "cells").iterdir())) == 4
+
+
+def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):
+    path = write_study(files, base_study(labels=[1, 9]), name="toomany.yaml")
+    calls = Calls(monkeypatch)
+    with pytest.raises(DataError, match=r"labels: 9 is larger than the train split \(4 images\)"):
+        runner.run_study(path, tmp_path / "out")
+    assert calls.pretrain == [] and calls.finetune == []
