@@ -209,7 +209,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "probe-memory":
         bench_probe_memory_cli(str(args.pretrained), str(args.data), labels=args.labels, seed=args.seed,
                                size=args.size, members=args.members, max_epochs=args.max_epochs,
-                               patience=args.patience, threads=args.threads)
+                               patience=args.patience, threads=args.threads, train_split=args.train_split,
+                               test_split=args.test_split)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -325,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=3, help="stop a member after this many epochs without "
                                                           "improvement of its training loss [3]")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child process [1]")
+    p.add_argument("--train-split", default="train", help="split.json entry of the labeled images [train]")
+    p.add_argument("--test-split", default="test", help="split.json entry evaluated [test]")
     p.add_argument("--seed", type=int, default=0, help="labeled-image choice and MLP seeds [0]")
     p.set_defaults(func=cmd_bench)
 
