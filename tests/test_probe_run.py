@@ -90,7 +90,8 @@ def test_probe_with_auto_features_records_the_choice(ddpm_run, tmp_path):
     data, pre = ddpm_run
     out = tmp_path / "auto"
     assert main(["finetune", "--data", str(data), "--pretrained", str(pre), "--strategy", "probe", "--labels", "2",
-                 "--members", "1", "--features", "auto", "--size", "16", "--out", str(out)]) == 0
+                 "--members", "1", "--features", "auto", "--size", "16", "--scale", "0.575", "--out", str(out)]) == 0
+    # (0.575 × 40×48 = 23×28: not a multiple of the UNet's factor; selection must cope like training does)
     labeled = json.loads((out / "labeled.json").read_text())
     assert labeled["features_requested"] == "auto" and len(labeled["selection"]) > 3
     best = [row for row in labeled["selection"] if row["best"]]

@@ -135,7 +135,11 @@ def run_probe(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict:
     elif requested == "auto":
         from labeldiff.transfer.select_features import format_selection, select_spec
 
-        spec, selection = select_spec(unet, pre, images, masks, num_classes, seed=cfg.train.seed)
+        m = 2 ** (len(unet.down_blocks) - 1)  # selection reads raw extractors: crop to a multiple of m
+        crop = [(im.shape[-2] // m * m, im.shape[-1] // m * m) for im in images]
+        spec, selection = select_spec(unet, pre, [im[:, :h, :w] for im, (h, w) in zip(images, crop)],
+                                      [mk[:h, :w] for mk, (h, w) in zip(masks, crop)], num_classes,
+                                      seed=cfg.train.seed, noise_seed=cfg.train.seed)
         print(format_selection(selection))
     else:
         spec = parse_spec(requested)
