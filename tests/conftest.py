@@ -12,7 +12,15 @@ from skimage.draw import disk, rectangle
 
 from labeldiff.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransferConfig
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+def _datasets() -> Path:
+    """The shared benchmark data: next to the checkout (../shared/datasets), else the workplace's copy."""
+    for root in (Path(__file__).resolve().parents[2] / "shared" / "datasets", Path("/work/shared/datasets")):
+        if root.is_dir():
+            return root
+    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+DATASETS = _datasets()
 
 # tiny models gain nothing from intra-op threads, and OpenMP barriers stall badly when the 2 cores are busy
 torch.set_num_threads(1)
