@@ -137,3 +137,24 @@ def test_size_multiple():
     """Inputs must be multiples of 2^(levels−1)."""
     assert size_multiple(ModelConfig(channels=(8, 16), attention_levels=(False, False))) == 2
     assert size_multiple(ModelConfig()) == 4
+
+
+def test_memory_efficient_attention_matches_the_explicit_matrix(tiny_model_config):
+    """build_unet uses torch's scaled_dot_product_attention; it must compute what MONAI's explicit
+    [tokens × tokens] attention computes (no dropout, same scale), in training and eval mode."""
+    cfg = tiny_model_config(1)
+    cfg.attention_levels = (False, True)
+    net = build_unet(cfg, out_channels=1)
+    attention = [m for m in net.modules() if hasattr(m, "use_flash_attention")]
+    assert attention and all(m.use_flash_attention for m in attention)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    for mode in (True, False):
+        net.train(mode)
+        with torch.no_grad():
+            fast = net(x, t)
+            for m in attention:
+                m.use_flash_attention = False
+            explicit = net(x, t)
+            for m in attention:
+                m.use_flash_attention = True
+        torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-4)

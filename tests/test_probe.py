@@ -64,6 +64,7 @@ def test_features_shapes_and_fixed_noise(unet):
     f = ex(images)
     assert f.shape == (2, ex.num_features, 32, 32) and f.dtype == torch.float32
     assert torch.equal(f, ex(images))  # same image, same noise
+    assert torch.equal(ex(images, torch.float16), f.half())  # what the disk cache stores, made directly
     torch.testing.assert_close(ex(images[1:]), f[1:], atol=1e-5, rtol=1e-5)  # noise does not depend on batch position
     assert not torch.allclose(FeatureExtractor(unet, spec, sched, noise_seed=1)(images), f, atol=1e-3)
     # no scheduler (MDM: the clean image with t): no noise at all, so the noise seed is irrelevant

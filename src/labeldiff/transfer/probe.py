@@ -148,7 +148,9 @@ class FeatureExtractor:
         return torch.randn(shape, generator=torch.Generator().manual_seed(self.noise_seed))
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``images [B, C, H, W]`` → features ``[B, F, H, W]`` on the CPU in ``dtype`` (the disk-cache
+        trainer asks for float16, what it stores, so one image's features cost half)."""
         if images.dim() != 4:
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         b, _, h, w = images.shape
@@ -160,15 +162,18 @@ class FeatureExtractor:
         x0 = images.float().to(device)
         noise = self.noise(tuple(images.shape[1:])).to(device).expand_as(x0)
         blocks = [self.unet.up_blocks[i] for i in self.spec.blocks]
-        feats = []
+        feats = torch.empty(b, self.num_features, h, w, dtype=dtype)  # filled block by block: no list + cat
+        c = 0
         with capture_outputs(blocks) as outputs:
             for t in self.spec.timesteps:
                 tt = torch.full((b,), t, dtype=torch.long, device=device)
                 x = x0 if self.scheduler is None else self.scheduler.add_noise(x0, noise, tt)
                 self.unet(x, tt)
-                feats += [F.interpolate(o.float(), size=(h, w), mode="bilinear", align_corners=False)
-                          for o in outputs]
-        return torch.cat(feats, dim=1).cpu()
+                for o in outputs:
+                    feats[:, c:c + o.shape[1]] = F.interpolate(o.float(), size=(h, w), mode="bilinear",
+                                                               align_corners=False).cpu()
+                    c += o.shape[1]
+        return feats
 
 
 def make_extractor(unet: nn.Module, run_cfg, spec: FeatureSpec | None = None, noise_seed: int = 0) -> FeatureExtractor:
@@ -341,9 +346,9 @@ class PixelCache:
     def add(self, features: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> None:
         """Append one image: ``features [F, H, W]``, ``mask [H, W]``."""
         order = torch.randperm(mask.numel(), generator=g)
-        rows = features.reshape(self.num_features, -1).T[order]
+        rows = features.to(torch.float16).reshape(self.num_features, -1).T[order]  # one float16 copy
         fpath, lpath = self.paths(len(self.sizes))
-        rows.to(torch.float16).numpy().tofile(fpath)
+        rows.numpy().tofile(fpath)
         mask.reshape(-1)[order].to(torch.int16).numpy().tofile(lpath)
         self.sizes.append(mask.numel())
 
@@ -391,11 +396,12 @@ def _check_pairs(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
         raise ValueError(f"num_classes={num_classes} does not fit the int16 label cache")
 
 
-def _image_features(extractor: FeatureExtractor, image: torch.Tensor, mask: torch.Tensor, i: int) -> torch.Tensor:
+def _image_features(extractor: FeatureExtractor, image: torch.Tensor, mask: torch.Tensor, i: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if tuple(mask.shape) != tuple(image.shape[-2:]):
         raise ValueError(f"mask {i} is {tuple(mask.shape)} but image {i} is {tuple(image.shape[-2:])}; "
                          f"masks must have the image's size")
-    return extractor(image[None])[0]  # [F, H, W]
+    return extractor(image[None], dtype)[0]  # [F, H, W]
 
 
 def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
@@ -416,7 +422,7 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
         cache = PixelCache(Path(cache_dir) if cache_dir else Path(tmp), extractor.num_features, batch_pixels)
         g = torch.Generator().manual_seed(seed)
         for i in tqdm(range(len(images)), desc="probe features → disk", disable=not progress, leave=False):
-            cache.add(_image_features(extractor, images[i], masks[i], i), masks[i], g)
+            cache.add(_image_features(extractor, images[i], masks[i], i, torch.float16), masks[i], g)
         return train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
                              patience, seed, progress)
 

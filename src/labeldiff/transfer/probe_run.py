@@ -55,12 +55,12 @@ class PaddedExtractor:
     def num_features(self) -> int:
         return self.extractor.num_features
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         m = self.extractor.size_multiple
         h, w = images.shape[-2:]
         ph, pw = -h % m, -w % m
         x = F.pad(images, (0, pw, 0, ph), mode="reflect") if ph or pw else images
-        return self.extractor(x)[..., :h, :w]
+        return self.extractor(x, dtype)[..., :h, :w]
 
 
 class ProbeSegmenter(nn.Module):
