@@ -16,7 +16,8 @@ from labeldiff.corruption.gaussian import make_scheduler
 from labeldiff.data.datasets import LabeledFolder, ScaledImages
 from labeldiff.evaluate.metrics import confusion_stats, iou_from_stats
 from labeldiff.models.unet import build_unet
-from labeldiff.transfer.probe import (FeatureExtractor, FeatureSpec, PixelEnsemble, default_blocks, default_spec,
+from labeldiff.transfer.probe import (FeatureExtractor, FeatureSpec, PixelCache, PixelEnsemble, default_blocks,
+                                      default_spec,
                                       fit_pixels, hidden_sizes, load_probe, materialized_train_probe, predict_probe,
                                       save_probe, train_probe)
 
@@ -202,3 +203,23 @@ def test_bench_cli_on_a_pretrained_run(tmp_path, capsys):
     assert 0 <= r["streamed"]["miou"] <= 1 and r["streamed"]["epochs"] == [2, 2]
     out = capsys.readouterr().out
     assert "streamed" in out and "ddpm" in out
+
+
+def test_cache_epoch_yields_every_pixel_once_with_its_label(tmp_path):
+    """An epoch of the disk cache is a permutation of all labeled pixels (sizes not multiples of the
+    chunk or batch size), each row with its own label, and batches mix several images."""
+    sizes = [(10, 30), (25, 40), (7, 11)]  # 300, 1000 and 77 pixels
+    cache = PixelCache(tmp_path, num_features=2, batch_pixels=128)
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate(sizes):
+        ids = torch.arange(h * w, dtype=torch.float32).reshape(h, w)
+        feats = torch.stack([torch.full((h, w), float(i)), ids])  # [F=2, H, W]: (image, pixel) exactly in float16
+        cache.add(feats, (ids.long() * 7 + i) % 5, g)
+    seen, mixed = [], 0
+    for x, y in cache.batches(torch.Generator().manual_seed(1)):
+        image, pixel = x[:, 0].long(), x[:, 1].long()
+        assert torch.equal(y, (pixel * 7 + image) % 5)  # the label travelled with its row
+        seen += list(zip(image.tolist(), pixel.tolist()))
+        mixed = max(mixed, len(set(image.tolist())))
+    assert sorted(seen) == [(i, p) for i, (h, w) in enumerate(sizes) for p in range(h * w)]
+    assert mixed == 3

@@ -36,7 +36,9 @@ from labeldiff.checkpoint import atomic_write_text, load_weights, save_weights
 
 # MDM App. B: decoder blocks 8 and 12 of guided-diffusion's 18 (6 levels × 3 blocks, 0-based)
 REFERENCE_BLOCKS, REFERENCE_N_BLOCKS = (8, 12), 18
-SHUFFLE_CHUNKS = 16  # chunks (one per image at most) mixed in the streaming shuffle buffer
+# streaming shuffle: groups of SHUFFLE_CHUNKS chunks of CHUNK_ROWS pixel rows, each chunk from a random
+# (image, offset), mixed in one buffer; a 1024-pixel batch then draws on up to 64 images
+SHUFFLE_CHUNKS, CHUNK_ROWS = 64, 256
 
 
 @dataclass(frozen=True)
@@ -328,11 +330,11 @@ class PixelCache:
     """On-disk features of labeled images: per image a float16 ``[P, F]`` file and an int16 ``[P]``
     label file, its pixels in a random order (so any contiguous chunk is a random sample of them).
 
-    ``batches(g)`` is one epoch: the chunks of ``batch_pixels`` rows of all files in random order,
+    ``batches(g)`` is one epoch: the chunks of ``CHUNK_ROWS`` rows of all files in random order,
     read ``SHUFFLE_CHUNKS`` at a time into one preallocated buffer with plain file reads (pages of
     a memmap would count in RSS), shuffled together and cut into batches; the rows left over roll
-    into the next group. RAM use is that buffer, ``(SHUFFLE_CHUNKS + 1) · batch_pixels · (2F + 2)``
-    bytes, whatever the number of images; nothing else of size is allocated while streaming.
+    into the next group. RAM use is that buffer, ``(SHUFFLE_CHUNKS · CHUNK_ROWS + batch_pixels) ·
+    (2F + 2)`` bytes, whatever the number of images; nothing else of size is allocated while streaming.
     """
 
     def __init__(self, folder: Path, num_features: int, batch_pixels: int):
@@ -366,10 +368,10 @@ class PixelCache:
                     raise OSError(f"{path}: the probe cache file is shorter than expected; was it modified?")
 
     def batches(self, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bp = self.batch_pixels
-        chunks = [(i, s, min(s + bp, n)) for i, n in enumerate(self.sizes) for s in range(0, n, bp)]
+        bp, c = self.batch_pixels, CHUNK_ROWS
+        chunks = [(i, s, min(s + c, n)) for i, n in enumerate(self.sizes) for s in range(0, n, c)]
         order = torch.randperm(len(chunks), generator=g).tolist()
-        rows = (min(SHUFFLE_CHUNKS, len(chunks)) + 1) * bp
+        rows = min(SHUFFLE_CHUNKS, len(chunks)) * c + bp
         buf_x, buf_y = np.empty((rows, self.num_features), dtype=np.float16), np.empty(rows, dtype=np.int16)
         kept = 0  # rows left over from the previous group, at the front of the buffer
         for first in range(0, len(order), SHUFFLE_CHUNKS):
