@@ -326,6 +326,9 @@ def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeyp
         assert ";".join(labeled) == r["stems"] and len(labeled) == int(r["k"])
     env = json.loads((out / "environment.json").read_text())
     assert env["cpu"]["count"] and env["packages"]["torch"] and set(env["seconds_per_cell"]) == {r["cell"] for r in rows}
+    from labeldiff.study.prepare import code_state  # the code at the start of the run, and per cell
+    assert env["git"] == code_state()
+    assert all(json.loads((out / "cells" / r["cell"] / "cell.json").read_text())["git"] == code_state() for r in rows)
 
     victim = _metrics(out)[0]
     victim.unlink()

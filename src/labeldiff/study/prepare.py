@@ -77,14 +77,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_environment(path: Path, study: Study, rows: list[dict], pretrain_seconds: dict[str, float | None],
-                      wall_seconds: float) -> None:
+def code_state() -> dict | None:
+    """The git state of the labeldiff checkout that is running (None outside a checkout)."""
     import labeldiff
 
+    return git_state(Path(labeldiff.__file__).parent)
+
+
+def write_environment(path: Path, study: Study, rows: list[dict], pretrain_seconds: dict[str, float | None],
+                      wall_seconds: float, git: dict | None) -> None:
+    """``git``: the code's state when this invocation started (each cell.json has its own)."""
     write_json(path, {
         "packages": {name: _version(name) for name in ("torch", "monai", "numpy", "labeldiff")},
         "python": platform.python_version(),
-        "git": git_state(Path(labeldiff.__file__).parent),
+        "git": git,
         "cpu": {"model": cpu_model(), "count": os.cpu_count()},
         "study": str(study.file),
         "seeds": study.seeds,

@@ -40,7 +40,7 @@ from labeldiff.pretrain.run import run_pretrain
 from labeldiff.study import report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, identity, pretrain_config, pretrain_runs,
                                      resolved_model, write_json)
-from labeldiff.study.prepare import prepare_data, write_environment
+from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import NONE_METHOD, Study, load_study
 from labeldiff.transfer.finetune import run_finetune
@@ -228,7 +228,7 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector) -> f
     if cell.dir.exists():
         shutil.rmtree(cell.dir)
     stems = selector.stems(cell)
-    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems})
+    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     write_json(cell.dir / "split.json", {"train": stems, "test": target.test})
     cfg = cell_config(cell, ft, target, cell.dir / "split.json")
     if cell.strategy == "probe":
@@ -283,9 +283,10 @@ def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path) -> in
     return len(todo)
 
 
-def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pre_seconds: dict, t0: float) -> list[dict]:
+def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pre_seconds: dict, t0: float,
+                  git: dict | None = None) -> list[dict]:
     rows = [cell_row(c) for c in cells if c.finished]
-    write_environment(out / "environment.json", study, rows, pre_seconds, time.time() - t0)
+    write_environment(out / "environment.json", study, rows, pre_seconds, time.time() - t0, git)
     if not rows:
         print("no finished cells yet: nothing to report")
         return rows
@@ -335,7 +336,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     ``dry_run``: print the plan (what is finished, what would run) and train nothing.
     ``report_only``: rewrite the reports from the finished cells and train nothing.
     """
-    t0 = time.time()
+    t0, git = time.time(), code_state()  # the code this invocation runs, whatever is committed meanwhile
     study = load_study(path)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -361,4 +362,4 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     if not report_only:
         pretrain(runs)
         run_cells(cells, ft, target, out)
-    return write_reports(study, cells, target, out, pretrain_seconds(runs), t0)
+    return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)
