@@ -138,3 +138,19 @@ def log_reader():
 def module_dataset(tmp_path_factory) -> Path:
     """Like ``labeled_dataset`` (K=3, 4 train / 2 test) but shared by the tests of one module."""
     return write_labeled_dataset(tmp_path_factory.mktemp("data") / "data", n=6, k=3)
+
+
+def open_pretrained(run_dir):
+    """(pretext network, config) of a pretraining run, through the one loader."""
+    from labeldiff.runs import RunFolder
+
+    run = RunFolder.open(run_dir)
+    return run.pretext_network(), run.config
+
+
+def open_segmenter(run_dir, device="cpu"):
+    """(segmenter, config) of any run that segments, through the one loader."""
+    from labeldiff.runs import RunFolder
+
+    run = RunFolder.open(run_dir)
+    return run.segmenter(device), run.config

@@ -14,7 +14,8 @@ from labeldiff.config import CorruptionConfig, TrainConfig
 from labeldiff.corruption import build_corruption
 from labeldiff.data.datasets import StepBatches, unlabeled_samples
 from labeldiff.models.unet import build_unet
-from labeldiff.pretrain.loop import EMA, NonFiniteLossError, lr_factor, resolve_precision, train
+from labeldiff.pretrain.loop import EMA, NonFiniteLossError, lr_factor, train
+from labeldiff.runtime import resolve_precision
 from labeldiff.transfer.finetune import run_finetune
 
 

@@ -25,9 +25,12 @@ def _patch_grid(x: torch.Tensor, p: int) -> torch.Tensor:
 
 def _check_masking(x0: torch.Tensor, out: Corrupted, p: int) -> torch.Tensor:
     """With strictly non-zero x0: every patch of the input is either all zero or equal to x0, and the
-    target is x0 itself. Returns the number of masked patches per image [B]."""
-    assert out.input.shape == x0.shape and out.weight is None
+    target is x0 itself; a loss weight, when there is one, is 1 exactly on the zeroed pixels.
+    Returns the number of masked patches per image [B]."""
+    assert out.input.shape == x0.shape
     assert torch.equal(out.target, x0)
+    if out.weight is not None:
+        assert torch.equal(out.weight.bool().expand_as(x0), out.input == 0)
     grid, ref = _patch_grid(out.input, p), _patch_grid(x0, p)
     zero = (grid == 0).all(-1)
     kept = (grid == ref).all(-1)
@@ -51,7 +54,7 @@ def test_mdm_masks_floor_n_t_over_T_patches(channels):
 @pytest.mark.parametrize("t", [1, 62, 63, 500, 999, 1000])
 def test_mdm_count_for_given_t(t, monkeypatch):
     """For hand-picked t (forcing randint): N = 16 patches of 4×4, floor(16·t/1000) masked."""
-    monkeypatch.setattr(torch, "randint", lambda lo, hi, size, generator=None: torch.full(size, t))
+    monkeypatch.setattr(torch, "randint", lambda lo, hi, size, generator=None, device=None: torch.full(size, t, device=device))
     c = MaskedDiffusion(CorruptionConfig(method="mdm", patch_size=4))
     x0 = -torch.rand(3, 2, 16, 16) - 0.5
     out = c(x0, torch.Generator().manual_seed(0))
@@ -104,7 +107,28 @@ def test_old_config_without_new_fields_loads():
     old = {"corruption": {"method": "ddpm", "num_timesteps": 1000, "schedule": "linear", "beta_start": 1e-4,
                           "beta_end": 0.02, "prediction": "epsilon"}}
     cfg = RunConfig.from_dict(old).corruption
-    assert (cfg.patch_size, cfg.mask_ratio, cfg.loss) == (8, 0.75, "ssim")
+    assert (cfg.patch_size, cfg.mask_ratio, cfg.loss) == (8, 0.75, "auto")
+
+
+def test_loss_auto_is_ssim_for_mdm_and_masked_mse_for_mae():
+    assert build_corruption(CorruptionConfig(method="mdm")).loss_name == "ssim"
+    assert build_corruption(CorruptionConfig(method="mae")).loss_name == "masked-mse"
+    assert build_corruption(CorruptionConfig(method="mae", loss="ssim")).loss_name == "ssim"  # old runs keep theirs
+
+
+def test_mae_masked_mse_ignores_the_visible_patches():
+    """MAE's loss (He et al. 2022, §3): MSE over the masked pixels only. A prediction that is right on
+    the masked patches and wrong everywhere else scores 0; one wrong by d on the masked patches scores d²."""
+    c = build_corruption(CorruptionConfig(method="mae", patch_size=8, mask_ratio=0.75))
+    x0 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5
+    out = c(x0, torch.Generator().manual_seed(1))
+    hidden = out.input == 0
+    right_where_masked = torch.where(hidden, x0, x0 + 5.0)
+    assert float(c.loss(right_where_masked, out)) == 0.0
+    off_by = torch.where(hidden, x0 + 0.5, x0)
+    assert abs(float(c.loss(off_by, out)) - 0.25) < 1e-6
+    whole = build_corruption(CorruptionConfig(method="mae", patch_size=8, loss="mse"))
+    assert float(whole.loss(right_where_masked, whole(x0, torch.Generator().manual_seed(1)))) > 1.0
 
 
 def test_mse_loss_option():

@@ -14,9 +14,11 @@ from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
 from labeldiff.models.effunet import EfficientNetUNet, decoder_widths, init_encoder
 from labeldiff.models.efficientnet import efficientnet_lite0
 from labeldiff.models.unet import DirectSegmenter, SegmentationNet, build_network
-from labeldiff.pretrain.run import run_pretrain
-from labeldiff.sample.diffusion import load_pretrained, sample, sample_masks, save_samples
-from labeldiff.transfer.finetune import load_segmenter, run_finetune
+from labeldiff.pretrain.run import encoder_weights, run_pretrain
+from labeldiff.sample.diffusion import sample, sample_masks, save_samples
+from labeldiff.transfer.finetune import run_finetune
+
+from conftest import open_pretrained, open_segmenter
 
 SMALL_DECODER = (32, 16, 16, 8, 8)
 
@@ -78,7 +80,7 @@ def _ddep_run(data, method, tmp, steps=3, encoder="imagenet", **model):
     cfg.train.steps, cfg.train.batch_size, cfg.train.precision, cfg.train.device = steps, 2, "fp32", "cpu"
     cfg.train.warmup_steps, cfg.train.ema_decay, cfg.train.lr = 1, 0.0, 1e-2
     run_pretrain(cfg, tmp / method)
-    return load_pretrained(tmp / method)[0]
+    return open_pretrained(tmp / method)[0]
 
 
 def test_ddep_keeps_the_imagenet_encoder_bit_identical(monuseg_small, tmp_path):
@@ -113,14 +115,14 @@ def test_encoder_from_a_supervised_run(binary_dataset, tmp_path):
     cfg.data.path, cfg.data.size = str(binary_dataset), 32
     cfg.train.steps, cfg.train.batch_size, cfg.train.precision, cfg.train.device = 2, 2, "fp32", "cpu"
     run_pretrain(cfg, tmp_path / "src")
-    src = load_pretrained(tmp_path / "src")[0]
+    src = open_pretrained(tmp_path / "src")[0]
     net = EfficientNetUNet(3, 3, SMALL_DECODER)
-    loaded = init_encoder(net, str(tmp_path / "src"))
+    loaded = init_encoder(net, encoder_weights(str(tmp_path / "src")))
     assert len(loaded) == len(net.encoder.state_dict())
     for k, v in net.encoder.state_dict().items():
         assert torch.equal(v, src.encoder.state_dict()[k])
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        init_encoder(net, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        encoder_weights(str(tmp_path / "nowhere"))
 
 
 def test_timestep_methods_refuse_the_efficientnet_unet(monuseg_small, tmp_path):
@@ -135,7 +137,7 @@ def test_ddep_run_transfers_into_a_segmenter(monuseg_small, tmp_path):
     cfg.transfer.pretrained, cfg.transfer.labels, cfg.transfer.head_hidden = str(tmp_path / "ddep"), 2, 8
     cfg.train.steps, cfg.train.batch_size, cfg.train.precision, cfg.train.device = 2, 2, "fp32", "cpu"
     run_finetune(cfg, tmp_path / "ft")
-    model, loaded_cfg = load_segmenter(tmp_path / "ft")
+    model, loaded_cfg = open_segmenter(tmp_path / "ft")
     assert loaded_cfg.model.arch == "efficientnet-unet"
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
@@ -175,7 +177,7 @@ def test_hybrid_mask_channels_segment_a_learnable_case_at_t0(binary_dataset, tmp
     """Bright shapes on a dark background: after a short hybrid run, t = 0 mask channels segment them."""
     run = _labeled_run(binary_dataset, "hybrid", tmp_path, 300, tiny_model_config, size=32, batch=8,
                        prediction="sample", mask_weight=1.0)
-    seg, cfg = load_segmenter(run)
+    seg, cfg = open_segmenter(run)
     assert isinstance(seg, DirectSegmenter) and seg.first == 3 and cfg.num_classes == 2
     from labeldiff.data.datasets import LabeledFolder
     from labeldiff.data.io import read_image, read_mask
@@ -191,7 +193,7 @@ def test_hybrid_mask_channels_segment_a_learnable_case_at_t0(binary_dataset, tmp
 
 def test_hybrid_samples_image_mask_pairs(binary_dataset, tmp_path, tiny_model_config):
     run = _labeled_run(binary_dataset, "hybrid", tmp_path, 2, tiny_model_config, prediction="sample")
-    model, cfg = load_pretrained(run)
+    model, cfg = open_pretrained(run)
     images = sample(model, cfg, n=3, sampler="ddim", steps=4, seed=0, batch_size=2, precision="fp32")
     masks = sample_masks(model, cfg, images, precision="fp32")
     assert images.shape == (3, 3, 16, 16) and masks.shape == (3, 16, 16)
@@ -202,7 +204,7 @@ def test_hybrid_samples_image_mask_pairs(binary_dataset, tmp_path, tiny_model_co
 
 def test_supervised_pretraining_is_a_segmenter_and_transfers(binary_dataset, tmp_path, tiny_model_config):
     run = _labeled_run(binary_dataset, "supervised", tmp_path, 3, tiny_model_config)
-    seg, cfg = load_segmenter(run)
+    seg, cfg = open_segmenter(run)
     assert isinstance(seg, DirectSegmenter) and seg.first == 0
     assert seg(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)
     net = SegmentationNet(cfg.model, num_classes=2)

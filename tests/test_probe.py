@@ -16,10 +16,9 @@ from labeldiff.corruption.gaussian import make_scheduler
 from labeldiff.data.datasets import LabeledFolder, ScaledImages
 from labeldiff.evaluate.metrics import confusion_stats, iou_from_stats
 from labeldiff.models.unet import build_unet
-from labeldiff.transfer.probe import (FeatureExtractor, FeatureSpec, PixelCache, PixelEnsemble, default_blocks,
-                                      default_spec,
-                                      fit_pixels, hidden_sizes, load_probe, materialized_train_probe, predict_probe,
-                                      save_probe, train_probe)
+from labeldiff.models.probe import (FeatureExtractor, FeatureSpec, PixelEnsemble, default_blocks, default_spec,
+                                    hidden_sizes, load_probe, save_probe)
+from labeldiff.transfer.probe import PixelCache, fit_pixels, materialized_train_probe, predict_probe, train_probe
 
 TINY_SPEC = FeatureSpec(blocks=(0, 1), timesteps=(0,))  # both up blocks of the tiny UNet: 16 + 8 features
 

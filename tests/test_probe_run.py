@@ -10,9 +10,9 @@ import torch
 from labeldiff.cli import main
 from labeldiff.config import CorruptionConfig, ModelConfig, RunConfig
 from labeldiff.pretrain.run import run_pretrain
-from labeldiff.transfer.finetune import load_segmenter
-from labeldiff.transfer.probe import FeatureSpec
-from labeldiff.transfer.probe_run import PaddedExtractor, format_spec, parse_spec
+from labeldiff.models.probe import FeatureSpec, PaddedExtractor, format_spec, parse_spec
+
+from conftest import open_pretrained, open_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,9 @@ def test_spec_text_round_trip():
 
 
 def test_padded_extractor_matches_sizes(ddpm_run):
-    from labeldiff.sample.diffusion import load_pretrained
-    from labeldiff.transfer.probe import make_extractor
+    from labeldiff.models.probe import make_extractor
 
-    unet, cfg = load_pretrained(ddpm_run[1])
+    unet, cfg = open_pretrained(ddpm_run[1])
     ex = PaddedExtractor(make_extractor(unet, cfg))
     f = ex(torch.rand(1, 3, 21, 30) * 2 - 1)
     assert f.shape == (1, ex.num_features, 21, 30)
@@ -55,7 +54,7 @@ def test_probe_run_evaluate_and_predict(ddpm_run, tmp_path):
     assert cfg.transfer.strategy == "probe" and cfg.transfer.features == "blocks=1;t=0,100"
     labeled = json.loads((out / "labeled.json").read_text())
     assert len(labeled["stems"]) == 2 and len(labeled["member_epochs"]) == 2
-    model, _ = load_segmenter(out)
+    model, _ = open_segmenter(out)
     x = torch.rand(1, 3, 40, 48) * 2 - 1
     scores = model(x)
     assert scores.shape == (1, 2, 40, 48)

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from labeldiff.pretrain.run import run_pretrain
-from labeldiff.sample.diffusion import load_pretrained, make_sampler, sample, save_samples
+from labeldiff.sample.diffusion import make_sampler, sample, save_samples
+
+from conftest import open_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def ddpm_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("ddpm", 5)])
 def test_sample_shapes_range_and_seed(ddpm_run, sampler, steps):
-    model, cfg = load_pretrained(ddpm_run)
+    model, cfg = open_pretrained(ddpm_run)
     a = sample(model, cfg, n=3, sampler=sampler, steps=steps, seed=1, batch_size=2, precision="fp32")
     b = sample(model, cfg, n=3, sampler=sampler, steps=steps, seed=1, batch_size=2, precision="fp32")
     c = sample(model, cfg, n=3, sampler=sampler, steps=steps, seed=2, batch_size=2, precision="fp32")
@@ -28,7 +30,7 @@ def test_sample_shapes_range_and_seed(ddpm_run, sampler, steps):
 
 
 def test_sampler_timesteps_descend_to_zero(ddpm_run):
-    _, cfg = load_pretrained(ddpm_run)
+    _, cfg = open_pretrained(ddpm_run)
     for name, steps, n in (("ddim", 10, 10), ("ddpm", None, cfg.corruption.num_timesteps)):
         ts = make_sampler(cfg, name, steps).timesteps
         assert len(ts) == n and int(ts[-1]) == 0 and bool((ts[:-1] > ts[1:]).all())
@@ -45,7 +47,7 @@ def test_save_samples_writes_pngs_and_grid(ddpm_run, tmp_path):
 
 def test_sampling_needs_a_pretraining_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_pretrained(tmp_path)
+        open_pretrained(tmp_path)
 
 
 def test_sample_cli(ddpm_run, tmp_path):

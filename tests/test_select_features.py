@@ -14,7 +14,7 @@ from labeldiff.config import CorruptionConfig, ModelConfig, RunConfig
 from labeldiff.evaluate.metrics import confusion_stats
 from labeldiff.models.unet import build_unet
 from labeldiff.transfer import select_features as sf
-from labeldiff.transfer.probe import FeatureExtractor, FeatureSpec, default_spec, make_extractor
+from labeldiff.models.probe import FeatureExtractor, FeatureSpec, default_spec, make_extractor
 from labeldiff.transfer.select_features import (PixelSample, balanced_pixels, candidate_specs, feature_columns,
                                                 fold_groups, foreground_iou, format_selection, held_out_score,
                                                 pick_best, sample_features, select_spec, weighted_stats)

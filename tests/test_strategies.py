@@ -8,7 +8,9 @@ from labeldiff.checkpoint import load_weights
 from labeldiff.config import CorruptionConfig, ModelConfig, RunConfig
 from labeldiff.evaluate.predict import predict_logits
 from labeldiff.pretrain.run import run_pretrain
-from labeldiff.transfer.finetune import frozen_parts, load_segmenter, run_finetune
+from labeldiff.transfer.finetune import frozen_parts, run_finetune
+
+from conftest import open_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_strategies_that_need_a_pretrained_run(module_dataset, tmp_path):
 
 def test_tta_averages_the_flipped_prediction(module_dataset, unet_run, tmp_path):
     _finetune(module_dataset, unet_run, "full", tmp_path / "ft")
-    model, cfg = load_segmenter(tmp_path / "ft")
+    model, cfg = open_segmenter(tmp_path / "ft")
     image = torch.rand(3, 24, 40) * 2 - 1
     plain = predict_logits(model, image, cfg.data, "fp32")
     mirror = predict_logits(model, image.flip(-1), cfg.data, "fp32").flip(-1)

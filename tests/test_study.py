@@ -61,27 +61,27 @@ def write_study(folder: Path, study: dict, name: str = "study.yaml") -> Path:
 
 
 class Calls:
-    """Wraps runner.run_finetune / run_pretrain and records the calls (optionally interrupting)."""
+    """Wraps runner.run_transfer / run_pretrain and records the calls (optionally interrupting)."""
 
     def __init__(self, monkeypatch, interrupt_after: int | None = None):
         self.finetune: list[str] = []
         self.pretrain: list[tuple[str, bool]] = []
         from labeldiff.pretrain.run import run_pretrain as real_pre
-        from labeldiff.transfer.finetune import run_finetune as real_ft
+        from labeldiff.transfer.run import run_transfer as real_ft
 
-        def finetune(cfg, out, **kw):
+        def finetune(cfg, out, *args, **kw):
             if interrupt_after is not None and len(self.finetune) == interrupt_after:
                 Path(out).mkdir(parents=True)
                 (Path(out) / "half_written").write_text("x")  # a partial cell folder
                 raise KeyboardInterrupt
             self.finetune.append(Path(out).parent.name)
-            return real_ft(cfg, out, **kw)
+            return real_ft(cfg, out, *args, **kw)
 
         def pretrain(cfg, out, resume=False, overwrite=False):
             self.pretrain.append((Path(out).name, resume))
             return real_pre(cfg, out, resume=resume, overwrite=overwrite)
 
-        monkeypatch.setattr(runner, "run_finetune", finetune)
+        monkeypatch.setattr(runner, "run_transfer", finetune)
         monkeypatch.setattr(runner, "run_pretrain", pretrain)
 
 

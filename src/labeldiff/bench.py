@@ -33,8 +33,8 @@ import torch
 
 from labeldiff.data.datasets import Sample, ScaledImages
 from labeldiff.evaluate.metrics import confusion_stats, summarize
-from labeldiff.transfer.probe import (FeatureExtractor, FeatureSpec, fit_pixels, materialized_train_probe,
-                                      predict_probe, train_probe)
+from labeldiff.models.probe import FeatureExtractor, FeatureSpec
+from labeldiff.transfer.probe import fit_pixels, materialized_train_probe, predict_probe, train_probe
 
 APPROACHES = ("materialized", "streamed")
 
@@ -214,15 +214,16 @@ def bench_probe_memory_cli(pretrained_run: str, data: str, labels: int, seed: in
 
     ``labels`` images of ``train_split`` are chosen by ``seed`` (as in fine-tuning); every image
     and mask is resized to ``size``² and read lazily; evaluation on ``test_split`` at ``size``².
-    Features: :func:`labeldiff.transfer.probe.default_spec` for the run's pretext method.
+    Features: :func:`labeldiff.models.probe.default_spec` for the run's pretext method.
     """
     from labeldiff.config import DataConfig
     from labeldiff.data.datasets import LabeledFolder, select_subset, validate_samples
     from labeldiff.models.unet import size_multiple
-    from labeldiff.sample.diffusion import load_pretrained
-    from labeldiff.transfer.probe import make_extractor
+    from labeldiff.models.probe import make_extractor
+    from labeldiff.runs import RunFolder
 
-    unet, cfg = load_pretrained(Path(pretrained_run))
+    run = RunFolder.open(pretrained_run, flag="--pretrained").require_pretrain()
+    unet, cfg = run.backbone(), run.config
     if size % size_multiple(cfg.model):
         raise ValueError(f"--size {size} is not a multiple of {size_multiple(cfg.model)} (the UNet's downsampling)")
     ds = LabeledFolder(Path(data))

@@ -17,6 +17,10 @@ def _bools(s: str) -> tuple[bool, ...]:
     return tuple(v.strip().lower() in ("1", "true", "yes") for v in s.split(","))
 
 
+def _bool(s: str) -> bool:
+    return _bools(s)[0]
+
+
 # (flag, config field, type, help); every one of them defaults to "keep the config/recipe value"
 DATA_OPTS = [
     ("--size", "data.size", int, "training input size in pixels (square crops or resize target) [64]"),
@@ -65,12 +69,14 @@ PRETRAIN_OPTS = [
     ("--mask-weight", "corruption.mask_weight", float, "hybrid: λ in MSE(image) + λ·MSE(mask) [1e-4]"),
     ("--train-split", "data.train_split", str, "hybrid/supervised: split.json entry of the labeled images [train]"),
     ("--num-classes", "data.num_classes", int, "hybrid/supervised: number of classes K (default: max mask value + 1)"),
+    ("--test-split", "data.test_split", str, "split.json entry left out of unlabeled pretraining [test]"),
     ("--schedule", "corruption.schedule", str, "β schedule: linear (1e-4 → 0.02) or cosine [linear]"),
     ("--timesteps", "corruption.num_timesteps", int, "diffusion steps T [1000]"),
     ("--patch-size", "corruption.patch_size", int, "mdm/mae: side of the masked square patches in pixels; "
                                                    "--size must be a multiple [8]"),
     ("--mask-ratio", "corruption.mask_ratio", float, "mae: fraction of the patches masked [0.75]"),
-    ("--loss", "corruption.loss", str, "mdm/mae reconstruction loss: ssim (1 − SSIM) or mse [ssim]"),
+    ("--loss", "corruption.loss", str, "mdm/mae reconstruction loss: ssim (1 − SSIM of the whole image), mse, "
+                                       "or masked-mse (MSE on the masked patches only, as MAE) [auto: mdm ssim, mae masked-mse]"),
 ]
 FINETUNE_OPTS = [
     ("--pretrained", "transfer.pretrained", str, "a `labeldiff pretrain` run folder to start from"),
@@ -81,6 +87,8 @@ FINETUNE_OPTS = [
                                              "decoder blocks), auto (chosen by leave-one-image-out validation) or "
                                              "'blocks=1,2;t=50,150' [default]"),
     ("--members", "transfer.members", int, "probe: MLPs in the ensemble [10]"),
+    ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
+                                                         "in front of the new head (1) or drop it (0) [0]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
     ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
     ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),
@@ -100,55 +108,46 @@ def _overrides(args: argparse.Namespace, opts) -> dict:
 
 
 def _run_config(args: argparse.Namespace, opts, base):
+    """``(config, explicit)``: the base config, then the recipe, then the flags; ``explicit`` names the
+    dotted fields the recipe or a flag set (a transfer keeps those where they differ from its pretraining)."""
     from labeldiff.config import apply_overrides, load_recipe, merge_recipe
 
-    cfg = base
+    cfg, explicit = base, set()
     if getattr(args, "recipe", None):
-        cfg = merge_recipe(cfg, load_recipe(args.recipe))
-    cfg = apply_overrides(cfg, _overrides(args, opts))
+        recipe = load_recipe(args.recipe)
+        cfg = merge_recipe(cfg, recipe)
+        explicit |= {f"{section}.{name}" for section, values in recipe.items() for name in (values or {})}
+    overrides = _overrides(args, opts)
+    cfg = apply_overrides(cfg, overrides)
+    explicit |= {k for k, v in overrides.items() if v is not None}
     cfg.data.path = str(args.data)
-    return cfg
-
-
-def default_pretrain_config():
-    from labeldiff.config import RunConfig
-
-    return RunConfig(kind="pretrain")
-
-
-def default_finetune_config():
-    from labeldiff.config import RunConfig, TrainConfig
-
-    return RunConfig(kind="segmentation",
-                     train=TrainConfig(steps=300, lr=2e-4, warmup_steps=20, ema_decay=0.0, checkpoint_every=100))
+    return cfg, explicit
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from labeldiff.config import default_pretrain_config
     from labeldiff.pretrain.run import run_pretrain
 
     opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS
-    cfg = _run_config(args, opts, default_pretrain_config())
+    cfg, _ = _run_config(args, opts, default_pretrain_config())
+    cfg.data.include_test = args.include_test
     result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
           f"run folder {args.out}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from labeldiff.transfer.finetune import run_finetune
+    from labeldiff.config import default_finetune_config
+    from labeldiff.transfer.run import run_transfer
 
     opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS
-    cfg = _run_config(args, opts, default_finetune_config())
+    cfg, explicit = _run_config(args, opts, default_finetune_config())
     if args.from_scratch:
         cfg.transfer.strategy = "scratch"
+    result = run_transfer(cfg, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit)
     if cfg.transfer.strategy == "probe":
-        from labeldiff.transfer.probe_run import run_probe
-
-        if args.resume:
-            raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
-        result = run_probe(cfg, args.out, overwrite=args.overwrite)
         print(f"done: probe trained ({result['step']} member-epochs) in {result['seconds']:.0f} s; run folder {args.out}")
         return
-    result = run_finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
           f"run folder {args.out}")
 
@@ -157,23 +156,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_evaluate
 
     run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
-                 split=args.split, device=args.device, split_file=args.split_file, tta=args.tta)
+                 split=args.split, device=args.device, split_file=args.split_file, tta=args.tta,
+                 precision=args.precision)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
-    run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta)
+    run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from labeldiff.pretrain.loop import resolve_device
-    from labeldiff.sample.diffusion import load_pretrained, sample, sample_masks, save_samples
+    from labeldiff.runs import RunFolder
+    from labeldiff.runtime import resolve_device
+    from labeldiff.sample.diffusion import sample, sample_masks, save_samples
 
-    model, cfg = load_pretrained(args.model, resolve_device(args.device))
+    run = RunFolder.open(args.model).require_pretrain("--model")
+    model, cfg = run.pretext_network(resolve_device(args.device)), run.config
     images = sample(model, cfg, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                    batch_size=args.batch_size)
-    masks = sample_masks(model, cfg, images, args.batch_size) if cfg.corruption.method == "hybrid" else None
+                    batch_size=args.batch_size, precision=args.precision)
+    masks = (sample_masks(model, cfg, images, args.batch_size, precision=args.precision)
+             if cfg.corruption.method == "hybrid" else None)
     grid = save_samples(images, args.out, masks=masks)
     pairs = " (image, mask) pairs" if masks is not None else ""
     print(f"wrote {args.n} samples{pairs} and {grid}")
@@ -217,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from labeldiff.demo import run_demo
 
     run_demo(Path(args.out), pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-             seeds=args.seeds, labels=args.labels, overwrite=args.overwrite)
+             seeds=args.seeds, labels=args.labels, overwrite=args.overwrite, precision=args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/); flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--include-test", action="store_true",
+                   help="unlabeled methods: also pretrain on the images of the test split (the MDM paper's "
+                        "transductive protocol); by default a dataset's test split is left out")
     _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
     p.set_defaults(func=cmd_pretrain)
 
@@ -264,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
+                        "(bf16 where the CPU/GPU has it) [fp32]")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image",
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
+                        "(bf16 where the CPU/GPU has it) [fp32]")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("sample", help="draw images (hybrid: image+mask pairs) from a ddpm or hybrid run",
@@ -287,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass [16]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
+                        "(bf16 where the CPU/GPU has it) [fp32]")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("split", help="a leak-free train/test split: whole groups (videos, patients) on one side",
@@ -340,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, default=2, help="labeled slices k [2]")
     p.add_argument("--seeds", type=int, default=None, help="number of fine-tuning seeds [demo default]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="training precision: auto (bf16 autocast where the CPU has AMX/AVX512-BF16, else fp32) [auto]")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,7 +46,9 @@ class CorruptionConfig:
     ``method='ddpm'``: ε-prediction (Ho et al.; the CT paper, Methods); uses ``schedule``, ``beta_*``,
     ``prediction``. ``method='mdm'``: masked diffusion (MDM paper §4.1), t ~ U{1..T} and floor(N·t/T)
     of the N patches zeroed. ``method='mae'``: the same masking at the fixed ``mask_ratio``, t = 0.
-    ``patch_size``, ``mask_ratio`` and ``loss`` are read by mdm / mae only (ddpm always uses MSE).
+    ``patch_size``, ``mask_ratio`` and ``loss`` are read by mdm / mae only (ddpm always uses MSE);
+    ``loss='auto'`` is stored resolved: 1 − SSIM for mdm (MDM Table 4), MSE on the masked patches
+    only for mae (MAE §3; MDM Table 4 finds SSIM hurts MAE).
 
     ``method='ddep'`` / ``'dep'``: decoder denoising (Brempong et al. 2022, §3–4): one fixed noise level
     ``sigma``, ``noise='scaled'`` gives √γ·x + √(1−γ)·ε with γ = 1/(1+σ²), ``'additive'`` gives x + σ·ε;
@@ -65,7 +67,7 @@ class CorruptionConfig:
     prediction: str = "epsilon"
     patch_size: int = 8  # side of the square masked patches in pixels (MDM App. A.2; Table 7: 4, 8, 16)
     mask_ratio: float = 0.75  # mae: fraction of patches masked (MAE, He et al. 2022)
-    loss: str = "ssim"  # mdm / mae reconstruction loss: "ssim" (1 − SSIM, MDM Table 4) or "mse"
+    loss: str = "auto"  # mdm / mae: "ssim" (1 − SSIM), "mse", "masked-mse" (masked patches only); auto: mdm ssim, mae masked-mse
     sigma: float = 0.22  # ddep / dep noise level (DDeP §4.1, Fig. 5: best for scaled additive noise)
     noise: str = "scaled"  # ddep / dep: "scaled" (√γ·x + √(1−γ)·ε) or "additive" (x + σ·ε)
     mask_weight: float = 1e-4  # hybrid: λ of MSE(image) + λ·MSE(mask) (hybrid paper, Sec. 4)
@@ -88,6 +90,7 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     split_file: str | None = None  # a split JSON to use instead of ROOT/split.json (see `labeldiff split`)
+    include_test: bool = False  # unlabeled pretraining also reads the test split (MDM's transductive protocol)
     num_classes: int | None = None
     cache_mb: int = 512
     num_workers: int = 0
@@ -131,6 +134,7 @@ class TransferConfig:
     ce_weight: float = 0.5
     features: str = "default"  # probe: "default" (per method), "auto" (chosen by validation) or "blocks=1,2;t=50,150"
     members: int = 10  # probe: MLPs in the ensemble (Baranchuk et al.: 10)
+    keep_out_norm: bool = False  # unet: keep the pretrained final GroupNorm + SiLU (out.0) under the new head
 
 
 SECTIONS = {
@@ -153,6 +157,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     num_classes: int | None = None
+    # a transfer run: the pretrained run it inherited its network and data geometry from, and every
+    # geometry value given that differs from the pretrained one ({"data.scale": {"pretrained", "used"}})
+    inherited: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,19 +186,15 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-RUN_COMMANDS = {"pretrain": "labeldiff pretrain", "segmentation": "labeldiff finetune"}
+def default_pretrain_config() -> RunConfig:
+    """What ``labeldiff pretrain`` starts from before a recipe and flags."""
+    return RunConfig(kind="pretrain")
 
 
-def load_run_config(run_dir: str | Path, kind: str, flag: str = "--model") -> RunConfig:
-    """The config.json of a run folder, checked to be of ``kind`` (errors name ``flag`` and the fix)."""
-    run_dir = Path(run_dir)
-    command = RUN_COMMANDS[kind]
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{flag} {run_dir}: no config.json there; point it at a `{command}` run folder")
-    cfg = RunConfig.load(run_dir / "config.json")
-    if cfg.kind != kind:
-        raise ValueError(f"{flag} {run_dir} is a {cfg.kind!r} run; this needs a `{command}` run folder")
-    return cfg
+def default_finetune_config() -> RunConfig:
+    """What ``labeldiff finetune`` (and a study's cells) start from: 300 steps, the CT paper's lr."""
+    return RunConfig(kind="segmentation",
+                     train=TrainConfig(steps=300, lr=2e-4, warmup_steps=20, ema_decay=0.0, checkpoint_every=100))
 
 
 def _section(kind: type, value: dict[str, Any]) -> Any:

@@ -3,9 +3,9 @@
 Data: the MNI ICBM152 2009c nonlinear symmetric template (T1 volume, grey- and white-matter
 probability maps) bundled with nilearn (BSD-3) under ``nilearn/datasets/data/``. The maps are
 thresholded at 0.5 into 3 classes (0 background/CSF, 1 grey matter, 2 white matter); the volume
-is cut into axial 64×64 slices. Pretraining (DDPM) sees every slice without labels; fine-tuning
-(pretrained and from scratch, identical schedules) sees k labeled slices of the lower slab;
-both are evaluated on the disjoint upper slab.
+is cut into axial 64×64 slices. Pretraining (DDPM) sees every slice outside the test slab without
+labels; fine-tuning (pretrained and from scratch, identical schedules) sees k labeled slices of the
+lower slab; both are evaluated on the disjoint upper slab, which pretraining never read.
 """
 from __future__ import annotations
 
@@ -74,12 +74,13 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[
 
 
 def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
-             seeds: int | None = None, labels: int = 2, overwrite: bool = False) -> dict:
+             seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto") -> dict:
     from labeldiff.checkpoint import prepare_run_dir
     from labeldiff.evaluate.report import bar_chart
     from labeldiff.evaluate.run import run_evaluate
     from labeldiff.pretrain.run import run_pretrain
-    from labeldiff.transfer.finetune import run_finetune
+    from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
+    from labeldiff.transfer.run import run_transfer
 
     pretrain_steps = pretrain_steps or DEMO_PRETRAIN_STEPS
     finetune_steps = finetune_steps or DEMO_FINETUNE_STEPS
@@ -91,7 +92,13 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
     splits = json.loads((data / "split.json").read_text())
     print(f"      {len(splits['all'])} slices: train slab {len(splits['train'])}, test slab {len(splits['test'])}")
     pre_cfg, ft_cfg = demo_configs(data, pretrain_steps, finetune_steps)
-    print(f"[2/4] DDPM pretraining on all {len(splits['all'])} slices, no labels ({pretrain_steps} steps)")
+    pre_cfg.train.precision = ft_cfg.train.precision = precision
+    device = resolve_device(pre_cfg.train.device)
+    used = precision_name(resolve_precision(precision, device))
+    print(f"      training on {device} in {used} (--precision {precision}) with {threads_summary()} "
+          f"(set OMP_NUM_THREADS to change); evaluation in fp32")
+    n_pre = len(splits["all"]) - len(splits["test"])
+    print(f"[2/4] DDPM pretraining on the {n_pre} slices outside the test slab, no labels ({pretrain_steps} steps)")
     run_pretrain(pre_cfg, out / "pretrain")
     results: dict[str, list[dict]] = {"pretrained": [], "scratch": []}
     print(f"[3/4] fine-tuning with k={labels} labeled slices, {seeds} seeds, pretrained vs scratch")
@@ -103,7 +110,7 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
             cfg.transfer.pretrained = str(out / "pretrain")
             cfg.transfer.strategy = "full" if name == "pretrained" else "scratch"
             run_dir = out / "runs" / f"{name}_seed{seed}"
-            run_finetune(cfg, run_dir)
+            run_transfer(cfg, run_dir)
             results[name].append(run_evaluate(run_dir, run_dir / "eval_test", split="test"))
     print("[4/4] report")
     table = summarize_demo(results)
@@ -115,6 +122,7 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
               title=f"MNI152 brain slices, k={labels}, {seeds} seeds: foreground Dice on the test slab")
     elapsed = time.time() - t0
     summary = {"labels": labels, "seeds": seeds, "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
+               "pretrain_slices": n_pre, "precision": used, "threads": threads_summary(),
                "wall_time_s": round(elapsed, 1), "results": table}
     (out / "report" / "metrics.json").write_text(json.dumps(summary, indent=2))
     md = demo_markdown(summary)
@@ -140,8 +148,9 @@ def summarize_demo(results: dict[str, list[dict]]) -> dict:
 
 def demo_markdown(s: dict) -> str:
     lines = [f"# labeldiff demo: MNI152 brain slices, k = {s['labels']} labeled slices, {s['seeds']} seeds",
-             "", f"DDPM pretraining {s['pretrain_steps']} steps; fine-tuning {s['finetune_steps']} steps per run; "
-             f"wall time {s['wall_time_s'] / 60:.1f} min.", "",
+             "", f"DDPM pretraining {s['pretrain_steps']} steps on the {s['pretrain_slices']} slices outside the test "
+             f"slab; fine-tuning {s['finetune_steps']} steps per run; training in {s['precision']} with "
+             f"{s['threads']}; wall time {s['wall_time_s'] / 60:.1f} min.", "",
              "| init | Dice (GM+WM mean) | IoU | Dice GM | Dice WM | Dice per seed |", "|---|---|---|---|---|---|"]
     for name, r in s["results"].items():
         lines.append(f"| {name} | {r['dice']['mean']:.3f} ± {r['dice']['std']:.3f} | {r['iou']['mean']:.3f} ± "

@@ -19,6 +19,7 @@ import torch
 
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
+from labeldiff.runtime import randn
 
 NOISES = ("scaled", "additive")
 
@@ -42,10 +43,10 @@ class DecoderDenoising(Corruption):
         return 1.0 / (1.0 + self.cfg.sigma ** 2)
 
     def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
         if self.cfg.noise == "scaled":
             noisy = math.sqrt(self.gamma) * x0 + math.sqrt(1.0 - self.gamma) * noise
         else:
             noisy = x0 + self.cfg.sigma * noise
-        t = torch.zeros(x0.shape[0], dtype=torch.long)  # no timestep: the network ignores it
+        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)  # no timestep: the network ignores it
         return Corrupted(input=noisy, t=t, target=noise if self.cfg.prediction == "epsilon" else x0)

@@ -10,6 +10,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
+from labeldiff.runtime import randint, randn
 
 MONAI_SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
@@ -37,8 +38,8 @@ class GaussianNoise(Corruption):
 
     def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         b = x0.shape[0]
-        t = torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        t = randint(0, self.cfg.num_timesteps, (b,), generator, x0.device)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
         xt = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         target = noise if self.cfg.prediction == "epsilon" else x0
         return Corrupted(input=xt, t=t, target=target)

@@ -81,7 +81,7 @@ class SupervisedSegmentation(Corruption):
 
     def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         mask = _need_mask(mask, self.name)
-        t = torch.zeros(x0.shape[0], dtype=torch.long)
+        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
         return Corrupted(input=x0, t=t, target=mask[:, None].long())
 
     def loss(self, pred: torch.Tensor, c: Corrupted) -> torch.Tensor:

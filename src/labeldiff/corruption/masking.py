@@ -16,8 +16,18 @@ from monai.losses import SSIMLoss
 
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
+from labeldiff.runtime import rand, randint
 
-LOSSES = ("ssim", "mse")
+LOSSES = ("ssim", "mse", "masked-mse")
+# loss "auto" per method: MDM reconstructs the whole image with 1 − SSIM (§4.1 Eq. 4, Table 4);
+# MAE (He et al. 2022, §3 "Reconstruction target") computes the MSE on the masked patches only,
+# and MDM's Table 4 finds SSIM worse than MSE for MAE.
+DEFAULT_LOSS = {"mdm": "ssim", "mae": "masked-mse"}
+
+
+def resolve_loss(method: str, loss: str) -> str:
+    """``loss``, or the method's default (:data:`DEFAULT_LOSS`) when it is ``auto``."""
+    return DEFAULT_LOSS.get(method, "mse") if loss == "auto" else loss
 
 
 def patch_mask(shape: torch.Size, n_mask: torch.Tensor, patch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -33,13 +43,16 @@ def patch_mask(shape: torch.Size, n_mask: torch.Tensor, patch_size: int, generat
         raise ValueError(f"image size {h}×{w} is not a multiple of the patch size {p}; use --size "
                          f"{max(p, min(h, w) // p * p)} (a multiple of {p}) or another --patch-size")
     gh, gw = h // p, w // p
-    ranks = torch.rand(b, gh * gw, generator=generator).argsort(dim=1).argsort(dim=1)  # a random permutation
+    ranks = rand((b, gh * gw), generator, n_mask.device).argsort(dim=1).argsort(dim=1)  # a random permutation
     masked = ranks < n_mask.view(b, 1)
     return masked.view(b, 1, gh, gw).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
 
 
 class PatchMasking(Corruption):
-    """Zero n_mask random patches per image; the target is the clean image [B, C, H, W], weight None.
+    """Zero n_mask random patches per image; the target is the clean image [B, C, H, W].
+
+    The loss weight is None (the whole image counts) except for ``masked-mse``, where it is the
+    masked pixels ``[B, 1, H, W]``: visible patches do not count, as in MAE.
 
     Subclasses choose, per image, the timestep fed to the network and how many patches to mask.
     """
@@ -50,19 +63,21 @@ class PatchMasking(Corruption):
         if cfg.patch_size < 1:
             raise ValueError(f"patch_size must be a positive number of pixels, got {cfg.patch_size}; "
                              f"the MDM paper uses 8 (Table 7 also tries 4 and 16)")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"loss {cfg.loss!r} is unknown for {cfg.method}; use one of {list(LOSSES)}")
+        self.loss_name = resolve_loss(cfg.method, cfg.loss)
+        if self.loss_name not in LOSSES:
+            raise ValueError(f"loss {cfg.loss!r} is unknown for {cfg.method}; use auto or one of {list(LOSSES)}")
         self.cfg = cfg
         # MONAI SSIM: 11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03 (Wang et al. 2004), valid region only
-        self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0) if cfg.loss == "ssim" else None
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0) if self.loss_name == "ssim" else None
 
     def check_input_size(self, size: int) -> None:
         if size % self.cfg.patch_size:
             raise ValueError(f"--size {size} is not a multiple of --patch-size {self.cfg.patch_size}; "
                              f"use --size {max(1, size // self.cfg.patch_size) * self.cfg.patch_size} or another patch size")
 
-    def schedule(self, batch: int, n_patches: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t [B] int64 fed to the network, n_mask [B] int64 patches to zero)."""
+    def schedule(self, batch: int, n_patches: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [B] int64 fed to the network, n_mask [B] int64 patches to zero), on ``device``."""
         raise NotImplementedError
 
     def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
@@ -70,12 +85,14 @@ class PatchMasking(Corruption):
         b, _, h, w = x0.shape
         p = self.cfg.patch_size
         n_patches = (h // p) * (w // p)
-        t, n_mask = self.schedule(b, n_patches, generator)
+        t, n_mask = self.schedule(b, n_patches, generator, x0.device)
         hidden = patch_mask(x0.shape, n_mask, p, generator)
-        return Corrupted(input=x0.masked_fill(hidden, 0.0), t=t, target=x0)
+        weight = hidden.to(x0.dtype) if self.loss_name == "masked-mse" else None
+        return Corrupted(input=x0.masked_fill(hidden, 0.0), t=t, target=x0, weight=weight)
 
     def loss(self, pred: torch.Tensor, c: Corrupted) -> torch.Tensor:
-        """1 − SSIM(pred, target), averaged over channels, valid pixels and the batch; or the MSE.
+        """1 − SSIM(pred, target), averaged over channels, valid pixels and the batch; or the MSE
+        (``masked-mse``: over the masked pixels only, by the weight).
 
         SSIM runs in fp32 even inside the loop's bf16 autocast: its variances E[x²] − E[x]² cancel badly.
         """
@@ -93,9 +110,10 @@ class MaskedDiffusion(PatchMasking):
 
     name = "mdm"
 
-    def schedule(self, batch: int, n_patches: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def schedule(self, batch: int, n_patches: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.cfg.num_timesteps
-        t = torch.randint(1, T + 1, (batch,), generator=generator)
+        t = randint(1, T + 1, (batch,), generator, device)
         return t, (n_patches * t) // T
 
 
@@ -116,6 +134,8 @@ class FixedRatioMasking(PatchMasking):
             raise ValueError(f"mask_ratio must lie in [0, 1], got {cfg.mask_ratio}; MAE uses 0.75")
         super().__init__(cfg)
 
-    def schedule(self, batch: int, n_patches: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def schedule(self, batch: int, n_patches: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         n_mask = n_patches - int(n_patches * (1.0 - self.cfg.mask_ratio))
-        return torch.zeros(batch, dtype=torch.int64), torch.full((batch,), n_mask, dtype=torch.int64)
+        return (torch.zeros(batch, dtype=torch.int64, device=device),
+                torch.full((batch,), n_mask, dtype=torch.int64, device=device))

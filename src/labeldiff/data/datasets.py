@@ -45,6 +45,25 @@ class Sample:
     mask: Path | None = None
 
 
+def read_splits(split_file: Path) -> dict[str, list[str]]:
+    """The named stem lists of a split JSON (``{"train": [...], "test": [...], ...}``); {} if absent."""
+    split_file = Path(split_file)
+    if not split_file.is_file():
+        return {}
+    try:
+        raw = json.loads(split_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{split_file}: not valid JSON ({e})") from None
+    return {k: list(v) for k, v in raw.items() if isinstance(v, list)}
+
+
+def split_path(root: Path, split_file: str | Path | None) -> Path:
+    """``split_file`` (which must exist) or ``ROOT/split.json``."""
+    if split_file is not None and not Path(split_file).is_file():
+        raise DataError(f"split file {split_file} does not exist; write one with `labeldiff split`")
+    return Path(split_file) if split_file else Path(root) / "split.json"
+
+
 class LabeledFolder:
     """``images/`` + ``masks/`` + optional ``split.json`` (or another split file, ``split_file``)."""
 
@@ -56,17 +75,8 @@ class LabeledFolder:
             raise DataError(f"{self.root}: no masks/ folder; a labeled dataset is ROOT/images + ROOT/masks")
         self.images = list_images(self.root / "images")
         self.masks = list_images(self.root / "masks")
-        if split_file is not None and not Path(split_file).is_file():
-            raise DataError(f"split file {split_file} does not exist; write one with `labeldiff split`")
-        split_file = Path(split_file) if split_file else self.root / "split.json"
-        self.split_file = split_file
-        self.splits: dict[str, list[str]] = {}
-        if split_file.is_file():
-            try:
-                raw = json.loads(split_file.read_text())
-            except json.JSONDecodeError as e:
-                raise DataError(f"{split_file}: not valid JSON ({e})") from None
-            self.splits = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
+        self.split_file = split_path(self.root, split_file)
+        self.splits = read_splits(self.split_file)
 
     def stems(self, split: str | None) -> list[str]:
         """Stems of a named split (``None`` or ``"all"`` without a split.json entry: every image)."""
@@ -110,14 +120,47 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     return num_classes if num_classes is not None else max(2, highest + 1)
 
 
-def unlabeled_samples(path: Path) -> list[Sample]:
-    """Every image under ``path`` (a folder of images, or a dataset root with ``images/``)."""
+def dataset_root(path: Path) -> Path:
+    """The dataset root of ``path``: itself, or its parent when ``path`` is a root's ``images/``."""
+    path = Path(path)
+    if path.name == "images" and not (path / "images").is_dir() and (path.parent / "split.json").is_file():
+        return path.parent
+    return path
+
+
+def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset()) -> list[Sample]:
+    """Every image under ``path`` (a folder of images, or a dataset root with ``images/``) whose stem
+    is not in ``exclude``."""
     path = Path(path)
     folder = path / "images" if (path / "images").is_dir() else path
-    samples = [Sample(stem, p) for stem, p in list_images(folder).items()]
+    samples = [Sample(stem, p) for stem, p in list_images(folder).items() if stem not in exclude]
+    if not samples:
+        raise DataError(f"{folder}: every image is in the excluded test split; pretraining needs images "
+                        f"outside it (or --include-test)")
     for s in samples:
         image_size(s.image)  # readable header, or a DataError naming the file
     return samples
+
+
+def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
+    """The stems that unlabeled pretraining must not read, and a sentence saying why.
+
+    By default the test split (``cfg.test_split`` of ``cfg.split_file`` or the dataset's
+    ``split.json``) is left out, so a model is never pretrained on the images it is scored on.
+    ``cfg.include_test`` opts in to the transductive protocol of the MDM paper (Table 1 pretrains
+    on all 44 MoNuSeg images, test included). A folder with no split file has nothing to exclude.
+    """
+    root = dataset_root(Path(cfg.path))
+    splits = read_splits(split_path(root, cfg.split_file))
+    test = splits.get(cfg.test_split, [])
+    if cfg.include_test:
+        return [], (f"--include-test: pretraining also reads the {len(test)} images of split "
+                    f"{cfg.test_split!r} (the transductive protocol of the MDM paper)")
+    if not test:
+        where = "no split file" if not splits else f"no split {cfg.test_split!r} in the split file"
+        return [], f"{where}: pretraining reads every image"
+    return test, (f"pretraining leaves out the {len(test)} images of split {cfg.test_split!r} "
+                  f"(--include-test reads them too: the MDM paper's transductive protocol)")
 
 
 def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train") -> list[str]:

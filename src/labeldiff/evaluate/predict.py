@@ -4,7 +4,9 @@ The image is brought to the network's scale (``network_hw``); crop-mode models s
 ``size``² window over it (MONAI ``sliding_window_inference``, Gaussian blending), resize-mode
 models see the whole resized image; logits are then resized back to the original size before
 the argmax, so metrics are computed against the untouched mask. With ``tta`` the logits of the
-horizontally flipped image, flipped back, are averaged with those of the image.
+horizontally flipped image, flipped back, are averaged with those of the image. Inference runs in
+fp32 unless ``precision`` says otherwise, so a run scores the same on every CPU (``auto`` would
+pick bf16 on CPUs with AMX/AVX512-BF16 and fp32 elsewhere).
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from monai.inferers import sliding_window_inference
 
 from labeldiff.config import DataConfig
 from labeldiff.data.datasets import network_hw, resize_image
-from labeldiff.pretrain.loop import resolve_precision
+from labeldiff.runtime import INFERENCE_PRECISION, autocast, resolve_precision
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto",
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
                    overlap: float = 0.25, sw_batch_size: int = 8, tta: bool = False) -> torch.Tensor:
     """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size.
 
@@ -32,7 +34,7 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
     hw = tuple(image.shape[-2:])
     x = resize_image(image, network_hw(hw, cfg))[None].to(device)
     dtype = resolve_precision(precision, device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(device, dtype):
         if cfg.mode == "resize" or getattr(model, "whole_image", False):
             logits = model(x)
         else:
@@ -44,7 +46,7 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
     return logits[0].cpu()
 
 
-def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = "auto",
+def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
                  tta: bool = False) -> torch.Tensor:
     """``image [C, H, W]`` → integer mask ``[H, W]`` at the original size."""
     return predict_logits(model, image, cfg, precision, tta=tta).argmax(0)

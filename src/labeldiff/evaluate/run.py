@@ -14,17 +14,25 @@ from labeldiff.data.io import read_image, read_mask
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_logits, predict_mask
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
-from labeldiff.pretrain.loop import resolve_device
-from labeldiff.transfer.finetune import load_segmenter
+from labeldiff.runs import RunFolder
+from labeldiff.runtime import INFERENCE_PRECISION, resolve_device
+
+
+def open_segmenter(model_dir: Path, device: str = "auto"):
+    """``(model, config)`` of a run that segments, through :class:`RunFolder`."""
+    run = RunFolder.open(model_dir)
+    return run.segmenter(resolve_device(device)), run.config
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
-                 device: str = "auto", max_overlays: int = 6, split_file: str | None = None, tta: bool = False) -> dict:
+                 device: str = "auto", max_overlays: int = 6, split_file: str | None = None, tta: bool = False,
+                 precision: str = INFERENCE_PRECISION) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
-    Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``.
+    Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``. ``precision``:
+    fp32 by default, whatever the run trained with, so the numbers do not depend on the CPU.
     """
-    model, cfg = load_segmenter(Path(model_dir), resolve_device(device))
+    model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
     split = split or cfg.data.test_split
     ds = LabeledFolder(data_path, split_file or (cfg.data.split_file if data is None else None))
@@ -37,7 +45,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     for s in tqdm(samples, desc=f"evaluate {split}", unit="img"):
         image = torch.from_numpy(read_image(s.image, cfg.data.channels))
         target = read_mask(s.mask, k)
-        pred = predict_mask(model, image, cfg.data, cfg.train.precision, tta=tta).numpy()
+        pred = predict_mask(model, image, cfg.data, precision, tta=tta).numpy()
         stats = confusion_stats(pred, target, k)
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
@@ -49,7 +57,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
             fg = np.nanmean(dice[1:]) if np.any(np.isfinite(dice[1:])) else None
             grid.append({"name": s.stem[:24], "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
     metrics = summarize(np.stack(all_stats))
-    metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta})
+    metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
+                    "precision": precision})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(grid, out / "overlays.png", title=f"{Path(model_dir).name} on {split}: "
@@ -59,13 +68,14 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     return metrics
 
 
-def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False) -> list[Path]:
+def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
+                precision: str = INFERENCE_PRECISION) -> list[Path]:
     """Write ``<stem>.png`` (class indices), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``.
 
     The uncertainty map is the entropy of the predicted class probabilities (for the probe: of the
     ensemble's mean probability), scaled so that 255 = log K (a uniform guess).
     """
-    model, cfg = load_segmenter(Path(model_dir), resolve_device(device))
+    model, cfg = open_segmenter(Path(model_dir), device)
     inputs = Path(inputs)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     out = Path(out)
@@ -74,7 +84,7 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     written = []
     for stem, path in tqdm(files.items(), desc="predict", unit="img"):
         image = torch.from_numpy(read_image(path, cfg.data.channels))
-        logits = predict_logits(model, image, cfg.data, cfg.train.precision, tta=tta)
+        logits = predict_logits(model, image, cfg.data, precision, tta=tta)
         pred = logits.argmax(0).numpy().astype(np.uint8)
         probs = torch.softmax(logits, dim=0)
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(cfg.num_classes, 2))

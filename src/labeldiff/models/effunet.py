@@ -83,35 +83,18 @@ class EfficientNetUNet(nn.Module):
         return self.out(y)
 
 
-def init_encoder(model: EfficientNetUNet, source: str) -> list[str]:
-    """Initialise ``model.encoder`` from ``imagenet``, ``none`` or a labeldiff run folder; strict.
+def imagenet_encoder_state() -> dict[str, torch.Tensor]:
+    """The supervised ImageNet-1k EfficientNet-Lite0 weights without the classifier (keys of ``encoder``)."""
+    full = EfficientNetLite0()
+    load_lite0_imagenet(full)
+    return {k: v for k, v in full.state_dict().items() if not k.startswith(("head_", "fc."))}
 
-    A run folder must hold a network with this encoder: keys ``encoder.*`` (a pretraining run) or
-    ``backbone.encoder.*`` (a fine-tuned segmentation run). Returns the loaded encoder keys.
+
+def init_encoder(model: EfficientNetUNet, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` (encoder keys without the ``encoder.`` prefix) into ``model.encoder``, strictly.
+
+    Where it comes from (``imagenet``, ``none`` or a run folder) is the pretraining run's choice
+    (:func:`labeldiff.pretrain.run.encoder_weights`). Returns the loaded keys, prefixed.
     """
-    if source == "none":
-        return []
-    if source == "imagenet":
-        full = EfficientNetLite0()
-        load_lite0_imagenet(full)
-        state = {k: v for k, v in full.state_dict().items() if not k.startswith(("head_", "fc."))}
-    else:
-        from pathlib import Path
-
-        from labeldiff.checkpoint import load_weights
-
-        path = Path(source) / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"--encoder {source}: no model.safetensors there; give 'imagenet', 'none' or "
-                                    f"the folder of a labeldiff run with --arch efficientnet-unet")
-        weights = load_weights(path)
-        state = {}
-        for prefix in (ENCODER_PREFIX, "backbone." + ENCODER_PREFIX):
-            state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-            if state:
-                break
-        if not state:
-            raise ValueError(f"--encoder {source}: that run's network has no EfficientNet encoder (no encoder.* "
-                             f"weights); pretrain it with --arch efficientnet-unet (e.g. --method supervised)")
     model.encoder.load_state_dict(state, strict=True)
     return sorted(ENCODER_PREFIX + k for k in state)

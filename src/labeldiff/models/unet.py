@@ -14,6 +14,8 @@ from torch import nn
 from labeldiff.config import ModelConfig
 
 PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
+# MONAI's ``out`` is GroupNorm → SiLU → conv: with ``keep_out_norm`` only the conv is the pretext layer
+PRETEXT_CONV = ("out.2.",)
 # the encoder half of each backbone (frozen by the "decoder" transfer strategy), by submodule name
 ENCODER_PARTS = {
     "unet": ("conv_in", "time_embed", "down_blocks", "middle_block"),  # MONAI DiffusionModelUNet
@@ -47,6 +49,13 @@ def check_model_config(cfg: ModelConfig) -> None:
             where = "an attention level" if attn else "the last level, whose middle block has attention"
             raise ValueError(f"channel width {c} ({where}) is not divisible by num_head_channels="
                              f"{cfg.num_head_channels}; change the widths or set model.num_head_channels in a recipe")
+
+
+def pretext_output(arch: str, keep_out_norm: bool) -> tuple[str, ...]:
+    """Key prefixes of the pretext output layer that a transfer drops (the skip-list of
+    :func:`load_backbone_strict`): all of ``out``, or only its conv when the diffusion UNet keeps
+    the final GroupNorm + SiLU (``out.0``, ``out.1``). DDeP's ``out`` is a single conv."""
+    return PRETEXT_CONV if keep_out_norm and arch == "unet" else PRETEXT_OUTPUT
 
 
 def size_multiple(cfg: ModelConfig) -> int:
@@ -118,13 +127,21 @@ class SegHead(nn.Module):
 class SegmentationNet(nn.Module):
     """Backbone (either arch) with a fixed timestep ``t`` and a :class:`SegHead`.
 
-    ``forward(x [B, C, H, W]) -> logits [B, K, H, W]``.
+    ``forward(x [B, C, H, W]) -> logits [B, K, H, W]``. The head reads the last decoder features
+    ``[B, feature_channels(cfg), H, W]``: the UNet's output conv is always replaced; with
+    ``keep_out_norm`` its final GroupNorm + SiLU stay (and keep their pretrained weights), so the
+    head reads normalised features as the pretext conv did. ``skip`` is the matching skip-list.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128):
+    def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128,
+                 keep_out_norm: bool = False):
         super().__init__()
         self.backbone = build_network(cfg, out_channels=cfg.in_channels)
-        self.backbone.out = nn.Identity()  # last decoder features [B, feature_channels(cfg), H, W]
+        self.skip = pretext_output(cfg.arch, keep_out_norm)
+        if self.skip == PRETEXT_CONV:
+            self.backbone.out = nn.Sequential(*list(self.backbone.out.children())[:2])  # out.0 norm, out.1 SiLU
+        else:
+            self.backbone.out = nn.Identity()
         self.head = SegHead(feature_channels(cfg), head_hidden, num_classes)
         self.t = int(t)
 
@@ -137,14 +154,15 @@ class SegmentationNet(nn.Module):
 
 
 def load_backbone_strict(model: SegmentationNet, pretrained: dict[str, torch.Tensor],
-                         skip: tuple[str, ...] = PRETEXT_OUTPUT) -> dict[str, list[str]]:
+                         skip: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Load a pretrained UNet state dict into ``model.backbone``, strictly.
 
     Every backbone key must be present with the same shape. Pretrained keys starting with a
-    prefix in ``skip`` (the pretext output layer) are dropped by name; any other unused key is an
+    prefix in ``skip`` (the pretext output layer; default ``model.skip``) are dropped by name; any other unused key is an
     error. Only ``head.*`` may stay at its fresh initialisation.
     Returns ``{"loaded": [...], "skipped": [...], "new": [...]}``.
     """
+    skip = model.skip if skip is None else skip
     own = model.backbone.state_dict()
     skipped = sorted(k for k in pretrained if k.startswith(skip))
     usable = {k: v for k, v in pretrained.items() if not k.startswith(skip)}

@@ -18,39 +18,13 @@ from tqdm.auto import tqdm
 from labeldiff.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.data.datasets import StepBatches, step_loader
+from labeldiff.runtime import autocast, generator, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. ``auto``: bf16 on CUDA and on CPUs with AMX/AVX512-BF16."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if name != "auto":
-        raise ValueError(f"precision {name!r} is unknown; use auto, fp32 or bf16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -126,8 +100,8 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
-            g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            g = generator(cfg.seed * 7_919 + step, device)  # corruption noise, drawn on the model's device
+            with autocast(device, autocast_dtype):
                 loss = loss_fn(model, batch, g)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

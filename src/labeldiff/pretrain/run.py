@@ -8,22 +8,21 @@ import torch
 from labeldiff.checkpoint import prepare_run_dir
 from labeldiff.config import RunConfig
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
-from labeldiff.data.datasets import LabeledFolder, Sample, StepBatches, unlabeled_samples, validate_samples
-from labeldiff.models.effunet import init_encoder
+from labeldiff.corruption.masking import resolve_loss
+from labeldiff.data.datasets import (LabeledFolder, Sample, StepBatches, pretraining_exclusions,
+                                     unlabeled_samples, validate_samples)
+from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
 from labeldiff.models.unet import build_network, check_model_config, size_multiple
-from labeldiff.pretrain.loop import resolve_device, train
+from labeldiff.pretrain.loop import train
+from labeldiff.runs import RunFolder
+from labeldiff.runtime import resolve_device
 
 
 def pretext_loss(corruption: Corruption):
     """loss = f(model, corruption, batch): the network never knows which pretext task it serves."""
 
     def loss_fn(model: torch.nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
-        mask = batch["mask"].cpu() if "mask" in batch else None
-        c = corruption(batch["image"].cpu(), g, mask)
-        device = batch["image"].device
-        c.input, c.t, c.target = c.input.to(device), c.t.to(device), c.target.to(device)
-        if c.weight is not None:
-            c.weight = c.weight.to(device)
+        c = corruption(batch["image"], g, batch.get("mask"))  # on the batch's device, noise from g
         return corruption.loss(model(c.input, c.t), c)
 
     return loss_fn
@@ -56,10 +55,21 @@ def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:
 def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
     """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K)."""
     if not corruption.needs_labels:
-        return unlabeled_samples(Path(cfg.data.path)), None
+        excluded, why = pretraining_exclusions(cfg.data)
+        print(why)
+        return unlabeled_samples(Path(cfg.data.path), set(excluded)), None
     ds = LabeledFolder(Path(cfg.data.path), cfg.data.split_file)
     samples = ds.samples(ds.stems(cfg.data.train_split))
     return samples, validate_samples(samples, cfg.data.num_classes)
+
+
+def encoder_weights(source: str) -> dict[str, torch.Tensor] | None:
+    """``model.encoder`` of efficientnet-unet: ``none`` (random), ``imagenet`` or a run folder's encoder."""
+    if source == "none":
+        return None
+    if source == "imagenet":
+        return imagenet_encoder_state()
+    return RunFolder.open(source, flag="--encoder").encoder_state()
 
 
 def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
@@ -67,7 +77,8 @@ def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torc
     model = build_network(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels, cfg.num_classes))
     frozen: list[torch.nn.Module] = []
     if cfg.model.arch == "efficientnet-unet":
-        loaded = init_encoder(model, cfg.model.encoder)
+        state = encoder_weights(cfg.model.encoder)
+        loaded = init_encoder(model, state) if state is not None else []
         if loaded:
             print(f"encoder: {len(loaded)} tensors from {cfg.model.encoder}")
         if cfg.corruption.method in FROZEN_ENCODER:
@@ -83,6 +94,7 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     cfg.kind = "pretrain"
     if cfg.model.in_channels != cfg.data.channels:
         cfg.model.in_channels = cfg.data.channels
+    cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # stored resolved
     corruption = build_corruption(cfg.corruption)
     resolve_method(cfg, corruption)
     check_size(cfg)

@@ -4,7 +4,8 @@ Works for any pretraining run whose corruption is Gaussian noise (``ddpm``), wit
 targets, and for hybrid runs, which are generative models of (image, mask) pairs (Sauvalle &
 Salzmann 2024, Proposition 1): the reverse process runs on the image channels, and the mask of the
 final image is the mask channels' estimate at t = 0 (:func:`sample_masks`). The scheduler is built
-from the run's own ``config.json``.
+from the run's own ``config.json`` (the network comes from :meth:`labeldiff.runs.RunFolder.pretext_network`).
+Noise is drawn on the network's device by a generator on that device.
 """
 from __future__ import annotations
 
@@ -15,23 +16,11 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from labeldiff.checkpoint import load_weights
-from labeldiff.config import RunConfig, load_run_config
+from labeldiff.config import RunConfig
 from labeldiff.corruption import build_corruption
 from labeldiff.corruption.gaussian import MONAI_SCHEDULES, GaussianNoise, make_scheduler
 from labeldiff.corruption.labeled import HybridDiffusion
-from labeldiff.models.unet import build_network
-from labeldiff.pretrain.loop import resolve_precision
-
-
-def load_pretrained(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild a pretraining run's network (EMA weights) from its folder alone."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir, "pretrain")
-    corruption = build_corruption(cfg.corruption)
-    model = build_network(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels, cfg.num_classes))
-    model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
-    return model.to(device).eval(), cfg
+from labeldiff.runtime import INFERENCE_PRECISION, autocast, generator, randn, resolve_precision
 
 
 def make_sampler(cfg: RunConfig, sampler: str, steps: int | None):
@@ -51,7 +40,7 @@ def make_sampler(cfg: RunConfig, sampler: str, steps: int | None):
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim", steps: int | None = None,
-           seed: int = 0, batch_size: int = 16, precision: str = "auto") -> torch.Tensor:
+           seed: int = 0, batch_size: int = 16, precision: str = INFERENCE_PRECISION) -> torch.Tensor:
     """Draw ``n`` images ``[n, C, S, S]`` in [-1, 1] from pure noise by the reverse process."""
     corruption = build_corruption(cfg.corruption)
     if not isinstance(corruption, (GaussianNoise, HybridDiffusion)):
@@ -59,25 +48,27 @@ def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim"
                          f"sampling needs a ddpm or hybrid run")
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, device)
+    # MONAI's DDPM step draws its noise on the samples' device: it can take g only when g lives there
+    step_g = g if g.device.type == device.type else None
     s, ch = cfg.data.size, cfg.model.in_channels
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         sched = make_sampler(cfg, sampler, steps)
-        x = torch.randn((b, ch, s, s), generator=g).to(device)
+        x = randn((b, ch, s, s), g, device)
         for t in tqdm(sched.timesteps, desc=f"{sampler} sampling {start + b}/{n}", leave=False):
             tt = torch.full((b,), int(t), dtype=torch.long, device=device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 pred = model(x, tt)[:, :ch].float()  # hybrid: the image channels
-            x, _ = sched.step(pred, int(t), x, generator=g) if sampler == "ddpm" else sched.step(pred, int(t), x)
+            x, _ = sched.step(pred, int(t), x, generator=step_g) if sampler == "ddpm" else sched.step(pred, int(t), x)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, batch_size: int = 16,
-                 precision: str = "auto") -> torch.Tensor:
+                 precision: str = INFERENCE_PRECISION) -> torch.Tensor:
     """Masks ``[n, S, S]`` of sampled images from a hybrid run: argmax of the mask channels at t = 0."""
     if cfg.corruption.method != "hybrid":
         raise ValueError(f"only hybrid runs generate masks; this run is {cfg.corruption.method!r}")
@@ -88,7 +79,7 @@ def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, b
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
         t = torch.zeros(len(x), dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(x, t)[:, ch:].float()
         out.append(logits.argmax(1).cpu())
     return torch.cat(out)

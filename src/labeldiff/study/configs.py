@@ -12,11 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from labeldiff.config import ModelConfig, RunConfig, apply_overrides, load_recipe, merge_recipe
+from labeldiff.config import (ModelConfig, RunConfig, apply_overrides, default_finetune_config,
+                              default_pretrain_config, load_recipe, merge_recipe)
 from labeldiff.study.spec import MethodSpec, Recipe, Study
 
 # DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
-PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers")
+PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test")
 # fields that do not change what a run computes: left out of the hashes
 NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
 
@@ -55,8 +56,6 @@ def _data_overrides(study: Study, names: tuple[str, ...] | None = None) -> dict[
 
 def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunConfig:
     """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None)."""
-    from labeldiff.cli import default_pretrain_config
-
     cfg = _layered(default_pretrain_config(), method.recipe, _data_overrides(study, PRETRAIN_DATA_FIELDS))
     if steps is not None:
         cfg.train.steps = steps
@@ -64,9 +63,20 @@ def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunC
     if method.pretrain_on == "source":
         cfg.data.path = str(d.source)
         cfg.data.train_split, cfg.data.split_file = d.source_split, None
-    else:
-        cfg.data.path = str(d.unlabeled or d.path)
+    elif d.unlabeled is not None:
+        cfg.data.path = str(d.unlabeled)
+    else:  # the target's own images: its test split is left out unless data.include_test
+        cfg.data.path = str(d.path)
+        cfg.data.split_file = str(d.split_file) if d.split_file else None
+        cfg.data.test_split = d.options.get("test_split", cfg.data.test_split)
     return cfg
+
+
+def pretrain_key(cfg: RunConfig) -> str:
+    """The hash naming a pretraining run's folder: its identity and the test images it leaves out."""
+    from labeldiff.data.datasets import pretraining_exclusions
+
+    return digest({**identity(cfg), "excluded": pretraining_exclusions(cfg.data)[0]})
 
 
 def run_name(method: MethodSpec, steps: int | None) -> str:
@@ -93,10 +103,17 @@ def arch_key(model: ModelConfig) -> str:
     return digest(asdict(model), 8)
 
 
+def finetune_explicit(study: Study) -> set[str]:
+    """The data fields a study sets for its cells (its data options, the finetune recipe's data section):
+    what :meth:`labeldiff.runs.RunFolder.inherit` keeps when they differ from the pretrained run."""
+    names = {f"data.{k}" for k in study.data.options}
+    if study.finetune.path is not None:
+        names |= {f"data.{k}" for k in (load_recipe(study.finetune.path).get("data") or {})}
+    return names | {k for k in study.finetune.overrides if k.startswith("data.")}
+
+
 def finetune_config(study: Study) -> RunConfig:
     """Fine-tuning settings shared by every cell (cells add data paths, strategy, k, seed, network)."""
-    from labeldiff.cli import default_finetune_config
-
     cfg = _layered(default_finetune_config(), study.finetune, _data_overrides(study))
     cfg.data.path = str(study.data.path)
     return cfg

@@ -7,9 +7,9 @@ Layout of DIR::
     pretrain/<name>-<hash>/          one pretraining run per (method, steps); <hash> of its resolved
                                      config (RunConfig.to_dict() minus fields that do not change the
                                      result), so an edited method gets a new folder and the rest is reused
-    cells/<cell-id>/                 cell.json (the cell and its labeled stems), split.json, run/ (the
-                                     fine-tuning or probe run), eval/ (metrics.json, per_image.csv,
-                                     overlays.png, timing.json)
+    cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
+                                     or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
+                                     timing.json)
     results.csv results.md per_class.md paired.md dice_vs_labels.png overlays.png environment.json
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
@@ -17,11 +17,10 @@ weights is resumed (``run_pretrain(..., resume=True)``); anything else in its fo
 A cell is finished when ``eval/metrics.json`` exists (``eval/`` is written as ``eval.tmp/`` and
 renamed); finished cells are never recomputed, any other cell folder is deleted and redone.
 
-How a cell trains on exactly its chosen subset without changing the fine-tuning code: the runner
-writes ``cells/<id>/split.json = {"train": chosen stems, "test": test stems}`` and runs
-``run_finetune`` / ``run_probe`` with ``data.split_file`` = that file, ``train_split = "train"`` and
-``transfer.labels = k``, so ``select_subset`` picks all k of them (in any seed's order).
-``data.num_classes`` is set to the dataset's K so a subset missing a class still gets K outputs.
+A cell hands its chosen stems to :func:`labeldiff.transfer.run.run_transfer`, the entry point of
+``labeldiff finetune``, and is evaluated on the study's test split. ``data.num_classes`` is set to
+the dataset's K so a subset missing a class still gets K outputs. Pretraining on the target's own
+images leaves its test split out unless ``data.include_test`` (the MDM paper's transductive protocol).
 """
 from __future__ import annotations
 
@@ -36,15 +35,15 @@ from labeldiff.config import ModelConfig, RunConfig, replace
 from labeldiff.data.datasets import LabeledFolder, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.evaluate.run import run_evaluate
+from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.study import report
-from labeldiff.study.configs import (arch_key, digest, finetune_config, identity, pretrain_config, pretrain_runs,
-                                     resolved_model, write_json)
+from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
+                                     pretrain_key, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import NONE_METHOD, Study, load_study
-from labeldiff.transfer.finetune import run_finetune
-from labeldiff.transfer.probe_run import PROBE_METHODS, run_probe
+from labeldiff.transfer.run import run_transfer
 
 OVERLAY_IMAGES = 3
 
@@ -120,7 +119,7 @@ def plan_pretraining(study: Study, out: Path) -> list[Pretraining]:
     runs = []
     for name, method, steps in pretrain_runs(study):
         cfg = pretrain_config(study, method, steps)
-        key = digest(identity(cfg))
+        key = pretrain_key(cfg)
         runs.append(Pretraining(name, cfg, key, out / "pretrain" / f"{name}-{key}", resolved_model(cfg)))
     return runs
 
@@ -208,9 +207,9 @@ def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
     return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
 
 
-def cell_config(cell: Cell, ft: RunConfig, target: Target, split_file: Path) -> RunConfig:
+def cell_config(cell: Cell, ft: RunConfig, target: Target) -> RunConfig:
     cfg = RunConfig.from_dict(ft.to_dict())
-    cfg.data.split_file, cfg.data.train_split, cfg.data.test_split = str(split_file), "train", "test"
+    cfg.data.split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     cfg.data.num_classes = target.num_classes
     cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
     if cell.pre is not None:
@@ -222,21 +221,17 @@ def cell_config(cell: Cell, ft: RunConfig, target: Target, split_file: Path) -> 
     return cfg
 
 
-def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector) -> float:
+def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, explicit: set[str]) -> float:
     """Select, train, evaluate one cell into its folder (replacing a partial one); returns seconds."""
     t0 = time.time()
     if cell.dir.exists():
         shutil.rmtree(cell.dir)
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
-    write_json(cell.dir / "split.json", {"train": stems, "test": target.test})
-    cfg = cell_config(cell, ft, target, cell.dir / "split.json")
-    if cell.strategy == "probe":
-        run_probe(cfg, cell.dir / "run")
-    else:
-        run_finetune(cfg, cell.dir / "run")
+    cfg = cell_config(cell, ft, target)
+    run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
     tmp = cell.dir / "eval.tmp"
-    run_evaluate(cell.dir / "run", tmp, split="test", device=cfg.train.device)
+    run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
     seconds = time.time() - t0
     write_json(tmp / "timing.json", {"seconds": seconds})
     os.replace(tmp, cell.dir / "eval")
@@ -261,7 +256,7 @@ def _duration(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path) -> int:
+def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path, explicit: set[str]) -> int:
     """Run the unfinished cells with progress and ETA; returns how many were computed."""
     selector = Selector(target, ft)
     done = [c for c in cells if c.finished]
@@ -273,7 +268,7 @@ def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path) -> in
         print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
               f"ETA {_duration(eta)} → {cell.dir}")
         try:
-            times.append(run_cell(cell, ft, target, selector))
+            times.append(run_cell(cell, ft, target, selector, explicit))
         except KeyboardInterrupt:
             print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
                   f"command again to continue (finished cells and pretraining runs are reused)")
@@ -290,7 +285,9 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if not rows:
         print("no finished cells yet: nothing to report")
         return rows
-    title = f"{study.file.stem}: {Path(study.data.path).name}, test split {len(target.test)} images"
+    leak = ("pretraining also read the test images (include_test, transductive)" if study.data.options.get("include_test")
+            else "pretraining never read the test images")
+    title = f"{study.file.stem}: {Path(study.data.path).name}, test split {len(target.test)} images; {leak}"
     report.write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title))
     if "per-class" in study.metrics:
@@ -309,7 +306,7 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
 
     from labeldiff.data.io import read_image, read_mask
     from labeldiff.evaluate.predict import predict_mask
-    from labeldiff.transfer.finetune import load_segmenter
+    from labeldiff.runs import RunFolder
 
     finished = [c for c in cells if c.finished and c.select == study.select[0]]
     if not finished:
@@ -323,10 +320,11 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
               for s in samples]
     preds = {}
     for c in chosen:
-        model, cfg = load_segmenter(c.dir / "run", "cpu")
+        run = RunFolder.open(c.dir / "run")
+        model, cfg = run.segmenter("cpu"), run.config
         preds[f"{c.method} / {c.strategy}"] = [
-            predict_mask(model, torch.from_numpy(read_image(s.image, cfg.data.channels)), cfg.data,
-                         cfg.train.precision).numpy() for s in samples]
+            predict_mask(model, torch.from_numpy(read_image(s.image, cfg.data.channels)), cfg.data).numpy()
+            for s in samples]
     report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}")
 
 
@@ -361,5 +359,5 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
-        run_cells(cells, ft, target, out)
+        run_cells(cells, ft, target, out, finetune_explicit(study))
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)

@@ -7,7 +7,7 @@
 - ``diverse``: k-center greedy (Sener & Savarese 2018, "core-set") on one feature vector per train
   image: the first center is the image closest to the mean feature, then each next one is the image
   farthest (Euclidean) from the centers chosen so far. Features are the mean-pooled decoder features
-  of the pretrained UNet (the probe's :class:`~labeldiff.transfer.probe.FeatureExtractor` with the
+  of the pretrained UNet (the probe's :class:`~labeldiff.models.probe.FeatureExtractor` with the
   method's default blocks and timesteps, :func:`unet_features`), or, for scratch and non-UNet runs,
   the image resized to 16² (:func:`pixel_features`). The choice does not depend on the seed (seeds
   then vary only initialisation and batches). With ``require_all_classes``, once the remaining
@@ -119,17 +119,17 @@ def unet_features(pre_dir: Path, ds: LabeledFolder, stems: list[str], data_cfg) 
     """
     import torch
 
-    from labeldiff.config import load_run_config, replace
+    from labeldiff.config import replace
     from labeldiff.data.datasets import ScaledImages
-    from labeldiff.transfer.probe import make_extractor
-    from labeldiff.transfer.probe_run import PaddedExtractor, load_frozen_unet
+    from labeldiff.models.probe import PaddedExtractor, make_extractor
+    from labeldiff.runs import RunFolder
 
-    pre = load_run_config(pre_dir, "pretrain", flag="--pretrained")
-    unet = load_frozen_unet(Path(pre_dir), pre)
-    extractor = PaddedExtractor(make_extractor(unet, pre, noise_seed=0))
+    run = RunFolder.open(pre_dir, flag="--pretrained").require_pretrain()
+    pre = run.config
+    extractor = PaddedExtractor(make_extractor(run.backbone(), pre, noise_seed=0))
     loader = ScaledImages(replace(data_cfg, channels=pre.data.channels))
     feats = []
     with torch.no_grad():
         for s in ds.samples(stems):
-            feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].numpy())
+            feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].cpu().numpy())
     return np.stack(feats)

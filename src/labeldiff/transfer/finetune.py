@@ -11,7 +11,11 @@ Strategies (:data:`FROZEN`, the one mapping from strategy to frozen submodules):
   train (the CT paper's best strategy);
 - ``full``: everything trains (vanilla fine-tuning of the hybrid and DDeP papers);
 - ``scratch``: the identical network from random initialisation with the identical schedule;
-- ``probe``: pixel-MLP ensemble on frozen features (:mod:`labeldiff.transfer.probe`), not this loop.
+- ``probe``: pixel-MLP ensemble on frozen features (:mod:`labeldiff.transfer.probe_run`), not this loop;
+  :func:`labeldiff.transfer.run.run_transfer` dispatches every strategy.
+
+The new head reads the last decoder features; with ``transfer.keep_out_norm`` the pretrained final
+GroupNorm + SiLU of the diffusion UNet (``out.0``) stay in front of it.
 
 Frozen modules have ``requires_grad=False``, are left out of the optimiser and are kept in
 ``eval()`` (BatchNorm statistics do not move).
@@ -19,19 +23,23 @@ Frozen modules have ``requires_grad=False``, are left out of the optimiser and a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from monai.losses import DiceCELoss
 
-from labeldiff.checkpoint import atomic_write_text, load_weights, prepare_run_dir
-from labeldiff.config import RunConfig, load_run_config
-from labeldiff.data.datasets import LabeledFolder, StepBatches, select_subset, validate_samples
-from labeldiff.models.unet import ENCODER_PARTS, DirectSegmenter, SegmentationNet, load_backbone_strict
-from labeldiff.pretrain.loop import resolve_device, train
+from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
+from labeldiff.config import RunConfig
+from labeldiff.data.datasets import StepBatches
+from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, load_backbone_strict
+from labeldiff.pretrain.loop import train
 from labeldiff.pretrain.run import check_size
+from labeldiff.runs import RunFolder
+from labeldiff.runtime import resolve_device
+from labeldiff.transfer.labeled import prepare_transfer
 
-STRATEGIES = ("linear", "decoder", "full", "scratch")  # + "probe" (labeldiff.transfer.probe)
+STRATEGIES = ("linear", "decoder", "full", "scratch")  # + "probe" (labeldiff.transfer.probe_run)
 
 
 def frozen_parts(strategy: str, arch: str) -> tuple[str, ...]:
@@ -64,25 +72,13 @@ def segmentation_loss(ce_weight: float):
     return loss_fn
 
 
-def inherit_pretrained(cfg: RunConfig) -> RunConfig | None:
-    """Copy the network and input settings of the pretrained run into ``cfg`` (network must match)."""
-    if not cfg.transfer.pretrained:
-        return None
-    pre = load_run_config(cfg.transfer.pretrained, "pretrain", flag="--pretrained")
-    cfg.model = pre.model
-    cfg.data.channels = pre.data.channels
-    return pre
-
-
-def build_segmenter(cfg: RunConfig, num_classes: int) -> tuple[SegmentationNet, dict[str, list[str]] | None]:
-    model = SegmentationNet(cfg.model, num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
-    report = None
-    if cfg.transfer.strategy != "scratch":
-        if not cfg.transfer.pretrained:
-            raise ValueError(f"strategy {cfg.transfer.strategy!r} needs --pretrained RUN_DIR (or use --from-scratch)")
-        state = load_weights(Path(cfg.transfer.pretrained) / "model.safetensors")
-        report = load_backbone_strict(model, state)
-    return model, report
+def build_segmenter(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> tuple[SegmentationNet, dict | None]:
+    """The SegmentationNet of ``cfg``, its backbone loaded strictly from ``pre`` unless scratch."""
+    t = cfg.transfer
+    model = SegmentationNet(cfg.model, num_classes, t=t.t, head_hidden=t.head_hidden, keep_out_norm=t.keep_out_norm)
+    if t.strategy == "scratch":
+        return model, None
+    return model, load_backbone_strict(model, pre.weights())
 
 
 def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
@@ -97,74 +93,37 @@ def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def run_finetune(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
-    cfg.kind = "segmentation"
+def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resume: bool = False,
+                 overwrite: bool = False, explicit: Iterable[str] = ()) -> dict:
+    """Fine-tune (or train from scratch) on ``stems`` or ``transfer.labels`` drawn images (see
+    :func:`labeldiff.transfer.labeled.prepare_transfer`); everything is written into ``out``."""
     t = cfg.transfer
     if t.strategy == "probe":
-        raise ValueError("the probe strategy trains pixel MLPs, not this network: use `labeldiff finetune "
-                         "--strategy probe` (the CLI routes it) or labeldiff.transfer.probe_run.run_probe")
+        raise ValueError("the probe trains pixel MLPs, not this network: use labeldiff.transfer.run.run_transfer "
+                         "(`labeldiff finetune --strategy probe`)")
     if t.strategy not in STRATEGIES:
         raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
-    inherit_pretrained(cfg)
-    cfg.model.in_channels = cfg.data.channels
+    job = prepare_transfer(cfg, stems, explicit)
     check_size(cfg)
-    ds = LabeledFolder(Path(cfg.data.path), cfg.data.split_file)
-    train_stems = ds.stems(cfg.data.train_split)
-    chosen = select_subset(train_stems, t.labels, cfg.train.seed, cfg.data.train_split)
-    num_classes = validate_samples(ds.samples(train_stems), cfg.data.num_classes)
-    cfg.num_classes = num_classes
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    model, report = build_segmenter(cfg, num_classes)
+    model, report = build_segmenter(cfg, job.num_classes, job.pre)
     frozen = freeze(model, frozen_parts(t.strategy, cfg.model.arch))
     model.to(device)
     if report is not None:
         print(f"loaded {len(report['loaded'])} backbone tensors from {t.pretrained}; "
               f"skipped (pretext output layer): {', '.join(report['skipped'])}; "
               f"new (random init): {', '.join(report['new'])}")
-    atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": chosen,
+    atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
                                                          "seed": cfg.train.seed, "load_report": report}, indent=2))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    print(f"finetune ({t.strategy}): {len(chosen)} labeled images {chosen}, K={num_classes}, "
+    print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, "
           f"{cfg.train.steps} steps on {device}; training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters"
           + (f" (frozen: {', '.join(frozen_parts(t.strategy, cfg.model.arch))})" if frozen else ""))
     optimizer = torch.optim.Adam(param_groups(model, cfg))
-    batches = StepBatches(ds.samples(chosen), cfg.data, cfg.train.batch_size, cfg.train.seed,
-                          labeled=True, num_classes=num_classes)
+    batches = StepBatches(job.ds.samples(job.stems), cfg.data, cfg.train.batch_size, cfg.train.seed,
+                          labeled=True, num_classes=job.num_classes)
     return train(out, cfg, model, optimizer, segmentation_loss(t.ce_weight), batches, resume=resume,
                  desc=f"finetune {t.strategy}", frozen=frozen)
-
-
-DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
-
-
-def load_segmenter(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild a segmenter from its run folder alone (config.json + model.safetensors).
-
-    A fine-tuned run gives its :class:`SegmentationNet`; a hybrid or supervised *pretraining* run is a
-    segmenter as it is (the mask channels at t = 0, :class:`DirectSegmenter`).
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {run_dir}: no config.json there; point it at a `labeldiff finetune` run "
-                                f"folder (or a hybrid / supervised `labeldiff pretrain` run)")
-    cfg = RunConfig.load(run_dir / "config.json")
-    if cfg.kind == "pretrain":
-        if cfg.corruption.method not in DIRECT_SEGMENTERS:
-            raise ValueError(f"--model {run_dir} is a {cfg.corruption.method!r} pretraining run, which does not "
-                             f"predict masks; fine-tune it first (`labeldiff finetune --pretrained {run_dir}`)")
-        from labeldiff.sample.diffusion import load_pretrained
-
-        net, cfg = load_pretrained(run_dir, device)
-        first = cfg.model.in_channels if cfg.corruption.method == "hybrid" else 0
-        return DirectSegmenter(net, first_channel=first, t=0).to(device).eval(), cfg
-    cfg = load_run_config(run_dir, "segmentation")
-    if cfg.transfer.strategy == "probe":
-        from labeldiff.transfer.probe_run import load_probe_segmenter
-
-        return load_probe_segmenter(run_dir, cfg, device), cfg
-    model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden)
-    model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
-    return model.to(device).eval(), cfg

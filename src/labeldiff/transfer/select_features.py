@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labeldiff.evaluate.metrics import iou_from_stats
-from labeldiff.transfer.probe import FeatureExtractor, FeatureSpec, default_spec, fit_pixels, make_extractor
+from labeldiff.models.probe import FeatureExtractor, FeatureSpec, default_spec, make_extractor
+from labeldiff.transfer.probe import fit_pixels
 
 DIFFUSION_METHODS = ("ddpm", "mdm", "hybrid")  # time embedding trained over t = 0..T−1 (mdm: 1..T)
 CLEAN_METHODS = ("mae", "supervised")  # time embedding only ever saw t = 0
@@ -212,7 +213,7 @@ def sample_features(factory: ExtractorFactory, full: FeatureSpec, images: Sequen
             picks.append((r[idx], wts))
         rows: list[list[torch.Tensor]] = [[] for _ in picks]
         for ex in extractors:
-            f = ex(images[i][None])[0].reshape(ex.num_features, -1)  # [F_t, H·W]
+            f = ex(images[i][None])[0].reshape(ex.num_features, -1).cpu()  # [F_t, H·W]: scored on the CPU
             for j, (idx, _) in enumerate(picks):
                 rows[j].append(f[:, idx].T)
         samples += [PixelSample(torch.cat(r, 1), flat[idx], wts, idx) for r, (idx, wts) in zip(rows, picks)]

@@ -1,0 +1,182 @@
+"""One door into a run folder: :class:`RunFolder` opens any run and rebuilds what it holds.
+
+Every command that needs a trained run (fine-tune, probe, evaluate, predict, sample, study, bench)
+opens it here, from ``config.json`` and the safetensors beside it, with no flags. It sits below
+``pretrain``, ``transfer``, ``evaluate``, ``sample`` and ``study`` and imports none of them.
+
+Kinds of run folder::
+
+    pretrain   `labeldiff pretrain`: model.safetensors (EMA weights) of the pretext network
+    finetune   `labeldiff finetune --strategy linear|decoder|full|scratch`: model.safetensors of a
+               SegmentationNet
+    probe      `labeldiff finetune --strategy probe`: backbone.safetensors (the frozen UNet without
+               its output layer) + probe.safetensors / probe.json (the pixel-MLP ensemble)
+
+:meth:`RunFolder.segmenter` is the one registry of segmenters: a fine-tuned SegmentationNet, the
+probe, or a hybrid / supervised pretraining run used as it is (its mask channels at t = 0).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from labeldiff.checkpoint import load_weights
+from labeldiff.config import RunConfig, replace
+from labeldiff.corruption import build_corruption
+
+BACKBONE_FILE = "backbone.safetensors"  # a probe run's frozen UNet
+DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
+# DataConfig fields a transfer shares with its pretraining (how images become network inputs)
+GEOMETRY = ("channels", "size", "mode", "scale")
+KINDS = ("pretrain", "finetune", "probe")
+
+
+class RunFolder:
+    """A labeldiff run folder: ``kind``, ``config`` and the networks its weights make."""
+
+    def __init__(self, path: Path, config: RunConfig):
+        self.path, self.config = Path(path), config
+
+    @classmethod
+    def open(cls, path: str | Path, flag: str = "--model") -> "RunFolder":
+        """Read ``path/config.json``; errors name ``flag`` and say what to point it at."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path}: no config.json there; point it at a run folder written by "
+                                    f"`labeldiff pretrain` or `labeldiff finetune`")
+        return cls(path, RunConfig.load(path / "config.json"))
+
+    # ---- what it is ----------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        if self.config.kind == "pretrain":
+            return "pretrain"
+        return "probe" if self.config.transfer.strategy == "probe" else "finetune"
+
+    @property
+    def method(self) -> str:
+        """The pretext method of a pretraining run (of the pretrained backbone for a probe)."""
+        return self.config.corruption.method
+
+    def describe(self) -> str:
+        if self.kind == "pretrain":
+            return f"a {self.method!r} pretraining run"
+        return f"a {self.config.transfer.strategy!r} fine-tuning run" if self.kind == "finetune" else "a probe run"
+
+    def require_pretrain(self, flag: str = "--pretrained") -> "RunFolder":
+        if self.kind != "pretrain":
+            raise ValueError(f"{flag} {self.path} is {self.describe()}; this needs a `labeldiff pretrain` run folder")
+        return self
+
+    # ---- weights and networks ------------------------------------------------------------------
+
+    def weights(self, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+        return load_weights(self.path / name)
+
+    def pretext_network(self, device: torch.device | str = "cpu") -> nn.Module:
+        """A pretraining run's network with its pretext output layer, EMA weights, strict, in eval."""
+        from labeldiff.models.unet import build_network
+
+        self.require_pretrain("--model")
+        cfg = self.config
+        out = build_corruption(cfg.corruption).out_channels(cfg.model.in_channels, cfg.num_classes)
+        net = build_network(cfg.model, out_channels=out)
+        net.load_state_dict(self.weights(), strict=True)
+        return net.to(device).eval()
+
+    def backbone(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The pretrained diffusion UNet without its output layer (``out`` = identity), frozen:
+        what the probe and diverse selection read the decoder blocks of."""
+        net = self.pretext_network(device)
+        net.out = nn.Identity()
+        return net.eval().requires_grad_(False)
+
+    def encoder_state(self, flag: str = "--encoder") -> dict[str, torch.Tensor]:
+        """The EfficientNet encoder weights of a run whose network has one (``encoder.*`` in a
+        pretraining run, ``backbone.encoder.*`` in a fine-tuned one), without the prefix."""
+        from labeldiff.models.effunet import ENCODER_PREFIX
+
+        if not (self.path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{flag} {self.path}: no model.safetensors there; give 'imagenet', 'none' or "
+                                    f"the folder of a labeldiff run with --arch efficientnet-unet")
+        weights = self.weights()
+        for prefix in (ENCODER_PREFIX, "backbone." + ENCODER_PREFIX):
+            state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            if state:
+                return state
+        raise ValueError(f"{flag} {self.path}: that run's network has no EfficientNet encoder (no encoder.* "
+                         f"weights); pretrain it with --arch efficientnet-unet (e.g. --method supervised)")
+
+    def segmenter(self, device: torch.device | str = "cpu") -> nn.Module:
+        """``model(x [B, C, H, W]) -> class scores [B, K, H, W]`` of any run that segments, in eval."""
+        return SEGMENTERS[self.kind](self).to(device).eval()
+
+    # ---- what a transfer takes from it ---------------------------------------------------------
+
+    def inherit(self, cfg: RunConfig, explicit: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        """Give the transfer config ``cfg`` this pretraining run's network and data geometry.
+
+        The network (``cfg.model``) is always this run's. Each :data:`GEOMETRY` field of ``cfg.data``
+        is this run's too, unless ``explicit`` names it (``"data.scale"``: given on the command line,
+        in a recipe or a study) with another value: that value is used, printed next to the
+        pretrained one and recorded in ``cfg.inherited``. Channels cannot differ (the network reads
+        a fixed number). Returns the changed fields ``{"data.scale": {"pretrained": …, "used": …}}``.
+        """
+        self.require_pretrain()
+        pre = self.config
+        explicit = set(explicit)
+        cfg.model = replace(pre.model)
+        changed: dict[str, dict[str, Any]] = {}
+        for name in GEOMETRY:
+            key, old, new = f"data.{name}", getattr(pre.data, name), getattr(cfg.data, name)
+            if key in explicit and new != old:
+                if name == "channels":
+                    raise ValueError(f"--channels {new}: the network of {self.path} reads {old}-channel images; "
+                                     f"drop --channels (it is taken from the pretrained run)")
+                changed[key] = {"pretrained": old, "used": new}
+                print(f"{key}: the pretrained run used {old!r}; this run uses {new!r}, as given")
+            else:
+                setattr(cfg.data, name, old)
+        cfg.model.in_channels = cfg.data.channels
+        cfg.inherited = {"from": str(self.path), "changed": changed}
+        return changed
+
+
+def _finetuned(run: RunFolder) -> nn.Module:
+    from labeldiff.models.unet import SegmentationNet
+
+    cfg = run.config
+    model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden,
+                            keep_out_norm=cfg.transfer.keep_out_norm)
+    model.load_state_dict(run.weights(), strict=True)
+    return model
+
+
+def _probe(run: RunFolder) -> nn.Module:
+    from labeldiff.models.probe import ProbeSegmenter, load_probe
+    from labeldiff.models.unet import build_network
+
+    cfg = run.config
+    unet = build_network(cfg.model, out_channels=cfg.model.in_channels)
+    unet.out = nn.Identity()
+    unet.load_state_dict(run.weights(BACKBONE_FILE), strict=True)
+    ensemble, spec, meta = load_probe(run.path)
+    return ProbeSegmenter(unet.eval().requires_grad_(False), ensemble, cfg, spec, meta.get("noise_seed", 0))
+
+
+def _direct(run: RunFolder) -> nn.Module:
+    from labeldiff.models.unet import DirectSegmenter
+
+    if run.method not in DIRECT_SEGMENTERS:
+        raise ValueError(f"--model {run.path} is a {run.method!r} pretraining run, which does not predict masks; "
+                         f"fine-tune it first (`labeldiff finetune --pretrained {run.path}`)")
+    first = run.config.model.in_channels if run.method == "hybrid" else 0
+    return DirectSegmenter(run.pretext_network(), first_channel=first, t=0)
+
+
+SEGMENTERS = {"pretrain": _direct, "finetune": _finetuned, "probe": _probe}

@@ -1,0 +1,36 @@
+"""One entry point for every transfer strategy: :func:`run_transfer`.
+
+``labeldiff finetune`` and the study's cells both come through here, with the labeled images
+either drawn (``transfer.labels`` with ``train.seed``) or given explicitly as stems.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from labeldiff.config import RunConfig
+
+STRATEGIES = ("probe", "linear", "decoder", "full", "scratch")
+
+
+def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, resume: bool = False,
+                 overwrite: bool = False, explicit: Iterable[str] = ()) -> dict:
+    """Train ``cfg.transfer.strategy`` into the run folder ``out``; returns ``{"step", "loss", "seconds"}``.
+
+    ``stems``: the labeled images (default: ``transfer.labels`` of the train split, drawn with
+    ``train.seed``). ``explicit``: dotted config names the user set, for
+    :meth:`labeldiff.runs.RunFolder.inherit`.
+    """
+    strategy = cfg.transfer.strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}")
+    stems = list(stems) if stems is not None else None
+    if strategy == "probe":
+        from labeldiff.transfer.probe_run import run_probe
+
+        if resume:
+            raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
+        return run_probe(cfg, out, stems, overwrite=overwrite, explicit=explicit)
+    from labeldiff.transfer.finetune import run_finetune
+
+    return run_finetune(cfg, out, stems, resume=resume, overwrite=overwrite, explicit=explicit)
