@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import (ImageCache, LabeledFolder, Sample, StepBatches, list_images, select_subset,
-                                     unlabeled_samples, validate_samples)
+from labeldiff.data.datasets import (ImageCache, LabeledFolder, Sample, StepBatches, list_images, resize_mask,
+                                     select_subset, unlabeled_samples, validate_samples)
 from labeldiff.data.io import DataError, image_size, read_image, read_mask
 from labeldiff.data.volumes import volume_to_slices
 
@@ -444,3 +444,17 @@ def test_split_file_replaces_split_json(labeled_dataset, tmp_path):
     assert LabeledFolder(labeled_dataset, f).stems("train") == ["img_05"]
     with pytest.raises(DataError, match="does not exist"):
         LabeledFolder(labeled_dataset, tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("hw", [(7, 5), (20, 12), (3, 3)])
+def test_resize_mask_is_nearest_neighbour(hw):
+    """Resized masks keep their class indices: each output pixel is the input pixel whose centre is
+    nearest (``nearest-exact``: index floor((i + 0.5)·in/out)). Bilinear, area or plain ``nearest``
+    (floor(i·in/out)) resizing give other values here."""
+    m = torch.tensor([[0, 7, 0, 3], [7, 0, 3, 0], [0, 3, 0, 7], [3, 0, 7, 0], [0, 7, 3, 0]])  # 5×4, classes 0/3/7
+    out = resize_mask(m, hw)
+    assert out.dtype == torch.long and tuple(out.shape) == hw
+    rows = ((torch.arange(hw[0]) + 0.5) * m.shape[0] / hw[0]).floor().long()
+    cols = ((torch.arange(hw[1]) + 0.5) * m.shape[1] / hw[1]).floor().long()
+    assert torch.equal(out, m[rows][:, cols])
+    assert set(out.unique().tolist()) <= {0, 3, 7}

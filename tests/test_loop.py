@@ -170,11 +170,26 @@ def test_finetuning_lowers_loss(tmp_path, binary_dataset, tiny_run_config, log_r
     assert last < 0.5 * first, (first, last)
 
 
-def test_resolve_precision():
-    """fp32 → no autocast, bf16 → bfloat16, unknown names are ValueErrors."""
+def test_resolve_precision(monkeypatch):
+    """fp32 → no autocast, bf16 → bfloat16, auto → bf16 exactly on CPUs with AMX/AVX512-BF16,
+    unknown names are ValueErrors."""
+    import labeldiff.runtime as rt
+
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("auto", torch.device("meta")) is None
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", cpu)
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags():
+    from labeldiff.runtime import cpu_has_bf16
+
+    assert cpu_has_bf16("flags : fpu sse avx2 avx512f avx512_bf16 amx_tile")
+    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not cpu_has_bf16("flags : fpu sse sse2 avx avx2 fma avx512f avx512bw")

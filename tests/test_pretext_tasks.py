@@ -207,11 +207,21 @@ def test_supervised_pretraining_is_a_segmenter_and_transfers(binary_dataset, tmp
     seg, cfg = open_segmenter(run)
     assert isinstance(seg, DirectSegmenter) and seg.first == 0
     assert seg(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)
-    net = SegmentationNet(cfg.model, num_classes=2)
     from labeldiff.checkpoint import load_weights
     from labeldiff.models.unet import load_backbone_strict
-    report = load_backbone_strict(net, load_weights(run / "model.safetensors"))
-    assert report["skipped"] == ["out.0.bias", "out.0.weight"] or all(k.startswith("out.") for k in report["skipped"])
+    pretrained = load_weights(run / "model.safetensors")
+    net = SegmentationNet(cfg.model, num_classes=2)
+    report = load_backbone_strict(net, pretrained)
+    # MONAI's out = GroupNorm (out.0) → SiLU → conv (out.2.conv): dropping `out` skips exactly these four
+    assert report["skipped"] == ["out.0.bias", "out.0.weight", "out.2.conv.bias", "out.2.conv.weight"]
+    assert report["loaded"] == sorted(k for k in pretrained if not k.startswith("out."))
+    kept = SegmentationNet(cfg.model, num_classes=2, keep_out_norm=True)
+    report = load_backbone_strict(kept, pretrained)
+    assert report["skipped"] == ["out.2.conv.bias", "out.2.conv.weight"]
+    assert torch.equal(kept.backbone.out[0].weight, pretrained["out.0.weight"])
+    assert torch.equal(kept.backbone.out[0].bias, pretrained["out.0.bias"])
+    with pytest.raises(ValueError, match="missing"):  # the norm must come from the run, not stay random
+        load_backbone_strict(kept, {k: v for k, v in pretrained.items() if not k.startswith("out.0")})
 
 
 def test_labeled_methods_need_masks(tmp_path, tiny_model_config):

@@ -1,4 +1,4 @@
-"""Command line: ``labeldiff pretrain | finetune | evaluate | predict | demo``.
+"""Command line: ``labeldiff pretrain | finetune | evaluate | predict | sample | split | study | bench | demo``.
 
 Heavy libraries (torch, MONAI, matplotlib) are imported inside the commands so ``--help`` is fast.
 """

@@ -16,7 +16,7 @@ from monai.losses import SSIMLoss
 
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
-from labeldiff.runtime import rand, randint
+from labeldiff.runtime import autocast, rand, randint
 
 LOSSES = ("ssim", "mse", "masked-mse")
 # loss "auto" per method: MDM reconstructs the whole image with 1 − SSIM (§4.1 Eq. 4, Table 4);
@@ -98,7 +98,7 @@ class PatchMasking(Corruption):
         """
         if self.ssim is None:
             return super().loss(pred, c)
-        with torch.autocast(pred.device.type, enabled=False):
+        with autocast(pred.device, None):  # disabled: fp32
             return self.ssim(pred.float(), c.target.float())
 
 

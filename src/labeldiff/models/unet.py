@@ -66,6 +66,16 @@ def size_multiple(cfg: ModelConfig) -> int:
     return 2 ** (len(cfg.channels) - 1)
 
 
+def check_input_size(cfg: ModelConfig, size: int) -> None:
+    """Reject a network config, or an input side ``size`` it cannot take, with the size to use instead."""
+    check_model_config(cfg)
+    m = size_multiple(cfg)
+    if size % m:
+        what = ("the EfficientNet encoder halves the resolution 5 times" if cfg.arch == "efficientnet-unet"
+                else f"the UNet halves the resolution {len(cfg.channels) - 1} times")
+        raise ValueError(f"--size {size} is not a multiple of {m} ({what}); use --size {max(m, size // m * m)}")
+
+
 def feature_channels(cfg: ModelConfig) -> int:
     """Channels of the last decoder features (what the segmentation head reads)."""
     if cfg.arch == "efficientnet-unet":

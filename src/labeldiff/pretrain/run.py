@@ -12,7 +12,7 @@ from labeldiff.corruption.masking import resolve_loss
 from labeldiff.data.datasets import (LabeledFolder, Sample, StepBatches, pretraining_exclusions,
                                      unlabeled_samples, validate_samples)
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
-from labeldiff.models.unet import build_network, check_model_config, size_multiple
+from labeldiff.models.unet import build_network, check_input_size
 from labeldiff.pretrain.loop import train
 from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
@@ -30,13 +30,7 @@ def pretext_loss(corruption: Corruption):
 
 def check_size(cfg: RunConfig) -> None:
     """Reject a network config or input size that cannot work, before any folder is written."""
-    check_model_config(cfg.model)
-    m = size_multiple(cfg.model)
-    if cfg.data.size % m:
-        what = ("the EfficientNet encoder halves the resolution 5 times" if cfg.model.arch == "efficientnet-unet"
-                else f"the UNet halves the resolution {len(cfg.model.channels) - 1} times")
-        raise ValueError(f"--size {cfg.data.size} is not a multiple of {m} ({what}); "
-                         f"use --size {max(m, cfg.data.size // m * m)}")
+    check_input_size(cfg.model, cfg.data.size)
 
 
 def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:

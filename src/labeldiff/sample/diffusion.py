@@ -41,7 +41,8 @@ def make_sampler(cfg: RunConfig, sampler: str, steps: int | None):
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim", steps: int | None = None,
            seed: int = 0, batch_size: int = 16, precision: str = INFERENCE_PRECISION) -> torch.Tensor:
-    """Draw ``n`` images ``[n, C, S, S]`` in [-1, 1] from pure noise by the reverse process."""
+    """Draw ``n`` images ``[n, C, S, S]`` in [-1, 1] from pure noise by the reverse process, on the
+    model's device."""
     corruption = build_corruption(cfg.corruption)
     if not isinstance(corruption, (GaussianNoise, HybridDiffusion)):
         raise ValueError(f"run was pretrained with {cfg.corruption.method!r}, which is not a diffusion model; "
@@ -62,14 +63,15 @@ def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim"
             with autocast(device, dtype):
                 pred = model(x, tt)[:, :ch].float()  # hybrid: the image channels
             x, _ = sched.step(pred, int(t), x, generator=step_g) if sampler == "ddpm" else sched.step(pred, int(t), x)
-        out.append(x.clamp(-1, 1).cpu())
+        out.append(x.clamp(-1, 1))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, batch_size: int = 16,
                  precision: str = INFERENCE_PRECISION) -> torch.Tensor:
-    """Masks ``[n, S, S]`` of sampled images from a hybrid run: argmax of the mask channels at t = 0."""
+    """Masks ``[n, S, S]`` of sampled images from a hybrid run: argmax of the mask channels at t = 0,
+    on the model's device."""
     if cfg.corruption.method != "hybrid":
         raise ValueError(f"only hybrid runs generate masks; this run is {cfg.corruption.method!r}")
     device = next(model.parameters()).device
@@ -81,7 +83,7 @@ def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, b
         t = torch.zeros(len(x), dtype=torch.long, device=device)
         with autocast(device, dtype):
             logits = model(x, t)[:, ch:].float()
-        out.append(logits.argmax(1).cpu())
+        out.append(logits.argmax(1))
     return torch.cat(out)
 
 
@@ -94,6 +96,7 @@ def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    images, masks = images.cpu(), masks.cpu() if masks is not None else None
     pics = [to_rgb(x.numpy()) for x in images]
     for i, p in enumerate(pics):
         save_png(p, out / f"sample_{i:03d}.png")

@@ -315,7 +315,7 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     seed = 0 if any(c.seed == 0 for c in finished) else min(c.seed for c in finished)
     chosen = [c for c in finished if c.k == k and c.seed == seed]
     samples = target.ds.samples(target.test[:OVERLAY_IMAGES])
-    channels = RunConfig.load(chosen[0].dir / "run" / "config.json").data.channels
+    channels = RunFolder.open(chosen[0].dir / "run").config.data.channels
     images = [{"name": s.stem, "image": read_image(s.image, channels), "target": read_mask(s.mask, target.num_classes)}
               for s in samples]
     preds = {}

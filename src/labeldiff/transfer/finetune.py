@@ -32,9 +32,8 @@ from monai.losses import DiceCELoss
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
 from labeldiff.config import RunConfig
 from labeldiff.data.datasets import StepBatches
-from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, load_backbone_strict
+from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, check_input_size, load_backbone_strict
 from labeldiff.pretrain.loop import train
-from labeldiff.pretrain.run import check_size
 from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
@@ -104,7 +103,7 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     if t.strategy not in STRATEGIES:
         raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
     job = prepare_transfer(cfg, stems, explicit)
-    check_size(cfg)
+    check_input_size(cfg.model, cfg.data.size)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
