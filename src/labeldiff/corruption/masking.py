@@ -26,8 +26,9 @@ DEFAULT_LOSS = {"mdm": "ssim", "mae": "masked-mse"}
 
 
 def resolve_loss(method: str, loss: str) -> str:
-    """``loss``, or the method's default (:data:`DEFAULT_LOSS`) when it is ``auto``."""
-    return DEFAULT_LOSS.get(method, "mse") if loss == "auto" else loss
+    """``loss``, or the method's default (:data:`DEFAULT_LOSS`) when it is ``auto`` (other methods
+    do not read the field: it stays ``auto``)."""
+    return DEFAULT_LOSS.get(method, loss) if loss == "auto" else loss
 
 
 def patch_mask(shape: torch.Size, n_mask: torch.Tensor, patch_size: int, generator: torch.Generator) -> torch.Tensor:

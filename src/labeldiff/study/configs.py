@@ -14,6 +14,7 @@ from typing import Any
 
 from labeldiff.config import (ModelConfig, RunConfig, apply_overrides, default_finetune_config,
                               default_pretrain_config, load_recipe, merge_recipe)
+from labeldiff.corruption.masking import resolve_loss
 from labeldiff.study.spec import MethodSpec, Recipe, Study
 
 # DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
@@ -57,6 +58,7 @@ def _data_overrides(study: Study, names: tuple[str, ...] | None = None) -> dict[
 def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunConfig:
     """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None)."""
     cfg = _layered(default_pretrain_config(), method.recipe, _data_overrides(study, PRETRAIN_DATA_FIELDS))
+    cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # as run_pretrain stores it
     if steps is not None:
         cfg.train.steps = steps
     d = study.data
