@@ -45,14 +45,13 @@ def test_head_structure(tiny_model_config):
     assert layers[0].kernel_size == (3, 3) and layers[0].in_channels == 8 and layers[0].out_channels == 16
     assert layers[3].kernel_size == (3, 3) and layers[3].in_channels == 16
     assert layers[6].kernel_size == (1, 1) and layers[6].out_channels == 3
-    # the pretext conv is gone; its GroupNorm + SiLU stay in front of the head (keep_out_norm, the default)
-    assert [type(m) for m in net.backbone.out] == [nn.GroupNorm, nn.SiLU]
-    assert isinstance(SegmentationNet(tiny_model_config(3), 3, keep_out_norm=False).backbone.out, nn.Identity)
+    assert isinstance(net.backbone.out, nn.Identity)  # the whole pretext output layer is gone (the default)
+    kept = SegmentationNet(tiny_model_config(3), 3, keep_out_norm=True)  # only its conv is
+    assert [type(m) for m in kept.backbone.out] == [nn.GroupNorm, nn.SiLU]
 
 
 def test_load_backbone_strict(tiny_model_config):
-    """Pretrained UNet weights land in the backbone; skipped = the output conv `out.2.*` (with
-    keep_out_norm, the default; all `out.*` without), new = the head.* keys."""
+    """Pretrained UNet weights land in the backbone; skipped = the `out.*` keys, new = the head.* keys."""
     torch.manual_seed(1)
     pre = build_unet(tiny_model_config(3), out_channels=3)
     sd = pre.state_dict()
@@ -60,10 +59,10 @@ def test_load_backbone_strict(tiny_model_config):
     net = SegmentationNet(tiny_model_config(3), num_classes=2, head_hidden=8)
     assert not torch.equal(net.backbone.conv_in.conv.weight, sd["conv_in.conv.weight"])
     report = load_backbone_strict(net, sd)
-    out_keys = sorted(k for k in sd if k.startswith("out.2."))
+    out_keys = sorted(k for k in sd if k.startswith("out."))
     assert out_keys and report["skipped"] == out_keys
     assert report["new"] == sorted(f"head.{k}" for k in net.head.state_dict())
-    assert report["loaded"] == sorted(k for k in sd if not k.startswith("out.2."))
+    assert report["loaded"] == sorted(k for k in sd if not k.startswith("out."))
     own = net.backbone.state_dict()
     assert set(own) == set(report["loaded"])
     for k in own:

@@ -210,7 +210,7 @@ def test_supervised_pretraining_is_a_segmenter_and_transfers(binary_dataset, tmp
     from labeldiff.checkpoint import load_weights
     from labeldiff.models.unet import load_backbone_strict
     pretrained = load_weights(run / "model.safetensors")
-    net = SegmentationNet(cfg.model, num_classes=2, keep_out_norm=False)
+    net = SegmentationNet(cfg.model, num_classes=2)
     report = load_backbone_strict(net, pretrained)
     # MONAI's out = GroupNorm (out.0) → SiLU → conv (out.2.conv): dropping `out` skips exactly these four
     assert report["skipped"] == ["out.0.bias", "out.0.weight", "out.2.conv.bias", "out.2.conv.weight"]

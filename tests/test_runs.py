@@ -119,7 +119,7 @@ def test_pretraining_leaves_the_test_split_out(tmp_path, capsys):
         cfg = tiny_run(data, steps=1)
         cfg.data.include_test = True
         run_pretrain(cfg, tmp_path / "b")
-        assert "--include-test" in capsys.readouterr().out
+        assert "include_test: pretraining also reads the 2 images" in capsys.readouterr().out
         run_pretrain(tiny_run(data / "images", steps=1), tmp_path / "c")  # ROOT/images is still that dataset
     finally:
         pr.StepBatches = real
@@ -184,17 +184,3 @@ def test_evaluation_does_not_depend_on_the_cpu(pretrained, tmp_path, monkeypatch
     run_evaluate(ft.path, tmp_path / "eval_bf16", split="test", device="cpu", precision="auto")
     assert all(autocast_seen)  # asked for: bf16 where the CPU has it
 
-
-def test_configs_saved_before_keep_out_norm_still_load_their_network(pretrained, tmp_path):
-    """A fine-tuned run saved before transfer.keep_out_norm existed dropped out.0: it must load as such."""
-    data, pre = pretrained
-    cfg = tiny_run(data, kind="segmentation", steps=1)
-    cfg.transfer.pretrained, cfg.transfer.labels, cfg.transfer.keep_out_norm = str(pre), 2, False
-    run_transfer(cfg, tmp_path / "old")
-    d = json.loads((tmp_path / "old" / "config.json").read_text())
-    del d["transfer"]["keep_out_norm"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(d))
-    run = RunFolder.open(tmp_path / "old")
-    assert run.config.transfer.keep_out_norm is False
-    assert isinstance(run.segmenter().backbone.out, torch.nn.Identity)
-    assert RunConfig().transfer.keep_out_norm is True  # new runs keep it

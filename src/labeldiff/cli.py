@@ -88,7 +88,7 @@ FINETUNE_OPTS = [
                                              "'blocks=1,2;t=50,150' [default]"),
     ("--members", "transfer.members", int, "probe: MLPs in the ensemble [10]"),
     ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
-                                                         "in front of the new head (1) or drop it (0) [1]"),
+                                                         "in front of the new head (1) or drop it (0) [0]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
     ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
     ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),

@@ -154,13 +154,14 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     splits = read_splits(split_path(root, cfg.split_file))
     test = splits.get(cfg.test_split, [])
     if cfg.include_test:
-        return [], (f"--include-test: pretraining also reads the {len(test)} images of split "
+        return [], (f"include_test: pretraining also reads the {len(test)} images of split "
                     f"{cfg.test_split!r} (the transductive protocol of the MDM paper)")
     if not test:
         where = "no split file" if not splits else f"no split {cfg.test_split!r} in the split file"
         return [], f"{where}: pretraining reads every image"
     return test, (f"pretraining leaves out the {len(test)} images of split {cfg.test_split!r} "
-                  f"(--include-test reads them too: the MDM paper's transductive protocol)")
+                  f"(--include-test, or include_test: true in a study, reads them too: the MDM paper's "
+                  f"transductive protocol)")
 
 
 def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train") -> list[str]:

@@ -144,7 +144,7 @@ class SegmentationNet(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128,
-                 keep_out_norm: bool = True):
+                 keep_out_norm: bool = False):
         super().__init__()
         self.backbone = build_network(cfg, out_channels=cfg.in_channels)
         self.skip = pretext_output(cfg.arch, keep_out_norm)
