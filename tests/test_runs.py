@@ -100,29 +100,26 @@ def test_cli_finetune_takes_scale_from_the_pretrained_run(tmp_path, capsys):
 
 # --- pretraining and the test split ---------------------------------------------------------------------------
 
-def test_pretraining_leaves_the_test_split_out(tmp_path, capsys):
+def test_pretraining_leaves_the_test_split_out(tmp_path, capsys, monkeypatch):
+    import labeldiff.pretrain.run as pr
+
     data = write_labeled_dataset(tmp_path / "data", n=6, k=2, hw=(32, 32), n_train=4)
     test = json.loads((data / "split.json").read_text())["test"]
     seen = []
-    import labeldiff.pretrain.run as pr
-
     real = pr.StepBatches
 
     def spy(samples, *a, **kw):
         seen.append(sorted(s.stem for s in samples))
         return real(samples, *a, **kw)
 
-    pr.StepBatches = spy
-    try:
-        run_pretrain(tiny_run(data, steps=1), tmp_path / "a")
-        assert "leaves out the 2 images of split 'test'" in capsys.readouterr().out
-        cfg = tiny_run(data, steps=1)
-        cfg.data.include_test = True
-        run_pretrain(cfg, tmp_path / "b")
-        assert "include_test: pretraining also reads the 2 images" in capsys.readouterr().out
-        run_pretrain(tiny_run(data / "images", steps=1), tmp_path / "c")  # ROOT/images is still that dataset
-    finally:
-        pr.StepBatches = real
+    monkeypatch.setattr(pr, "StepBatches", spy)
+    run_pretrain(tiny_run(data, steps=1), tmp_path / "a")
+    assert "leaves out the 2 images of split 'test'" in capsys.readouterr().out
+    cfg = tiny_run(data, steps=1)
+    cfg.data.include_test = True
+    run_pretrain(cfg, tmp_path / "b")
+    assert "include_test: pretraining also reads the 2 images" in capsys.readouterr().out
+    run_pretrain(tiny_run(data / "images", steps=1), tmp_path / "c")  # ROOT/images is still that dataset
     assert not set(test) & set(seen[0]) and len(seen[0]) == 4
     assert set(test) <= set(seen[1]) and len(seen[1]) == 6
     assert seen[2] == seen[0]

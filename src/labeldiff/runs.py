@@ -78,11 +78,11 @@ class RunFolder:
     def weights(self, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
         return load_weights(self.path / name)
 
-    def pretext_network(self, device: torch.device | str = "cpu") -> nn.Module:
+    def pretext_network(self, device: torch.device | str = "cpu", flag: str = "--model") -> nn.Module:
         """A pretraining run's network with its pretext output layer, EMA weights, strict, in eval."""
         from labeldiff.models.unet import build_network
 
-        self.require_pretrain("--model")
+        self.require_pretrain(flag)
         cfg = self.config
         out = build_corruption(cfg.corruption).out_channels(cfg.model.in_channels, cfg.num_classes)
         net = build_network(cfg.model, out_channels=out)
@@ -92,7 +92,7 @@ class RunFolder:
     def backbone(self, device: torch.device | str = "cpu") -> nn.Module:
         """The pretrained diffusion UNet without its output layer (``out`` = identity), frozen:
         what the probe and diverse selection read the decoder blocks of."""
-        net = self.pretext_network(device)
+        net = self.pretext_network(device, flag="--pretrained")
         net.out = nn.Identity()
         return net.eval().requires_grad_(False)
 
