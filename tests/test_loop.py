@@ -69,6 +69,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run
         assert rec["lr"] == pytest.approx(1e-3 * lr_factor(step - 1, tc))
 
 
+def test_extending_a_finished_run_equals_the_longer_run(tmp_path, labeled_dataset, tiny_run_config, log_reader):
+    """A finished 4-step run resumed with 7 steps ends with the weights of a 7-step run when the rate is
+    constant after warm-up; config.json records the extension and the 4-step weights are kept."""
+    cfg = dict(checkpoint_every=2, log_every=1, ema_decay=0.9, warmup_steps=2, lr_final_ratio=1.0)
+    a, b = tmp_path / "A", tmp_path / "B"
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, steps=7, **cfg), a)
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, steps=4, **cfg), b)
+    short = load_weights(b / "model.safetensors")
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, steps=7, **cfg), b, resume=True)
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    kept = load_weights(b / "model-step4.safetensors")
+    assert all(torch.equal(kept[k], short[k]) for k in short)
+    saved = json.loads((b / "config.json").read_text())
+    assert saved["train"]["steps"] == 7
+    assert saved["extended"] == [{"at_step": 4, "from_steps": 4, "to_steps": 7}]
+    assert sorted(log_reader(b)) == list(range(1, 8))
+    with pytest.raises(ValueError, match="past --steps 5"):
+        pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, steps=5, **cfg), b, resume=True)
+
+
 def _pretrain_parts(data, tiny_run_config, **train_cfg):
     cfg = tiny_run_config(data, **train_cfg)
     torch.manual_seed(0)

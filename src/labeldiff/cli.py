@@ -81,8 +81,18 @@ PRETRAIN_OPTS = [
 FINETUNE_OPTS = [
     ("--pretrained", "transfer.pretrained", str, "a `labeldiff pretrain` run folder to start from"),
     ("--strategy", "transfer.strategy", str, "linear (train the head on the frozen backbone), decoder (freeze the "
-                                             "encoder), full (train everything), scratch (random init) or probe "
-                                             "(pixel-MLP ensemble on frozen features) [full]"),
+                                             "encoder), full (train everything), lp-ft (linear, then full from that "
+                                             "head), scratch (random init) or probe (pixel-MLP ensemble on frozen "
+                                             "features) [full]"),
+    ("--augment", "transfer.augment", str, "image+mask augmentation: none (crop window only), light (small "
+                                           "rotation/scale, brightness, gamma) or strong (nnU-Net-like: any "
+                                           "rotation, scale, elastic, noise, blur, contrast) [none]"),
+    ("--flips", "transfer.flips", str, "mirrorings that make sense for the data: none, h (left-right), v, hv [h]"),
+    ("--steps-rule", "transfer.steps_rule", str, "fine-tuning length: fixed (--steps) or plateau (stop when the "
+                                                 "training loss stops falling, at most --steps) [fixed]"),
+    ("--lp-steps", "transfer.lp_steps", int, "lp-ft: steps of the linear-probe phase [100]"),
+    ("--keep-head", "transfer.keep_head", _bool, "hybrid/supervised --pretrained run with the target's classes: "
+                                                 "fine-tune its own mask output (1) instead of a new head (0) [0]"),
     ("--features", "transfer.features", str, "probe: default (per method: mdm t=50, ddpm t=50,150,250; middle "
                                              "decoder blocks), auto (chosen by leave-one-image-out validation) or "
                                              "'blocks=1,2;t=50,150' [default]"),
@@ -203,7 +213,8 @@ def cmd_split(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from labeldiff.study import run_study
 
-    run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only)
+    run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only,
+              pretrain_only=args.pretrain_only, pretrain_dir=args.pretrain_dir)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -324,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="study folder (cached pretraining, cells, reports)")
     p.add_argument("--dry-run", action="store_true", help="list pretraining runs and cells (done/todo); train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the reports from finished cells; train nothing")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="train or resume the pretraining runs, then stop (the cells run on the next call)")
+    p.add_argument("--pretrain-dir", type=Path, default=None,
+                   help="cache of pretraining runs [OUT/pretrain]; runs are named by their config's hash, so "
+                        "several studies (a screen and its confirmation) can share one")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="benchmarks: probe-memory (streamed pixel-MLP probe vs the in-RAM reference)",

@@ -124,7 +124,7 @@ class TransferConfig:
     """
 
     pretrained: str | None = None
-    strategy: str = "full"  # linear | decoder | full | scratch | probe
+    strategy: str = "full"  # linear | decoder | full | lp-ft | scratch | probe
     labels: int = 3
     t: int = 0
     head_hidden: int = 128
@@ -138,6 +138,34 @@ class TransferConfig:
     # against dropping them (README, "Keeping the UNet's output norm"): +0.010 Dice on MoNuSeg k = 3
     # (CI includes 0), −0.047 on the demo's brain slices (one seed collapsed); so they are dropped.
     keep_out_norm: bool = False
+    # the fair few-label protocol (issue 11; README "Fine-tuning protocol"), the same for scratch:
+    augment: str = "none"  # none | light | strong (labeldiff.data.augment)
+    flips: str = "h"  # which mirrorings make sense for the data: none | h | v | hv
+    steps_rule: str = "fixed"  # fixed: train.steps; plateau: stop when the training loss stops falling
+    lp_steps: int = 100  # lp-ft: steps of the linear-probe phase (head only) before full fine-tuning
+    keep_head: bool = False  # hybrid / supervised source: fine-tune its own mask output, no new head
+
+
+AUGMENT_LEVELS = ("none", "light", "strong")  # transfer.augment (labeldiff.data.augment)
+FLIPS = ("none", "h", "v", "hv")  # transfer.flips
+STEPS_RULES = ("fixed", "plateau")  # transfer.steps_rule
+
+
+def check_augment(level: str, flips: str) -> None:
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"augment {level!r} is unknown; choose one of {', '.join(AUGMENT_LEVELS)}")
+    if flips not in FLIPS:
+        raise ValueError(f"flips {flips!r} is unknown; choose one of {', '.join(FLIPS)} "
+                         f"(h = left–right, v = up–down)")
+
+
+def check_transfer(t: TransferConfig) -> None:
+    """The fine-tuning protocol's choices (augment, flips, steps rule), with errors that list them."""
+    check_augment(t.augment, t.flips)
+    if t.steps_rule not in STEPS_RULES:
+        raise ValueError(f"steps rule {t.steps_rule!r} is unknown; choose one of {', '.join(STEPS_RULES)}")
+    if t.lp_steps < 1:
+        raise ValueError(f"lp_steps must be ≥ 1 (the linear-probe phase of lp-ft), got {t.lp_steps}")
 
 
 SECTIONS = {
@@ -163,6 +191,9 @@ class RunConfig:
     # a transfer run: the pretrained run it inherited its network and data geometry from, and every
     # geometry value given that differs from the pretrained one ({"data.scale": {"pretrained", "used"}})
     inherited: dict[str, Any] | None = None
+    # a run resumed with more ``train.steps`` than it was started with: one record per extension
+    # ({"at_step", "from_steps", "to_steps"}); the learning-rate schedule is re-spread over the new length
+    extended: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

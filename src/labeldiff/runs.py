@@ -152,7 +152,8 @@ def _finetuned(run: RunFolder) -> nn.Module:
 
     cfg = run.config
     model = SegmentationNet(cfg.model, cfg.num_classes, t=cfg.transfer.t, head_hidden=cfg.transfer.head_hidden,
-                            keep_out_norm=cfg.transfer.keep_out_norm)
+                            keep_out_norm=cfg.transfer.keep_out_norm,
+                            keep_head=cfg.corruption.method if cfg.transfer.keep_head else None)
     model.load_state_dict(run.weights(), strict=True)
     return model
 

@@ -248,24 +248,27 @@ class ScaledImages:
 class StepBatches(torch.utils.data.Dataset):
     """``batches[step]`` is the training batch of that step, fully determined by ``(seed, step)``.
 
-    Images are drawn with replacement, randomly cropped to ``size``² (crop mode) and flipped
-    horizontally with probability 0.5 — the only augmentations. Because a batch depends only on
+    Images are drawn with replacement, randomly cropped to ``size``² (crop mode), flipped along the
+    axes of ``flips`` with probability 0.5 each, and transformed by ``augment`` (a
+    :class:`labeldiff.data.augment.Augment`; None: no transform). Because a batch depends only on
     the step, a resumed run sees exactly the batches an uninterrupted one would.
     Returns ``{"image": [B, C, S, S] float32, "mask": [B, S, S] int64 (labeled only)}``.
     """
 
     def __init__(self, samples: list[Sample], cfg: DataConfig, batch_size: int, seed: int,
-                 labeled: bool, num_classes: int | None = None, flip: bool = True):
+                 labeled: bool, num_classes: int | None = None, flips: str = "h", augment=None):
         if not samples:
             raise DataError("no training images")
         self.samples, self.cfg, self.batch_size, self.seed = samples, cfg, batch_size, seed
-        self.labeled, self.num_classes, self.flip = labeled, num_classes, flip
+        self.labeled, self.num_classes, self.flips, self.augment = labeled, num_classes, flips, augment
         self.loader = ScaledImages(cfg)
 
     def __len__(self) -> int:
         return 2**31 - 1
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        from labeldiff.data.augment import seed_from
+
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randint(len(self.samples), (self.batch_size,), generator=g)
         images, masks = [], []
@@ -275,15 +278,21 @@ class StepBatches(torch.utils.data.Dataset):
             x = self.loader.image(sample)
             m = self.loader.mask(sample, self.num_classes) if self.labeled else None
             h, w = x.shape[-2:]
-            top = int(torch.randint(h - s + 1, (1,), generator=g))
-            left = int(torch.randint(w - s + 1, (1,), generator=g))
-            flip = bool(torch.rand(1, generator=g) < 0.5) and self.flip
-            x = x[:, top:top + s, left:left + s]
+            wh = self.augment.window(h) if self.augment else s
+            ww = self.augment.window(w) if self.augment else s
+            top = int(torch.randint(h - wh + 1, (1,), generator=g))
+            left = int(torch.randint(w - ww + 1, (1,), generator=g))
+            hflip = bool(torch.rand(1, generator=g) < 0.5) and "h" in self.flips
+            vflip = "v" in self.flips and bool(torch.rand(1, generator=g) < 0.5)
+            x = x[:, top:top + wh, left:left + ww]
             if m is not None:
-                m = m[top:top + s, left:left + s]
-            if flip:
-                x = x.flip(-1)
-                m = m.flip(-1) if m is not None else None
+                m = m[top:top + wh, left:left + ww]
+            for flip, dim in ((hflip, -1), (vflip, -2)):
+                if flip:
+                    x = x.flip(dim)
+                    m = m.flip(dim) if m is not None else None
+            if self.augment is not None:
+                x, m = self.augment(x, m, seed_from(g))
             images.append(x)
             if m is not None:
                 masks.append(m)

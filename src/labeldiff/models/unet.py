@@ -134,6 +134,28 @@ class SegHead(nn.Module):
         return self.layers(x)
 
 
+class KeptHead(nn.Module):
+    """The mask output a hybrid or supervised source network already has: channels ``first:`` of its
+    output layer (hybrid: after the C image channels; supervised: all). No parameters of its own."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = int(first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.first:]
+
+
+def kept_head_channels(method: str, in_channels: int, num_classes: int) -> tuple[int, int]:
+    """``(output channels, first mask channel)`` of a hybrid (C + K) or supervised (K) network."""
+    if method == "hybrid":
+        return in_channels + num_classes, in_channels
+    if method == "supervised":
+        return num_classes, 0
+    raise ValueError(f"a {method!r} network has no mask output to keep; --keep-head needs a hybrid or supervised "
+                     f"pretraining run")
+
+
 class SegmentationNet(nn.Module):
     """Backbone (either arch) with a fixed timestep ``t`` and a :class:`SegHead`.
 
@@ -141,11 +163,22 @@ class SegmentationNet(nn.Module):
     ``[B, feature_channels(cfg), H, W]``: the UNet's output conv is always replaced; with
     ``keep_out_norm`` its final GroupNorm + SiLU stay (and keep their pretrained weights), so the
     head reads normalised features as the pretext conv did. ``skip`` is the matching skip-list.
+
+    ``keep_head=method`` (hybrid / supervised): the backbone keeps its whole output layer and the
+    head is its mask channels (:class:`KeptHead`): every weight comes from the source run, nothing is
+    skipped and nothing is new.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, t: int = 0, head_hidden: int = 128,
-                 keep_out_norm: bool = False):
+                 keep_out_norm: bool = False, keep_head: str | None = None):
         super().__init__()
+        self.t = int(t)
+        if keep_head:
+            out, first = kept_head_channels(keep_head, cfg.in_channels, num_classes)
+            self.backbone = build_network(cfg, out_channels=out)
+            self.skip: tuple[str, ...] = ()
+            self.head: nn.Module = KeptHead(first)
+            return
         self.backbone = build_network(cfg, out_channels=cfg.in_channels)
         self.skip = pretext_output(cfg.arch, keep_out_norm)
         if self.skip == PRETEXT_CONV:
@@ -153,7 +186,6 @@ class SegmentationNet(nn.Module):
         else:
             self.backbone.out = nn.Identity()
         self.head = SegHead(feature_channels(cfg), head_hidden, num_classes)
-        self.t = int(t)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.full((x.shape[0],), self.t, dtype=torch.long, device=x.device)
@@ -174,8 +206,8 @@ def load_backbone_strict(model: SegmentationNet, pretrained: dict[str, torch.Ten
     """
     skip = model.skip if skip is None else skip
     own = model.backbone.state_dict()
-    skipped = sorted(k for k in pretrained if k.startswith(skip))
-    usable = {k: v for k, v in pretrained.items() if not k.startswith(skip)}
+    skipped = sorted(k for k in pretrained if skip and k.startswith(skip))
+    usable = {k: v for k, v in pretrained.items() if not (skip and k.startswith(skip))}
     missing = sorted(set(own) - set(usable))
     unexpected = sorted(set(usable) - set(own))
     if missing or unexpected:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,13 +55,44 @@ class EMA:
                 self.state[k].copy_(v)
 
 
+def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
+    """On resume: a longer ``train.steps`` than the run was started with extends it (recorded in
+    ``config.extended`` and ``config.json``); a length below the checkpoint's step is an error.
+
+    The schedule (:func:`lr_factor`) is spread over the new length, so a run whose learning rate decays
+    (``lr_final_ratio < 1``) warms back up at the step it is extended from; with a constant rate after
+    warm-up the extended run is the run that would have been trained at the new length from the start.
+    """
+    from labeldiff.runs import RunFolder
+
+    saved = RunFolder.open(run_dir, flag="--resume").config
+    steps, was = config.train.steps, saved.train.steps
+    if steps < start:
+        raise ValueError(f"{run_dir} is at step {start}, past --steps {steps}; give --steps {start} or more "
+                         f"(or use its model.safetensors as it is)")
+    extended = list(saved.extended or [])
+    if steps != was:
+        extended.append({"at_step": start, "from_steps": was, "to_steps": steps})
+        before, after = lr_factor(max(start - 1, 0), saved.train), lr_factor(start, config.train)
+        print(f"extending {run_dir} from {was} to {steps} steps at step {start}: learning rate "
+              f"×{before:.3f} → ×{after:.3f} of the base (the schedule is spread over {steps} steps)")
+        weights = run_dir / "model.safetensors"
+        if weights.is_file():  # the shorter run's weights stay, under their step
+            os.replace(weights, run_dir / f"model-step{start}.safetensors")
+    config.extended = extended or None
+    if steps != was:
+        config.save(run_dir / "config.json")
+
+
 def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           loss_fn: LossFn, batches: StepBatches, resume: bool = False, desc: str = "train",
-          frozen: list[torch.nn.Module] | None = None) -> dict:
+          frozen: list[torch.nn.Module] | None = None, stop: Callable[[int, float], bool] | None = None) -> dict:
     """Train ``model`` for ``config.train.steps`` steps, writing everything into ``run_dir``.
 
     ``frozen`` modules are put in ``eval()`` after every ``model.train()`` so their BatchNorm
-    statistics and dropout stay fixed. Returns ``{"step", "loss", "seconds"}``.
+    statistics and dropout stay fixed. ``stop(step, loss)``, called after every step, may end the run
+    early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. Returns
+    ``{"step", "loss", "seconds", "stopped"}`` (``stopped``: True when ``stop`` ended it).
     """
     cfg = config.train
     run_dir = Path(run_dir)
@@ -78,6 +110,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             ema.state = {k: v.clone() for k, v in ck["ema"].items()}
         torch.set_rng_state(ck["rng"]["torch_cpu"])
         start = ck["step"]
+        extend_config(run_dir, config, start)
         print(f"resuming {run_dir} at step {start}/{cfg.steps}")
     else:
         config.save(run_dir / "config.json")
@@ -95,6 +128,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.time(), start
     step = start
+    stopped = False
     try:
         for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -125,6 +159,12 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 log.flush()
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
             bar.update(1)
+            if stop is not None and done < cfg.steps and stop(done, loss_value):
+                stopped = True
+                log.write(json.dumps({"step": done, "loss": loss_value, "stopped": "plateau"}) + "\n")
+                print(f"\n{desc}: the training loss stopped falling; stopping at step {done} of {cfg.steps}")
+                step = done
+                break
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, {"loss": loss_value})
                 last_good = done
@@ -141,4 +181,4 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
     final = ema.state if ema is not None else model.state_dict()
     save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
-    return {"step": step, "loss": loss_value, "seconds": time.time() - t0}
+    return {"step": step, "loss": loss_value, "seconds": time.time() - t0, "stopped": stopped}

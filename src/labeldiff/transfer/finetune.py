@@ -10,12 +10,18 @@ Strategies (:data:`FROZEN`, the one mapping from strategy to frozen submodules):
 - ``decoder``: the encoder half frozen (:data:`labeldiff.models.unet.ENCODER_PARTS`), decoder and head
   train (the CT paper's best strategy);
 - ``full``: everything trains (vanilla fine-tuning of the hybrid and DDeP papers);
+- ``lp-ft``: ``transfer.lp_steps`` steps of ``linear`` (into ``OUT/lp/``), then ``full`` for
+  ``train.steps`` from that head (Kumar et al. 2022: a trained head distorts the features less
+  than a random one);
 - ``scratch``: the identical network from random initialisation with the identical schedule;
 - ``probe``: pixel-MLP ensemble on frozen features (:mod:`labeldiff.transfer.probe_run`), not this loop;
   :func:`labeldiff.transfer.run.run_transfer` dispatches every strategy.
 
 The new head reads the last decoder features; with ``transfer.keep_out_norm`` the pretrained final
-GroupNorm + SiLU of the diffusion UNet (``out.0``) stay in front of it.
+GroupNorm + SiLU of the diffusion UNet (``out.0``) stay in front of it. With ``transfer.keep_head`` a
+hybrid or supervised source run keeps its own mask output instead of getting a new head (the classes
+must match). Every strategy, scratch included, trains on batches augmented by ``transfer.augment``
+and ``transfer.flips`` (:mod:`labeldiff.data.augment`) for the length ``transfer.steps_rule`` gives.
 
 Frozen modules have ``requires_grad=False``, are left out of the optimiser and are kept in
 ``eval()`` (BatchNorm statistics do not move).
@@ -30,24 +36,28 @@ import torch
 from monai.losses import DiceCELoss
 
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
-from labeldiff.config import RunConfig
+from labeldiff.config import RunConfig, check_transfer, replace
+from labeldiff.data.augment import Augment
 from labeldiff.data.datasets import StepBatches
 from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, check_input_size, load_backbone_strict
 from labeldiff.pretrain.loop import train
-from labeldiff.runs import RunFolder
+from labeldiff.runs import DIRECT_SEGMENTERS, RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
 
-STRATEGIES = ("linear", "decoder", "full", "scratch")  # + "probe" (labeldiff.transfer.probe_run)
+STRATEGIES = ("linear", "decoder", "full", "lp-ft", "scratch")  # + "probe" (labeldiff.transfer.probe_run)
+LP_DIR = "lp"  # lp-ft: the linear-probe phase's run folder inside the run
+PLATEAU_WINDOW, PLATEAU_TOL = 50, 0.02  # plateau: compare 50-step means; stop below a 2 % improvement
 
 
 def frozen_parts(strategy: str, arch: str) -> tuple[str, ...]:
-    """Submodule names of a :class:`SegmentationNet` that ``strategy`` keeps frozen."""
+    """Submodule names of a :class:`SegmentationNet` that ``strategy`` keeps frozen (lp-ft: its
+    second phase; the first is ``linear``)."""
     if strategy == "linear":
         return ("backbone",)
     if strategy == "decoder":
         return tuple(f"backbone.{name}" for name in ENCODER_PARTS[arch])
-    if strategy in ("full", "scratch"):
+    if strategy in ("full", "lp-ft", "scratch"):
         return ()
     raise ValueError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
 
@@ -71,13 +81,53 @@ def segmentation_loss(ce_weight: float):
     return loss_fn
 
 
+def check_keep_head(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> None:
+    """``--keep-head`` needs a hybrid / supervised source run with the target's K, and a strategy
+    that trains it. Copies the source's ``corruption`` section into ``cfg``: which pretext made the
+    kept output layer, so the run folder rebuilds its network with no flags."""
+    t = cfg.transfer
+    if not t.keep_head:
+        return
+    if pre is None or t.strategy == "scratch":
+        raise ValueError("--keep-head keeps the mask output of a pretrained source run; scratch has none "
+                         "(drop --keep-head, or give --pretrained a hybrid or supervised run)")
+    if pre.method not in DIRECT_SEGMENTERS:
+        raise ValueError(f"--keep-head: {pre.path} is a {pre.method!r} run, whose output is an image, not a mask; "
+                         f"it needs a hybrid or supervised run (drop --keep-head for a new head)")
+    if t.strategy in ("linear", "lp-ft"):
+        raise ValueError(f"--keep-head with --strategy {t.strategy}: the kept head is the network's own output "
+                         f"layer, so there is no separate head to train first; use --strategy full or decoder")
+    if pre.config.num_classes != num_classes:
+        raise ValueError(f"--keep-head: {pre.path} predicts {pre.config.num_classes} classes but the target data "
+                         f"has {num_classes}; the source's mask output cannot be kept (drop --keep-head to train a "
+                         f"new head, or relabel the target to the source's classes)")
+    cfg.corruption = replace(pre.config.corruption)
+
+
 def build_segmenter(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> tuple[SegmentationNet, dict | None]:
     """The SegmentationNet of ``cfg``, its backbone loaded strictly from ``pre`` unless scratch."""
     t = cfg.transfer
-    model = SegmentationNet(cfg.model, num_classes, t=t.t, head_hidden=t.head_hidden, keep_out_norm=t.keep_out_norm)
+    head = cfg.corruption.method if t.keep_head else None
+    model = SegmentationNet(cfg.model, num_classes, t=t.t, head_hidden=t.head_hidden, keep_out_norm=t.keep_out_norm,
+                            keep_head=head)
     if t.strategy == "scratch":
         return model, None
     return model, load_backbone_strict(model, pre.weights())
+
+
+def plateau_stop(window: int = PLATEAU_WINDOW, tol: float = PLATEAU_TOL):
+    """``stop(step, loss) -> bool`` of ``steps_rule: plateau``: True once the mean training loss of the
+    last ``window`` steps is less than ``tol`` (relative) below the mean of the ``window`` before."""
+    losses: list[float] = []
+
+    def stop(step: int, loss: float) -> bool:
+        losses.append(loss)
+        if len(losses) < 2 * window or len(losses) % window:
+            return False
+        last, before = sum(losses[-window:]) / window, sum(losses[-2 * window:-window]) / window
+        return last > before * (1 - tol)
+
+    return stop
 
 
 def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
@@ -100,29 +150,57 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     if t.strategy == "probe":
         raise ValueError("the probe trains pixel MLPs, not this network: use labeldiff.transfer.run.run_transfer "
                          "(`labeldiff finetune --strategy probe`)")
-    if t.strategy not in STRATEGIES:
-        raise ValueError(f"strategy {t.strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
+    frozen_parts(t.strategy, cfg.model.arch)  # an unknown strategy fails here, before anything is read
+    check_transfer(t)
     job = prepare_transfer(cfg, stems, explicit)
+    check_keep_head(cfg, job.num_classes, job.pre)
     check_input_size(cfg.model, cfg.data.size)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)
-    frozen = freeze(model, frozen_parts(t.strategy, cfg.model.arch))
     model.to(device)
     if report is not None:
         print(f"loaded {len(report['loaded'])} backbone tensors from {t.pretrained}; "
-              f"skipped (pretext output layer): {', '.join(report['skipped'])}; "
-              f"new (random init): {', '.join(report['new'])}")
+              f"skipped (pretext output layer): {', '.join(report['skipped']) or 'none'}; "
+              f"new (random init): {', '.join(report['new']) or 'none (--keep-head)'}")
     atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
                                                          "seed": cfg.train.seed, "load_report": report}, indent=2))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, "
-          f"{cfg.train.steps} steps on {device}; training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters"
-          + (f" (frozen: {', '.join(frozen_parts(t.strategy, cfg.model.arch))})" if frozen else ""))
-    optimizer = torch.optim.Adam(param_groups(model, cfg))
     batches = StepBatches(job.ds.samples(job.stems), cfg.data, cfg.train.batch_size, cfg.train.seed,
-                          labeled=True, num_classes=job.num_classes)
-    return train(out, cfg, model, optimizer, segmentation_loss(t.ce_weight), batches, resume=resume,
-                 desc=f"finetune {t.strategy}", frozen=frozen)
+                          labeled=True, num_classes=job.num_classes, flips=t.flips,
+                          augment=Augment(t.augment, cfg.data.size) if t.augment != "none" else None)
+    print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, "
+          f"augment {t.augment}, flips {t.flips}, {_length(cfg)} on {device}")
+    if t.strategy == "lp-ft":
+        lp = replace(cfg, transfer=replace(t, strategy="linear"), train=replace(cfg.train, steps=t.lp_steps))
+        lp_dir = out / LP_DIR
+        lp_dir.mkdir(exist_ok=True)
+        if not (lp_dir / "model.safetensors").is_file():
+            lp_resume = (lp_dir / "latest.json").is_file()
+            _phase(lp, model, lp_dir, batches, resume=lp_resume, desc="lp-ft: linear probe")
+        model.load_state_dict(RunFolder(lp_dir, lp).weights(), strict=True)
+        resume = resume and (out / "latest.json").is_file()  # the first phase may be all there is so far
+    return _phase(cfg, model, out, batches, resume=resume, desc=f"finetune {t.strategy}")
+
+
+def _length(cfg: RunConfig) -> str:
+    t = cfg.transfer
+    n = f"{cfg.train.steps} steps" if t.steps_rule == "fixed" else f"until the loss plateaus (≤ {cfg.train.steps} steps)"
+    return f"{t.lp_steps} linear-probe steps, then {n}" if t.strategy == "lp-ft" else n
+
+
+def _phase(cfg: RunConfig, model: SegmentationNet, out: Path, batches: StepBatches, resume: bool, desc: str) -> dict:
+    """Freeze what ``cfg``'s strategy freezes (unfreezing the rest) and train with the one loop."""
+    parts = frozen_parts(cfg.transfer.strategy, cfg.model.arch)
+    model.requires_grad_(True)
+    frozen = freeze(model, parts)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0:
+        raise ValueError(f"strategy {cfg.transfer.strategy!r} leaves nothing to train in this network")
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"{desc}: training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters"
+          + (f" (frozen: {', '.join(parts)})" if parts else ""))
+    optimizer = torch.optim.Adam(param_groups(model, cfg))
+    stop = plateau_stop() if cfg.transfer.steps_rule == "plateau" else None
+    return train(out, cfg, model, optimizer, segmentation_loss(cfg.transfer.ce_weight), batches, resume=resume,
+                 desc=desc, frozen=frozen, stop=stop)

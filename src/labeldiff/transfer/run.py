@@ -10,7 +10,7 @@ from pathlib import Path
 
 from labeldiff.config import RunConfig
 
-STRATEGIES = ("probe", "linear", "decoder", "full", "scratch")
+STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch")
 
 
 def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, resume: bool = False,
