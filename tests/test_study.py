@@ -114,12 +114,15 @@ def test_class_coverage_impossible_errors():
     with pytest.raises(DataError, match="class 2 appears in no image of the 'train' split"):
         random_subset(STEMS, 3, 0, classes, num_classes=3)
     with pytest.raises(DataError, match="class 2 appears in no image"):
-        diverse_subset(STEMS, np.zeros((10, 2)), 3, classes, num_classes=3)
+        diverse_subset(STEMS, np.zeros((10, 2)), 3, 0, classes, num_classes=3)
     split = {"a": frozenset({0, 1}), "b": frozenset({0, 2})}  # every class present, but never in one image
     with pytest.raises(DataError, match="none of 1000 random draws of k=1"):
         random_subset(["a", "b"], 1, 0, split, num_classes=3)
+    with pytest.raises(DataError, match="none of 1000 random draws of k=1"):
+        diverse_subset(["a", "b"], np.array([[0.0], [1.0]]), 1, 0, split, num_classes=3)
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])  # the pool covers, but k = 1 picks cannot
     with pytest.raises(DataError, match=r"cannot cover classes \[2\]"):
-        diverse_subset(["a", "b"], np.array([[0.0], [1.0]]), 1, split, num_classes=3)
+        diverse_subset(["a", "b", "c", "d"], x, 1, 0, {**split, "c": frozenset({0}), "d": frozenset({0})}, 3)
 
 
 def test_k_center_greedy_spreads_over_clusters():
@@ -150,7 +153,25 @@ def test_diverse_features_of_a_pretrained_unet(files, tmp_path, tiny_run_config)
     assert feats.shape[0] == 4 and feats.ndim == 2 and np.isfinite(feats).all()
     pix = pixel_features(ds, train, cfg.data)
     assert pix.shape == (4, 3 * 16 * 16)
-    assert diverse_subset(train, feats, 2) == diverse_subset(train, feats, 2)
+    assert diverse_subset(train, feats, 2, 0) == diverse_subset(train, feats, 2, 0)
+
+
+def test_diverse_subset_depends_on_the_seed_and_stays_diverse():
+    """Seeds draw different candidate pools, so diverse subsets vary with the seed; within a pool the
+    picks still span the clusters (two tight clusters: each k = 2 pick has one image of each)."""
+    rng = np.random.default_rng(0)
+    stems = [f"s{i:02d}" for i in range(20)]
+    x = np.concatenate([rng.normal(0, 0.1, (10, 2)), rng.normal(10, 0.1, (10, 2))])
+    subsets = {tuple(diverse_subset(stems, x, 2, seed)) for seed in range(8)}
+    assert len(subsets) > 1
+    for sub in subsets:
+        assert sorted(int(s[1:]) >= 10 for s in sub) == [False, True]
+    assert diverse_subset(stems, x, 2, 3) == diverse_subset(stems, x, 2, 3)
+    # with class coverage, the pool itself must cover every class: s05 is the only class-2 image
+    classes = {s: frozenset({0, 1}) for s in stems}
+    classes["s05"] = frozenset({0, 2})
+    for seed in range(5):
+        assert "s05" in diverse_subset(stems, x, 2, seed, classes, num_classes=3)
 
 
 # --- aggregation on hand-written rows -------------------------------------------------------------------------
@@ -177,7 +198,7 @@ def test_results_table_mean_std_n_and_bold_best():
     assert lines[2] == "| ddpm | full | **0.700 ± 0.100 (3)** | 0.900 (1) |"
     assert lines[3] == "| none | scratch | 0.500 ± 0.000 (3) | **0.950 (1)** |"
     stats = report.summarize(HAND_ROWS)
-    mean, std, n = stats[("ddpm", "full", "random")][1]
+    mean, std, n = stats[("ddpm", "full", "default", "random")][1]
     assert (round(mean, 9), round(std, 9), n) == (0.7, 0.1, 3)
     md = report.per_class_markdown(HAND_ROWS)
     assert "| ddpm | full | 1.000 ± 0.000 (3) | 0.700 ± 0.100 (3) |" in md
@@ -201,13 +222,45 @@ def test_paired_ci_against_hand_calculation():
     assert math.isclose(by_k[1]["high"], 0.2 + half, rel_tol=1e-6)
     assert by_k[3]["n"] == 1 and math.isclose(by_k[3]["mean"], -0.05) and math.isnan(by_k[3]["low"])
     md = report.paired_markdown(HAND_ROWS)
-    assert "| ddpm | full | random | 1 | +0.200 | [-0.048, +0.448] | 3 | 0 |" in md
-    assert "| ddpm | full | random | 3 | -0.050 | n/a | 1 | 0 |" in md
+    assert "| ddpm | full | default | random | 1 | +0.200 | [-0.048, +0.448] | no | 3 | 0 |" in md
+    assert "| ddpm | full | default | random | 3 | -0.050 | n/a | n/a | 1 | 0 |" in md
     # a different subset (diverse picks per network) is not a pair; another architecture has no baseline
     rows = HAND_ROWS + [_row("ddpm", "full", 3, 0, 0.9, stems="other", select="random", arch="B")]
     rows[6] = dict(rows[6], stems="zzz")
     p3 = {p["k"]: p for p in report.paired_differences(rows)}[3]
     assert (p3["n"], p3["unpaired"]) == (0, 1)
+
+
+def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
+    """Scratch of protocol p is the pair of a pretrained cell of protocol p only; the verdict names the
+    best pretrained setting per k with its CI, and diverse − random is paired by seed."""
+    def rows_of(protocol, gains, base=0.5, select="random", shift=0.0):
+        out = []
+        for seed, g in enumerate(gains):
+            stems = f"{select}{seed}"
+            for r in (_row("ddpm", "full", 2, seed, base + shift + g, stems=stems, select=select),
+                      _row("none", "scratch", 2, seed, base + shift, stems=stems, select=select)):
+                out.append(dict(r, protocol=protocol))
+        return out
+
+    rows = (rows_of("none", [0.01, 0.02, 0.03]) + rows_of("strong", [0.10, 0.12, 0.14], base=0.6)
+            + rows_of("strong", [0.10, 0.13, 0.16], base=0.6, select="diverse", shift=0.05))
+    pairs = {(p["protocol"], p["select"]): p for p in report.paired_differences(rows)}
+    assert math.isclose(pairs[("none", "random")]["mean"], 0.02)
+    assert math.isclose(pairs[("strong", "random")]["mean"], 0.12)
+    assert pairs[("strong", "random")]["low"] > 0 and pairs[("none", "random")]["n"] == 3
+    sel = {(p["strategy"], p["protocol"]): p for p in report.selection_differences(rows)}
+    # diverse − random for ddpm/full/strong: (0.75−0.70, 0.78−0.72, 0.81−0.74) → mean 0.06
+    assert math.isclose(sel[("full", "strong")]["mean"], 0.06) and sel[("full", "strong")]["n"] == 3
+    assert math.isclose(sel[("scratch", "strong")]["mean"], 0.05)
+    verdict = report.verdict_markdown(rows, "hand")
+    line = next(l for l in verdict.splitlines() if l.startswith("| 2 |"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    assert cols[1] == "ddpm / full / strong" and cols[2] == "0.720" and cols[3] == "0.600"
+    assert cols[4] == "+0.120" and cols[6] == "yes (+)" and cols[7] == "met"
+    assert cols[8].startswith("+0.060") and cols[9].startswith("+0.050")
+    table = report.results_table(rows, "dice")
+    assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
 
 
 def test_t_quantile_matches_tables():
@@ -218,7 +271,7 @@ def test_t_quantile_matches_tables():
 def test_csv_round_trip(tmp_path):
     report.write_csv(HAND_ROWS, tmp_path / "r.csv")
     back = report.read_csv(tmp_path / "r.csv")
-    assert list(back[0])[:11] == report.LEAD and "dice_1" in back[0] and list(back[0])[-1] == "seconds"
+    assert list(back[0])[:len(report.LEAD)] == report.LEAD and "dice_1" in back[0] and list(back[0])[-1] == "seconds"
     assert report.results_table(back) == report.results_table(HAND_ROWS)
 
 
@@ -226,8 +279,14 @@ def test_csv_round_trip(tmp_path):
 
 BAD = [
     (dict(lables=[1]), r"unknown key 'lables' \(did you mean 'labels'\?\)"),
-    (dict(strategies=["full", "fine"]), "strategies: 'fine' is not one of probe, linear, decoder, full, scratch"),
+    (dict(strategies=["full", "fine"]), "strategies: 'fine' is not one of probe, linear, decoder, full, lp-ft, scratch"),
     (dict(labels=[0]), r"labels: 0 is not an integer ≥ 1 or \"all\""),
+    (dict(protocols=[{"name": "a"}, {"name": "a"}]), "protocols: the name 'a' is used twice"),
+    (dict(protocols=[{"name": "s", "overrides": {"transfer.augmnt": "strong"}}]),
+     r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
+    (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
+    (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
+     r"augment 'heavy' is unknown; choose one of none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
@@ -360,6 +419,39 @@ def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path,
     assert len(calls.finetune) == 1 and calls.finetune[0].startswith("mdm-full-k1-s0")
     assert len(rows) == 3  # the old mdm cell stays on disk but is not reported
     assert len(list((out / "cells").iterdir())) == 4
+
+
+def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_path, monkeypatch):
+    """pretrain_steps [2, 3]: the 3-step run resumes the 2-step run's checkpoint; every protocol gets
+    its own scratch; diverse subsets are shared by pretrained and scratch cells; verdict.md is written."""
+    study = base_study(methods=[{"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [3, 2]}],
+                       strategies=["lp-ft", "scratch"], labels=[2], select=["random", "diverse"],
+                       protocols=[{"name": "plain"},
+                                  {"name": "strong", "overrides": {"transfer.augment": "strong", "transfer.flips": "hv",
+                                                                   "transfer.lp_steps": 1}}])
+    path = write_study(files, study, name="sweep.yaml")
+    out = tmp_path / "out"
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, out, pretrain_dir=tmp_path / "shared")
+    assert [(n.split("-")[0], resumed) for n, resumed in calls.pretrain] == [("ddpm@2", False), ("ddpm@3", True)]
+    long = next((tmp_path / "shared").glob("ddpm@3-*"))
+    cfg = json.loads((long / "config.json").read_text())
+    assert cfg["train"]["steps"] == 3 and cfg["extended"] == [{"at_step": 2, "from_steps": 2, "to_steps": 3}]
+    assert (long / "model.safetensors").is_file() and not (out / "pretrain").exists()
+    # 2 lengths × lp-ft + scratch, × 2 protocols × 2 selections
+    assert len(rows) == (2 + 1) * 2 * 2
+    assert {r["protocol"] for r in rows} == {"plain", "strong"}
+    strong = [r for r in rows if r["protocol"] == "strong" and r["strategy"] == "lp-ft"]
+    assert all((out / "cells" / r["cell"] / "run" / "lp" / "model.safetensors").is_file() for r in strong)
+    run_cfg = json.loads((out / "cells" / strong[0]["cell"] / "run" / "config.json").read_text())
+    assert run_cfg["transfer"]["augment"] == "strong" and run_cfg["transfer"]["strategy"] == "lp-ft"
+    for select in ("random", "diverse"):  # one subset per (k, seed, select), shared by every cell
+        assert len({r["stems"] for r in rows if r["select"] == select}) == 1
+    pairs = report.paired_differences(rows)
+    assert len(pairs) == 2 * 2 * 2 and all(p["n"] == 1 and p["unpaired"] == 0 for p in pairs)
+    verdict = (out / "verdict.md").read_text()
+    assert "| 2 | ddpm@" in verdict and "diverse − random" in verdict
+    assert "| protocol |" in (out / "results.md").read_text()
 
 
 def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any
 from labeldiff.config import (ModelConfig, RunConfig, apply_overrides, default_finetune_config,
                               default_pretrain_config, load_recipe, merge_recipe)
 from labeldiff.corruption.masking import resolve_loss
-from labeldiff.study.spec import MethodSpec, Recipe, Study
+from labeldiff.study.spec import MethodSpec, ProtocolSpec, Recipe, Study
 
 # DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
 PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test")
@@ -41,6 +41,8 @@ def identity(cfg: RunConfig) -> dict:
             d[section].pop(name, None)
     d["transfer"]["pretrained"] = None
     d["data"]["split_file"] = None
+    if d.get("extended") is None:  # runs saved before the field existed hash as they did
+        d.pop("extended", None)
     return d
 
 
@@ -74,11 +76,16 @@ def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunC
     return cfg
 
 
-def pretrain_key(cfg: RunConfig) -> str:
-    """The hash naming a pretraining run's folder: its identity and the test images it leaves out."""
+def pretrain_key(cfg: RunConfig, continues: str | None = None) -> str:
+    """The hash naming a pretraining run's folder: its identity, the test images it leaves out, and the
+    key of the shorter run it continues (a ``pretrain_steps`` sweep)."""
     from labeldiff.data.datasets import pretraining_exclusions
 
-    return digest({**identity(cfg), "excluded": pretraining_exclusions(cfg.data)[0]})
+    d = identity(cfg)
+    for unread in ("transfer", "inherited", "extended"):  # pretraining reads none of these
+        d.pop(unread, None)
+    extra = {"continues": continues} if continues else {}
+    return digest({**d, "excluded": pretraining_exclusions(cfg.data)[0], **extra})
 
 
 def run_name(method: MethodSpec, steps: int | None) -> str:
@@ -111,12 +118,16 @@ def finetune_explicit(study: Study) -> set[str]:
     names = {f"data.{k}" for k in study.data.options}
     if study.finetune.path is not None:
         names |= {f"data.{k}" for k in (load_recipe(study.finetune.path).get("data") or {})}
+    names |= {k for p in study.protocols for k in p.overrides if k.startswith("data.")}
     return names | {k for k in study.finetune.overrides if k.startswith("data.")}
 
 
-def finetune_config(study: Study) -> RunConfig:
-    """Fine-tuning settings shared by every cell (cells add data paths, strategy, k, seed, network)."""
+def finetune_config(study: Study, protocol: ProtocolSpec | None = None) -> RunConfig:
+    """Fine-tuning settings shared by every cell of ``protocol`` (cells add data paths, strategy, k, seed,
+    network): defaults → finetune recipe → data options → finetune overrides → the protocol's overrides."""
     cfg = _layered(default_finetune_config(), study.finetune, _data_overrides(study))
+    if protocol is not None:
+        cfg = apply_overrides(cfg, protocol.overrides)
     cfg.data.path = str(study.data.path)
     return cfg
 

@@ -1,7 +1,7 @@
 """Study results as pure functions on rows, and the files they become.
 
-A row is one finished cell: ``{"cell", "method", "pretrain_steps", "arch", "strategy", "k", "seed",
-"select", "stems", "dice", "iou", "dice_0" … "dice_{K-1}", "seconds"}``. ``dice`` / ``iou`` are the
+A row is one finished cell: ``{"cell", "method", "pretrain_steps", "arch", "strategy", "protocol", "k",
+"seed", "select", "stems", "dice", "iou", "dice_0" … "dice_{K-1}", "seconds"}``. ``dice`` / ``iou`` are the
 cell's test-set scores (per image, mean over images, then over foreground classes; see
 :func:`labeldiff.evaluate.metrics.summarize`); ``stems`` is the ``;``-joined sorted labeled subset.
 Over seeds: mean ± sample standard deviation (ddof = 1), n = number of seeds with a finite score.
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 BASELINE = "scratch"
-LEAD = ["cell", "method", "pretrain_steps", "arch", "strategy", "k", "seed", "select", "stems", "dice", "iou"]
+LEAD = ["cell", "method", "pretrain_steps", "arch", "strategy", "protocol", "k", "seed", "select", "stems", "dice",
+        "iou"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -36,16 +37,29 @@ def format_stat(mean: float, std: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f} ({n})"
 
 
-def groups(rows: list[dict], with_select: bool) -> list[tuple]:
-    """Table rows in order of first appearance: (method, strategy[, select])."""
+AXES = ("protocol", "select")  # row columns shown only when a study has several values
+
+
+def axis(r: dict, name: str) -> str:
+    """A row's protocol or select (results written before protocols existed have the default one)."""
+    return str(r.get(name) or ("default" if name == "protocol" else "random"))
+
+
+def varying(rows: list[dict]) -> tuple[str, ...]:
+    """The :data:`AXES` with more than one value in ``rows``: extra columns of the tables."""
+    return tuple(a for a in AXES if len({axis(r, a) for r in rows}) > 1)
+
+
+def groups(rows: list[dict], extras: tuple[str, ...]) -> list[tuple]:
+    """Table rows in order of first appearance: (method, strategy, *extras)."""
     out: dict[tuple, None] = {}
     for r in rows:
-        out[group_of(r, with_select)] = None
+        out[group_of(r, extras)] = None
     return list(out)
 
 
-def group_of(r: dict, with_select: bool) -> tuple:
-    return (r["method"], r["strategy"], r["select"]) if with_select else (r["method"], r["strategy"])
+def group_of(r: dict, extras: tuple[str, ...]) -> tuple:
+    return (r["method"], r["strategy"], *(axis(r, a) for a in extras))
 
 
 def label_sizes(rows: list[dict]) -> list[int]:
@@ -53,26 +67,26 @@ def label_sizes(rows: list[dict]) -> list[int]:
 
 
 def summarize(rows: list[dict], metric: str = "dice") -> dict[tuple, dict[int, tuple[float, float, int]]]:
-    """``{(method, strategy, select): {k: (mean, std, n)}}`` over seeds."""
+    """``{(method, strategy, protocol, select): {k: (mean, std, n)}}`` over seeds."""
     values: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        values[group_of(r, True)][int(r["k"])].append(float(r[metric]))
+        values[group_of(r, AXES)][int(r["k"])].append(float(r[metric]))
     return {g: {k: mean_std(v) for k, v in by_k.items()} for g, by_k in values.items()}
 
 
 def results_table(rows: list[dict], metric: str = "dice", digits: int = 3) -> str:
-    """Markdown: rows method × strategy (× select when several), columns k, best mean per column bold."""
-    with_select = len({r["select"] for r in rows}) > 1
+    """Markdown: rows method × strategy (× protocol, × select when several), columns k, best mean bold."""
+    extras = varying(rows)
     ks = label_sizes(rows)
     values: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        values[group_of(r, with_select)][int(r["k"])].append(float(r[metric]))
-    stats = {g: {k: mean_std(values[g][k]) for k in ks} for g in groups(rows, with_select)}
+        values[group_of(r, extras)][int(r["k"])].append(float(r[metric]))
+    stats = {g: {k: mean_std(values[g][k]) for k in ks} for g in groups(rows, extras)}
     best = {}
     for k in ks:
         means = [round(s[k][0], digits) for s in stats.values() if s[k][2] > 0]
         best[k] = max(means) if means else None
-    head = ["method", "strategy"] + (["select"] if with_select else []) + [f"k = {k}" for k in ks]
+    head = ["method", "strategy"] + list(extras) + [f"k = {k}" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, s in stats.items():
         cells = []
@@ -101,15 +115,15 @@ def class_columns(rows: list[dict]) -> list[str]:
 
 def per_class_markdown(rows: list[dict], digits: int = 3) -> str:
     """One table per k: rows method × strategy (× select), columns per-class Dice (mean ± std (n))."""
-    with_select = len({r["select"] for r in rows}) > 1
+    extras = varying(rows)
     cols = class_columns(rows)
     out = ["# Per-class Dice on the test split\n"]
     for k in label_sizes(rows):
         sub = [r for r in rows if int(r["k"]) == k]
-        head = ["method", "strategy"] + (["select"] if with_select else []) + [f"class {c[5:]}" for c in cols]
+        head = ["method", "strategy"] + list(extras) + [f"class {c[5:]}" for c in cols]
         lines = [f"## k = {k}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for g in groups(sub, with_select):
-            members = [r for r in sub if group_of(r, with_select) == g]
+        for g in groups(sub, extras):
+            members = [r for r in sub if group_of(r, extras) == g]
             stats = [format_stat(*mean_std([_float(r.get(c)) for r in members]), digits=digits) for c in cols]
             lines.append("| " + " | ".join(list(g) + stats) + " |")
         out.append("\n".join(lines) + "\n")
@@ -166,21 +180,24 @@ def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, fl
 
 
 def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
-    """Every method × strategy × select vs scratch of the same network at the same k, seed and subset.
+    """Every method × strategy × protocol × select vs scratch of the same network, protocol, k, seed and subset.
 
-    Returns one dict per (method, strategy, select, k): ``mean``, ``low``, ``high`` (95 % CI of the
-    mean paired difference, method − scratch), ``n`` pairs, and ``unpaired``: cells whose scratch
-    counterpart trained on a different subset (``diverse`` picks per network) and are left out.
+    Returns one dict per (method, strategy, protocol, select, k): ``mean``, ``low``, ``high`` (95 % CI
+    of the mean paired difference, method − scratch), ``n`` pairs, and ``unpaired``: cells whose
+    scratch counterpart trained on a different subset, left out.
     """
-    base = {(r["arch"], int(r["k"]), int(r["seed"]), r["select"]): r for r in rows if r["strategy"] == BASELINE}
+    def where(r: dict) -> tuple:
+        return r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")
+
+    base = {where(r): r for r in rows if r["strategy"] == BASELINE}
     diffs: dict[tuple, list[float]] = defaultdict(list)
     unpaired: dict[tuple, int] = defaultdict(int)
     order: dict[tuple, None] = {}
     for r in rows:
         if r["strategy"] == BASELINE:
             continue
-        key = (r["method"], r["strategy"], r["select"], int(r["k"]))
-        b = base.get((r["arch"], int(r["k"]), int(r["seed"]), r["select"]))
+        key = (r["method"], r["strategy"], axis(r, "protocol"), axis(r, "select"), int(r["k"]))
+        b = base.get(where(r))
         if b is None:
             continue
         order[key] = None
@@ -191,28 +208,107 @@ def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
     out = []
     for key in order:
         mean, low, high, n = paired_ci(diffs[key])
-        out.append(dict(zip(("method", "strategy", "select", "k"), key), mean=mean, low=low, high=high, n=n,
-                        unpaired=unpaired[key]))
+        out.append(dict(zip(("method", "strategy", "protocol", "select", "k"), key), mean=mean, low=low, high=high,
+                        n=n, unpaired=unpaired[key]))
     return out
+
+
+def selection_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
+    """``diverse − random`` for every method × strategy × protocol and k, paired by seed: the same
+    training seed, two ways of choosing the k images (each with its own variance when diverse is seeded)."""
+    def where(r: dict) -> tuple:
+        return r["method"], r["strategy"], axis(r, "protocol"), int(r["k"])
+
+    rand = {(*where(r), int(r["seed"])): r for r in rows if axis(r, "select") == "random"}
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if axis(r, "select") == "diverse" and (*where(r), int(r["seed"])) in rand:
+            diffs[where(r)].append(float(r[metric]) - float(rand[(*where(r), int(r["seed"]))][metric]))
+    out = []
+    for key, d in diffs.items():
+        mean, low, high, n = paired_ci(d)
+        out.append(dict(zip(("method", "strategy", "protocol", "k"), key), mean=mean, low=low, high=high, n=n))
+    return out
+
+
+def _ci(p: dict, digits: int) -> str:
+    return f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
+
+
+def _excludes_zero(p: dict) -> str:
+    if p["n"] < 2:
+        return "n/a"
+    return "yes (+)" if p["low"] > 0 else "yes (−)" if p["high"] < 0 else "no"
 
 
 def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> str:
     pairs = paired_differences(rows, metric)
     lines = [f"# Paired {metric} difference vs scratch (method − scratch)\n",
-             "Pairs: the same network architecture, k, seed and labeled subset. 95 % confidence interval of "
-             "the mean difference from the t-distribution over the paired differences (n − 1 degrees of "
-             "freedom); n/a with fewer than 2 pairs.\n",
-             "| method | strategy | select | k | mean Δ | 95 % CI | pairs | unpaired |", "|---|---|---|---|---|---|---|---|"]
+             "Pairs: the same network architecture, fine-tuning protocol, k, seed and labeled subset. 95 % "
+             "confidence interval of the mean difference from the t-distribution over the paired differences "
+             "(n − 1 degrees of freedom); n/a with fewer than 2 pairs.\n",
+             "| method | strategy | protocol | select | k | mean Δ | 95 % CI | excludes 0 | pairs | unpaired |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         mean = "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
-        ci = f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
-        lines.append(f"| {p['method']} | {p['strategy']} | {p['select']} | {p['k']} | {mean} | {ci} | {p['n']} "
-                     f"| {p['unpaired']} |")
+        lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['select']} | {p['k']} | {mean} | "
+                     f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} | {p['unpaired']} |")
     if not pairs:
         lines.append("\n(no pairs: the study has no scratch cells, or none at the same k and seed)")
     if any(p["unpaired"] for p in pairs):
-        lines.append("\nunpaired: cells whose subset differs from scratch's (diverse selection picks with each "
-                     "network's own features), left out of the mean.")
+        lines.append("\nunpaired: cells whose subset differs from scratch's, left out of the mean.")
+    sel = selection_differences(rows, metric)
+    if sel:
+        lines += [f"\n## diverse − random selection ({metric}), paired by seed\n",
+                  "| method | strategy | protocol | k | mean Δ | 95 % CI | excludes 0 | pairs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in sel:
+            mean = "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
+            lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['k']} | {mean} | {_ci(p, digits)} "
+                         f"| {_excludes_zero(p)} | {p['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05) -> str:
+    """Per k: the best pretrained method × strategy × protocol (highest mean, random selection where
+    there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
+    diverse − random for that setting and for scratch."""
+    pairs = paired_differences(rows, metric)
+    sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in selection_differences(rows, metric)}
+    stats = summarize(rows, metric)
+    lines = [f"# Verdict: {title}\n",
+             f"Per label budget k, the pretrained setting with the highest mean test {metric} (random selection "
+             f"where both were run), its mean paired difference to scratch (same network, protocol, k, seed and "
+             f"subset) with the 95 % CI, and whether that CI excludes 0. The goal is a gain of ≥ "
+             f"+{goal:.2f} with the CI above 0. Choosing the best of several settings on the same seeds "
+             f"flatters it; a confirmation study on fresh seeds removes that bias.\n",
+             f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 | "
+             f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in label_sizes(rows):
+        cands = [p for p in pairs if p["k"] == k and p["n"] > 0]
+        random_only = [p for p in cands if p["select"] == "random"]
+        cands = random_only or cands
+        if not cands:
+            continue
+        def score(p: dict) -> float:
+            return stats[(p["method"], p["strategy"], p["protocol"], p["select"])][k][0]
+        best = max(cands, key=score)
+        scratch = next((v[k] for g, v in stats.items() if g[1] == BASELINE and g[2] == best["protocol"]
+                        and g[3] == best["select"] and k in v), None)
+        met = best["n"] >= 2 and best["low"] > 0 and best["mean"] >= goal
+        short = "met" if met else (f"not met (Δ {best['mean']:+.{digits}f})" if best["n"] >= 2 else "n/a")
+        s_best = sel.get((best["method"], best["strategy"], best["protocol"], k))
+        s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
+                     None)
+        def fmt_sel(p: dict | None) -> str:
+            if p is None or p["n"] == 0:
+                return "–"
+            return f"{p['mean']:+.{digits}f} {_ci(p, digits)} ({_excludes_zero(p)})"
+        name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
+        lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
+                     f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
+                     f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,12 +335,12 @@ def read_csv(path: Path) -> list[dict]:
 def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", title: str = "") -> None:
     """One line per method × strategy (× select) with std error bars; x = k on a log scale."""
     plt = _pyplot()
-    with_select = len({r["select"] for r in rows}) > 1
+    extras = varying(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in groups(rows, with_select):
+    for g in groups(rows, extras):
         by_k: dict[int, list[float]] = defaultdict(list)
         for r in rows:
-            if group_of(r, with_select) == g:
+            if group_of(r, extras) == g:
                 by_k[int(r["k"])].append(float(r[metric]))
         ks = sorted(by_k)
         ms = [mean_std(by_k[k]) for k in ks]

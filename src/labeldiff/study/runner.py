@@ -4,13 +4,13 @@ Layout of DIR::
 
     study.yaml, plan.json            the study as given, and every pretraining run and cell it makes
     data/                            prepared data (``prepare: brain-demo``, a ``split`` block)
-    pretrain/<name>-<hash>/          one pretraining run per (method, steps); <hash> of its resolved
+    pretrain/<name>-<hash>/          one pretraining run per (method, steps) (or in --pretrain-dir); <hash> of its resolved
                                      config (RunConfig.to_dict() minus fields that do not change the
                                      result), so an edited method gets a new folder and the rest is reused
     cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
                                      timing.json)
-    results.csv results.md per_class.md paired.md dice_vs_labels.png overlays.png environment.json
+    results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png overlays.png environment.json
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
 weights is resumed (``run_pretrain(..., resume=True)``); anything else in its folder is replaced.
@@ -42,7 +42,7 @@ from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
-from labeldiff.study.spec import NONE_METHOD, Study, load_study
+from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
 from labeldiff.transfer.run import run_transfer
 
 OVERLAY_IMAGES = 3
@@ -83,6 +83,7 @@ class Pretraining:
     key: str
     dir: Path
     model: ModelConfig  # the network run_pretrain builds
+    continues: "Pretraining | None" = None  # the shorter run of a pretrain_steps sweep this one extends
 
     @property
     def finished(self) -> bool:
@@ -101,26 +102,31 @@ class Cell:
     select: str
     pre: Pretraining | None  # None: scratch
     model: ModelConfig
+    protocol: str = DEFAULT_PROTOCOL
 
     @property
     def finished(self) -> bool:
         return (self.dir / "eval" / "metrics.json").is_file()
 
     def describe(self) -> dict:
-        return {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy, "k": self.k,
-                "seed": self.seed, "select": self.select, "pretrained": str(self.pre.dir) if self.pre else None,
+        return {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy,
+                "protocol": self.protocol, "k": self.k, "seed": self.seed, "select": self.select,
+                "pretrained": str(self.pre.dir) if self.pre else None,
                 "pretrain_steps": self.pre.cfg.train.steps if self.pre else None}
 
     def short(self) -> str:
-        return f"{self.method} {self.strategy} k={self.k} seed={self.seed} {self.select}"
+        return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
 
 
-def plan_pretraining(study: Study, out: Path) -> list[Pretraining]:
-    runs = []
+def plan_pretraining(study: Study, folder: Path) -> list[Pretraining]:
+    """One run per (method, length); in a ``pretrain_steps`` sweep each length continues the one before
+    it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`)."""
+    runs: list[Pretraining] = []
     for name, method, steps in pretrain_runs(study):
         cfg = pretrain_config(study, method, steps)
-        key = pretrain_key(cfg)
-        runs.append(Pretraining(name, cfg, key, out / "pretrain" / f"{name}-{key}", resolved_model(cfg)))
+        prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
+        key = pretrain_key(cfg, prev.key if prev else None)
+        runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev))
     return runs
 
 
@@ -138,21 +144,28 @@ def scratch_networks(study: Study, runs: list[Pretraining]) -> dict[str, tuple[s
             for a, (names, model) in nets.items()}
 
 
-def plan_cells(study: Study, runs: list[Pretraining], target: Target, ft: RunConfig, out: Path) -> list[Cell]:
-    """Every (method run, strategy, select, k, seed), then scratch per network; notes skipped combinations."""
-    shared = {"finetune": identity(ft), "train": target.train, "test": target.test, "K": target.num_classes,
-              "require_all_classes": study.require_all_classes}
+def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[str, RunConfig],
+               out: Path) -> list[Cell]:
+    """Every (method run, strategy, protocol, select, k, seed), then scratch per network (in every
+    protocol); notes skipped combinations. ``fts``: the fine-tuning config of each protocol."""
+    base = {"train": target.train, "test": target.test, "K": target.num_classes,
+            "require_all_classes": study.require_all_classes}
     ks = list(dict.fromkeys(target.size(k) for k in study.labels))
     cells: list[Cell] = []
 
     def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
-        for select in study.select:
-            for k in ks:
-                for seed in study.seeds:
-                    what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
-                    key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed, "select": select}, 8)
-                    cid = f"{label}-{strategy}-k{k}-s{seed}-{select}-{key}"
-                    cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model))
+        for protocol, ft in fts.items():
+            shared = {**base, "finetune": identity(ft)}
+            tag = "" if protocol == DEFAULT_PROTOCOL else f"{protocol}-"
+            for select in study.select:
+                for k in ks:
+                    for seed in study.seeds:
+                        what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
+                        key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed, "select": select},
+                                     8)
+                        cid = f"{label}-{strategy}-{tag}k{k}-s{seed}-{select}-{key}"
+                        cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model,
+                                          protocol))
 
     for run in runs:
         for strategy in (s for s in study.strategies if s != "scratch"):
@@ -167,25 +180,50 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, ft: RunCon
 
 
 class Selector:
-    """The labeled subset of a cell (see :mod:`labeldiff.study.select`), features computed once per network."""
+    """The labeled subset of a cell (see :mod:`labeldiff.study.select`).
 
-    def __init__(self, target: Target, ft: RunConfig):
+    ``diverse`` picks with one set of features for the whole study, computed once: those of the
+    first pretrained diffusion UNet, or the images themselves when there is none. Every cell at a
+    (k, seed), scratch included, then trains on the same subset, so every pretrained cell has a
+    scratch pair.
+    """
+
+    def __init__(self, target: Target, ft: RunConfig, runs: list[Pretraining]):
         self.target, self.ft = target, ft
-        self.features: dict[str, object] = {}
+        self.source = next((r for r in runs if r.model.arch == "unet"), None)
+        self.features = None
+
+    def describe(self) -> str:
+        return f"the decoder features of {self.source.name}" if self.source else "the images (16² pixels)"
 
     def stems(self, cell: Cell) -> list[str]:
         t = self.target
         if cell.select == "random":
             return random_subset(t.train, cell.k, cell.seed, t.classes, t.num_classes)
-        use_unet = cell.pre is not None and cell.pre.model.arch == "unet"
-        source = str(cell.pre.dir) if use_unet else "pixels"
-        if source not in self.features:
-            self.features[source] = (unet_features(cell.pre.dir, t.ds, t.train, self.ft.data) if use_unet
-                                     else pixel_features(t.ds, t.train, self.ft.data))
-        return diverse_subset(t.train, self.features[source], cell.k, t.classes, t.num_classes)
+        if self.features is None:
+            print(f"diverse selection: k-center greedy on {self.describe()}, seeded candidate pools")
+            self.features = (unet_features(self.source.dir, t.ds, t.train, self.ft.data) if self.source
+                             else pixel_features(t.ds, t.train, self.ft.data))
+        return diverse_subset(t.train, self.features, cell.k, cell.seed, t.classes, t.num_classes)
 
 
 TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
+
+
+def start_from(shorter: Pretraining, folder: Path) -> None:
+    """Seed ``folder`` with the final checkpoint, config and log of the finished ``shorter`` run."""
+    if not shorter.finished:
+        raise RuntimeError(f"{shorter.dir} is not finished; it must be before {folder} can continue it")
+    info = json.loads((shorter.dir / "latest.json").read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(shorter.dir / info["dir"], tmp / info["dir"])
+    for name in ("config.json", "latest.json", "log.jsonl"):
+        shutil.copyfile(shorter.dir / name, tmp / name)
+    os.replace(tmp, folder)
 
 
 def pretrain(runs: list[Pretraining]) -> None:
@@ -195,7 +233,13 @@ def pretrain(runs: list[Pretraining]) -> None:
             print(f"[pretrain {i}/{len(runs)}] {run.name}: finished, reusing {run.dir}")
         else:
             resume = (run.dir / "latest.json").is_file()
-            print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
+            if not resume and run.continues is not None:
+                start_from(run.continues, run.dir)
+                resume = True
+                print(f"[pretrain {i}/{len(runs)}] {run.name}: continuing {run.continues.name} "
+                      f"({run.continues.cfg.train.steps} → {run.cfg.train.steps} steps) → {run.dir}")
+            else:
+                print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
             cfg = RunConfig.from_dict(run.cfg.to_dict())
             result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
             write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
@@ -212,6 +256,9 @@ def cell_config(cell: Cell, ft: RunConfig, target: Target) -> RunConfig:
     cfg.data.split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     cfg.data.num_classes = target.num_classes
     cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
+    # a protocol's keep_head applies where there is a source head: hybrid / supervised pretraining
+    cfg.transfer.keep_head = cfg.transfer.keep_head and cell.pre is not None and \
+        cell.pre.cfg.corruption.method in LABELED_METHODS
     if cell.pre is not None:
         cfg.transfer.pretrained = str(cell.pre.dir)
     else:  # scratch: the pretrained runs' network, built from the config alone
@@ -243,7 +290,7 @@ def cell_row(cell: Cell) -> dict:
     m = json.loads((cell.dir / "eval" / "metrics.json").read_text())
     timing = cell.dir / "eval" / "timing.json"
     row = {"cell": cell.id, "method": cell.method, "pretrain_steps": info.get("pretrain_steps"), "arch": cell.arch,
-           "strategy": cell.strategy, "k": cell.k, "seed": cell.seed, "select": cell.select,
+           "strategy": cell.strategy, "protocol": cell.protocol, "k": cell.k, "seed": cell.seed, "select": cell.select,
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
     row.update({f"dice_{c}": v for c, v in m["dice"]["per_class"].items()})
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
@@ -256,19 +303,22 @@ def _duration(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def run_cells(cells: list[Cell], ft: RunConfig, target: Target, out: Path, explicit: set[str]) -> int:
+def run_cells(cells: list[Cell], fts: dict[str, RunConfig], target: Target, out: Path, explicit: set[str],
+              selector: Selector) -> int:
     """Run the unfinished cells with progress and ETA; returns how many were computed."""
-    selector = Selector(target, ft)
     done = [c for c in cells if c.finished]
     times = [s for s in (cell_row(c)["seconds"] for c in done) if s is not None]
-    todo = [c for c in cells if not c.finished]
+    # seed by seed, each (k, protocol, select) with its scratch pair: a study stopped early has whole
+    # paired seeds rather than one strategy's cells
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    todo = sorted((c for c in cells if not c.finished), key=lambda c: (seeds.index(c.seed), c.k, c.protocol, c.select))
     print(f"cells: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
     for i, cell in enumerate(todo):
         eta = sum(times) / len(times) * (len(todo) - i) if times else None
         print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
               f"ETA {_duration(eta)} → {cell.dir}")
         try:
-            times.append(run_cell(cell, ft, target, selector, explicit))
+            times.append(run_cell(cell, fts[cell.protocol], target, selector, explicit))
         except KeyboardInterrupt:
             print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
                   f"command again to continue (finished cells and pretraining runs are reused)")
@@ -293,10 +343,11 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if "per-class" in study.metrics:
         (out / "per_class.md").write_text(report.per_class_markdown(rows))
     (out / "paired.md").write_text(report.paired_markdown(rows))
+    (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
-          f"dice_vs_labels.png, overlays.png, environment.json")
+          f"verdict.md, dice_vs_labels.png, overlays.png, environment.json")
     return rows
 
 
@@ -308,7 +359,8 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     from labeldiff.evaluate.predict import predict_mask
     from labeldiff.runs import RunFolder
 
-    finished = [c for c in cells if c.finished and c.select == study.select[0]]
+    finished = [c for c in cells if c.finished and c.select == study.select[0]
+                and c.protocol == study.protocols[0].name]
     if not finished:
         return
     k = max(c.k for c in finished)
@@ -328,11 +380,15 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}")
 
 
-def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False) -> list[dict]:
+def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False,
+              pretrain_only: bool = False, pretrain_dir: str | Path | None = None) -> list[dict]:
     """Run the study in ``path`` into ``out`` (see the module docstring); returns the result rows.
 
     ``dry_run``: print the plan (what is finished, what would run) and train nothing.
     ``report_only``: rewrite the reports from the finished cells and train nothing.
+    ``pretrain_only``: train (or resume) the pretraining runs and stop before the cells.
+    ``pretrain_dir``: where pretraining runs are cached (default ``out/pretrain``); runs are named by the
+    hash of their config, so studies may share one folder (a screen and its confirmation, say).
     """
     t0, git = time.time(), code_state()  # the code this invocation runs, whatever is committed meanwhile
     study = load_study(path)
@@ -340,10 +396,11 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study.file, out / "study.yaml")
     prepare_data(study, out)
-    ft = finetune_config(study)
+    fts = {p.name: finetune_config(study, p) for p in study.protocols}
+    ft = next(iter(fts.values()))
     target = Target.load(study, ft)
-    runs = plan_pretraining(study, out)
-    cells = plan_cells(study, runs, target, ft, out)
+    runs = plan_pretraining(study, Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain")
+    cells = plan_cells(study, runs, target, fts, out)
     write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
                                    "train": len(target.train), "test": len(target.test), "K": target.num_classes,
                                    "pretraining": [{"name": r.name, "dir": r.dir, "finished": r.finished} for r in runs],
@@ -357,7 +414,11 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         for c in cells:
             print(f"  {'done' if c.finished else 'todo'}  {c.id}")
         return [cell_row(c) for c in cells if c.finished]
+    if pretrain_only:
+        pretrain(runs)
+        print(f"pretraining done: {len(runs)} runs in {out / 'pretrain'}; run without --pretrain-only for the cells")
+        return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
-        run_cells(cells, ft, target, out, finetune_explicit(study))
+        run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)

@@ -9,12 +9,16 @@
   farthest (Euclidean) from the centers chosen so far. Features are the mean-pooled decoder features
   of the pretrained UNet (the probe's :class:`~labeldiff.models.probe.FeatureExtractor` with the
   method's default blocks and timesteps, :func:`unet_features`), or, for scratch and non-UNet runs,
-  the image resized to 16² (:func:`pixel_features`). The choice does not depend on the seed (seeds
-  then vary only initialisation and batches). With ``require_all_classes``, once the remaining
-  picks are no more than the missing classes, only images that add a missing class are candidates.
+  the image resized to 16² (:func:`pixel_features`). The seed draws the candidate pool: a random
+  half of the train images (:data:`POOL_FRACTION`, at least k; with ``require_all_classes`` a pool
+  that contains every class), so diverse picks vary with the seed as random ones do and
+  diverse − random compares two ways of choosing with their variance included. With
+  ``require_all_classes``, once the remaining picks are no more than the missing classes, only
+  images that add a missing class are candidates.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from labeldiff.data.datasets import LabeledFolder, select_subset
 from labeldiff.data.io import DataError, read_mask
 
 MAX_TRIES = 1000
+POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
 PIXEL_SIDE = 16
 
 
@@ -93,13 +98,18 @@ def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] 
     return chosen
 
 
-def diverse_subset(stems: list[str], features: np.ndarray, k: int, classes: dict[str, frozenset[int]] | None = None,
-                   num_classes: int = 0) -> list[str]:
-    """The stems :func:`k_center_greedy` picks (sorted, like :func:`select_subset`)."""
+def diverse_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
+                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
+    """The stems :func:`k_center_greedy` picks from the seed's candidate pool (sorted, like
+    :func:`select_subset`); ``features`` has one row per stem."""
     if classes is not None:
         check_coverable({s: classes[s] for s in stems}, num_classes)
-    sets = [classes[s] for s in stems] if classes is not None else None
-    return sorted(stems[i] for i in k_center_greedy(features, k, sets, num_classes))
+    size = min(len(stems), max(k, math.ceil(len(stems) * POOL_FRACTION)))
+    pool = set(random_subset(stems, size, seed, classes, num_classes))
+    index = [i for i, s in enumerate(stems) if s in pool]
+    sets = [classes[stems[i]] for i in index] if classes is not None else None
+    picks = k_center_greedy(np.asarray(features)[index], k, sets, num_classes)
+    return sorted(stems[index[i]] for i in picks)
 
 
 def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:

@@ -21,15 +21,19 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
       - name: ddpm
         recipe: recipes/ddpm-cpu.yaml
         overrides: {train.steps: 800}    # section.field: value, applied after the recipe
-        pretrain_steps: [200, 800]       # optional sweep: one pretrained run per length ("ddpm@200")
+        pretrain_steps: [200, 800]       # optional sweep: one run per length ("ddpm@200"), each longer
+                                         #   one continuing the one before it (resumed with more steps)
         pretrain_on: unlabeled           # unlabeled | source [source for hybrid/supervised]
       - name: none                       # no pretraining: only the scratch strategy
-    strategies: [probe, linear, decoder, full, scratch]
+    strategies: [probe, linear, decoder, full, lp-ft, scratch]
     labels: [1, 3, all]
     seeds: [0, 1, 2]
     select: random                       # random | diverse, or [random, diverse] as an axis
     require_all_classes: false
     finetune: {recipe: recipes/finetune-cpu.yaml, overrides: {train.steps: 300}}
+    protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
+      - {name: none, overrides: {transfer.augment: none}}
+      - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
     metrics: [dice, iou, per-class]
 """
 from __future__ import annotations
@@ -39,16 +43,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from labeldiff.config import SECTIONS, DataConfig, RunConfig, apply_overrides, load_recipe, merge_recipe
+from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
+                              merge_recipe)
 
-STRATEGIES = ("probe", "linear", "decoder", "full", "scratch")
+STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch")
 SELECTS = ("random", "diverse")
 METRICS = ("dice", "iou", "per-class")
 PREPARE = ("brain-demo",)
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
-            "finetune", "metrics")
+            "finetune", "protocols", "metrics")
+DEFAULT_PROTOCOL = "default"
 DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
@@ -93,6 +99,15 @@ class Recipe:
 
 
 @dataclass
+class ProtocolSpec:
+    """A named set of fine-tuning overrides (``transfer.augment``, ``transfer.steps_rule``, …) applied on
+    top of ``finetune`` to every cell, scratch included: an axis of the study."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class MethodSpec:
     name: str
     recipe: Recipe
@@ -118,6 +133,7 @@ class Study:
     finetune: Recipe = field(default_factory=Recipe)
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     prepare: str | None = None
+    protocols: list[ProtocolSpec] = field(default_factory=lambda: [ProtocolSpec(DEFAULT_PROTOCOL)])
 
 
 def _fail(file: Path, where: str, msg: str) -> StudyError:
@@ -196,7 +212,7 @@ def _recipe(raw: Any, file: Path, where: str) -> Recipe:
                         + (f" (did you mean {section}.{hint[0]}?)" if hint else f"; known: {', '.join(known)}"))
     recipe = Recipe(path, dict(overrides))
     try:
-        recipe.apply(RunConfig())
+        check_transfer(recipe.apply(RunConfig()).transfer)
     except (ValueError, TypeError) as e:
         raise _fail(file, where, f"the recipe and overrides do not make a valid config: {e}") from None
     return recipe
@@ -250,7 +266,7 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     recipe = _recipe({k: raw[k] for k in ("recipe", "overrides") if k in raw}, file, where)
     if name != NONE_METHOD and recipe.path is None:
         raise _fail(file, where, "needs a recipe (e.g. recipe: recipes/ddpm-cpu.yaml); use name: none for no pretraining")
-    steps = _ints(raw.get("pretrain_steps"), file, f"{where}.pretrain_steps", 0) or None
+    steps = sorted(_ints(raw.get("pretrain_steps"), file, f"{where}.pretrain_steps", 1)) or None
     if steps and name == NONE_METHOD:
         raise _fail(file, where, "method none has no pretraining; drop pretrain_steps")
     pretext = recipe.apply(RunConfig()).corruption.method
@@ -265,6 +281,28 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     if pretext in LABELED_METHODS and on != "source" and name != NONE_METHOD:
         raise _fail(file, where, f"pretext {pretext!r} needs labels; it can only pretrain on data.source")
     return MethodSpec(name, recipe, steps, on, pretext)
+
+
+def _protocols(raw: Any, file: Path) -> list[ProtocolSpec]:
+    items = _list(raw, file, "protocols")
+    if not items:
+        return [ProtocolSpec(DEFAULT_PROTOCOL)]
+    out = []
+    for i, item in enumerate(items):
+        where = f"protocols[{i}]"
+        if not isinstance(item, dict) or not item.get("name"):
+            raise _fail(file, where, "expected {name: NAME, overrides: {transfer.augment: strong, ...}}")
+        _unknown(file, where, item, ("name", "overrides"))
+        name = str(item["name"])
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise _fail(file, where, f"name {name!r}: use letters, digits, '-' and '_' only (it is part of folder names)")
+        recipe = _recipe({"overrides": item.get("overrides") or {}}, file, f"{where} ({name})")
+        out.append(ProtocolSpec(name, recipe.overrides))
+    names = [p.name for p in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise _fail(file, "protocols", f"the name {dup!r} is used twice; give each protocol its own name")
+    return out
 
 
 def parse_study(raw: Any, file: Path) -> Study:
@@ -300,7 +338,8 @@ def parse_study(raw: Any, file: Path) -> Study:
         raise _fail(file, "require_all_classes", f"expected true or false, got {require!r}")
     metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
-    return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare)
+    protocols = _protocols(raw.get("protocols"), file)
+    return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols)
 
 
 def load_study(path: str | Path) -> Study:
