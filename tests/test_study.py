@@ -454,6 +454,60 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     assert "| protocol |" in (out / "results.md").read_text()
 
 
+def test_source_rows_and_keep_head_protocol(files, tmp_path, monkeypatch):
+    """strategy source: the supervised run evaluated as it is (once, copied to every cell); a keep_head
+    protocol fine-tunes its own head (nothing new) and skips lp-ft, which would have no head to train first."""
+    methods = [{"name": "sup", "recipe": "pre.yaml", "overrides": {"corruption.method": "supervised"}}]
+    study = base_study(methods=methods, strategies=["full", "lp-ft", "source", "scratch"], labels=[1], seeds=[0, 1],
+                       protocols=[{"name": "plain"}, {"name": "keep", "overrides": {"transfer.keep_head": True}}])
+    study["data"]["source"] = "data"
+    path = write_study(files, study, name="source.yaml")
+    out = tmp_path / "out"
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, out)
+    by = {(r["strategy"], r["protocol"], int(r["seed"])): r for r in rows}
+    assert ("lp-ft", "keep", 0) not in by and ("lp-ft", "plain", 0) in by
+    # the 4 source cells train nothing; keep_head does not apply to scratch, so keep's scratch cells are
+    # plain's (the same key), computed once and copied
+    assert len(calls.finetune) == len(rows) - 4 - 2
+    scratch = {r["protocol"]: r["cell"] for r in rows if r["strategy"] == "scratch" and int(r["seed"]) == 0}
+    assert scratch["keep"].rsplit("-", 1)[1] == scratch["plain"].rsplit("-", 1)[1]
+    assert by[("scratch", "keep", 0)]["dice"] == by[("scratch", "plain", 0)]["dice"]
+    source = [r for r in rows if r["strategy"] == "source"]
+    assert len(source) == 4 and len({r["dice"] for r in source}) == 1 and all(r["stems"] == "" for r in source)
+    from labeldiff.runs import RunFolder
+    direct = RunFolder.open(next((out / "pretrain").iterdir())).segmenter()
+    assert direct is not None
+    kept = json.loads((out / "cells" / by[("full", "keep", 0)]["cell"] / "run" / "labeled.json").read_text())
+    plain = json.loads((out / "cells" / by[("full", "plain", 0)]["cell"] / "run" / "labeled.json").read_text())
+    assert kept["load_report"]["new"] == [] and plain["load_report"]["new"]
+    pairs = {(p["strategy"], p["protocol"]): p for p in report.paired_differences(rows)}
+    assert pairs[("source", "keep")]["n"] == 2  # the zero-label score pairs with scratch at every seed
+
+
+def test_unlabeled_pool_of_folders_and_the_target_without_its_test_images(files, tmp_path, monkeypatch):
+    """data.unlabeled [folder, target]: pretraining reads the folder's images and the target's train
+    images, never its test split; the pool and its runs are shared by studies with one --pretrain-dir."""
+    extra = tmp_path / "extra"
+    write_labeled_dataset(extra, n=3, k=3)
+    study = base_study(labels=[1])
+    study["data"]["unlabeled"] = [str(extra), "target"]
+    path = write_study(files, study, name="pool.yaml")
+    calls = Calls(monkeypatch)
+    runner.run_study(path, tmp_path / "a", pretrain_dir=tmp_path / "shared", pretrain_only=True)
+    (pre,) = [Path(p) for p in (tmp_path / "shared").glob("ddpm@2-*")]
+    cfg = json.loads((pre / "config.json").read_text())
+    pool = Path(cfg["data"]["path"])
+    names = sorted(p.name for p in pool.iterdir())
+    test = json.loads((files / "data" / "split.json").read_text())["test"]
+    assert len(names) == 3 + 4 and sum(n.startswith("target__") for n in names) == 4
+    assert not any(n.startswith("target__" + t) for t in test for n in names)
+    assert json.loads((pool.parent / "pool.json").read_text())["images"] == 7
+    calls = Calls(monkeypatch)
+    runner.run_study(path, tmp_path / "b", pretrain_dir=tmp_path / "shared", pretrain_only=True)
+    assert calls.pretrain == []  # the second study finds the same pool and run
+
+
 def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):
     path = write_study(files, base_study(labels=[1, 9]), name="toomany.yaml")
     calls = Calls(monkeypatch)

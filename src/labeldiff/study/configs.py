@@ -57,8 +57,9 @@ def _data_overrides(study: Study, names: tuple[str, ...] | None = None) -> dict[
     return {f"data.{k}": v for k, v in study.data.options.items() if names is None or k in names}
 
 
-def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunConfig:
-    """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None)."""
+def pretrain_config(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None) -> RunConfig:
+    """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None);
+    ``pool``: the folder :func:`labeldiff.study.prepare.build_pool` made of a ``data.unlabeled`` list."""
     cfg = _layered(default_pretrain_config(), method.recipe, _data_overrides(study, PRETRAIN_DATA_FIELDS))
     cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # as run_pretrain stores it
     if steps is not None:
@@ -67,6 +68,8 @@ def pretrain_config(study: Study, method: MethodSpec, steps: int | None) -> RunC
     if method.pretrain_on == "source":
         cfg.data.path = str(d.source)
         cfg.data.train_split, cfg.data.split_file = d.source_split, None
+    elif d.pool and pool is not None:
+        cfg.data.path, cfg.data.split_file = str(pool), None
     elif d.unlabeled is not None:
         cfg.data.path = str(d.unlabeled)
     else:  # the target's own images: its test split is left out unless data.include_test

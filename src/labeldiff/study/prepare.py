@@ -44,6 +44,50 @@ def prepare_data(study: Study, out: Path) -> None:
               f"{s.groups.name} (test fraction {s.test_fraction}, seed {s.seed}) → {path}")
 
 
+def build_pool(study: Study, folder: Path) -> Path:
+    """The unlabeled pool of a ``data.unlabeled`` list as one folder of links, made once.
+
+    Each entry is a folder of images or a dataset root (all of its ``images/``), or ``target``: the
+    target's images outside its test split (the study's split). Links are named
+    ``<source>__<stem>`` so stems stay unique; the folder is ``folder/pools/pool-<hash of the
+    linked files>/images`` (the hash names the pretraining runs too) with ``pool.json`` listing what
+    came from where. Returns the ``images`` folder.
+    """
+    from labeldiff.data.datasets import LabeledFolder, unlabeled_samples
+    from labeldiff.study.configs import digest
+    from labeldiff.study.spec import POOL_TARGET
+
+    files: list[tuple[str, Path]] = []
+    counts: dict[str, int] = {}
+    for entry in study.data.pool or []:
+        if entry == POOL_TARGET:
+            ds = LabeledFolder(study.data.path, study.data.split_file)
+            split = study.data.options.get("test_split", "test")
+            test = set(ds.stems(split)) if split in ds.splits else set()
+            chosen = [(f"target__{stem}", path) for stem, path in sorted(ds.images.items()) if stem not in test]
+            name = f"target ({Path(study.data.path).name}, without its {len(test)} test images)"
+        else:
+            chosen = [(f"{Path(entry).name}__{s.stem}", s.image) for s in unlabeled_samples(Path(entry))]
+            name = str(entry)
+        counts[name] = len(chosen)
+        files += chosen
+    key = digest(sorted(str(Path(p).resolve()) for _, p in files))
+    images = Path(folder) / "pools" / f"pool-{key}" / "images"
+    if not images.is_dir():
+        tmp = images.parent.with_name(images.parent.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        (tmp / "images").mkdir(parents=True)
+        for stem, path in files:
+            os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
+        write_json(tmp / "pool.json", {"images": len(files), "sources": counts})
+        os.replace(tmp, images.parent)
+    print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}) → {images}")
+    return images
+
+
 def _version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -201,7 +201,7 @@ def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
         if b is None:
             continue
         order[key] = None
-        if b["stems"] == r["stems"]:
+        if b["stems"] == r["stems"] or r["strategy"] == "source":  # source: no labels, any subset pairs
             diffs[key].append(float(r[metric]) - float(b[metric]))
         else:
             unpaired[key] += 1

@@ -40,7 +40,7 @@ from labeldiff.pretrain.run import run_pretrain
 from labeldiff.study import report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
-from labeldiff.study.prepare import code_state, prepare_data, write_environment
+from labeldiff.study.prepare import build_pool, code_state, prepare_data, write_environment
 from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
 from labeldiff.transfer.run import run_transfer
@@ -108,6 +108,11 @@ class Cell:
     def finished(self) -> bool:
         return (self.dir / "eval" / "metrics.json").is_file()
 
+    @property
+    def run_dir(self) -> Path:
+        """The run that segments: the cell's own, or for ``source`` the pretraining run itself."""
+        return self.pre.dir if self.strategy == "source" else self.dir / "run"
+
     def describe(self) -> dict:
         return {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy,
                 "protocol": self.protocol, "k": self.k, "seed": self.seed, "select": self.select,
@@ -122,8 +127,10 @@ def plan_pretraining(study: Study, folder: Path) -> list[Pretraining]:
     """One run per (method, length); in a ``pretrain_steps`` sweep each length continues the one before
     it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`)."""
     runs: list[Pretraining] = []
+    pool = build_pool(study, folder) if study.data.pool and any(
+        m.pretrains and m.pretrain_on == "unlabeled" for m in study.methods) else None
     for name, method, steps in pretrain_runs(study):
-        cfg = pretrain_config(study, method, steps)
+        cfg = pretrain_config(study, method, steps, pool)
         prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
         key = pretrain_key(cfg, prev.key if prev else None)
         runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev))
@@ -155,7 +162,15 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
 
     def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
         for protocol, ft in fts.items():
-            shared = {**base, "finetune": identity(ft)}
+            keeps = pre is not None and pre.cfg.corruption.method in LABELED_METHODS
+            if strategy in ("lp-ft", "linear") and ft.transfer.keep_head and keeps:
+                print(f"note: skipping {strategy} for {label} under protocol {protocol}: with keep_head the source's "
+                      f"own output is the head, there is none to train first")
+                continue
+            finetune = identity(ft)
+            if not keeps:  # keep_head does not apply: the cell is the one of the same protocol without it
+                finetune["transfer"]["keep_head"] = False
+            shared = {**base, "finetune": finetune}
             tag = "" if protocol == DEFAULT_PROTOCOL else f"{protocol}-"
             for select in study.select:
                 for k in ks:
@@ -171,6 +186,9 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
         for strategy in (s for s in study.strategies if s != "scratch"):
             if strategy == "probe" and (run.model.arch != "unet" or run.cfg.corruption.method not in PROBE_METHODS):
                 print(f"note: skipping probe for {run.name}: the probe reads the decoder of a diffusion UNet")
+                continue
+            if strategy == "source" and run.cfg.corruption.method not in LABELED_METHODS:
+                print(f"note: skipping source for {run.name}: only hybrid / supervised runs segment without labels")
                 continue
             add(run.name, arch_key(run.model), strategy, run, run.model)
     if "scratch" in study.strategies:
@@ -273,12 +291,46 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
     t0 = time.time()
     if cell.dir.exists():
         shutil.rmtree(cell.dir)
+    if cell.strategy == "source":
+        return source_cell(cell, ft, target, t0)
+    key = cell.id.rsplit("-", 1)[1]
+    twin = next((c for c in cell.dir.parent.glob(f"*-{key}") if c != cell.dir and (c / "eval" / "metrics.json").is_file()),
+                None)
+    if twin is not None:  # the same computation under another protocol name (keep_head that does not apply)
+        info = json.loads((twin / "cell.json").read_text())
+        write_json(cell.dir / "cell.json", {**cell.describe(), "stems": info["stems"], "git": info["git"],
+                                            "same_as": twin.name})
+        shutil.copytree(twin / "eval", cell.dir / "eval.tmp")
+        write_json(cell.dir / "eval.tmp" / "timing.json", {"seconds": 0.0, "copied_from": twin.name})
+        os.symlink(twin / "run", cell.dir / "run")
+        os.replace(cell.dir / "eval.tmp", cell.dir / "eval")
+        return 0.0
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, ft, target)
     run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
     tmp = cell.dir / "eval.tmp"
     run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
+    seconds = time.time() - t0
+    write_json(tmp / "timing.json", {"seconds": seconds})
+    os.replace(tmp, cell.dir / "eval")
+    return seconds
+
+
+def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
+    """``source``: the hybrid / supervised run as it is, with no target label, on the target's test
+    split; evaluated once per pretraining run and copied into its other (k, seed, protocol) cells."""
+    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
+    done = next((c / "eval" for c in cell.dir.parent.glob(f"{cell.method}-source-*")
+                 if c != cell.dir and (c / "eval" / "metrics.json").is_file()
+                 and json.loads((c / "cell.json").read_text())["pretrained"] == str(cell.pre.dir)), None)
+    tmp = cell.dir / "eval.tmp"
+    if done is not None:
+        shutil.copytree(done, tmp)
+    else:
+        split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+        run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
+                     device=ft.train.device)
     seconds = time.time() - t0
     write_json(tmp / "timing.json", {"seconds": seconds})
     os.replace(tmp, cell.dir / "eval")
@@ -367,12 +419,12 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     seed = 0 if any(c.seed == 0 for c in finished) else min(c.seed for c in finished)
     chosen = [c for c in finished if c.k == k and c.seed == seed]
     samples = target.ds.samples(target.test[:OVERLAY_IMAGES])
-    channels = RunFolder.open(chosen[0].dir / "run").config.data.channels
+    channels = RunFolder.open(chosen[0].run_dir).config.data.channels
     images = [{"name": s.stem, "image": read_image(s.image, channels), "target": read_mask(s.mask, target.num_classes)}
               for s in samples]
     preds = {}
     for c in chosen:
-        run = RunFolder.open(c.dir / "run")
+        run = RunFolder.open(c.run_dir)
         model, cfg = run.segmenter("cpu"), run.config
         preds[f"{c.method} / {c.strategy}"] = [
             predict_mask(model, torch.from_numpy(read_image(s.image, cfg.data.channels)), cfg.data).numpy()

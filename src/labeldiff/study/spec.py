@@ -11,7 +11,9 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
       path: ../shared/datasets/monuseg   # labeled target: images/, masks/, split.json
       split_file: null                   # or a split JSON instead of path/split.json
       split: {groups: sequences.json, test_fraction: 0.3, seed: 0}  # or: make a group split
-      unlabeled: null                    # pretraining images [path/images]
+      unlabeled: null                    # pretraining images [path/images], or a pool: a list of
+                                         #   image folders / dataset roots and `target` (the target's
+                                         #   images outside its test split), e.g. [../kvasir_seg, target]
       source: null                       # labeled source dataset (hybrid / supervised pretraining)
       source_split: train                # split of the source used for labeled pretraining
       size: 64                           # + any DataConfig field: mode, scale, channels, num_classes,
@@ -25,7 +27,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
                                          #   one continuing the one before it (resumed with more steps)
         pretrain_on: unlabeled           # unlabeled | source [source for hybrid/supervised]
       - name: none                       # no pretraining: only the scratch strategy
-    strategies: [probe, linear, decoder, full, lp-ft, scratch]
+    strategies: [probe, linear, decoder, full, lp-ft, scratch]   # + source: a hybrid / supervised run as
+                                         #   it is, no target label (its zero-label score)
     labels: [1, 3, all]
     seeds: [0, 1, 2]
     select: random                       # random | diverse, or [random, diverse] as an axis
@@ -46,7 +49,7 @@ from typing import Any
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe)
 
-STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch")
+STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
 SELECTS = ("random", "diverse")
 METRICS = ("dice", "iou", "per-class")
 PREPARE = ("brain-demo",)
@@ -55,6 +58,7 @@ LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled 
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
             "finetune", "protocols", "metrics")
 DEFAULT_PROTOCOL = "default"
+POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
 DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
@@ -80,6 +84,7 @@ class DataSpec:
     split_file: Path | None = None
     split: SplitSpec | None = None
     unlabeled: Path | None = None
+    pool: list[Path | str] | None = None  # unlabeled as a list: folders and/or POOL_TARGET
     source: Path | None = None
     source_split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)  # DataConfig fields
@@ -241,8 +246,13 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
         _unknown(file, "data.split", s, ("groups", "test_fraction", "seed"))
         spec.split = SplitSpec(resolve_path(s["groups"], file, "data.split.groups", first=spec.path),
                                float(s.get("test_fraction", 0.3)), int(s.get("seed", 0)))
+    if isinstance(raw.get("unlabeled"), list):
+        spec.pool = [POOL_TARGET if v == POOL_TARGET else resolve_path(v, file, f"data.unlabeled[{i}]")
+                     for i, v in enumerate(raw["unlabeled"])]
+        if not spec.pool:
+            raise _fail(file, "data.unlabeled", "an empty list; name image folders and/or target")
     for key in ("unlabeled", "source"):
-        if raw.get(key):
+        if raw.get(key) and not (key == "unlabeled" and spec.pool):
             setattr(spec, key, resolve_path(raw[key], file, f"data.{key}"))
     spec.source_split = str(raw.get("source_split", "train"))
     try:
