@@ -508,6 +508,36 @@ def test_unlabeled_pool_of_folders_and_the_target_without_its_test_images(files,
     assert calls.pretrain == []  # the second study finds the same pool and run
 
 
+def test_volume_slabs_prepare_slices_one_nnunet_case_into_disjoint_slabs(files, tmp_path):
+    import nibabel as nib
+
+    from labeldiff.study.prepare import prepare_data
+
+    root = tmp_path / "Dataset001_Toy"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(24, 20, 30)).astype(np.float32)
+    lab = np.zeros((24, 20, 30), np.uint8)
+    lab[4:20, 4:16, 2:28] = 1
+    lab[8:14, 6:12, 10:20] = 2
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(root / "imagesTr" / "toy_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / "labelsTr" / "toy.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "a": 1, "b": 2}}))
+    s = parse_study(base_study(prepare="volume-slabs", data={"path": str(root), "size": 16, "channels": 1}),
+                    files / "study.yaml")
+    prepare_data(s, tmp_path / "out")
+    assert s.data.path == tmp_path / "out" / "data" / "Dataset001_Toy-slabs"
+    split = json.loads((s.data.path / "split.json").read_text())
+    z = {k: [int(x.rsplit("_", 1)[1]) for x in split[k]] for k in ("train", "test")}
+    assert z["train"] == list(range(2, 15)) and z["test"] == list(range(19, 28))  # 26 slices: 13 | gap 4 | 9
+    assert max(z["train"]) < min(z["test"]) - 4
+    assert json.loads((s.data.path / "classes.json").read_text())["b"] == 2
+    with pytest.raises(StudyError, match="prepare: volume-slabs slices the volume"):
+        parse_study(base_study(prepare="volume-slabs", data={"size": 16}), files / "study.yaml")
+
+
 def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):
     path = write_study(files, base_study(labels=[1, 9]), name="toomany.yaml")
     calls = Calls(monkeypatch)

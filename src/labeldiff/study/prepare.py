@@ -11,6 +11,8 @@ from labeldiff.study.configs import write_json
 from labeldiff.study.spec import Study
 
 BRAIN_DEMO = "brain-demo"
+VOLUME_SLABS = "volume-slabs"
+SLAB_TRAIN_FRACTION, SLAB_GAP = 0.5, 4
 
 
 def prepare_data(study: Study, out: Path) -> None:
@@ -30,6 +32,8 @@ def prepare_data(study: Study, out: Path) -> None:
             build_brain_dataset(root)
         if study.data.path is None:
             study.data.path = root
+    if study.prepare == VOLUME_SLABS:
+        study.data.path = volume_slabs(Path(study.data.path), out / "data")
     if study.data.split is not None:
         from labeldiff.data.datasets import LabeledFolder, group_split
 
@@ -42,6 +46,35 @@ def prepare_data(study: Study, out: Path) -> None:
         study.data.split_file = path
         print(f"split: {len(split['train'])} train / {len(split['test'])} test images from groups "
               f"{s.groups.name} (test fraction {s.test_fraction}, seed {s.seed}) → {path}")
+
+
+def volume_slabs(root: Path, folder: Path, size: int = 64) -> Path:
+    """``prepare: volume-slabs``: the one labeled case of an nnU-Net v2 raw dataset (``imagesTr/``,
+    ``labelsTr/``, ``dataset.json``) as axial 2D slices (:func:`labeldiff.data.volumes.volume_to_slices`,
+    slices with ≥ 2 % labeled pixels, ``size``²) in ``folder/<name>-slabs``: ``train`` = the lower
+    half of the slices, ``test`` = the upper slab after a gap of 4 slices — the CT paper's "label a
+    few slices of one slab, predict a disjoint one". Pretraining reads every slice outside the test
+    slab. Written once; returns the slice dataset's root.
+    """
+    from labeldiff.data.volumes import slab_splits, volume_to_slices, write_split
+
+    dest = folder / f"{root.name}-slabs"
+    if (dest / "split.json").is_file():
+        return dest
+    meta = json.loads((root / "dataset.json").read_text())
+    ending = meta.get("file_ending", ".nii.gz")
+    labels = sorted((root / "labelsTr").glob(f"*{ending}"))
+    if len(labels) != 1:
+        raise ValueError(f"prepare: volume-slabs slices one labeled case; {root / 'labelsTr'} has {len(labels)}")
+    case = labels[0].name[:-len(ending)]
+    image = root / "imagesTr" / f"{case}_0000{ending}"
+    print(f"prepare: slicing {image.name} (axial, {size}²) into {dest}")
+    stems = volume_to_slices(image, dest, labels=labels[0], axis=2, size=size, min_foreground=0.02, prefix=case)
+    split = slab_splits(stems, train_frac=SLAB_TRAIN_FRACTION, gap=SLAB_GAP)
+    write_split(dest, split, note=f"{meta.get('description', root.name)}: axial slices; train = lower slab "
+                                  f"({len(split['train'])}), test = upper slab ({len(split['test'])}), gap {SLAB_GAP}")
+    write_json(dest / "classes.json", meta.get("labels", {}))
+    return dest
 
 
 def build_pool(study: Study, folder: Path) -> Path:

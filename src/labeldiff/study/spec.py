@@ -18,7 +18,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
       source_split: train                # split of the source used for labeled pretraining
       size: 64                           # + any DataConfig field: mode, scale, channels, num_classes,
       scale: 0.25                        #   train_split, test_split, cache_mb, num_workers
-    prepare: null                        # brain-demo: build the demo's MNI152 slices into OUT/data
+    prepare: null                        # brain-demo: build the demo's MNI152 slices into OUT/data;
+                                         #   volume-slabs: slice data.path's one nnU-Net case into slabs
     methods:
       - name: ddpm
         recipe: recipes/ddpm-cpu.yaml
@@ -52,7 +53,7 @@ from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
 SELECTS = ("random", "diverse")
 METRICS = ("dice", "iou", "per-class")
-PREPARE = ("brain-demo",)
+PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
@@ -325,6 +326,9 @@ def parse_study(raw: Any, file: Path) -> Study:
     if prepare is not None and prepare not in PREPARE:
         raise _fail(file, "prepare", f"{prepare!r} is unknown; available: {', '.join(PREPARE)}")
     data = _data(raw.get("data"), file, prepare)
+    if prepare == "volume-slabs" and data.path is None:
+        raise _fail(file, "data.path", "prepare: volume-slabs slices the volume of an nnU-Net raw dataset; give its "
+                                       "root (imagesTr/, labelsTr/, dataset.json), e.g. ../shared/datasets/colin27_aal")
     methods = [_method(m, i, file, data) for i, m in enumerate(_list(raw.get("methods"), file, "methods"))]
     if not methods:
         raise _fail(file, "methods", "empty; list at least one, e.g. - {name: ddpm, recipe: recipes/ddpm-cpu.yaml}")
