@@ -235,6 +235,10 @@ def _ci(p: dict, digits: int) -> str:
     return f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
 
 
+def _mean(p: dict, digits: int) -> str:
+    return "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
+
+
 def _excludes_zero(p: dict) -> str:
     if p["n"] < 2:
         return "n/a"
@@ -250,8 +254,7 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
              "| method | strategy | protocol | select | k | mean Δ | 95 % CI | excludes 0 | pairs | unpaired |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
-        mean = "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
-        lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['select']} | {p['k']} | {mean} | "
+        lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['select']} | {p['k']} | {_mean(p, digits)} | "
                      f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} | {p['unpaired']} |")
     if not pairs:
         lines.append("\n(no pairs: the study has no scratch cells, or none at the same k and seed)")
@@ -263,8 +266,7 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
                   "| method | strategy | protocol | k | mean Δ | 95 % CI | excludes 0 | pairs |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in sel:
-            mean = "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
-            lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['k']} | {mean} | {_ci(p, digits)} "
+            lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['k']} | {_mean(p, digits)} | {_ci(p, digits)} "
                          f"| {_excludes_zero(p)} | {p['n']} |")
     return "\n".join(lines) + "\n"
 
@@ -302,9 +304,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
                      None)
         def fmt_sel(p: dict | None) -> str:
-            if p is None or p["n"] == 0:
-                return "–"
-            return f"{p['mean']:+.{digits}f} {_ci(p, digits)} ({_excludes_zero(p)})"
+            return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
         name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
         lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
