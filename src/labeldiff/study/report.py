@@ -337,7 +337,8 @@ def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", titl
     plt = _pyplot()
     extras = varying(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in groups(rows, extras):
+    colors = plt.get_cmap("tab20" if len(groups(rows, extras)) > 10 else "tab10").colors
+    for i, g in enumerate(groups(rows, extras)):
         by_k: dict[int, list[float]] = defaultdict(list)
         for r in rows:
             if group_of(r, extras) == g:
@@ -345,7 +346,7 @@ def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", titl
         ks = sorted(by_k)
         ms = [mean_std(by_k[k]) for k in ks]
         ax.errorbar(ks, [m[0] for m in ms], yerr=[0 if m[2] < 2 else m[1] for m in ms], marker="o", capsize=4,
-                    label=" / ".join(g))
+                    label=" / ".join(g), color=colors[i % len(colors)], linestyle="--" if g[1] == BASELINE else "-")
     ks = label_sizes(rows)
     ax.set_xscale("log")
     ax.set_xticks(ks)
