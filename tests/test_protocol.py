@@ -161,6 +161,21 @@ def test_keep_head_refuses_what_it_cannot_keep(module_dataset, pretrained, tmp_p
     assert not any((tmp_path / n).exists() for n in "abc")  # refused before a folder was written
 
 
+def test_keep_head_auto_keeps_when_it_can_and_says_why_not(module_dataset, pretrained, tmp_path, capsys):
+    run_finetune(_cfg(module_dataset, pretrained / "supervised", "full", keep_head="auto"), tmp_path / "auto")
+    assert RunFolder.open(tmp_path / "auto").config.transfer.keep_head is True
+    assert json.loads((tmp_path / "auto" / "labeled.json").read_text())["load_report"]["new"] == []
+    cfg = _cfg(module_dataset, pretrained / "supervised", "full", keep_head="auto")
+    cfg.data.num_classes = 4
+    run_finetune(cfg, tmp_path / "other")
+    assert "keep-head auto: a new head" in capsys.readouterr().out
+    assert RunFolder.open(tmp_path / "other").config.transfer.keep_head is False
+    run_finetune(_cfg(module_dataset, pretrained / "ddpm", "full", keep_head="auto"), tmp_path / "ddpm")
+    assert RunFolder.open(tmp_path / "ddpm").config.transfer.keep_head is False
+    run_finetune(_cfg(module_dataset, pretrained / "supervised", "full"), tmp_path / "default")  # default: never
+    assert json.loads((tmp_path / "default" / "labeled.json").read_text())["load_report"]["new"]
+
+
 def test_plateau_rule_stops_on_a_flat_loss_only():
     stop = plateau_stop(window=10, tol=0.02)
     falling = [stop(i + 1, 1.0 / (1 + 0.1 * i)) for i in range(40)]

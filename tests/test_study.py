@@ -459,7 +459,8 @@ def test_source_rows_and_keep_head_protocol(files, tmp_path, monkeypatch):
     protocol fine-tunes its own head (nothing new) and skips lp-ft, which would have no head to train first."""
     methods = [{"name": "sup", "recipe": "pre.yaml", "overrides": {"corruption.method": "supervised"}}]
     study = base_study(methods=methods, strategies=["full", "lp-ft", "source", "scratch"], labels=[1], seeds=[0, 1],
-                       protocols=[{"name": "plain"}, {"name": "keep", "overrides": {"transfer.keep_head": True}}])
+                       protocols=[{"name": "plain", "overrides": {"transfer.keep_head": False}},
+                                  {"name": "keep", "overrides": {"transfer.keep_head": True}}])
     study["data"]["source"] = "data"
     path = write_study(files, study, name="source.yaml")
     out = tmp_path / "out"

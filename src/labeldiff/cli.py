@@ -21,6 +21,10 @@ def _bool(s: str) -> bool:
     return _bools(s)[0]
 
 
+def _keep(s: str) -> bool | str:
+    return "auto" if s.strip().lower() == "auto" else _bool(s)
+
+
 # (flag, config field, type, help); every one of them defaults to "keep the config/recipe value"
 DATA_OPTS = [
     ("--size", "data.size", int, "training input size in pixels (square crops or resize target) [64]"),
@@ -86,13 +90,14 @@ FINETUNE_OPTS = [
                                              "features) [full]"),
     ("--augment", "transfer.augment", str, "image+mask augmentation: none (crop window only), light (small "
                                            "rotation/scale, brightness, gamma) or strong (nnU-Net-like: any "
-                                           "rotation, scale, elastic, noise, blur, contrast) [none]"),
+                                           "rotation, scale, elastic, noise, blur, contrast) [strong]"),
     ("--flips", "transfer.flips", str, "mirrorings that make sense for the data: none, h (left-right), v, hv [h]"),
     ("--steps-rule", "transfer.steps_rule", str, "fine-tuning length: fixed (--steps) or plateau (stop when the "
                                                  "training loss stops falling, at most --steps) [fixed]"),
     ("--lp-steps", "transfer.lp_steps", int, "lp-ft: steps of the linear-probe phase [100]"),
-    ("--keep-head", "transfer.keep_head", _bool, "hybrid/supervised --pretrained run with the target's classes: "
-                                                 "fine-tune its own mask output (1) instead of a new head (0) [0]"),
+    ("--keep-head", "transfer.keep_head", _keep, "hybrid/supervised --pretrained run: fine-tune its own mask "
+                                                 "output instead of a new head: auto (when the classes match), "
+                                                 "1 (required: refuse otherwise), 0 (never) [0]"),
     ("--features", "transfer.features", str, "probe: default (per method: mdm t=50, ddpm t=50,150,250; middle "
                                              "decoder blocks), auto (chosen by leave-one-image-out validation) or "
                                              "'blocks=1,2;t=50,150' [default]"),

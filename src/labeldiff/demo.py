@@ -75,7 +75,9 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[
     ft = RunConfig(kind="segmentation", model=model, data=DataConfig(**{**dcfg.__dict__}),
                    train=TrainConfig(steps=finetune_steps, batch_size=8, lr=2e-4, warmup_steps=20,
                                      ema_decay=0.0, checkpoint_every=finetune_steps),
-                   transfer=TransferConfig(labels=2, head_hidden=DEMO_HEAD_HIDDEN))
+                   # the demo's measured protocol (README): no augmentation levels yet — strong has not been
+                   # measured on these brain slices
+                   transfer=TransferConfig(labels=2, head_hidden=DEMO_HEAD_HIDDEN, augment="none"))
     return pre, ft
 
 

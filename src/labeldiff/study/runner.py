@@ -163,7 +163,7 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
     def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
         for protocol, ft in fts.items():
             keeps = pre is not None and pre.cfg.corruption.method in LABELED_METHODS
-            if strategy in ("lp-ft", "linear") and ft.transfer.keep_head and keeps:
+            if strategy in ("lp-ft", "linear") and ft.transfer.keep_head is True and keeps:
                 print(f"note: skipping {strategy} for {label} under protocol {protocol}: with keep_head the source's "
                       f"own output is the head, there is none to train first")
                 continue
@@ -275,8 +275,9 @@ def cell_config(cell: Cell, ft: RunConfig, target: Target) -> RunConfig:
     cfg.data.num_classes = target.num_classes
     cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
     # a protocol's keep_head applies where there is a source head: hybrid / supervised pretraining
-    cfg.transfer.keep_head = cfg.transfer.keep_head and cell.pre is not None and \
-        cell.pre.cfg.corruption.method in LABELED_METHODS
+    if cell.pre is None or cell.pre.cfg.corruption.method not in LABELED_METHODS or \
+            (cell.strategy in ("lp-ft", "linear") and cfg.transfer.keep_head == "auto"):
+        cfg.transfer.keep_head = False
     if cell.pre is not None:
         cfg.transfer.pretrained = str(cell.pre.dir)
     else:  # scratch: the pretrained runs' network, built from the config alone
@@ -451,7 +452,8 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     fts = {p.name: finetune_config(study, p) for p in study.protocols}
     ft = next(iter(fts.values()))
     target = Target.load(study, ft)
-    runs = plan_pretraining(study, Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain")
+    pre_dir = Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain"
+    runs = plan_pretraining(study, pre_dir)
     cells = plan_cells(study, runs, target, fts, out)
     write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
                                    "train": len(target.train), "test": len(target.test), "K": target.num_classes,
@@ -468,7 +470,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
         pretrain(runs)
-        print(f"pretraining done: {len(runs)} runs in {out / 'pretrain'}; run without --pretrain-only for the cells")
+        print(f"pretraining done: {len(runs)} runs in {pre_dir}; run without --pretrain-only for the cells")
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)

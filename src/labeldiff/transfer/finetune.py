@@ -81,13 +81,37 @@ def segmentation_loss(ce_weight: float):
     return loss_fn
 
 
-def check_keep_head(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> None:
-    """``--keep-head`` needs a hybrid / supervised source run with the target's K, and a strategy
-    that trains it. Copies the source's ``corruption`` section into ``cfg``: which pretext made the
-    kept output layer, so the run folder rebuilds its network with no flags."""
+def keep_head_possible(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> str | None:
+    """Why the source's mask output cannot be kept (None: it can): a hybrid / supervised source run
+    with the target's K, and a strategy that trains it."""
     t = cfg.transfer
-    if not t.keep_head:
+    if pre is None or t.strategy == "scratch":
+        return "scratch has no source head"
+    if pre.method not in DIRECT_SEGMENTERS:
+        return f"{pre.path} is a {pre.method!r} run, whose output is an image, not a mask"
+    if t.strategy in ("linear", "lp-ft"):
+        return f"--strategy {t.strategy} trains a separate head first"
+    if pre.config.num_classes != num_classes:
+        return f"{pre.path} predicts {pre.config.num_classes} classes but the target data has {num_classes}"
+    return None
+
+
+def check_keep_head(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> None:
+    """Resolve ``transfer.keep_head`` to True / False in ``cfg`` (what the run folder stores).
+
+    ``auto`` keeps the source's head whenever :func:`keep_head_possible` allows, else prints why and
+    trains a new one; True requires it and refuses with the reason; False (default) never keeps it. A kept head copies the source's ``corruption`` section into ``cfg``:
+    which pretext made the kept output layer, so the run folder rebuilds its network with no flags."""
+    t = cfg.transfer
+    if t.keep_head is False:
         return
+    why = keep_head_possible(cfg, num_classes, pre)
+    if t.keep_head == "auto":
+        t.keep_head = why is None
+        if why is not None and pre is not None and pre.method in DIRECT_SEGMENTERS:
+            print(f"keep-head auto: a new head ({why})")
+        if why is not None:
+            return
     if pre is None or t.strategy == "scratch":
         raise ValueError("--keep-head keeps the mask output of a pretrained source run; scratch has none "
                          "(drop --keep-head, or give --pretrained a hybrid or supervised run)")
