@@ -82,17 +82,20 @@ def segmentation_loss(ce_weight: float):
 
 
 def keep_head_possible(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> str | None:
-    """Why the source's mask output cannot be kept (None: it can): a hybrid / supervised source run
-    with the target's K, and a strategy that trains it."""
+    """Why the source's mask output cannot be kept, with how to fix it (None: it can): a hybrid /
+    supervised source run with the target's K, and a strategy that trains it."""
     t = cfg.transfer
     if pre is None or t.strategy == "scratch":
-        return "scratch has no source head"
+        return "scratch has no source head (give --pretrained a hybrid or supervised run)"
     if pre.method not in DIRECT_SEGMENTERS:
-        return f"{pre.path} is a {pre.method!r} run, whose output is an image, not a mask"
+        return (f"{pre.path} is a {pre.method!r} run, whose output is an image, not a mask; it needs a hybrid or "
+                f"supervised run")
     if t.strategy in ("linear", "lp-ft"):
-        return f"--strategy {t.strategy} trains a separate head first"
+        return (f"with --strategy {t.strategy} the kept head is the network's own output layer, so there is no "
+                f"separate head to train first; use --strategy full or decoder")
     if pre.config.num_classes != num_classes:
-        return f"{pre.path} predicts {pre.config.num_classes} classes but the target data has {num_classes}"
+        return (f"{pre.path} predicts {pre.config.num_classes} classes but the target data has {num_classes}; "
+                f"relabel the target to the source's classes")
     return None
 
 
@@ -100,31 +103,21 @@ def check_keep_head(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> 
     """Resolve ``transfer.keep_head`` to True / False in ``cfg`` (what the run folder stores).
 
     ``auto`` keeps the source's head whenever :func:`keep_head_possible` allows, else prints why and
-    trains a new one; True requires it and refuses with the reason; False (default) never keeps it. A kept head copies the source's ``corruption`` section into ``cfg``:
-    which pretext made the kept output layer, so the run folder rebuilds its network with no flags."""
+    trains a new one; True requires it and refuses with the reason; False (default) never keeps it.
+    A kept head copies the source's ``corruption`` section into ``cfg``: which pretext made the kept
+    output layer, so the run folder rebuilds its network with no flags."""
     t = cfg.transfer
     if t.keep_head is False:
         return
     why = keep_head_possible(cfg, num_classes, pre)
-    if t.keep_head == "auto":
-        t.keep_head = why is None
-        if why is not None and pre is not None and pre.method in DIRECT_SEGMENTERS:
+    if why is not None:
+        if t.keep_head is True:
+            raise ValueError(f"--keep-head: {why} (or drop --keep-head to train a new head)")
+        if pre is not None and pre.method in DIRECT_SEGMENTERS:
             print(f"keep-head auto: a new head ({why})")
-        if why is not None:
-            return
-    if pre is None or t.strategy == "scratch":
-        raise ValueError("--keep-head keeps the mask output of a pretrained source run; scratch has none "
-                         "(drop --keep-head, or give --pretrained a hybrid or supervised run)")
-    if pre.method not in DIRECT_SEGMENTERS:
-        raise ValueError(f"--keep-head: {pre.path} is a {pre.method!r} run, whose output is an image, not a mask; "
-                         f"it needs a hybrid or supervised run (drop --keep-head for a new head)")
-    if t.strategy in ("linear", "lp-ft"):
-        raise ValueError(f"--keep-head with --strategy {t.strategy}: the kept head is the network's own output "
-                         f"layer, so there is no separate head to train first; use --strategy full or decoder")
-    if pre.config.num_classes != num_classes:
-        raise ValueError(f"--keep-head: {pre.path} predicts {pre.config.num_classes} classes but the target data "
-                         f"has {num_classes}; the source's mask output cannot be kept (drop --keep-head to train a "
-                         f"new head, or relabel the target to the source's classes)")
+        t.keep_head = False
+        return
+    t.keep_head = True
     cfg.corruption = replace(pre.config.corruption)
 
 
