@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -200,9 +199,17 @@ def test_plateau_finetune_stops_early_and_says_so(module_dataset, pretrained, tm
     assert (out / "model.safetensors").is_file()
 
 
-def test_augmented_finetune_records_its_protocol(module_dataset, pretrained, tmp_path):
+def test_augmented_finetune_records_its_protocol(module_dataset, pretrained, tmp_path, monkeypatch):
+    """The run transforms every training sample with its level and stores the protocol; none calls nothing."""
+    calls = []
+    real = Augment.__call__
+    monkeypatch.setattr(Augment, "__call__", lambda self, *a: calls.append(self.level) or real(self, *a))
     out = tmp_path / "aug"
-    run_finetune(_cfg(module_dataset, pretrained / "ddpm", "full", augment="strong", flips="hv"), out)
+    cfg = _cfg(module_dataset, pretrained / "ddpm", "full", augment="strong", flips="hv")
+    run_finetune(cfg, out)
+    assert calls == ["strong"] * cfg.train.steps * cfg.train.batch_size
     t = RunFolder.open(out).config.transfer
     assert (t.augment, t.flips) == ("strong", "hv")
-    assert np.isfinite(json.loads((out / "latest.json").read_text())["step"])
+    calls.clear()
+    run_finetune(_cfg(module_dataset, pretrained / "ddpm", "full", augment="none"), tmp_path / "none")
+    assert calls == []
