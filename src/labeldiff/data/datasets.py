@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from labeldiff.config import DataConfig
+from labeldiff.data.augment import seed_from
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
 
 
@@ -267,8 +268,6 @@ class StepBatches(torch.utils.data.Dataset):
         return 2**31 - 1
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        from labeldiff.data.augment import seed_from
-
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randint(len(self.samples), (self.batch_size,), generator=g)
         images, masks = [], []

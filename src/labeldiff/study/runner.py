@@ -176,8 +176,11 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
                 for k in ks:
                     for seed in study.seeds:
                         what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
-                        key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed, "select": select},
-                                     8)
+                        if strategy == "source":  # no training: the same score at every k, seed and protocol
+                            key = digest({"test": target.test, "K": target.num_classes, **what, "strategy": strategy}, 8)
+                        else:
+                            key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed,
+                                          "select": select}, 8)
                         cid = f"{label}-{strategy}-{tag}k{k}-s{seed}-{select}-{key}"
                         cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model,
                                           protocol))
@@ -275,9 +278,8 @@ def cell_config(cell: Cell, ft: RunConfig, target: Target) -> RunConfig:
     cfg.data.num_classes = target.num_classes
     cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
     # a protocol's keep_head applies where there is a source head: hybrid / supervised pretraining
-    if cell.pre is None or cell.pre.cfg.corruption.method not in LABELED_METHODS or \
-            (cell.strategy in ("lp-ft", "linear") and cfg.transfer.keep_head == "auto"):
-        cfg.transfer.keep_head = False
+    if cell.pre is None or cell.pre.cfg.corruption.method not in LABELED_METHODS:
+        cfg.transfer.keep_head = False  # (auto is resolved by the fine-tuning itself)
     if cell.pre is not None:
         cfg.transfer.pretrained = str(cell.pre.dir)
     else:  # scratch: the pretrained runs' network, built from the config alone
@@ -292,20 +294,21 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
     t0 = time.time()
     if cell.dir.exists():
         shutil.rmtree(cell.dir)
-    if cell.strategy == "source":
-        return source_cell(cell, ft, target, t0)
     key = cell.id.rsplit("-", 1)[1]
     twin = next((c for c in cell.dir.parent.glob(f"*-{key}") if c != cell.dir and (c / "eval" / "metrics.json").is_file()),
                 None)
-    if twin is not None:  # the same computation under another protocol name (keep_head that does not apply)
+    if twin is not None:  # the same computation under another name: a source cell, or a keep_head that does not apply
         info = json.loads((twin / "cell.json").read_text())
         write_json(cell.dir / "cell.json", {**cell.describe(), "stems": info["stems"], "git": info["git"],
                                             "same_as": twin.name})
         shutil.copytree(twin / "eval", cell.dir / "eval.tmp")
         write_json(cell.dir / "eval.tmp" / "timing.json", {"seconds": 0.0, "copied_from": twin.name})
-        os.symlink(twin / "run", cell.dir / "run")
+        if (twin / "run").exists():
+            os.symlink(twin / "run", cell.dir / "run")
         os.replace(cell.dir / "eval.tmp", cell.dir / "eval")
         return 0.0
+    if cell.strategy == "source":
+        return source_cell(cell, ft, target, t0)
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, ft, target)
@@ -320,18 +323,13 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
 
 def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     """``source``: the hybrid / supervised run as it is, with no target label, on the target's test
-    split; evaluated once per pretraining run and copied into its other (k, seed, protocol) cells."""
+    split. Its key leaves out k, seed and protocol, so :func:`run_cell` evaluates it once per
+    pretraining run and copies it into the other cells."""
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
-    done = next((c / "eval" for c in cell.dir.parent.glob(f"{cell.method}-source-*")
-                 if c != cell.dir and (c / "eval" / "metrics.json").is_file()
-                 and json.loads((c / "cell.json").read_text())["pretrained"] == str(cell.pre.dir)), None)
     tmp = cell.dir / "eval.tmp"
-    if done is not None:
-        shutil.copytree(done, tmp)
-    else:
-        split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
-        run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
-                     device=ft.train.device)
+    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+    run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
+                 device=ft.train.device)
     seconds = time.time() - t0
     write_json(tmp / "timing.json", {"seconds": seconds})
     os.replace(tmp, cell.dir / "eval")
