@@ -184,6 +184,20 @@ def test_plateau_rule_stops_on_a_flat_loss_only():
     assert flat.index(True) == 29  # checked only at multiples of the window, once two windows are flat
 
 
+def test_plateau_rule_resumes_where_it_left_off():
+    losses = [1.0 / (1 + 0.1 * i) for i in range(25)] + [0.5] * 40
+    whole = plateau_stop(window=10, tol=0.02)
+    expected = [whole(i + 1, x) for i, x in enumerate(losses)]
+    for cut in (7, 20, 33):  # mid-window, on a window edge, after the first check
+        first = plateau_stop(window=10, tol=0.02)
+        head = [first(i + 1, x) for i, x in enumerate(losses[:cut])]
+        resumed = plateau_stop(window=10, tol=0.02)
+        resumed.load(json.loads(json.dumps(first.state())))  # as it travels in state.json
+        tail = [resumed(cut + i + 1, x) for i, x in enumerate(losses[cut:])]
+        assert head + tail == expected, cut
+    assert True in expected  # the sequence does plateau
+
+
 def test_plateau_finetune_stops_early_and_says_so(module_dataset, pretrained, tmp_path, log_reader, monkeypatch):
     import labeldiff.transfer.finetune as ft
 
@@ -197,6 +211,8 @@ def test_plateau_finetune_stops_early_and_says_so(module_dataset, pretrained, tm
     log = log_reader(out)
     assert log[4]["stopped"] == "plateau" and max(log) == 4
     assert (out / "model.safetensors").is_file()
+    state = json.loads(next((out / "checkpoints").glob("step_*/state.json")).read_text())
+    assert len(state["stop"]["losses"]) == 4 and state["stop"]["seen"] == 4  # resumable: the history is saved
 
 
 def test_augmented_finetune_records_its_protocol(module_dataset, pretrained, tmp_path, monkeypatch):

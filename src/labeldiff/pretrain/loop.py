@@ -110,6 +110,8 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             ema.state = {k: v.clone() for k, v in ck["ema"].items()}
         torch.set_rng_state(ck["rng"]["torch_cpu"])
         start = ck["step"]
+        if stop is not None and hasattr(stop, "load") and "stop" in ck["extra"]:
+            stop.load(ck["extra"]["stop"])
         extend_config(run_dir, config, start)
         print(f"resuming {run_dir} at step {start}/{cfg.steps}")
     else:
@@ -119,6 +121,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         model.train()
         for m in frozen or []:
             m.eval()
+
+    def extra() -> dict:  # what a checkpoint records besides the tensors: the loss and the stop rule's state
+        return {"loss": loss_value, **({"stop": stop.state()} if hasattr(stop, "state") else {})}
 
     set_train_mode()
     log = open(run_dir / "log.jsonl", "a")
@@ -166,19 +171,19 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 step = done
                 break
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+                save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
                 last_good = done
             step = done
     except KeyboardInterrupt:
         bar.close()
         if step > last_good:
-            save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+            save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
         print(f"\ninterrupted: state of step {step} saved in {run_dir}; run the same command with --resume to continue")
         raise
     finally:
         bar.close()
         log.close()
-    save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, {"loss": loss_value})
+    save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
     final = ema.state if ema is not None else model.state_dict()
     save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
     return {"step": step, "loss": loss_value, "seconds": time.time() - t0, "stopped": stopped}

@@ -29,6 +29,7 @@ Frozen modules have ``requires_grad=False``, are left out of the optimiser and a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,19 +133,37 @@ def build_segmenter(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> 
     return model, load_backbone_strict(model, pre.weights())
 
 
-def plateau_stop(window: int = PLATEAU_WINDOW, tol: float = PLATEAU_TOL):
+class PlateauStop:
     """``stop(step, loss) -> bool`` of ``steps_rule: plateau``: True once the mean training loss of the
-    last ``window`` steps is less than ``tol`` (relative) below the mean of the ``window`` before."""
-    losses: list[float] = []
+    last ``window`` steps is less than ``tol`` (relative) below the mean of the ``window`` before.
 
-    def stop(step: int, loss: float) -> bool:
-        losses.append(loss)
-        if len(losses) < 2 * window or len(losses) % window:
+    Its loss history is part of a checkpoint (:meth:`state` / :meth:`load`), so a resumed run stops
+    where the uninterrupted one would."""
+
+    def __init__(self, window: int = PLATEAU_WINDOW, tol: float = PLATEAU_TOL):
+        self.window, self.tol = window, tol
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, loss: float) -> bool:
+        self.losses.append(loss)
+        w = self.window
+        if len(self.losses) < 2 * w or len(self.losses) % w:
             return False
-        last, before = sum(losses[-window:]) / window, sum(losses[-2 * window:-window]) / window
-        return last > before * (1 - tol)
+        last, before = sum(self.losses[-w:]) / w, sum(self.losses[-2 * w:-w]) / w
+        return last > before * (1 - self.tol)
 
-    return stop
+    def state(self) -> dict:
+        return {"losses": self.losses[-2 * self.window:], "seen": len(self.losses)}
+
+    def load(self, state: dict) -> None:
+        """Restore :meth:`state`; the history is padded back to its length (only the last two windows
+        are ever read, and only their position modulo the window matters)."""
+        kept = list(state["losses"])
+        self.losses = [math.nan] * (state["seen"] - len(kept)) + kept
+
+
+def plateau_stop(window: int = PLATEAU_WINDOW, tol: float = PLATEAU_TOL) -> PlateauStop:
+    return PlateauStop(window, tol)
 
 
 def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
