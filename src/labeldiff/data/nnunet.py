@@ -1,0 +1,338 @@
+"""Volume datasets as radiologists keep them: the nnU-Net v2 raw layout, NIfTI and DICOM series,
+CT and MRI intensity schemes, and a bounded cache so that a volume is decoded once, not per slice.
+
+The nnU-Net v2 raw layout (https://github.com/MIC-DKFZ/nnUNet, ``dataset_format.md``)::
+
+    ROOT/dataset.json            {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+                                  "file_ending": ".nii.gz", ...}
+    ROOT/imagesTr/CASE_0000.nii.gz   one file per channel (_0000, _0001, ...)
+    ROOT/labelsTr/CASE.nii.gz        integer label volume, same grid as the images
+    ROOT/imagesTs/CASE_0000.nii.gz   test cases (labels optional in labelsTs/)
+    ROOT/imagesUnlabeled/...         (labeldiff's addition) cases without labels, for pretraining
+
+A :class:`Volume` is float32 voxels in the file's own voxel order with its 4×4 voxel → RAS (mm)
+affine, so a prediction can be written back on exactly the input grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from labeldiff.data.io import DataError
+
+SPLIT_FOLDERS = {"train": "imagesTr", "test": "imagesTs", "unlabeled": "imagesUnlabeled"}
+LABEL_FOLDERS = {"train": "labelsTr", "test": "labelsTs"}
+INTENSITY_SCHEMES = ("ct-window", "ct-percentile", "zscore", "none")
+CT_PERCENTILES = (0.5, 99.5)  # nnU-Net's CT scheme and the CT paper's clipping
+MAX_FIT_VOXELS = 1_000_000  # voxels per case used to fit dataset-wide statistics (strided, deterministic)
+
+
+# --- reading one volume -----------------------------------------------------------------------------------------
+
+@dataclass
+class Volume:
+    """Voxels (float32, the file's voxel order: X, Y, Z for NIfTI) and the voxel → RAS mm affine."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each array axis (the column norms of the affine)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
+def is_dicom_series(path: Path) -> bool:
+    """A folder whose files are DICOM (the 128-byte preamble + ``DICM``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    for f in sorted(path.iterdir())[:3]:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+    return False
+
+
+def read_volume(path: Path, dtype=np.float32) -> Volume:
+    """A NIfTI file or a DICOM series folder as a :class:`Volume` (labels: pass ``dtype=np.int64``)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    if path.is_dir():
+        if not is_dicom_series(path):
+            raise DataError(f"{path}: a folder but not a DICOM series (no file starts with the DICM marker); "
+                            f"point at a .nii.gz file or a folder of one series' .dcm files")
+        return read_dicom_series(path, dtype)
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises several types for unreadable / truncated files
+        raise DataError(f"{path}: cannot be read as a NIfTI volume ({e}); re-export it or remove it") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}; save one channel per file "
+                        f"(nnU-Net's CASE_0000, CASE_0001, ...)")
+    if np.issubdtype(dtype, np.integer):
+        if np.issubdtype(data.dtype, np.floating) and not np.allclose(data, np.round(data)):
+            raise DataError(f"{path}: a label volume must hold integers; found non-integer values")
+        data = np.round(data)
+    return Volume(np.ascontiguousarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64))
+
+
+def read_dicom_series(folder: Path, dtype=np.float32) -> Volume:
+    """One DICOM series as a volume in Hounsfield units (rescale slope / intercept applied), with its
+    geometry from ImageOrientationPatient, ImagePositionPatient and PixelSpacing — MONAI's
+    ``PydicomReader``, which sorts the slices along the slice normal and converts DICOM's LPS patient
+    axes to the RAS of NIfTI."""
+    from monai.transforms import LoadImage
+
+    uids = _series_uids(folder)
+    if len(uids) > 1:
+        raise DataError(f"{folder}: holds {len(uids)} DICOM series ({', '.join(sorted(uids)[:3])}...); "
+                        f"put each series in its own folder")
+    try:
+        with warnings.catch_warnings():  # MONAI notes it has no GPU decoder (nvImageCodec); pydicom decodes
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            img = LoadImage(reader="PydicomReader", image_only=True)(str(folder))
+    except Exception as e:
+        raise DataError(f"{folder}: cannot be read as one DICOM series ({e})") from None
+    array = np.asarray(img, dtype=dtype)
+    if array.ndim != 3:
+        raise DataError(f"{folder}: expected a 3D series, got shape {array.shape}")
+    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=np.float64))
+
+
+def _series_uids(folder: Path) -> set[str]:
+    import pydicom
+
+    uids = set()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file():
+            try:
+                uids.add(str(pydicom.dcmread(f, stop_before_pixels=True).get("SeriesInstanceUID", "")))
+            except Exception:
+                continue
+    return uids
+
+
+# --- the nnU-Net v2 raw layout ----------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One case: its channel files (in channel order) and its label volume, if any."""
+
+    name: str
+    images: list[Path]
+    label: Path | None = None
+
+
+class NnUNetRaw:
+    """An nnU-Net v2 raw dataset folder, read from its ``dataset.json`` and file names only."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.root}: no dataset.json; an nnU-Net v2 raw dataset needs one with "
+                            f'"channel_names", "labels" and "file_ending" (see nnU-Net\'s dataset_format.md)')
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+        missing = [k for k in ("channel_names", "labels") if k not in meta]
+        if missing:
+            raise DataError(f"{meta_path}: missing {', '.join(missing)}; add e.g. "
+                            f'"channel_names": {{"0": "CT"}}, "labels": {{"background": 0, "liver": 1}}')
+        self.meta = meta
+        self.channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
+        labels = {str(name): int(v) for name, v in meta["labels"].items() if not isinstance(v, list)}
+        ids = sorted(labels.values())
+        if ids != list(range(len(ids))):
+            raise DataError(f"{meta_path}: label ids must be 0, 1, ..., K-1 (found {ids}); renumber them")
+        self.labels = labels
+        self.file_ending = meta.get("file_ending", ".nii.gz")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in id order (``class_names[i]`` is the name of label ``i``)."""
+        return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
+
+    def cases(self, split: str = "train") -> list[Case]:
+        """The cases of ``train`` (imagesTr), ``test`` (imagesTs) or ``unlabeled`` (imagesUnlabeled);
+        [] when that folder does not exist. Every case must have every channel file."""
+        if split not in SPLIT_FOLDERS:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_FOLDERS)}, not {split!r}")
+        folder = self.root / SPLIT_FOLDERS[split]
+        if not folder.is_dir():
+            return []
+        end, n = self.file_ending, len(self.channels)
+        found: dict[str, dict[int, Path]] = {}
+        for f in sorted(folder.iterdir()):
+            if not f.name.endswith(end) or f.name.startswith("."):
+                continue
+            stem = f.name[:-len(end)]
+            name, _, ch = stem.rpartition("_")
+            if not name or len(ch) != 4 or not ch.isdigit():
+                raise DataError(f"{f}: nnU-Net image files are named CASE_XXXX{end} (XXXX = channel, e.g. "
+                                f"_0000); rename it")
+            found.setdefault(name, {})[int(ch)] = f
+        labels_dir = self.root / LABEL_FOLDERS[split] if split in LABEL_FOLDERS else None
+        out = []
+        for name, files in sorted(found.items()):
+            if sorted(files) != list(range(n)):
+                raise DataError(f"{folder}: case {name!r} has channel files {sorted(files)} but dataset.json names "
+                                f"{n} channel(s) {self.channels}; add the missing {name}_XXXX{end}")
+            label = labels_dir / f"{name}{end}" if labels_dir is not None else None
+            if split == "train" and (label is None or not label.is_file()):
+                raise DataError(f"{folder / (name + '_0000' + end)}: no label {label}; every imagesTr case needs "
+                                f"labelsTr/{name}{end} (move unlabeled cases to imagesUnlabeled/)")
+            out.append(Case(name, [files[i] for i in range(n)], label if label is not None and label.is_file() else None))
+        return out
+
+
+def is_nnunet_raw(path: Path) -> bool:
+    path = Path(path)
+    return (path / "dataset.json").is_file() and any((path / f).is_dir() for f in SPLIT_FOLDERS.values())
+
+
+# --- intensities ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Intensity:
+    """How voxel values become network inputs, fitted once per dataset and stored in the run config.
+
+    - ``ct-window``: clip to a fixed HU window [lo, hi], then scale to [-1, 1];
+    - ``ct-percentile``: nnU-Net's CT scheme — the 0.5 / 99.5 percentiles, mean and standard deviation
+      of the foreground voxels of every training case (label > 0; every voxel of a case without a
+      label); clip to the percentiles, then subtract the mean and divide by the deviation;
+    - ``zscore``: per volume, with the mean and deviation of its non-zero voxels (MRI, whose background
+      is 0; nnU-Net does the same when cropping to the non-zero region shrank the case);
+    - ``none``: the values as they are.
+    """
+
+    scheme: str = "none"
+    lo: float = -math.inf
+    hi: float = math.inf
+    mean: float = 0.0
+    std: float = 1.0
+    fitted_on: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.scheme not in INTENSITY_SCHEMES:
+            raise ValueError(f"intensity scheme must be one of {', '.join(INTENSITY_SCHEMES)}, not {self.scheme!r}")
+        if self.scheme == "ct-window" and not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
+            raise ValueError(f"ct-window needs a window lo < hi in HU (e.g. -160, 240), got [{self.lo}, {self.hi}]")
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.scheme == "ct-window":
+            return ((np.clip(x, self.lo, self.hi) - self.lo) / (self.hi - self.lo) * 2 - 1).astype(np.float32)
+        if self.scheme == "ct-percentile":
+            return ((np.clip(x, self.lo, self.hi) - self.mean) / max(self.std, 1e-8)).astype(np.float32)
+        if self.scheme == "zscore":
+            inside = x[x != 0]
+            if inside.size == 0:
+                return np.zeros_like(x)
+            return ((x - inside.mean()) / max(float(inside.std()), 1e-8)).astype(np.float32)
+        return x
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Intensity:
+        d = dict(d)
+        d["lo"] = -math.inf if d.get("lo") is None else d["lo"]
+        d["hi"] = math.inf if d.get("hi") is None else d["hi"]
+        return cls(**d)
+
+
+def fit_intensity(scheme: str, cases: list[Case], window: tuple[float, float] | None = None,
+                  channel: int = 0) -> Intensity:
+    """Fit ``scheme`` on ``cases`` (the training cases: never the test cases) for one channel."""
+    if scheme == "ct-window":
+        if window is None:
+            raise ValueError("ct-window needs --hu-window LO HI, e.g. -160 240 (abdomen) or -1000 400 (lung)")
+        return Intensity("ct-window", lo=float(window[0]), hi=float(window[1]))
+    if scheme != "ct-percentile":
+        return Intensity(scheme)
+    if not cases:
+        raise DataError("ct-percentile needs at least one training case to fit its percentiles")
+    values = []
+    for c in cases:
+        x = read_volume(c.images[channel]).array
+        if c.label is not None:
+            fg = read_volume(c.label, np.int64).array > 0
+            if fg.shape != x.shape:
+                raise DataError(f"{c.label}: label shape {fg.shape} differs from its image {x.shape}")
+            v = x[fg]
+        else:
+            v = x.ravel()
+        step = max(1, v.size // MAX_FIT_VOXELS)
+        values.append(v[::step])
+    v = np.concatenate(values).astype(np.float64)
+    if v.size == 0:
+        raise DataError("ct-percentile: the training labels have no foreground voxel to fit on")
+    lo, hi = np.percentile(v, CT_PERCENTILES)  # mean and std of the unclipped values, as nnU-Net's CTNormalization
+    return Intensity("ct-percentile", lo=float(lo), hi=float(hi), mean=float(v.mean()), std=float(v.std()),
+                     fitted_on=[c.name for c in cases])
+
+
+# --- slices from volumes, decoded once ---------------------------------------------------------------------------
+
+class VolumeCache:
+    """Decoded volumes in a cache bounded in megabytes (least recently used out first).
+
+    Reading every slice of a volume decodes it once; ``reads`` counts decodes per path, which is what
+    a test of "never read once per slice" checks.
+    """
+
+    def __init__(self, max_mb: int = 1024, reader: Callable[..., Volume] = read_volume):
+        self.max_bytes = max_mb * 2**20
+        self.reader = reader
+        self.items: OrderedDict[tuple[str, str], Volume] = OrderedDict()
+        self.bytes = 0
+        self.reads: dict[str, int] = {}
+
+    def get(self, path: Path, dtype=np.float32) -> Volume:
+        key = (str(path), np.dtype(dtype).name)
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        vol = self.reader(Path(path), dtype)
+        self.reads[str(path)] = self.reads.get(str(path), 0) + 1
+        self.items[key] = vol
+        self.bytes += vol.array.nbytes
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.array.nbytes
+        return vol
+
+    def slice(self, path: Path, axis: int, index: int, dtype=np.float32) -> np.ndarray:
+        """Slice ``index`` along ``axis`` (a 2D array in the file's voxel order)."""
+        vol = self.get(path, dtype)
+        if not 0 <= index < vol.shape[axis]:
+            raise IndexError(f"{path}: slice {index} is outside 0..{vol.shape[axis] - 1} along axis {axis}")
+        return np.take(vol.array, index, axis=axis)
