@@ -160,6 +160,44 @@ def test_predict(finetuned, module_dataset, tmp_path):
     assert np.array_equal(read_mask(single / images[0].name), read_mask(out / images[0].name))
 
 
+def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
+    """predict on a NIfTI, an nnU-Net dataset's imagesTs and a DICOM series: one label NIfTI per case with
+    the input's shape and affine, values < K, and an overlay strip."""
+    import nibabel as nib
+
+    from labeldiff.data.nnunet import read_volume
+    from test_nnunet import oblique_affine, write_dicom_series
+
+    rng = np.random.default_rng(0)
+    vol = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(0, 300, (20, 14, 5)).astype(np.float32), oblique_affine()), str(vol))
+    out = tmp_path / "pv"
+    assert main(["predict", "--model", str(finetuned), "--input", str(vol), "--out", str(out), "--device", "cpu"]) == 0
+    pred = nib.load(str(out / "ct.nii.gz"))
+    assert pred.shape == (20, 14, 5) and np.allclose(pred.affine, oblique_affine(), atol=1e-5)
+    assert np.asarray(pred.dataobj).max() < 3 and (out / "overlays" / "ct.png").is_file()
+
+    raw = tmp_path / "Dataset009"
+    (raw / "imagesTs").mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                  "labels": {"background": 0, "a": 1, "b": 2}}))
+    for case, shape in (("c1", (9, 9, 4)), ("c2", (7, 12, 3))):
+        nib.save(nib.Nifti1Image(rng.normal(size=shape).astype(np.float32), np.diag([2.0, 2.0, 5.0, 1.0])),
+                 str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+    out = tmp_path / "praw"
+    assert main(["predict", "--model", str(finetuned), "--input", str(raw), "--out", str(out), "--device", "cpu",
+                 "--intensity", "zscore"]) == 0
+    assert nib.load(str(out / "c1.nii.gz")).shape == (9, 9, 4) and nib.load(str(out / "c2.nii.gz")).shape == (7, 12, 3)
+
+    write_dicom_series(tmp_path / "series", rng.integers(-1000, 1000, (4, 10, 8)).astype(np.float32))
+    out = tmp_path / "pdcm"
+    assert main(["predict", "--model", str(finetuned), "--input", str(tmp_path / "series"), "--out", str(out),
+                 "--device", "cpu", "--intensity", "ct-window", "--hu-window", "-160", "240"]) == 0
+    pred = nib.load(str(out / "series.nii.gz"))
+    src = read_volume(tmp_path / "series")
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine, atol=1e-4)
+
+
 def test_evaluate_needs_a_finetune_run(pretrained, capsys):
     """evaluate on a pretraining run exits 2 with a one-line error."""
     assert main(["evaluate", "--model", str(pretrained), "--device", "cpu"]) == 2

@@ -178,7 +178,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
-    run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision)
+    if args.intensity == "ct-window" and args.hu_window is None:
+        raise SystemExit("error: --intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+    run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
+                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -291,12 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bf16 where the CPU/GPU has it) [fp32]")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image",
+    p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image, or a label NIfTI "
+                                       "for every input volume",
                        description="Predict masks for new images with a fine-tuned run.")
     p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder, or a hybrid/"
                                                             "supervised pretraining run")
-    p.add_argument("--input", required=True, type=Path, help="an image, a folder of images or a dataset root")
+    p.add_argument("--input", required=True, type=Path,
+                   help="an image, a folder of images or a dataset root; or volumes: a .nii/.nii.gz file, a DICOM "
+                        "series folder, an nnU-Net raw dataset (its imagesTs/) or a folder of NIfTI files")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
+    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                   help="volumes: the axis the model's slices were cut along (2 = axial for RAS NIfTI) [2]")
+    p.add_argument("--intensity", default="percentile", choices=("percentile", "zscore", "ct-window", "none"),
+                   help="volumes: the intensity scheme of the model's training slices; percentile = each volume's "
+                        "0.5/99.5 percentiles to [-1, 1], as volume_to_slices and prepare: volume-slabs write "
+                        "them [percentile]")
+    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="volumes, --intensity ct-window: the HU window, e.g. -160 240")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),

@@ -29,7 +29,7 @@ from labeldiff.data.io import DataError
 
 SPLIT_FOLDERS = {"train": "imagesTr", "test": "imagesTs", "unlabeled": "imagesUnlabeled"}
 LABEL_FOLDERS = {"train": "labelsTr", "test": "labelsTs"}
-INTENSITY_SCHEMES = ("ct-window", "ct-percentile", "zscore", "none")
+INTENSITY_SCHEMES = ("ct-window", "ct-percentile", "percentile", "zscore", "none")
 CT_PERCENTILES = (0.5, 99.5)  # nnU-Net's CT scheme and the CT paper's clipping
 MAX_FIT_VOXELS = 1_000_000  # voxels per case used to fit dataset-wide statistics (strided, deterministic)
 
@@ -211,6 +211,22 @@ class NnUNetRaw:
         return out
 
 
+def dataset_class_names(root: Path) -> list[str] | None:
+    """Class names in id order from a dataset root's ``dataset.json`` (nnU-Net ``labels``) or
+    ``classes.json`` (name → id, as ``prepare: volume-slabs`` writes it); None when it has neither."""
+    for name in ("dataset.json", "classes.json"):
+        f = Path(root) / name
+        if f.is_file():
+            try:
+                raw = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                return None
+            labels = raw.get("labels", raw) if name == "dataset.json" else raw
+            if isinstance(labels, dict) and labels and all(isinstance(v, int) for v in labels.values()):
+                return [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    return None
+
+
 def is_nnunet_raw(path: Path) -> bool:
     path = Path(path)
     return (path / "dataset.json").is_file() and any((path / f).is_dir() for f in SPLIT_FOLDERS.values())
@@ -226,6 +242,8 @@ class Intensity:
     - ``ct-percentile``: nnU-Net's CT scheme — the 0.5 / 99.5 percentiles, mean and standard deviation
       of the foreground voxels of every training case (label > 0; every voxel of a case without a
       label); clip to the percentiles, then subtract the mean and divide by the deviation;
+    - ``percentile``: per volume, clip to its own 0.5 / 99.5 percentiles and scale to [-1, 1] — what
+      :func:`labeldiff.data.volumes.volume_to_slices` writes as 8-bit slices (the CT paper's clipping);
     - ``zscore``: per volume, with the mean and deviation of its non-zero voxels (MRI, whose background
       is 0; nnU-Net does the same when cropping to the non-zero region shrank the case);
     - ``none``: the values as they are.
@@ -245,7 +263,11 @@ class Intensity:
             raise ValueError(f"ct-window needs a window lo < hi in HU (e.g. -160, 240), got [{self.lo}, {self.hi}]")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """Normalise a whole volume (the per-volume schemes take their statistics from it)."""
         x = np.asarray(x, dtype=np.float32)
+        if self.scheme == "percentile":
+            lo, hi = volume_percentiles(x)
+            return (np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1).astype(np.float32)
         if self.scheme == "ct-window":
             return ((np.clip(x, self.lo, self.hi) - self.lo) / (self.hi - self.lo) * 2 - 1).astype(np.float32)
         if self.scheme == "ct-percentile":
@@ -267,6 +289,13 @@ class Intensity:
         d["lo"] = -math.inf if d.get("lo") is None else d["lo"]
         d["hi"] = math.inf if d.get("hi") is None else d["hi"]
         return cls(**d)
+
+
+def volume_percentiles(x, percentiles: tuple[float, float] = CT_PERCENTILES) -> tuple[float, float]:
+    """The 0.5 / 99.5 percentiles of a volume from every second voxel along each axis (a volume is never
+    decoded twice for its statistics)."""
+    lo, hi = np.percentile(np.asarray(x[::2, ::2, ::2], dtype=np.float32), percentiles)
+    return float(lo), float(hi)
 
 
 def fit_intensity(scheme: str, cases: list[Case], window: tuple[float, float] | None = None,

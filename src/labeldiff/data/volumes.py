@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.data.io import DataError
+from labeldiff.data.nnunet import volume_percentiles
 
 
 def _load(path: Path):
@@ -44,9 +45,7 @@ def volume_to_slices(volume: Path, out: Path, labels: Path | None = None, axis: 
     if lab is not None and tuple(lab.shape[:3]) != tuple(img.shape):
         raise DataError(f"label volume {labels} has shape {lab.shape} but {volume} has {img.shape}; they must match")
     data = img.dataobj
-    # percentiles from a strided subsample: the volume is never decoded whole twice
-    sub = np.asarray(data[::2, ::2, ::2], dtype=np.float32)
-    lo, hi = np.percentile(sub, percentiles)
+    lo, hi = volume_percentiles(data, percentiles)  # the ``percentile`` intensity scheme, quantised below
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if lab is not None:
@@ -62,7 +61,7 @@ def volume_to_slices(volume: Path, out: Path, labels: Path | None = None, axis: 
         if frac < min_foreground or (min_foreground > 0 and frac == 0):
             continue
         x8 = (np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1) * 255).round().astype(np.uint8)
-        x8 = _square(np.rot90(x8), 0)
+        x8 = to_display(x8, 0)
         pic = Image.fromarray(np.ascontiguousarray(x8))
         if size:
             pic = pic.resize((size, size), Image.BILINEAR)
@@ -71,7 +70,7 @@ def volume_to_slices(volume: Path, out: Path, labels: Path | None = None, axis: 
         if m is not None:
             if m.min() < 0 or m.max() > 255:
                 raise DataError(f"{labels}: label values must lie in 0..255 for PNG masks (found {m.min()}..{m.max()})")
-            mp = Image.fromarray(np.ascontiguousarray(_square(np.rot90(m), 0).astype(np.uint8)))
+            mp = Image.fromarray(np.ascontiguousarray(to_display(m, 0).astype(np.uint8)))
             if size:
                 mp = mp.resize((size, size), Image.NEAREST)
             mp.save(out / "masks" / f"{stem}.png")
@@ -89,6 +88,22 @@ def _square(a: np.ndarray, fill: int) -> np.ndarray:
     top, left = (n - h) // 2, (n - w) // 2
     out[top:top + h, left:left + w] = a
     return out
+
+
+def to_display(x: np.ndarray, fill=0) -> np.ndarray:
+    """A slice in the volume's voxel order → the 2D image the slice datasets hold: rotated 90° (so an
+    axial NIfTI slice shows anterior up) and padded to a centred square (``fill`` outside)."""
+    return _square(np.rot90(x), fill)
+
+
+def from_display(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Undo :func:`to_display` for a slice of ``shape`` (voxel order); leading axes (classes) are kept."""
+    h, w = shape[1], shape[0]  # rot90 swaps the axes
+    n = max(h, w)
+    if img.shape[-2:] != (n, n):
+        raise ValueError(f"expected a {n}×{n} display image for a {shape} slice, got {img.shape[-2:]}")
+    top, left = (n - h) // 2, (n - w) // 2
+    return np.rot90(img[..., top:top + h, left:left + w], k=-1, axes=(-2, -1))
 
 
 def write_split(out: Path, splits: dict[str, list[str]], note: str = "") -> None:

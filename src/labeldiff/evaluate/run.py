@@ -69,14 +69,24 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
 
 
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
-                precision: str = INFERENCE_PRECISION) -> list[Path]:
+                precision: str = INFERENCE_PRECISION, axis: int = 2, intensity: str = "percentile",
+                hu_window: tuple[float, float] | None = None) -> list[Path]:
     """Write ``<stem>.png`` (class indices), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``.
+
+    Volumes (a NIfTI file, a DICOM series folder, an nnU-Net dataset or ``imagesTs/`` folder) go to
+    :func:`labeldiff.evaluate.volume.run_predict_volumes` instead: one label NIfTI per case, on the
+    input's grid, predicted slice by slice along ``axis`` after the ``intensity`` scheme.
 
     The uncertainty map is the entropy of the predicted class probabilities (for the probe: of the
     ensemble's mean probability), scaled so that 255 = log K (a uniform guess).
     """
-    model, cfg = open_segmenter(Path(model_dir), device)
+    from labeldiff.evaluate.volume import run_predict_volumes, volume_cases
+
     inputs = Path(inputs)
+    if volume_cases(inputs):
+        return run_predict_volumes(model_dir, inputs, out, axis=axis, intensity=intensity, hu_window=hu_window,
+                                   device=device, tta=tta, precision=precision)
+    model, cfg = open_segmenter(Path(model_dir), device)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,154 @@
+"""3D metrics against hand-computed values, and volume prediction back on the input grid."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from labeldiff.evaluate.volume import volume_scores
+
+
+def blank(shape=(12, 12, 12)) -> np.ndarray:
+    return np.zeros(shape, np.int64)
+
+
+def only(rows, c):
+    return next(r for r in rows if r["class"] == c)
+
+
+def test_identical_cube_scores_perfectly():
+    t = blank()
+    t[2:6, 2:6, 2:6] = 1
+    r = only(volume_scores(t.copy(), t, 2, (1.0, 1.0, 1.0)), 1)
+    assert (r["dice"], r["hd95_mm"], r["nsd"]) == (1.0, 0.0, 1.0)
+
+
+def test_shift_is_measured_in_mm_along_the_anisotropic_axis():
+    t, p = blank(), blank()
+    t[3, 3, 3] = 1
+    p[3, 3, 5] = 1  # 2 voxels along z, 3 mm each: 6 mm
+    r = only(volume_scores(p, t, 2, (1.0, 1.0, 3.0)), 1)
+    assert r["dice"] == 0.0 and r["hd95_mm"] == pytest.approx(6.0)
+    assert r["nsd"] == 0.0  # 6 mm is outside the 2 mm tolerance
+    assert only(volume_scores(p, t, 2, (1.0, 1.0, 3.0), tolerance_mm=7.0), 1)["nsd"] == 1.0
+    p2 = blank()
+    p2[5, 3, 3] = 1  # 2 voxels along x at 0.5 mm: 1 mm
+    assert only(volume_scores(p2, t, 2, (0.5, 1.0, 3.0)), 1)["hd95_mm"] == pytest.approx(1.0)
+
+
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    t, p = blank(), blank()
+    t[1, 5, 5] = 1
+    p[1, 5, 5] = p[11, 5, 5] = 1  # an outlier 10 mm away
+    r = only(volume_scores(p, t, 2, (1.0, 1.0, 1.0)), 1)
+    # directed pred → truth distances {0, 10}: 95th percentile 9.5 (linear); truth → pred {0}
+    assert r["hd95_mm"] == pytest.approx(9.5)
+    # surface Dice: boundary points within 2 mm over all boundary points = (1 + 1) / (2 + 1)
+    assert r["nsd"] == pytest.approx(2 / 3)
+    assert r["dice"] == pytest.approx(2 * 1 / (2 + 1))
+
+
+def test_partial_overlap_dice():
+    t, p = blank(), blank()
+    t[2:6, 2:6, 2:6] = 1
+    p[2:6, 2:6, 3:7] = 1
+    assert only(volume_scores(p, t, 2, (1.0, 1.0, 1.0)), 1)["dice"] == pytest.approx(2 * 48 / 128)
+
+
+def test_absent_and_one_sided_classes():
+    t, p = blank(), blank()
+    t[2:4, 2:4, 2:4] = 1
+    p[2:4, 2:4, 2:4] = 1
+    t[8:10, 8:10, 8:10] = 3  # class 3 in the truth only; class 2 nowhere
+    rows = volume_scores(p, t, 4, (1.0, 1.0, 1.0), class_names=["bg", "liver", "spleen", "aorta"])
+    absent = only(rows, 2)
+    assert absent["absent"] and all(math.isnan(absent[m]) for m in ("dice", "hd95_mm", "nsd"))
+    missed = only(rows, 3)
+    assert missed["name"] == "aorta" and not missed["absent"]
+    assert missed["dice"] == 0.0 and missed["nsd"] == 0.0
+    assert math.isnan(missed["hd95_mm"]) and missed["hd95_undefined"]
+    assert [r["class"] for r in rows] == [1, 2, 3]
+
+
+def test_shape_and_spacing_are_checked():
+    with pytest.raises(ValueError, match="differ in shape"):
+        volume_scores(blank((4, 4, 4)), blank((4, 4, 5)), 2, (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        volume_scores(blank(), blank(), 2, (1, 1))
+
+
+# --- volume prediction: back on the input grid ------------------------------------------------------------------
+
+def threshold_net():
+    """A real 1×1 convolution with fixed weights: class 1 where the intensity is above 0."""
+    import torch
+
+    conv = torch.nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1))
+        conv.bias.zero_()
+    return conv.eval()
+
+
+def oblique_affine():
+    c, s = math.cos(0.4), math.sin(0.4)
+    a = np.eye(4)
+    a[:3, :3] = np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]]) @ np.diag([0.8, 1.7, 3.0])
+    a[:3, 3] = (-91.0, 7.5, 33.0)
+    return a
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_volume_prediction_round_trip_keeps_the_exact_geometry(tmp_path, axis):
+    import nibabel as nib
+
+    from labeldiff.config import DataConfig
+    from labeldiff.data.nnunet import read_volume
+    from labeldiff.evaluate.volume import predict_volume, write_label_nifti
+
+    rng = np.random.default_rng(axis)
+    x = rng.normal(0, 1, (13, 9, 7)).astype(np.float32)  # no two axes alike: any swap shows
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(x, oblique_affine()), str(src))
+    vol = read_volume(src)
+    side = max(s for i, s in enumerate(x.shape) if i != axis)
+    cfg = DataConfig(mode="resize", size=side, channels=1)  # the padded square: no resize, so exact
+    labels = predict_volume(threshold_net(), cfg, [vol.array], axis=axis)
+    np.testing.assert_array_equal(labels, (x > 0).astype(np.int16))  # every voxel where it came from
+    out = write_label_nifti(labels, vol.affine, tmp_path / "pred.nii.gz", like=nib.load(str(src)))
+    back = nib.load(str(out))
+    assert back.shape == x.shape and back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, oblique_affine(), atol=1e-5)
+    np.testing.assert_allclose(back.header.get_zooms(), (0.8, 1.7, 3.0), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+
+
+def test_volume_prediction_through_a_resize_stays_on_the_grid():
+    from labeldiff.config import DataConfig
+    from labeldiff.evaluate.volume import predict_volume
+
+    zz, yy, xx = np.meshgrid(np.arange(40), np.arange(30), np.arange(6), indexing="ij")
+    x = (((zz - 20) ** 2 + (yy - 12) ** 2) < 100).astype(np.float32) * 2 - 1  # a smooth cylinder along axis 2
+    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=16, channels=1), [x], axis=2)
+    assert labels.shape == x.shape
+    assert (labels == (x > 0)).mean() > 0.97  # resized 40² → 16² → 40²: only boundary voxels may move
+
+
+def test_prediction_sees_the_slices_training_saw(tmp_path):
+    """predict_volume's input for a slice is the PNG volume_to_slices wrote for it, read as training
+    reads it (up to 8-bit quantisation): same rotation, padding and intensities."""
+    import nibabel as nib
+
+    from labeldiff.data.io import read_image
+    from labeldiff.data.nnunet import Intensity
+    from labeldiff.data.volumes import to_display, volume_to_slices
+
+    x = np.random.default_rng(0).normal(100, 40, (11, 8, 5)).astype(np.float32)
+    src = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(x, oblique_affine()), str(src))
+    stems = volume_to_slices(src, tmp_path / "slices", axis=2)
+    normalised = Intensity("percentile").apply(x)
+    for i, stem in enumerate(stems):
+        png = read_image(tmp_path / "slices" / "images" / f"{stem}.png", 1)[0]
+        np.testing.assert_allclose(to_display(normalised[:, :, i], -1.0), png, atol=1 / 255 + 1e-6)
