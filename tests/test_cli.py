@@ -198,6 +198,47 @@ def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine, atol=1e-4)
 
 
+def test_evaluate_volumes_scores_a_slab_in_3d(finetuned, tmp_path, capsys):
+    """evaluate on an nnU-Net dataset: per case and class 3D scores on the slab only, equal to Dice
+    computed by hand from `predict`'s NIfTI; a dataset with other classes is refused."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    raw = tmp_path / "Dataset010"
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                  "labels": {"background": 0, "grey": 1, "white": 2}}))
+    aff = np.diag([1.0, 1.5, 4.0, 1.0])
+    lab = rng.integers(0, 3, (12, 10, 6)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(rng.normal(size=(12, 10, 6)).astype(np.float32) + lab, aff),
+             str(raw / "imagesTr" / "s1_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(raw / "labelsTr" / "s1.nii.gz"))
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(finetuned), "--data", str(raw), "--split", "train", "--slab", "2:4",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["per_class"]) == {"grey", "white"} and m["slab"] == [2, 4]
+    rows = list(csv.DictReader(open(out / "per_case.csv")))
+    assert [r["name"] for r in rows] == ["grey", "white"]
+    assert main(["predict", "--model", str(finetuned), "--input", str(raw / "imagesTr" / "s1_0000.nii.gz"),
+                 "--out", str(tmp_path / "pv"), "--device", "cpu"]) == 0
+    pred = np.asarray(nib.load(str(tmp_path / "pv" / "s1.nii.gz")).dataobj)[:, :, 2:5]  # CASE_0000 → CASE
+    truth = lab[:, :, 2:5]
+    for r in rows:
+        c = int(r["class"])
+        assert int(r["voxels_true"]) == int((truth == c).sum())
+        inter = ((pred == c) & (truth == c)).sum()
+        expected = 2 * inter / ((pred == c).sum() + (truth == c).sum())
+        assert float(r["dice"]) == pytest.approx(expected, abs=1e-6)
+    assert (out / "overlays" / "s1.png").is_file()
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"]["csf"] = 3
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    assert main(["evaluate", "--model", str(finetuned), "--data", str(raw), "--split", "train", "--device", "cpu"]) == 2
+    assert "names 4 classes but the model predicts 3" in capsys.readouterr().err
+
+
 def test_evaluate_needs_a_finetune_run(pretrained, capsys):
     """evaluate on a pretraining run exits 2 with a one-line error."""
     assert main(["evaluate", "--model", str(pretrained), "--device", "cpu"]) == 2

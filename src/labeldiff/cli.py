@@ -168,18 +168,57 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from labeldiff.data.nnunet import is_nnunet_raw
     from labeldiff.evaluate.run import run_evaluate
 
+    _check_volume_opts(args)
+    if args.data and is_nnunet_raw(Path(args.data)):
+        from labeldiff.evaluate.volume import run_evaluate_volumes
+
+        split = args.split or "test"
+        run_evaluate_volumes(args.model, Path(args.data), args.out or Path(args.model) / f"eval_volumes_{split}",
+                             split=split, axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
+                             slab=_slab(args.slab), device=args.device, precision=args.precision, tta=args.tta)
+        return
+    if args.slab is not None:
+        raise SystemExit("error: --slab applies to volume datasets (an nnU-Net raw folder as --data)")
     run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
                  split=args.split, device=args.device, split_file=args.split_file, tta=args.tta,
                  precision=args.precision)
 
 
+def _add_volume_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                   help="volumes: the axis the model's slices were cut along (2 = axial for RAS NIfTI) [2]")
+    p.add_argument("--intensity", default="percentile", choices=("percentile", "zscore", "ct-window", "none"),
+                   help="volumes: the intensity scheme of the model's training slices; percentile = each volume's "
+                        "0.5/99.5 percentiles to [-1, 1], as volume_to_slices and prepare: volume-slabs write "
+                        "them [percentile]")
+    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="volumes, --intensity ct-window: the HU window, e.g. -160 240")
+
+
+def _check_volume_opts(args: argparse.Namespace) -> None:
+    if args.intensity == "ct-window" and args.hu_window is None:
+        raise SystemExit("error: --intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+
+
+def _slab(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        first, last = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --slab takes FIRST:LAST slice indices (e.g. 113:180), not {text!r}") from None
+    if first > last or first < 0:
+        raise SystemExit(f"error: --slab {text}: need 0 <= FIRST <= LAST")
+    return first, last
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
-    if args.intensity == "ct-window" and args.hu_window is None:
-        raise SystemExit("error: --intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+    _check_volume_opts(args)
     run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
                 axis=args.axis, intensity=args.intensity, hu_window=args.hu_window)
 
@@ -279,14 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="Dice / IoU of a fine-tuned run on a split, with overlays",
-                       description="Evaluate a fine-tuned run on a named split at the original mask resolution.")
+    p = sub.add_parser("evaluate", help="Dice / IoU of a fine-tuned run on a split, with overlays (volumes: 3D Dice, "
+                                        "HD95, surface Dice per class)",
+                       description="Evaluate a fine-tuned run on a named split at the original mask resolution; "
+                                   "with an nnU-Net raw dataset as --data, per volume and class in 3D.")
     p.add_argument("--model", required=True, type=Path, help="a `labeldiff finetune` run folder, or a hybrid/"
                                                             "supervised pretraining run (segments as it is)")
     p.add_argument("--split", default=None, help="split.json entry to evaluate [the run's test split]")
     p.add_argument("--data", default=None, help="labeled dataset root [the one the run was trained on]")
     p.add_argument("--split-file", default=None, help="split JSON instead of DATA/split.json [the run's]")
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
+    _add_volume_opts(p)
+    p.add_argument("--slab", default=None, metavar="FIRST:LAST",
+                   help="volumes: score only slices FIRST..LAST along --axis (a held-out slab)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
@@ -303,14 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image, a folder of images or a dataset root; or volumes: a .nii/.nii.gz file, a DICOM "
                         "series folder, an nnU-Net raw dataset (its imagesTs/) or a folder of NIfTI files")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
-    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
-                   help="volumes: the axis the model's slices were cut along (2 = axial for RAS NIfTI) [2]")
-    p.add_argument("--intensity", default="percentile", choices=("percentile", "zscore", "ct-window", "none"),
-                   help="volumes: the intensity scheme of the model's training slices; percentile = each volume's "
-                        "0.5/99.5 percentiles to [-1, 1], as volume_to_slices and prepare: volume-slabs write "
-                        "them [percentile]")
-    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="volumes, --intensity ct-window: the HU window, e.g. -160 240")
+    _add_volume_opts(p)
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),

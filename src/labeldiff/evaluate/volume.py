@@ -134,11 +134,8 @@ def volume_cases(inputs) -> list[tuple[str, list]]:
 
     inputs = Path(inputs)
     if inputs.is_file():
-        name = inputs.name
-        for end in NIFTI_ENDINGS:
-            if name.endswith(end):
-                return [(name[:-len(end)], [inputs])]
-        return []
+        end = next((e for e in NIFTI_ENDINGS if inputs.name.endswith(e)), None)
+        return [(case_name(inputs.name[:-len(end)]), [inputs])] if end else []
     if is_dicom_series(inputs):
         return [(inputs.name, [inputs])]
     if is_nnunet_raw(inputs):
@@ -154,19 +151,23 @@ def volume_cases(inputs) -> list[tuple[str, list]]:
     groups: dict[str, list] = {}
     for f in files:
         stem = next(f.name[:-len(e)] for e in NIFTI_ENDINGS if f.name.endswith(e))
-        name, _, ch = stem.rpartition("_")
-        key = name if name and len(ch) == 4 and ch.isdigit() else stem  # CASE_0000 → CASE (channel files)
-        groups.setdefault(key, []).append(f)
+        groups.setdefault(case_name(stem), []).append(f)
     return sorted(groups.items())
+
+
+def case_name(stem: str) -> str:
+    """nnU-Net's ``CASE_0000`` (channel 0 of CASE) → ``CASE``; any other stem as it is."""
+    name, _, ch = stem.rpartition("_")
+    return name if name and len(ch) == 4 and ch.isdigit() else stem
 
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: int = 6,
-                  class_names: list[str] | None = None) -> None:
-    """``n`` evenly spaced slices with the predicted classes over them, in one PNG, with a legend of the
-    classes shown."""
+                  class_names: list[str] | None = None, truth: np.ndarray | None = None, title: str = "") -> None:
+    """``n`` evenly spaced slices with the predicted classes over them (and, given ``truth``, a row with
+    the ground truth above), in one PNG with a legend naming the classes shown."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,21 +178,116 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
     from labeldiff.evaluate.report import colorize, overlay
 
     idx = np.linspace(0, labels.shape[axis] - 1, min(n, labels.shape[axis])).round().astype(int)
-    fig, axes = plt.subplots(1, len(idx), figsize=(2.2 * len(idx), 2.6), squeeze=False)
+    rows = [("truth", truth), ("prediction", labels)] if truth is not None else [("prediction", labels)]
+    fig, axes = plt.subplots(len(rows), len(idx), figsize=(2.2 * len(idx), 2.3 * len(rows) + 0.5), squeeze=False)
     lo, hi = np.percentile(channel, [0.5, 99.5])
-    for ax, i in zip(axes[0], idx):
-        img = to_display(np.clip((np.take(channel, i, axis) - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1, -1.0)
-        ax.imshow(overlay(img[None], to_display(np.take(labels, i, axis), 0)))
-        ax.set_title(f"slice {i}", fontsize=8)
-        ax.axis("off")
-    shown = [int(c) for c in np.unique(labels) if c > 0]
-    colours = colorize(np.array(shown)[None]) / 255.0 if shown else []
-    fig.legend([Patch(color=colours[0, j]) for j in range(len(shown))],
-               [class_names[c] if class_names and c < len(class_names) else str(c) for c in shown],
-               loc="lower center", ncol=min(len(shown), 7), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    for r, (label, vol) in enumerate(rows):
+        for ax, i in zip(axes[r], idx):
+            img = to_display(np.clip((np.take(channel, i, axis) - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1, -1.0)
+            ax.imshow(overlay(img[None], to_display(np.take(vol, i, axis), 0)))
+            ax.set_title(f"{label}, slice {i}", fontsize=7)
+            ax.axis("off")
+    shown = sorted({int(c) for _, v in rows for c in np.unique(v) if c > 0})
+    if shown:
+        colours = colorize(np.array(shown)) / 255.0
+        fig.legend([Patch(color=colours[j]) for j in range(len(shown))],
+                   [class_names[c] if class_names and c < len(class_names) else str(c) for c in shown],
+                   loc="lower center", ncol=min(len(shown), 7), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def summarize_volumes(rows: list[dict], class_names: list[str]) -> dict:
+    """Per class over cases: mean Dice / HD95 / NSD over the cases where each is defined, with the
+    counts of cases left out (absent class, undefined HD95); ``dice`` is the mean over classes."""
+    per_class = {}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        rs = [r for r in rows if r["class"] == c]
+
+        def mean(key):
+            v = [r[key] for r in rs if not math.isnan(r[key])]
+            return round(float(np.mean(v)), 6) if v else None
+
+        per_class[name] = {"dice": mean("dice"), "hd95_mm": mean("hd95_mm"), "nsd": mean("nsd"), "cases": len(rs),
+                           "absent": sum(r["absent"] for r in rs),
+                           "hd95_undefined": sum(r["hd95_undefined"] for r in rs)}
+    dices = [v["dice"] for v in per_class.values() if v["dice"] is not None]
+    return {"dice": round(float(np.mean(dices)), 6) if dices else None, "per_class": per_class}
+
+
+def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int = 2, intensity: str = "percentile",
+                         hu_window: tuple[float, float] | None = None, slab: tuple[int, int] | None = None,
+                         device: str = "auto", precision: str = "fp32", tta: bool = False,
+                         tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
+    """``labeldiff evaluate`` on an nnU-Net raw dataset: predict every labeled case of ``split`` (train:
+    imagesTr + labelsTr; test: imagesTs + labelsTs), optionally only slices ``slab = (first, last)``
+    along ``axis`` (a test slab of a volume whose other slab was labeled for training), and score it
+    per volume and class in 3D. Writes ``metrics.json``, ``per_case.csv`` and ``overlays/<case>.png``."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.data.io import DataError
+    from labeldiff.data.nnunet import Intensity, NnUNetRaw, read_volume
+    from labeldiff.evaluate.run import open_segmenter
+
+    raw = NnUNetRaw(data)
+    cases = [c for c in raw.cases(split) if c.label is not None]
+    if not cases:
+        raise DataError(f"{data}: no labeled {split} case (split train reads imagesTr + labelsTr, test imagesTs + "
+                        f"labelsTs); pass --split train with --slab FIRST:LAST to score a held-out slab")
+    model, cfg = open_segmenter(Path(model_dir), device)
+    if cfg.num_classes != raw.num_classes:
+        raise DataError(f"{data}: dataset.json names {raw.num_classes} classes but the model predicts "
+                        f"{cfg.num_classes}; evaluate it on the dataset it was trained for")
+    norm = Intensity(intensity, *(hu_window or ())) if intensity == "ct-window" else Intensity(intensity)
+    names = raw.class_names
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case"):
+        vols = [read_volume(p) for p in case.images]
+        truth = read_volume(case.label, np.int64).array
+        pred = predict_volume(model, cfg.data, [norm.apply(v.array) for v in vols], axis, precision, tta,
+                              batch_desc=case.name)
+        if slab is not None:
+            first, last = slab
+            if not 0 <= first <= last < truth.shape[axis]:
+                raise ValueError(f"--slab {first}:{last} lies outside 0..{truth.shape[axis] - 1} along axis {axis}")
+            keep = [slice(None)] * 3
+            keep[axis] = slice(first, last + 1)
+            pred, truth, image = pred[tuple(keep)], truth[tuple(keep)], vols[0].array[tuple(keep)]
+        else:
+            image = vols[0].array
+        for r in volume_scores(pred, truth, raw.num_classes, vols[0].spacing, names, tolerance_mm):
+            rows.append({"case": case.name, **r})
+        overlay_strip(image, pred, axis, out / "overlays" / f"{case.name}.png", class_names=names, truth=truth,
+                      title=f"{case.name}" + (f", slices {slab[0]}–{slab[1]}" if slab else ""))
+    metrics = summarize_volumes(rows, names)
+    metrics.update({"model": str(model_dir), "data": str(data), "split": split, "axis": axis, "slab": slab,
+                    "intensity": norm.to_dict(), "nsd_tolerance_mm": tolerance_mm, "precision": precision,
+                    "cases": [c.name for c in cases]})
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    with open(out / "per_case.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{split}: {len(cases)} volume(s), 3D Dice {metrics['dice']:.4f} (mean over foreground classes); "
+          f"wrote {out}/metrics.json, per_case.csv, overlays/")
+    for name, v in metrics["per_class"].items():
+        hd = "–" if v["hd95_mm"] is None else f"{v['hd95_mm']:.1f} mm"
+        d = "absent" if v["dice"] is None else f"{v['dice']:.3f}"
+        print(f"  {name:<22} Dice {d:<7} HD95 {hd:<9} NSD@{tolerance_mm:g}mm "
+              f"{'–' if v['nsd'] is None else format(v['nsd'], '.3f')}")
+    return metrics
 
 
 def run_predict_volumes(model_dir, inputs, out, axis: int = 2, intensity: str = "percentile",
@@ -230,7 +326,8 @@ def run_predict_volumes(model_dir, inputs, out, axis: int = 2, intensity: str = 
             like = nib.load(str(paths[0]))
         written.append(write_label_nifti(labels, vols[0].affine, out / f"{name}.nii.gz", like=like))
         (out / "overlays").mkdir(parents=True, exist_ok=True)
-        overlay_strip(vols[0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names)
+        overlay_strip(vols[0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names,
+                      title=name)
     print(f"wrote {len(written)} label volume(s) (NIfTI, the input's grid and affine) to {out}, "
           f"overlay strips to {out / 'overlays'}")
     return written
