@@ -142,7 +142,8 @@ def test_prediction_sees_the_slices_training_saw(tmp_path):
 
     from labeldiff.data.io import read_image
     from labeldiff.data.nnunet import Intensity
-    from labeldiff.data.volumes import to_display, volume_to_slices
+    from labeldiff.data.nnunet import to_display
+    from labeldiff.data.volumes import volume_to_slices
 
     x = np.random.default_rng(0).normal(100, 40, (11, 8, 5)).astype(np.float32)
     src = tmp_path / "v.nii.gz"

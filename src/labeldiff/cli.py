@@ -34,6 +34,7 @@ DATA_OPTS = [
     ("--channels", "data.channels", int, "image channels the network sees (1 = grey, 3 = RGB) [3]"),
     ("--num-workers", "data.num_workers", int, "data-loading worker processes [0]"),
     ("--split-file", "data.split_file", str, "split JSON to use instead of DATA/split.json (e.g. from `labeldiff split`)"),
+    ("--axis", "data.axis", int, "volume datasets (nnU-Net raw): the axis slices are cut along, 0, 1 or 2 (axial) [2]"),
 ]
 TRAIN_OPTS = [
     ("--steps", "train.steps", int, "optimisation steps"),
@@ -145,6 +146,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS
     cfg, _ = _run_config(args, opts, default_pretrain_config())
+    _apply_intensity(args, cfg)
     cfg.data.include_test = args.include_test
     result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
@@ -157,6 +159,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS
     cfg, explicit = _run_config(args, opts, default_finetune_config())
+    if _apply_intensity(args, cfg):
+        explicit.add("data.intensity")
     if args.from_scratch:
         cfg.transfer.strategy = "scratch"
     result = run_transfer(cfg, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit)
@@ -187,20 +191,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                  precision=args.precision)
 
 
-def _add_volume_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
-                   help="volumes: the axis the model's slices were cut along (2 = axial for RAS NIfTI) [2]")
-    p.add_argument("--intensity", default="percentile", choices=("percentile", "zscore", "ct-window", "none"),
-                   help="volumes: the intensity scheme of the model's training slices; percentile = each volume's "
-                        "0.5/99.5 percentiles to [-1, 1], as volume_to_slices and prepare: volume-slabs write "
-                        "them [percentile]")
+INTENSITY_HELP = ("volume datasets: percentile (each volume's 0.5/99.5 percentiles to [-1, 1], the CT paper's "
+                  "clipping), ct-window (a fixed HU window, --hu-window), ct-percentile (nnU-Net's CT scheme: "
+                  "dataset-wide foreground percentiles, then z-score; fitted once on the training cases and "
+                  "stored in the run config), zscore (per volume, MRI) or none")
+
+
+def _add_intensity_opts(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--intensity", default=None, choices=("percentile", "ct-window", "ct-percentile", "zscore", "none"),
+                   help=f"{INTENSITY_HELP} [{default_help}]")
     p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="volumes, --intensity ct-window: the HU window, e.g. -160 240")
+                   help="--intensity ct-window: the HU window, e.g. -160 240 (abdomen)")
+
+
+def _apply_intensity(args: argparse.Namespace, cfg) -> bool:
+    """Put --intensity / --hu-window into ``cfg.data.intensity``; True when given."""
+    _check_volume_opts(args)
+    if args.intensity is None:
+        return False
+    from labeldiff.data.nnunet import Intensity
+
+    it = Intensity(args.intensity, *args.hu_window) if args.intensity == "ct-window" else Intensity(args.intensity)
+    cfg.data.intensity = it.to_dict()
+    return True
+
+
+def _add_volume_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
+                   help="volumes: the axis slices are cut along [the run's data.axis: 2 = axial]")
+    _add_intensity_opts(p, "the run's own scheme; percentile for runs trained on PNG slices")
 
 
 def _check_volume_opts(args: argparse.Namespace) -> None:
     if args.intensity == "ct-window" and args.hu_window is None:
         raise SystemExit("error: --intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+    if args.hu_window is not None and args.intensity != "ct-window":
+        raise SystemExit("error: --hu-window applies to --intensity ct-window only")
+    if args.hu_window is not None and args.hu_window[0] >= args.hu_window[1]:
+        raise SystemExit(f"error: --hu-window LO HI needs LO < HI (got {args.hu_window[0]:g} {args.hu_window[1]:g})")
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:
@@ -246,6 +274,28 @@ def cmd_split(args: argparse.Namespace) -> None:
     from labeldiff.data.datasets import LabeledFolder, group_split
     from labeldiff.data.io import DataError
 
+    from labeldiff.data.nnunet import is_nnunet_raw
+
+    if is_nnunet_raw(Path(args.data)):
+        from labeldiff.data.datasets import VolumeFolder
+        from labeldiff.data.volumes import slab_splits
+
+        if args.slab_train is None:
+            raise SystemExit("error: a volume dataset is split into slabs: give --slab-train FRACTION (e.g. 0.5) "
+                             "and optionally --gap N slices [4]")
+        ds = VolumeFolder(args.data, axis=args.axis)
+        split: dict = {"train": [], "test": []}
+        for case in ds.cases["train"]:  # each labeled case: its lower slab to train, its upper slab to test
+            stems = [s for s in ds.stems("train") if s.rsplit("_", 1)[0] == case.name]
+            part = slab_splits(stems, train_frac=args.slab_train, gap=args.gap)
+            split["train"] += part["train"]
+            split["test"] += part["test"]
+        split["note"] = (f"slabs along axis {args.axis}: per case the first {args.slab_train:.0%} of the labeled "
+                         f"slices train, the rest after a gap of {args.gap} test")
+        atomic_write_text(Path(args.out), json.dumps(split, indent=1))
+        print(f"wrote {args.out}: train {len(split['train'])} slices, test {len(split['test'])} slices "
+              f"({split['note']}); pass it as --split-file")
+        return
     ds = LabeledFolder(args.data)
     groups_file = args.groups or Path(args.data) / "sequences.json"
     if not Path(groups_file).is_file():
@@ -304,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlabeled methods: also pretrain on the images of the test split (the MDM paper's "
                         "transductive protocol); by default a dataset's test split is left out")
     _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
+    _add_intensity_opts(p, "percentile")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained UNet (or train it from scratch) with k labels",
@@ -316,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + FINETUNE_OPTS)
+    _add_intensity_opts(p, "the pretraining run's, else percentile")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="Dice / IoU of a fine-tuned run on a split, with overlays (volumes: 3D Dice, "
@@ -374,10 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="a leak-free train/test split: whole groups (videos, patients) on one side",
                        description="Write a split JSON for a labeled dataset in which no group (e.g. a video of "
                                    "CVC-ClinicDB) has images on both sides; use it with --split-file.")
-    p.add_argument("--data", required=True, type=Path, help="labeled dataset root (images/, masks/)")
+    p.add_argument("--data", required=True, type=Path, help="labeled dataset root (images/, masks/), or an nnU-Net "
+                                                          "volume dataset (with --slab-train)")
     p.add_argument("--groups", type=Path, default=None, help="JSON mapping image stem → group [DATA/sequences.json]")
     p.add_argument("--test-fraction", type=float, default=0.3, help="at least this fraction of images in test [0.3]")
     p.add_argument("--seed", type=int, default=0, help="which groups go to test [0]")
+    p.add_argument("--slab-train", type=float, default=None,
+                   help="volume datasets: the fraction of each case's labeled slices (lowest first) that trains; "
+                        "the rest, after --gap slices, tests")
+    p.add_argument("--gap", type=int, default=4, help="volume datasets: slices left out between the slabs [4]")
+    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="volume datasets: slice axis [2]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
 

@@ -94,6 +94,8 @@ class DataConfig:
     num_classes: int | None = None
     cache_mb: int = 512
     num_workers: int = 0
+    axis: int = 2  # volume datasets (nnU-Net raw): the axis slices are cut along (2 = axial)
+    intensity: dict | None = None  # volume datasets: labeldiff.data.nnunet.Intensity as a dict (None: percentile)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Labeled and unlabeled image folders, splits, k-shot subsets and per-step batches.
 
 A labeled dataset is ``ROOT/images/*`` + ``ROOT/masks/*`` (same stem) + optional
-``ROOT/split.json`` (``{"train": [stems], "test": [stems], ...}``). An unlabeled dataset is a
-folder of images, or the ``images/`` of a labeled one. Nothing is read until it is needed; decoded
-images sit in a cache bounded in megabytes.
+``ROOT/split.json`` (``{"train": [stems], "test": [stems], ...}``), or an nnU-Net v2 raw volume
+dataset (:class:`VolumeFolder`: its volumes as 2D slices, read lazily). An unlabeled dataset is a
+folder of images, the ``images/`` of a labeled one, or a volume dataset. Nothing is read until it is
+needed; decoded images sit in a cache bounded in megabytes, decoded volumes in one per process.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
+from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, Intensity, NnUNetRaw, SliceRef, fit_intensity,
+                                   is_nnunet_raw, read_slice_image, read_slice_mask, slice_stem, volume_shape)
 
 
 def list_images(folder: Path) -> dict[str, Path]:
@@ -41,9 +44,37 @@ def list_images(folder: Path) -> dict[str, Path]:
 
 @dataclass
 class Sample:
+    """One 2D sample: an image file (and mask file), or a slice of a volume case (``ref``; then
+    ``image`` / ``mask`` are the case's first channel and label volume, for messages)."""
+
     stem: str
     image: Path
     mask: Path | None = None
+    ref: SliceRef | None = None
+    intensity: Intensity | None = None
+
+    @property
+    def key(self) -> str:
+        return self.ref.key if self.ref is not None else str(self.image)
+
+    def read_image(self, channels: int) -> np.ndarray:
+        if self.ref is not None:
+            return read_slice_image(self.ref, channels, self.intensity or Intensity("percentile"))
+        return read_image(self.image, channels)
+
+    def read_mask(self, num_classes: int | None = None) -> np.ndarray:
+        if self.ref is not None:
+            return read_slice_mask(self.ref, num_classes)
+        assert self.mask is not None
+        return read_mask(self.mask, num_classes)
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) without decoding an image file (a volume slice: its display square)."""
+        if self.ref is not None:
+            shape = volume_shape(Path(self.ref.images[0]))
+            side = max(n for i, n in enumerate(shape) if i != self.ref.axis)
+            return side, side
+        return image_size(self.image)
 
 
 def read_splits(split_file: Path) -> dict[str, list[str]]:
@@ -102,6 +133,126 @@ class LabeledFolder:
         return out
 
 
+class VolumeFolder:
+    """An nnU-Net v2 raw dataset (:class:`labeldiff.data.nnunet.NnUNetRaw`) as a labeled 2D dataset
+    with :class:`LabeledFolder`'s interface: every slice along ``axis`` of every case is a sample
+    (stem ``CASE_z0042``), read from its volume, decoded once per process, in float intensities.
+
+    Splits: ``train`` = the slices of ``imagesTr`` with ≥ 1 % labeled pixels, ``test`` = the same of
+    ``imagesTs`` cases that have ``labelsTs``, ``unlabeled`` = every slice of ``imagesUnlabeled``; a
+    split file (``ROOT/split.json`` or ``split_file``, e.g. a train slab and a test slab of one
+    volume) replaces or adds named splits.
+    """
+
+    def __init__(self, root: Path, split_file: str | Path | None = None, axis: int = 2,
+                 intensity: Intensity | None = None):
+        self.root = Path(root)
+        self.raw = NnUNetRaw(self.root)
+        if axis not in (0, 1, 2):
+            raise DataError(f"axis must be 0, 1 or 2 (got {axis})")
+        self.axis = axis
+        self.intensity = intensity or Intensity("percentile")
+        self.refs: dict[str, SliceRef] = {}
+        self.case_slices: dict[str, list[str]] = {}
+        self.cases = {split: self.raw.cases(split) for split in ("train", "test", "unlabeled")}
+        for split, cases in self.cases.items():
+            stems = []
+            for case in cases:
+                shape = volume_shape(case.images[0])
+                for extra in case.images[1:] + ([case.label] if case.label is not None else []):
+                    if volume_shape(extra) != shape:
+                        raise DataError(f"{extra}: shape {volume_shape(extra)} differs from {case.images[0]} "
+                                        f"{shape}; every channel and the label must share one grid")
+                for i in range(shape[axis]):
+                    stem = slice_stem(case.name, axis, i)
+                    self.refs[stem] = SliceRef(tuple(str(p) for p in case.images),
+                                               str(case.label) if case.label is not None else None, axis, i)
+                    stems.append(stem)
+            self.case_slices[split] = stems
+        self.images = {stem: Path(ref.images[0]) for stem, ref in self.refs.items()}
+        self.split_file = split_path(self.root, split_file)
+        self.splits = read_splits(self.split_file)
+        self.default_splits = [s for s in ("train", "test") if self.case_slices[s]] + ["unlabeled"] * bool(
+            self.case_slices["unlabeled"])
+
+    def labeled_slices(self, split: str) -> list[str]:
+        """The slices of a split's cases with at least ``MIN_LABELED_FRACTION`` labeled pixels."""
+        out = []
+        for stem in self.case_slices[split]:
+            ref = self.refs[stem]
+            if ref.label is None:
+                continue
+            lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE)
+            if float((np.take(lab.array, ref.index, axis=ref.axis) > 0).mean()) >= MIN_LABELED_FRACTION:
+                out.append(stem)
+        return out
+
+    def stems(self, split: str | None) -> list[str]:
+        if split is None or (split == "all" and "all" not in self.splits):
+            return sorted(self.refs)
+        if split in self.splits:
+            missing = [s for s in self.splits[split] if s not in self.refs]
+            if missing:
+                raise DataError(f"{self.split_file}: split {split!r} names {missing[0]!r}, which is no slice of "
+                                f"{self.root} along axis {self.axis} (stems are CASE_{AXIS_LETTERS[self.axis]}NNNN)")
+            return list(self.splits[split])
+        if split in ("train", "test"):
+            return self.labeled_slices(split)
+        if split == "unlabeled":
+            return list(self.case_slices["unlabeled"])
+        have = ", ".join(sorted(set(self.splits) | set(self.default_splits))) or "none"
+        raise DataError(f"{self.root}: no split named {split!r}; available: {have}")
+
+    def stems_or_empty(self, split: str) -> list[str]:
+        try:
+            return self.stems(split)
+        except DataError:
+            return []
+
+    def samples(self, stems: list[str]) -> list[Sample]:
+        out = []
+        for s in stems:
+            ref = self.refs[s]
+            if ref.label is None:
+                raise DataError(f"{ref.images[0]}: slice {s} has no label volume; labeled splits take cases "
+                                f"with labelsTr/ (or labelsTs/)")
+            out.append(Sample(s, Path(ref.images[0]), Path(ref.label), ref=ref, intensity=self.intensity))
+        return out
+
+    def unlabeled_samples(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Sample]:
+        """Every slice of every case (train, test, unlabeled) outside ``exclude``, labels not read."""
+        chosen = [s for s in sorted(self.refs) if s not in exclude]
+        if not chosen:
+            raise DataError(f"{self.root}: every slice is in the excluded test split; pretraining needs slices "
+                            f"outside it (or --include-test)")
+        return [Sample(s, Path(self.refs[s].images[0]), None, ref=self.refs[s], intensity=self.intensity)
+                for s in chosen]
+
+
+
+
+def resolve_intensity(cfg: DataConfig, root: Path) -> Intensity:
+    """The :class:`Intensity` of a volume dataset from ``cfg.intensity``; a ``ct-percentile`` scheme not
+    yet fitted is fitted on the training cases now and written back into ``cfg`` (so the run config
+    stores it and prediction applies the same)."""
+    it = Intensity.from_dict(cfg.intensity) if cfg.intensity else Intensity("percentile")
+    if it.scheme == "ct-percentile" and not it.fitted_on:
+        it = fit_intensity("ct-percentile", NnUNetRaw(root).cases("train"))
+        print(f"intensity: ct-percentile fitted on {len(it.fitted_on)} training case(s): clip "
+              f"[{it.lo:.1f}, {it.hi:.1f}], mean {it.mean:.1f}, std {it.std:.1f}")
+    cfg.intensity = it.to_dict()
+    return it
+
+
+def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: str | Path | None = None):
+    """The labeled dataset at ``path`` (default ``cfg.path``): a :class:`VolumeFolder` for an nnU-Net
+    raw dataset, else a :class:`LabeledFolder`."""
+    root = Path(path or cfg.path)
+    if is_nnunet_raw(root):
+        return VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root))
+    return LabeledFolder(root, split_file)
+
+
 def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     """Check every pair (readable, same size, integer values < K) and return K.
 
@@ -111,9 +262,9 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
         raise DataError("no samples to validate: the split is empty")
     highest = 0
     for s in samples:
-        ih, iw = image_size(s.image)
+        ih, iw = s.size()
         assert s.mask is not None
-        mask = read_mask(s.mask, num_classes)
+        mask = s.read_mask(num_classes)
         if mask.shape != (ih, iw):
             raise DataError(f"mask {s.mask} is {mask.shape[1]}×{mask.shape[0]} but image {s.image} is {iw}×{ih}; "
                             f"masks must have the image's size")
@@ -129,10 +280,14 @@ def dataset_root(path: Path) -> Path:
     return path
 
 
-def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset()) -> list[Sample]:
+def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset(),
+                      intensity: Intensity | None = None, axis: int = 2) -> list[Sample]:
     """Every image under ``path`` (a folder of images, or a dataset root with ``images/``) whose stem
-    is not in ``exclude``."""
+    is not in ``exclude``; for a volume dataset every slice of its train and unlabeled cases (and of its
+    test cases, unless excluded)."""
     path = Path(path)
+    if is_nnunet_raw(path):
+        return VolumeFolder(path, axis=axis, intensity=intensity).unlabeled_samples(exclude)
     folder = path / "images" if (path / "images").is_dir() else path
     samples = [Sample(stem, p) for stem, p in list_images(folder).items() if stem not in exclude]
     if not samples:
@@ -152,7 +307,10 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     on all 44 MoNuSeg images, test included). A folder with no split file has nothing to exclude.
     """
     root = dataset_root(Path(cfg.path))
-    splits = read_splits(split_path(root, cfg.split_file))
+    if is_nnunet_raw(root):
+        splits = {cfg.test_split: VolumeFolder(root, cfg.split_file, cfg.axis).stems_or_empty(cfg.test_split)}
+    else:
+        splits = read_splits(split_path(root, cfg.split_file))
     test = splits.get(cfg.test_split, [])
     if cfg.include_test:
         return [], (f"include_test: pretraining also reads the {len(test)} images of split "
@@ -233,17 +391,17 @@ class ScaledImages:
 
     def image(self, s: Sample) -> torch.Tensor:
         def load() -> np.ndarray:
-            x = torch.from_numpy(read_image(s.image, self.cfg.channels))
+            x = torch.from_numpy(s.read_image(self.cfg.channels))
             return resize_image(x, network_hw(tuple(x.shape[-2:]), self.cfg)).numpy()
-        return torch.from_numpy(self.cache.get(f"i:{s.image}", load))
+        return torch.from_numpy(self.cache.get(f"i:{s.key}", load))
 
     def mask(self, s: Sample, num_classes: int | None = None) -> torch.Tensor:
         assert s.mask is not None
 
         def load() -> np.ndarray:
-            m = torch.from_numpy(read_mask(s.mask, num_classes))
+            m = torch.from_numpy(s.read_mask(num_classes))
             return resize_mask(m, network_hw(tuple(m.shape), self.cfg)).to(torch.uint8 if m.max() < 256 else torch.int64).numpy()
-        return torch.from_numpy(self.cache.get(f"m:{s.mask}", load)).long()
+        return torch.from_numpy(self.cache.get(f"m:{s.key}", load)).long()
 
 
 class StepBatches(torch.utils.data.Dataset):

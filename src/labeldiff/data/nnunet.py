@@ -132,6 +132,34 @@ def _series_uids(folder: Path) -> set[str]:
     return uids
 
 
+# --- slice geometry: the voxel-order slice ↔ the 2D image the slice datasets hold -------------------------------
+
+def _square(a: np.ndarray, fill: int) -> np.ndarray:
+    """Pad a 2D slice to a centred square so that resizing keeps the aspect ratio."""
+    h, w = a.shape
+    n = max(h, w)
+    out = np.full((n, n), fill, dtype=a.dtype)
+    top, left = (n - h) // 2, (n - w) // 2
+    out[top:top + h, left:left + w] = a
+    return out
+
+
+def to_display(x: np.ndarray, fill=0) -> np.ndarray:
+    """A slice in the volume's voxel order → the 2D image the slice datasets hold: rotated 90° (so an
+    axial NIfTI slice shows anterior up) and padded to a centred square (``fill`` outside)."""
+    return _square(np.rot90(x), fill)
+
+
+def from_display(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Undo :func:`to_display` for a slice of ``shape`` (voxel order); leading axes (classes) are kept."""
+    h, w = shape[1], shape[0]  # rot90 swaps the axes
+    n = max(h, w)
+    if img.shape[-2:] != (n, n):
+        raise ValueError(f"expected a {n}×{n} display image for a {shape} slice, got {img.shape[-2:]}")
+    top, left = (n - h) // 2, (n - w) // 2
+    return np.rot90(img[..., top:top + h, left:left + w], k=-1, axes=(-2, -1))
+
+
 # --- the nnU-Net v2 raw layout ----------------------------------------------------------------------------------
 
 @dataclass
@@ -341,16 +369,21 @@ class VolumeCache:
     def __init__(self, max_mb: int = 1024, reader: Callable[..., Volume] = read_volume):
         self.max_bytes = max_mb * 2**20
         self.reader = reader
-        self.items: OrderedDict[tuple[str, str], Volume] = OrderedDict()
+        self.items: OrderedDict[tuple[str, str, str], Volume] = OrderedDict()
         self.bytes = 0
         self.reads: dict[str, int] = {}
 
-    def get(self, path: Path, dtype=np.float32) -> Volume:
-        key = (str(path), np.dtype(dtype).name)
+    def get(self, path: Path, dtype=np.float32, intensity: Intensity | None = None) -> Volume:
+        """The volume at ``path``, normalised by ``intensity`` when given (the cache holds the normalised
+        copy only: a volume is never held twice)."""
+        norm = json.dumps(intensity.to_dict(), sort_keys=True) if intensity is not None else ""
+        key = (str(path), np.dtype(dtype).name, norm)
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
         vol = self.reader(Path(path), dtype)
+        if intensity is not None:
+            vol = Volume(intensity.apply(vol.array), vol.affine)
         self.reads[str(path)] = self.reads.get(str(path), 0) + 1
         self.items[key] = vol
         self.bytes += vol.array.nbytes
@@ -365,3 +398,69 @@ class VolumeCache:
         if not 0 <= index < vol.shape[axis]:
             raise IndexError(f"{path}: slice {index} is outside 0..{vol.shape[axis] - 1} along axis {axis}")
         return np.take(vol.array, index, axis=axis)
+
+
+# --- a volume dataset as 2D slices, read lazily --------------------------------------------------------------
+
+AXIS_LETTERS = "xyz"
+MIN_LABELED_FRACTION = 0.01  # a labeled slice needs ≥ 1 % foreground pixels to be a training / test slice
+VOLUMES = VolumeCache(max_mb=2048)
+LABEL_DTYPE = np.int16  # label volumes in memory: ids up to 32767 at 2 bytes a voxel  # one per process: a volume is decoded (and normalised) once, not per slice
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Slice ``index`` along ``axis`` of a case's channel volumes (and label volume)."""
+
+    images: tuple[str, ...]
+    label: str | None
+    axis: int
+    index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.images[0]}#{AXIS_LETTERS[self.axis]}{self.index}"
+
+
+def slice_stem(case: str, axis: int, index: int) -> str:
+    """``CASE_z0042``: slice 42 along z (axis 2). Not nnU-Net's ``CASE_0000`` channel suffix."""
+    return f"{case}_{AXIS_LETTERS[axis]}{index:04d}"
+
+
+def read_slice_image(ref: SliceRef, channels: int, intensity: Intensity) -> np.ndarray:
+    """``[C, H, W]`` float32: each channel volume normalised by ``intensity`` (once, cached), the slice
+    rotated and padded as :func:`to_display` does (padding = the lowest value)."""
+    planes = []
+    for path in ref.images:
+        vol = VOLUMES.get(Path(path), np.float32, intensity)
+        plane = np.take(vol.array, ref.index, axis=ref.axis)
+        planes.append(to_display(plane, fill=float(vol.array.min())))
+    x = np.stack(planes).astype(np.float32)
+    if x.shape[0] != channels:
+        if channels == 3 and x.shape[0] == 1:
+            return np.repeat(x, 3, axis=0)
+        raise DataError(f"{ref.images[0]}: the case has {x.shape[0]} channel(s), cannot feed {channels}; "
+                        f"set --channels {x.shape[0]}")
+    return x
+
+
+def read_slice_mask(ref: SliceRef, num_classes: int | None = None) -> np.ndarray:
+    if ref.label is None:
+        raise DataError(f"{ref.images[0]}: this case has no label volume")
+    lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE)
+    m = to_display(np.take(lab.array, ref.index, axis=ref.axis), 0)
+    if m.min() < 0 or (num_classes is not None and m.max() >= num_classes):
+        raise DataError(f"{ref.label}: label values {int(m.min())}..{int(m.max())} outside 0..{num_classes - 1}; "
+                        f"dataset.json's labels must name every value")
+    return m.astype(np.int64)
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """A NIfTI volume's shape from its header (nothing decoded)."""
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as a NIfTI volume ({e}); re-export it or remove it") from None
+    return shape[:3]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import volume_percentiles
+from labeldiff.data.nnunet import to_display, volume_percentiles
 
 
 def _load(path: Path):
@@ -78,32 +78,6 @@ def volume_to_slices(volume: Path, out: Path, labels: Path | None = None, axis: 
     if not stems:
         raise DataError(f"{volume}: no slice along axis {axis} passed the foreground threshold {min_foreground}")
     return stems
-
-
-def _square(a: np.ndarray, fill: int) -> np.ndarray:
-    """Pad a 2D slice to a centred square so that resizing keeps the aspect ratio."""
-    h, w = a.shape
-    n = max(h, w)
-    out = np.full((n, n), fill, dtype=a.dtype)
-    top, left = (n - h) // 2, (n - w) // 2
-    out[top:top + h, left:left + w] = a
-    return out
-
-
-def to_display(x: np.ndarray, fill=0) -> np.ndarray:
-    """A slice in the volume's voxel order → the 2D image the slice datasets hold: rotated 90° (so an
-    axial NIfTI slice shows anterior up) and padded to a centred square (``fill`` outside)."""
-    return _square(np.rot90(x), fill)
-
-
-def from_display(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Undo :func:`to_display` for a slice of ``shape`` (voxel order); leading axes (classes) are kept."""
-    h, w = shape[1], shape[0]  # rot90 swaps the axes
-    n = max(h, w)
-    if img.shape[-2:] != (n, n):
-        raise ValueError(f"expected a {n}×{n} display image for a {shape} slice, got {img.shape[-2:]}")
-    top, left = (n - h) // 2, (n - w) // 2
-    return np.rot90(img[..., top:top + h, left:left + w], k=-1, axes=(-2, -1))
 
 
 def write_split(out: Path, splits: dict[str, list[str]], note: str = "") -> None:

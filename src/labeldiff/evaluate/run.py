@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
-from labeldiff.data.datasets import LabeledFolder, list_images, validate_samples
-from labeldiff.data.io import read_image, read_mask
+from labeldiff.data.datasets import list_images, open_labeled, validate_samples
+from labeldiff.data.io import read_image
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_logits, predict_mask
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
@@ -35,7 +35,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
     split = split or cfg.data.test_split
-    ds = LabeledFolder(data_path, split_file or (cfg.data.split_file if data is None else None))
+    ds = open_labeled(cfg.data, data_path, split_file or (cfg.data.split_file if data is None else None))
     samples = ds.samples(ds.stems(split))
     k = cfg.num_classes
     validate_samples(samples, k)
@@ -43,8 +43,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     out.mkdir(parents=True, exist_ok=True)
     all_stats, rows, grid = [], [], []
     for s in tqdm(samples, desc=f"evaluate {split}", unit="img"):
-        image = torch.from_numpy(read_image(s.image, cfg.data.channels))
-        target = read_mask(s.mask, k)
+        image = torch.from_numpy(s.read_image(cfg.data.channels))
+        target = s.read_mask(k)
         pred = predict_mask(model, image, cfg.data, precision, tta=tta).numpy()
         stats = confusion_stats(pred, target, k)
         all_stats.append(stats)
@@ -69,7 +69,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
 
 
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
-                precision: str = INFERENCE_PRECISION, axis: int = 2, intensity: str = "percentile",
+                precision: str = INFERENCE_PRECISION, axis: int | None = None, intensity: str | None = None,
                 hu_window: tuple[float, float] | None = None) -> list[Path]:
     """Write ``<stem>.png`` (class indices), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``.
 

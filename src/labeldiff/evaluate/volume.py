@@ -73,15 +73,15 @@ def predict_volume(model, cfg, channels: list[np.ndarray], axis: int = 2, precis
     already mapped to the network's [-1, 1] range by an :class:`~labeldiff.data.nnunet.Intensity`).
 
     Each slice along ``axis`` is turned into the image the slice datasets hold
-    (:func:`~labeldiff.data.volumes.to_display`: rotate, pad to a square), predicted at that size by
+    (:func:`~labeldiff.data.nnunet.to_display`: rotate, pad to a square), predicted at that size by
     :func:`~labeldiff.evaluate.predict.predict_logits` (which resizes to the network and back), and
-    mapped back with :func:`~labeldiff.data.volumes.from_display`, so every rotation, pad and resize is
+    mapped back with :func:`~labeldiff.data.nnunet.from_display`, so every rotation, pad and resize is
     undone and the result lies voxel for voxel on the input grid.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from labeldiff.data.volumes import from_display, to_display
+    from labeldiff.data.nnunet import from_display, to_display
     from labeldiff.evaluate.predict import predict_logits
 
     shape = channels[0].shape
@@ -174,7 +174,7 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from labeldiff.data.volumes import to_display
+    from labeldiff.data.nnunet import to_display
     from labeldiff.evaluate.report import colorize, overlay
 
     idx = np.linspace(0, labels.shape[axis] - 1, min(n, labels.shape[axis])).round().astype(int)
@@ -220,7 +220,8 @@ def summarize_volumes(rows: list[dict], class_names: list[str]) -> dict:
     return {"dice": round(float(np.mean(dices)), 6) if dices else None, "per_class": per_class}
 
 
-def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int = 2, intensity: str = "percentile",
+def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | None = None,
+                         intensity: str | None = None,
                          hu_window: tuple[float, float] | None = None, slab: tuple[int, int] | None = None,
                          device: str = "auto", precision: str = "fp32", tta: bool = False,
                          tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
@@ -236,19 +237,21 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int = 
 
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import Intensity, NnUNetRaw, read_volume
-    from labeldiff.evaluate.run import open_segmenter
+    from labeldiff.data.nnunet import NnUNetRaw, read_volume
+    from labeldiff.runs import RunFolder
+    from labeldiff.runtime import resolve_device
 
     raw = NnUNetRaw(data)
     cases = [c for c in raw.cases(split) if c.label is not None]
     if not cases:
         raise DataError(f"{data}: no labeled {split} case (split train reads imagesTr + labelsTr, test imagesTs + "
                         f"labelsTs); pass --split train with --slab FIRST:LAST to score a held-out slab")
-    model, cfg = open_segmenter(Path(model_dir), device)
+    run = RunFolder.open(Path(model_dir))
+    model, cfg = run.segmenter(resolve_device(device)), run.config
     if cfg.num_classes != raw.num_classes:
         raise DataError(f"{data}: dataset.json names {raw.num_classes} classes but the model predicts "
                         f"{cfg.num_classes}; evaluate it on the dataset it was trained for")
-    norm = Intensity(intensity, *(hu_window or ())) if intensity == "ct-window" else Intensity(intensity)
+    norm, axis = run_intensity(cfg, intensity, hu_window), cfg.data.axis if axis is None else axis
     names = raw.class_names
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -290,7 +293,18 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int = 
     return metrics
 
 
-def run_predict_volumes(model_dir, inputs, out, axis: int = 2, intensity: str = "percentile",
+def run_intensity(cfg, scheme: str | None = None, hu_window: tuple[float, float] | None = None):
+    """The intensity scheme to predict with: ``scheme`` when given, else the one the run trained with
+    (``data.intensity``; fitted statistics included), else ``percentile`` (runs trained on slices that
+    ``volume_to_slices`` wrote)."""
+    from labeldiff.data.nnunet import Intensity
+
+    if scheme is not None:
+        return Intensity(scheme, *hu_window) if scheme == "ct-window" else Intensity(scheme)
+    return Intensity.from_dict(cfg.data.intensity) if cfg.data.intensity else Intensity("percentile")
+
+
+def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensity: str | None = None,
                         hu_window: tuple[float, float] | None = None, device: str = "auto", tta: bool = False,
                         precision: str = "fp32", class_names: list[str] | None = None) -> list:
     """``labeldiff predict`` on volumes: ``OUT/<case>.nii.gz`` on each input's grid (shape, affine,
@@ -301,14 +315,16 @@ def run_predict_volumes(model_dir, inputs, out, axis: int = 2, intensity: str = 
 
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import Intensity, dataset_class_names, is_nnunet_raw, read_volume
-    from labeldiff.evaluate.run import open_segmenter
+    from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw, read_volume
+    from labeldiff.runs import RunFolder
+    from labeldiff.runtime import resolve_device
 
     cases = volume_cases(inputs)
     if not cases:
         raise FileNotFoundError(f"{inputs}: no NIfTI volume, DICOM series or nnU-Net case found")
-    norm = Intensity(intensity, *(hu_window or ())) if intensity == "ct-window" else Intensity(intensity)
-    model, cfg = open_segmenter(Path(model_dir), device)
+    run = RunFolder.open(Path(model_dir))
+    model, cfg = run.segmenter(resolve_device(device)), run.config
+    norm, axis = run_intensity(cfg, intensity, hu_window), cfg.data.axis if axis is None else axis
     if class_names is None:
         class_names = dataset_class_names(inputs) if is_nnunet_raw(inputs) else None
         class_names = class_names or (dataset_class_names(cfg.data.path) if cfg.data.path else None)

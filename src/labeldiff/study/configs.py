@@ -21,6 +21,7 @@ from labeldiff.study.spec import MethodSpec, ProtocolSpec, Recipe, Study
 PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test")
 # fields that do not change what a run computes: left out of the hashes
 NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
+LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None}}  # fields added later: at their default, runs hash as before
 
 
 def digest(obj: Any, n: int = 10) -> str:
@@ -43,6 +44,10 @@ def identity(cfg: RunConfig) -> dict:
     d["data"]["split_file"] = None
     if d.get("extended") is None:  # runs saved before the field existed hash as they did
         d.pop("extended", None)
+    for section, defaults in LATER_DEFAULTS.items():
+        for name, value in defaults.items():
+            if d[section].get(name, value) == value:
+                d[section].pop(name, None)
     return d
 
 

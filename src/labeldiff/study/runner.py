@@ -406,7 +406,6 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     """The first test images, predicted by every method × strategy at the largest k and seed 0."""
     import torch
 
-    from labeldiff.data.io import read_image, read_mask
     from labeldiff.evaluate.predict import predict_mask
     from labeldiff.runs import RunFolder
 
@@ -419,14 +418,14 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
     chosen = [c for c in finished if c.k == k and c.seed == seed]
     samples = target.ds.samples(target.test[:OVERLAY_IMAGES])
     channels = RunFolder.open(chosen[0].run_dir).config.data.channels
-    images = [{"name": s.stem, "image": read_image(s.image, channels), "target": read_mask(s.mask, target.num_classes)}
+    images = [{"name": s.stem, "image": s.read_image(channels), "target": s.read_mask(target.num_classes)}
               for s in samples]
     preds = {}
     for c in chosen:
         run = RunFolder.open(c.run_dir)
         model, cfg = run.segmenter("cpu"), run.config
         preds[f"{c.method} / {c.strategy}"] = [
-            predict_mask(model, torch.from_numpy(read_image(s.image, cfg.data.channels)), cfg.data).numpy()
+            predict_mask(model, torch.from_numpy(s.read_image(cfg.data.channels)), cfg.data).numpy()
             for s in samples]
     report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.data.datasets import LabeledFolder, select_subset
-from labeldiff.data.io import DataError, read_mask
+from labeldiff.data.io import DataError
 
 MAX_TRIES = 1000
 POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
@@ -33,7 +33,7 @@ PIXEL_SIDE = 16
 
 def class_sets(ds: LabeledFolder, stems: list[str], num_classes: int) -> dict[str, frozenset[int]]:
     """The classes present in each image's mask."""
-    return {s: frozenset(int(c) for c in np.unique(read_mask(ds.masks[s], num_classes))) for s in stems}
+    return {s.stem: frozenset(int(c) for c in np.unique(s.read_mask(num_classes))) for s in ds.samples(stems)}
 
 
 def check_coverable(classes: dict[str, frozenset[int]], num_classes: int, split_name: str = "train") -> None:

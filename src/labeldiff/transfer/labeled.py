@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labeldiff.config import RunConfig
-from labeldiff.data.datasets import LabeledFolder, select_subset, validate_samples
+from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, select_subset, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.runs import RunFolder
 
@@ -19,7 +19,7 @@ from labeldiff.runs import RunFolder
 @dataclass
 class Transfer:
     pre: RunFolder | None  # the pretrained run (None: scratch without --pretrained)
-    ds: LabeledFolder
+    ds: LabeledFolder | VolumeFolder
     stems: list[str]  # the labeled images this run trains on
     num_classes: int
 
@@ -41,7 +41,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
     elif t.strategy != "scratch":
         raise ValueError(f"strategy {t.strategy!r} needs --pretrained RUN_DIR (or use --from-scratch)")
     cfg.model.in_channels = cfg.data.channels
-    ds = LabeledFolder(Path(cfg.data.path), cfg.data.split_file)
+    ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     pool = ds.stems(cfg.data.train_split)
     if stems is None:
         chosen = select_subset(pool, t.labels, cfg.train.seed, cfg.data.train_split)

@@ -1,0 +1,154 @@
+"""Volume datasets as slices: lazy, float, decoded once; fine-tuning, pretraining and predicting on them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from labeldiff.cli import main
+from labeldiff.config import DataConfig
+from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
+from labeldiff.data.io import DataError
+from labeldiff.data.nnunet import VOLUMES, VolumeCache
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CT = DATASETS / "ct_abdomen"
+
+
+def make_volume_dataset(root: Path, shape=(20, 16, 10), k: int = 3) -> Path:
+    """imagesTr (2 labeled cases), imagesTs (1 labeled case), imagesUnlabeled (1 case); float intensities."""
+    rng = np.random.default_rng(0)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    aff = np.diag([0.8, 0.8, 3.0, 1.0])
+    for split, cases in (("Tr", ("a", "b")), ("Ts", ("t",)), ("Unlabeled", ("u",))):
+        for c in cases:
+            lab = np.zeros(shape, np.uint8)
+            lab[4:12, 3:9, 2:8] = 1
+            lab[13:17, 9:14, 3:7] = 2
+            x = (rng.normal(-50, 30, shape) + 120.0 * lab).astype(np.float32)  # float HU-like values
+            nib.save(nib.Nifti1Image(x, aff), str(root / f"images{split}" / f"{c}_0000.nii.gz"))
+            if split != "Unlabeled":
+                nib.save(nib.Nifti1Image(lab, aff), str(root / f"labels{split}" / f"{c}.nii.gz"))
+    return root
+
+
+@pytest.fixture
+def fresh_volumes(monkeypatch):
+    cache = VolumeCache(max_mb=256)
+    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    return cache
+
+
+def test_volume_folder_splits_and_lazy_slices(tmp_path, fresh_volumes):
+    root = make_volume_dataset(tmp_path / "Dataset001")
+    ds = VolumeFolder(root)
+    train = ds.stems("train")
+    assert train == [f"{c}_z{i:04d}" for c in ("a", "b") for i in range(2, 8)]  # slices with ≥ 1 % labels
+    assert ds.stems("test") == [f"t_z{i:04d}" for i in range(2, 8)]
+    assert len(ds.stems("unlabeled")) == 10
+    s = ds.samples(train[1:2])[0]  # a_z0003: both organs
+    x, m = s.read_image(1), s.read_mask(3)
+    assert x.shape == (1, 20, 20) and x.dtype == np.float32 and m.shape == (20, 20)
+    assert len(np.unique(x)) > 256  # float intensities end to end: nothing quantised to 8 bits
+    assert set(np.unique(m)) == {0, 1, 2}
+    for sample in ds.samples(train):
+        sample.read_image(1)
+        sample.read_mask(3)
+    a_image = str(root / "imagesTr" / "a_0000.nii.gz")
+    assert fresh_volumes.reads[a_image] == 1  # every slice of a, one decode
+    with pytest.raises(DataError, match="no split named 'val'"):
+        ds.stems("val")
+
+
+def test_split_file_slabs_and_pretraining_leaves_the_test_slab_out(tmp_path, fresh_volumes):
+    root = make_volume_dataset(tmp_path / "Dataset002")
+    split = {"train": [f"a_z{i:04d}" for i in range(2, 5)], "test": [f"a_z{i:04d}" for i in range(6, 9)]}
+    (root / "split.json").write_text(json.dumps(split))
+    cfg = DataConfig(path=str(root), channels=1, size=16, mode="resize")
+    excluded, why = pretraining_exclusions(cfg)
+    assert excluded == split["test"] and "leaves out the 3 images" in why
+    stems = {s.stem for s in unlabeled_samples(root, set(excluded))}
+    assert not stems & set(split["test"]) and {"u_z0000", "t_z0005", "a_z0005"} <= stems
+    (root / "split.json").write_text(json.dumps({"train": ["a_z0099"]}))
+    with pytest.raises(DataError, match="no slice of"):
+        VolumeFolder(root).stems("train")
+
+
+def test_ct_percentile_is_fitted_once_and_stored(tmp_path, fresh_volumes):
+    root = make_volume_dataset(tmp_path / "Dataset003")
+    cfg = DataConfig(path=str(root), channels=1, intensity={"scheme": "ct-percentile"})
+    ds = open_labeled(cfg)
+    assert cfg.intensity["scheme"] == "ct-percentile" and cfg.intensity["fitted_on"] == ["a", "b"]
+    x = ds.samples(ds.stems("train")[:1])[0].read_image(1)
+    assert -6 < float(x.min()) and float(x.max()) < 6  # z-scored HU
+    before = dict(cfg.intensity)
+    open_labeled(cfg)
+    assert cfg.intensity == before  # fitted once: the stored statistics are reused
+
+
+def test_batches_from_volume_slices(tmp_path, fresh_volumes):
+    root = make_volume_dataset(tmp_path / "Dataset004")
+    cfg = DataConfig(path=str(root), channels=1, size=16, mode="resize")
+    ds = open_labeled(cfg)
+    b = StepBatches(ds.samples(ds.stems("train")), cfg, 4, seed=0, labeled=True, num_classes=3)[0]
+    assert b["image"].shape == (4, 1, 16, 16) and b["mask"].shape == (4, 16, 16)
+    assert int(b["mask"].max()) <= 2
+
+
+@pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
+def test_finetune_and_predict_on_the_real_ct_volume(tmp_path, fresh_volumes):
+    """The CT paper's setting in miniature on the real abdominal CT: k = 2 labeled axial slices of the
+    crop, HU windowed, then predict the whole crop back as a NIfTI on its grid and score it in 3D."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(CT), "--out", str(out), "--from-scratch", "--labels", "2",
+                 "--channels", "1", "--size", "32", "--mode", "resize", "--steps", "3", "--batch-size", "2",
+                 "--precision", "fp32", "--device", "cpu", "--unet-channels", "8,16", "--attention", "0,0",
+                 "--head-channels", "8", "--head-hidden", "8", "--intensity", "ct-window",
+                 "--hu-window", "-160", "240"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["intensity"]["scheme"] == "ct-window" and cfg["num_classes"] == 14
+    labeled = json.loads((out / "labeled.json").read_text())
+    assert len(labeled["stems"]) == 2 and all(s.startswith("abdomen_z") for s in labeled["stems"])
+    pred = tmp_path / "pred"
+    assert main(["predict", "--model", str(out), "--input", str(CT / "imagesTr" / "abdomen_0000.nii.gz"),
+                 "--out", str(pred), "--device", "cpu"]) == 0  # the run's own intensity scheme by default
+    src = nib.load(str(CT / "imagesTr" / "abdomen_0000.nii.gz"))
+    got = nib.load(str(pred / "abdomen.nii.gz"))
+    assert got.shape == src.shape and np.allclose(got.affine, src.affine)
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(out), "--data", str(CT), "--split", "train", "--out", str(ev),
+                 "--device", "cpu"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["intensity"]["scheme"] == "ct-window" and len(m["per_class"]) == 13
+    import csv
+
+    (eso,) = [r for r in csv.DictReader(open(ev / "per_case.csv")) if r["name"] == "esophagus"]
+    assert eso["voxels_true"] == "0"  # absent from the crop: NaN and counted when also not predicted, else 0
+    assert (eso["absent"] == "True") == (eso["voxels_pred"] == "0")
+    liver = [r for r in csv.DictReader(open(ev / "per_case.csv")) if r["name"] == "liver"][0]
+    assert int(liver["voxels_true"]) == int((np.asarray(nib.load(str(CT / "labelsTr" / "abdomen.nii.gz")).dataobj) == 1).sum())
+
+
+def test_split_slabs_of_a_volume_dataset(tmp_path, fresh_volumes):
+    root = make_volume_dataset(tmp_path / "Dataset005")
+    f = tmp_path / "slabs.json"
+    assert main(["split", "--data", str(root), "--slab-train", "0.5", "--gap", "1", "--out", str(f)]) == 0
+    split = json.loads(f.read_text())
+    # each imagesTr case has labeled slices z2..z7: z2–z4 train, gap z5, z6–z7 test
+    assert split["train"] == [f"{c}_z{i:04d}" for c in ("a", "b") for i in (2, 3, 4)]
+    assert split["test"] == [f"{c}_z{i:04d}" for c in ("a", "b") for i in (6, 7)]
+    cfg = DataConfig(path=str(root), split_file=str(f))
+    assert pretraining_exclusions(cfg)[0] == split["test"]
+
+
+def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
+    root = make_volume_dataset(tmp_path / "Dataset006")
+    with pytest.raises(SystemExit, match="--slab-train"):
+        main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")])
