@@ -278,3 +278,39 @@ def test_cache_bound_evicts_the_least_recently_used(tmp_path):
     cache.get(paths[0])
     cache.get(paths[1])
     assert cache.reads[str(paths[0])] == 1 and cache.reads[str(paths[1])] == 2
+
+
+def test_canonical_frame_keeps_every_voxel_where_it_is():
+    from labeldiff.data.nnunet import Volume, canonical, from_canonical
+
+    x = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    aff = np.zeros((4, 4))
+    aff[:3, :3] = [[0, 0, -2.0], [-1.0, 0, 0], [0, 3.0, 0]]  # axes permuted and flipped (LPS-like storage)
+    aff[:3, 3], aff[3, 3] = (10, 20, 30), 1
+    vol = Volume(x, aff)
+    can, back = canonical(vol)
+    assert can.shape == (7, 5, 6) and np.all(np.diag(can.affine)[:3] > 0)  # RAS: each axis along +x, +y, +z
+    inv = np.linalg.inv(can.affine)
+    for ijk in [(0, 0, 0), (4, 5, 6), (2, 1, 3)]:
+        world = aff @ np.r_[ijk, 1.0]
+        j = np.round(inv @ world).astype(int)[:3]
+        assert can.array[tuple(j)] == x[ijk]
+    np.testing.assert_array_equal(from_canonical(can.array, back), x)
+    np.testing.assert_allclose(sorted(can.spacing), sorted(vol.spacing))
+
+
+def test_dicom_and_its_nifti_export_give_the_same_canonical_slices(tmp_path):
+    """A series stored LPS and the same scan saved as NIfTI in another voxel order slice identically."""
+    from labeldiff.data.nnunet import canonical
+
+    hu = np.random.default_rng(2).integers(-1000, 1500, (5, 6, 7)).astype(np.float32)
+    write_dicom_series(tmp_path / "series", hu)
+    dcm = read_volume(tmp_path / "series")
+    flipped = np.ascontiguousarray(dcm.array[::-1, :, ::-1])  # the same voxels, stored in another order
+    aff = dcm.affine.copy()
+    aff[:3, 0], aff[:3, 2] = -dcm.affine[:3, 0], -dcm.affine[:3, 2]
+    aff[:3, 3] = dcm.affine[:3, 3] + dcm.affine[:3, 0] * (dcm.shape[0] - 1) + dcm.affine[:3, 2] * (dcm.shape[2] - 1)
+    nii = read_volume(write_nifti(tmp_path / "same.nii.gz", flipped, aff))
+    a, b = canonical(dcm)[0], canonical(nii)[0]
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)

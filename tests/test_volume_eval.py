@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from labeldiff.config import DataConfig
 from labeldiff.evaluate.volume import volume_scores
 
 
@@ -97,6 +98,34 @@ def oblique_affine():
     a[:3, :3] = np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]]) @ np.diag([0.8, 1.7, 3.0])
     a[:3, 3] = (-91.0, 7.5, 33.0)
     return a
+
+
+def lps_permuted_affine():
+    a = np.zeros((4, 4))
+    a[:3, :3] = [[0, -0.8, 0], [0, 0, -1.7], [3.0, 0, 0]]  # array axes = (S, L→R reversed, A→P): nothing RAS
+    a[:3, 3], a[3, 3] = (50.0, -20.0, 7.0), 1
+    return a
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_predict_volumes_round_trip_through_the_canonical_frame(tmp_path, axis):
+    """labeldiff's predict path on a NIfTI stored in a non-RAS voxel order: slices are taken in the RAS
+    frame, and the label volume comes back in the input's own voxel order, affine and header."""
+    import nibabel as nib
+
+    from labeldiff.data.nnunet import canonical, from_canonical, read_volume
+    from labeldiff.evaluate.volume import predict_volume, write_label_nifti
+
+    x = np.random.default_rng(axis).normal(0, 1, (9, 13, 7)).astype(np.float32)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(x, lps_permuted_affine()), str(src))
+    can, back = canonical(read_volume(src))
+    side = max(s for i, s in enumerate(can.shape) if i != axis)
+    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=side, channels=1), [can.array], axis=axis)
+    labels = from_canonical(labels, back)
+    np.testing.assert_array_equal(labels, (x > 0).astype(np.int16))
+    out = write_label_nifti(labels, read_volume(src).affine, tmp_path / "p.nii.gz", like=nib.load(str(src)))
+    np.testing.assert_allclose(nib.load(str(out)).affine, lps_permuted_affine(), atol=1e-5)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

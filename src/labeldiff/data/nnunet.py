@@ -53,6 +53,27 @@ class Volume:
         return tuple(self.array.shape)
 
 
+def canonical(vol: Volume) -> tuple[Volume, np.ndarray]:
+    """The volume with its axes permuted and flipped to RAS (nibabel's orientation tools: array axis 0
+    runs left → right, 1 posterior → anterior, 2 inferior → superior), and the orientation that undoes it (:func:`from_canonical`). Slicing, training and prediction work in this
+    frame, so a DICOM series (stored LPS) and a NIfTI (often RAS) of the same scan give the same slices;
+    the affine is updated so every voxel keeps its position in mm."""
+    from nibabel import orientations as o
+
+    src, ras = o.io_orientation(vol.affine), o.axcodes2ornt("RAS")
+    to_ras = o.ornt_transform(src, ras)
+    array = np.ascontiguousarray(o.apply_orientation(vol.array, to_ras))
+    affine = vol.affine @ o.inv_ornt_aff(to_ras, vol.shape)
+    return Volume(array, affine), o.ornt_transform(ras, src)
+
+
+def from_canonical(array: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """Undo :func:`canonical` on an array of the canonical frame (a prediction) → the input's voxel order."""
+    from nibabel import orientations as o
+
+    return np.ascontiguousarray(o.apply_orientation(array, back))
+
+
 def is_dicom_series(path: Path) -> bool:
     """A folder whose files are DICOM (the 128-byte preamble + ``DICM``)."""
     path = Path(path)
@@ -374,14 +395,14 @@ class VolumeCache:
         self.reads: dict[str, int] = {}
 
     def get(self, path: Path, dtype=np.float32, intensity: Intensity | None = None) -> Volume:
-        """The volume at ``path``, normalised by ``intensity`` when given (the cache holds the normalised
-        copy only: a volume is never held twice)."""
+        """The volume at ``path`` in the RAS-canonical frame (:func:`canonical`), normalised by
+        ``intensity`` when given (the cache holds that copy only: a volume is never held twice)."""
         norm = json.dumps(intensity.to_dict(), sort_keys=True) if intensity is not None else ""
         key = (str(path), np.dtype(dtype).name, norm)
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        vol = self.reader(Path(path), dtype)
+        vol, _ = canonical(self.reader(Path(path), dtype))
         if intensity is not None:
             vol = Volume(intensity.apply(vol.array), vol.affine)
         self.reads[str(path)] = self.reads.get(str(path), 0) + 1
@@ -393,7 +414,7 @@ class VolumeCache:
         return vol
 
     def slice(self, path: Path, axis: int, index: int, dtype=np.float32) -> np.ndarray:
-        """Slice ``index`` along ``axis`` (a 2D array in the file's voxel order)."""
+        """Slice ``index`` along canonical ``axis`` (a 2D array)."""
         vol = self.get(path, dtype)
         if not 0 <= index < vol.shape[axis]:
             raise IndexError(f"{path}: slice {index} is outside 0..{vol.shape[axis] - 1} along axis {axis}")
@@ -456,11 +477,17 @@ def read_slice_mask(ref: SliceRef, num_classes: int | None = None) -> np.ndarray
 
 
 def volume_shape(path: Path) -> tuple[int, ...]:
-    """A NIfTI volume's shape from its header (nothing decoded)."""
+    """A NIfTI volume's shape in RAS-canonical axis order (:func:`canonical`), from its header only."""
     import nibabel as nib
+    from nibabel import orientations as o
 
     try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape[:3])
     except Exception as e:
         raise DataError(f"{path}: cannot be read as a NIfTI volume ({e}); re-export it or remove it") from None
-    return shape[:3]
+    order = o.io_orientation(img.affine)[:, 0].astype(int)  # RAS axis of each array axis
+    out = [0, 0, 0]
+    for axis, ras in enumerate(order):
+        out[ras] = shape[axis]
+    return tuple(out)

@@ -165,7 +165,8 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: int = 6,
-                  class_names: list[str] | None = None, truth: np.ndarray | None = None, title: str = "") -> None:
+                  class_names: list[str] | None = None, truth: np.ndarray | None = None, title: str = "",
+                  first: int = 0) -> None:
     """``n`` evenly spaced slices with the predicted classes over them (and, given ``truth``, a row with
     the ground truth above), in one PNG with a legend naming the classes shown."""
     import matplotlib
@@ -185,7 +186,7 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
         for ax, i in zip(axes[r], idx):
             img = to_display(np.clip((np.take(channel, i, axis) - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1, -1.0)
             ax.imshow(overlay(img[None], to_display(np.take(vol, i, axis), 0)))
-            ax.set_title(f"{label}, slice {i}", fontsize=7)
+            ax.set_title(f"{label}, slice {first + i}", fontsize=7)
             ax.axis("off")
     shown = sorted({int(c) for _, v in rows for c in np.unique(v) if c > 0})
     if shown:
@@ -237,7 +238,7 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
 
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import NnUNetRaw, read_volume
+    from labeldiff.data.nnunet import NnUNetRaw, canonical, read_volume
     from labeldiff.runs import RunFolder
     from labeldiff.runtime import resolve_device
 
@@ -257,8 +258,8 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
     for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case"):
-        vols = [read_volume(p) for p in case.images]
-        truth = read_volume(case.label, np.int64).array
+        vols = [canonical(read_volume(p))[0] for p in case.images]  # the RAS frame: --slab counts along it
+        truth = canonical(read_volume(case.label, np.int64))[0].array
         pred = predict_volume(model, cfg.data, [norm.apply(v.array) for v in vols], axis, precision, tta,
                               batch_desc=case.name)
         if slab is not None:
@@ -273,7 +274,8 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
         for r in volume_scores(pred, truth, raw.num_classes, vols[0].spacing, names, tolerance_mm):
             rows.append({"case": case.name, **r})
         overlay_strip(image, pred, axis, out / "overlays" / f"{case.name}.png", class_names=names, truth=truth,
-                      title=f"{case.name}" + (f", slices {slab[0]}–{slab[1]}" if slab else ""))
+                      title=f"{case.name}" + (f", slices {slab[0]}–{slab[1]}" if slab else ""),
+                      first=slab[0] if slab else 0)
     metrics = summarize_volumes(rows, names)
     metrics.update({"model": str(model_dir), "data": str(data), "split": split, "axis": axis, "slab": slab,
                     "intensity": norm.to_dict(), "nsd_tolerance_mm": tolerance_mm, "precision": precision,
@@ -315,7 +317,7 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
 
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw, read_volume
+    from labeldiff.data.nnunet import canonical, dataset_class_names, from_canonical, is_nnunet_raw, read_volume
     from labeldiff.runs import RunFolder
     from labeldiff.runtime import resolve_device
 
@@ -334,16 +336,18 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
         vols = [read_volume(p) for p in paths]
         if any(v.shape != vols[0].shape for v in vols):
             raise ValueError(f"case {name}: channel volumes differ in shape {[v.shape for v in vols]}")
-        labels = predict_volume(model, cfg.data, [norm.apply(v.array) for v in vols], axis, precision, tta,
+        canon = [canonical(v) for v in vols]  # slices in the RAS frame the model trained in
+        labels = predict_volume(model, cfg.data, [norm.apply(c.array) for c, _ in canon], axis, precision, tta,
                                 batch_desc=name)
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        overlay_strip(canon[0][0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names,
+                      title=name)  # drawn in the RAS frame: anterior up, as the model saw the slices
+        labels = from_canonical(labels, canon[0][1])  # back to the input's voxel order
         like = None
         if str(paths[0]).endswith(NIFTI_ENDINGS):
             import nibabel as nib
             like = nib.load(str(paths[0]))
         written.append(write_label_nifti(labels, vols[0].affine, out / f"{name}.nii.gz", like=like))
-        (out / "overlays").mkdir(parents=True, exist_ok=True)
-        overlay_strip(vols[0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names,
-                      title=name)
     print(f"wrote {len(written)} label volume(s) (NIfTI, the input's grid and affine) to {out}, "
           f"overlay strips to {out / 'overlays'}")
     return written
