@@ -324,7 +324,7 @@ def test_paths_relative_to_the_yaml_then_the_cwd(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["monuseg", "kvasir_to_cvc", "brain", "monuseg_screen", "monuseg_lengths", "cvc_screen",
-                                  "cvc_lengths"])
+                                  "cvc_lengths", "cvc_confirm", "colin27", "ct_abdomen"])
 def test_shipped_studies_parse(name, monkeypatch):
     monkeypatch.chdir(REPO)
     raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
@@ -538,6 +538,40 @@ def test_volume_slabs_prepare_slices_one_nnunet_case_into_disjoint_slabs(files, 
     assert json.loads((s.data.path / "classes.json").read_text())["b"] == 2
     with pytest.raises(StudyError, match="prepare: volume-slabs slices the volume"):
         parse_study(base_study(prepare="volume-slabs", data={"size": 16}), files / "study.yaml")
+
+
+def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
+    """A study reads an nnU-Net dataset as slices: slab split into OUT/data/split.json, pretraining leaves
+    the test slab out, cells train on train-slab slices and test on the test slab."""
+    import nibabel as nib
+
+    root = tmp_path / "Dataset007_Toy"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lab = np.zeros((16, 14, 20), np.uint8)
+    lab[3:12, 3:10, 1:19] = 1
+    lab[6:9, 5:8, 4:16] = 2
+    nib.save(nib.Nifti1Image((rng.normal(size=lab.shape) + 2.0 * lab).astype(np.float32), np.eye(4)),
+             str(root / "imagesTr" / "toy_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / "labelsTr" / "toy.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "a": 1, "b": 2}}))
+    study = base_study(data={"path": str(root), "size": 16, "channels": 1, "mode": "resize",
+                             "split": {"slab_train": 0.5, "gap": 2}, "intensity": {"scheme": "zscore"}})
+    path = write_study(files, study, name="volumes.yaml")
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, tmp_path / "out")
+    split = json.loads((tmp_path / "out" / "data" / "split.json").read_text())
+    assert split["train"] == [f"toy_z{i:04d}" for i in range(1, 10)] and split["test"][0] == "toy_z0012"
+    assert len(rows) == 4 and len(calls.finetune) == 4  # ddpm full + scratch at k = 1, 2
+    for r in rows:
+        labeled = json.loads((tmp_path / "out" / "cells" / r["cell"] / "run" / "labeled.json").read_text())
+        assert set(labeled["stems"]) <= set(split["train"])
+        assert 0 <= r["dice"] <= 1
+    (pre,) = (tmp_path / "out" / "pretrain").iterdir()
+    cfg = json.loads((pre / "config.json").read_text())
+    assert cfg["data"]["intensity"]["scheme"] == "zscore"
 
 
 def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):

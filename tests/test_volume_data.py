@@ -152,3 +152,19 @@ def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
     root = make_volume_dataset(tmp_path / "Dataset006")
     with pytest.raises(SystemExit, match="--slab-train"):
         main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")])
+
+
+@pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
+def test_pretraining_leaves_the_test_slab_out_of_the_whole_scan_too(tmp_path, fresh_volumes):
+    """ct_abdomen's labeled crop is slices 82–111 of its unlabeled whole scan (found by content: the crop's
+    affine keeps the scan's origin): a test slab of the crop is left out of the scan as well."""
+    f = tmp_path / "slabs.json"
+    assert main(["split", "--data", str(CT), "--slab-train", "0.5", "--gap", "4", "--out", str(f)]) == 0
+    split = json.loads(f.read_text())
+    cfg = DataConfig(path=str(CT), split_file=str(f), channels=1)
+    excluded, _ = pretraining_exclusions(cfg)
+    assert excluded == split["test"] == [f"abdomen_z{i:04d}" for i in range(19, 30)]
+    read = {s.stem for s in unlabeled_samples(CT, set(excluded))}
+    copies = {f"abdomen_full_z{82 + i:04d}" for i in range(19, 30)}
+    assert not read & (set(excluded) | copies)
+    assert "abdomen_full_z0100" in read and "abdomen_full_z0019" in read and "abdomen_z0014" in read

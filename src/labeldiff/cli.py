@@ -273,25 +273,15 @@ def cmd_split(args: argparse.Namespace) -> None:
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.data.datasets import LabeledFolder, group_split
     from labeldiff.data.io import DataError
-
     from labeldiff.data.nnunet import is_nnunet_raw
 
     if is_nnunet_raw(Path(args.data)):
-        from labeldiff.data.datasets import VolumeFolder
-        from labeldiff.data.volumes import slab_splits
+        from labeldiff.data.datasets import VolumeFolder, slab_split
 
         if args.slab_train is None:
             raise SystemExit("error: a volume dataset is split into slabs: give --slab-train FRACTION (e.g. 0.5) "
                              "and optionally --gap N slices [4]")
-        ds = VolumeFolder(args.data, axis=args.axis)
-        split: dict = {"train": [], "test": []}
-        for case in ds.cases["train"]:  # each labeled case: its lower slab to train, its upper slab to test
-            stems = [s for s in ds.stems("train") if s.rsplit("_", 1)[0] == case.name]
-            part = slab_splits(stems, train_frac=args.slab_train, gap=args.gap)
-            split["train"] += part["train"]
-            split["test"] += part["test"]
-        split["note"] = (f"slabs along axis {args.axis}: per case the first {args.slab_train:.0%} of the labeled "
-                         f"slices train, the rest after a gap of {args.gap} test")
+        split = slab_split(VolumeFolder(args.data, axis=args.axis), args.slab_train, args.gap)
         atomic_write_text(Path(args.out), json.dumps(split, indent=1))
         print(f"wrote {args.out}: train {len(split['train'])} slices, test {len(split['test'])} slices "
               f"({split['note']}); pass it as --split-file")

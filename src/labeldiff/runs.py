@@ -31,7 +31,7 @@ from labeldiff.corruption import build_corruption
 BACKBONE_FILE = "backbone.safetensors"  # a probe run's frozen UNet
 DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
 # DataConfig fields a transfer shares with its pretraining (how images become network inputs)
-GEOMETRY = ("channels", "size", "mode", "scale")
+GEOMETRY = ("channels", "size", "mode", "scale", "axis", "intensity")
 KINDS = ("pretrain", "finetune", "probe")
 
 

@@ -8,6 +8,7 @@ needed; decoded images sit in a cache bounded in megabytes, decoded volumes in o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import random
@@ -219,8 +220,29 @@ class VolumeFolder:
             out.append(Sample(s, Path(ref.images[0]), Path(ref.label), ref=ref, intensity=self.intensity))
         return out
 
+    def copies(self, stems: set[str] | frozenset[str]) -> set[str]:
+        """The slices of the other cases whose voxels equal one of ``stems``' exactly: a labeled crop cut
+        from an unlabeled whole scan shares its slices with it (ct_abdomen's crop is slices 82–111 of
+        its scan), and a test slab must not come back through the scan. Matched on content, not on the
+        affines (that crop's affine keeps the scan's origin). A resampled copy is not found."""
+        def digest_of(ref: SliceRef) -> str:
+            plane = np.take(VOLUMES.get(Path(ref.images[0])).array, ref.index, axis=ref.axis)
+            return hashlib.sha1(np.ascontiguousarray(plane).tobytes()).hexdigest()
+
+        wanted = {digest_of(self.refs[s]) for s in stems}
+        mine = {self.refs[s].images[0] for s in stems}
+        return {stem for stem, ref in self.refs.items()
+                if stem not in stems and ref.images[0] not in mine and digest_of(ref) in wanted}
+
     def unlabeled_samples(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Sample]:
-        """Every slice of every case (train, test, unlabeled) outside ``exclude``, labels not read."""
+        """Every slice of every case (train, test, unlabeled) outside ``exclude`` and its exact copies in
+        other cases (:meth:`copies`), labels not read."""
+        if exclude:
+            extra = self.copies(set(exclude))
+            if extra:
+                print(f"pretraining also leaves out {len(extra)} slice(s) of other cases that are exact copies of "
+                      f"excluded ones ({', '.join(sorted(extra)[:3])}{', ...' if len(extra) > 3 else ''})")
+            exclude = set(exclude) | extra
         chosen = [s for s in sorted(self.refs) if s not in exclude]
         if not chosen:
             raise DataError(f"{self.root}: every slice is in the excluded test split; pretraining needs slices "
@@ -229,6 +251,25 @@ class VolumeFolder:
                 for s in chosen]
 
 
+
+
+def slab_split(ds: VolumeFolder, train_fraction: float, gap: int = 4) -> dict:
+    """Per labeled case, its lower slab (the first ``train_fraction`` of its labeled slices) to train and
+    the slices after ``gap`` more to test: the CT paper's "label a few slices of one slab, predict a
+    disjoint one"."""
+    from labeldiff.data.volumes import slab_splits
+
+    if not 0 < train_fraction < 1:
+        raise DataError(f"slab_train must lie in (0, 1), got {train_fraction}")
+    split: dict = {"train": [], "test": []}
+    labeled = ds.stems("train")
+    for case in ds.cases["train"]:
+        part = slab_splits([s for s in labeled if s.rsplit("_", 1)[0] == case.name], train_frac=train_fraction, gap=gap)
+        split["train"] += part["train"]
+        split["test"] += part["test"]
+    split["note"] = (f"slabs along axis {ds.axis}: per case the first {train_fraction:.0%} of the labeled slices "
+                     f"train, the rest after a gap of {gap} test")
+    return split
 
 
 def resolve_intensity(cfg: DataConfig, root: Path) -> Intensity:

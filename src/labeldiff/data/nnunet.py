@@ -476,18 +476,24 @@ def read_slice_mask(ref: SliceRef, num_classes: int | None = None) -> np.ndarray
     return m.astype(np.int64)
 
 
-def volume_shape(path: Path) -> tuple[int, ...]:
-    """A NIfTI volume's shape in RAS-canonical axis order (:func:`canonical`), from its header only."""
+def canonical_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of a NIfTI volume in the RAS-canonical frame (:func:`canonical`), from its
+    header only (nothing decoded)."""
     import nibabel as nib
     from nibabel import orientations as o
 
     try:
         img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape[:3])
+        shape, affine = tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
     except Exception as e:
         raise DataError(f"{path}: cannot be read as a NIfTI volume ({e}); re-export it or remove it") from None
-    order = o.io_orientation(img.affine)[:, 0].astype(int)  # RAS axis of each array axis
+    to_ras = o.ornt_transform(o.io_orientation(affine), o.axcodes2ornt("RAS"))
     out = [0, 0, 0]
-    for axis, ras in enumerate(order):
+    for axis, (ras, _) in enumerate(to_ras.astype(int)):
         out[ras] = shape[axis]
-    return tuple(out)
+    return tuple(out), affine @ o.inv_ornt_aff(to_ras, shape)
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """A NIfTI volume's shape in the RAS-canonical frame, from its header."""
+    return canonical_geometry(path)[0]

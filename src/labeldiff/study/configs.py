@@ -18,7 +18,7 @@ from labeldiff.corruption.masking import resolve_loss
 from labeldiff.study.spec import MethodSpec, ProtocolSpec, Recipe, Study
 
 # DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
-PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test")
+PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test", "axis", "intensity")
 # fields that do not change what a run computes: left out of the hashes
 NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
 LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None}}  # fields added later: at their default, runs hash as before

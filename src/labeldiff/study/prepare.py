@@ -34,7 +34,17 @@ def prepare_data(study: Study, out: Path) -> None:
             study.data.path = root
     if study.prepare == VOLUME_SLABS:
         study.data.path = volume_slabs(Path(study.data.path), out / "data")
-    if study.data.split is not None:
+    if study.data.split is not None and study.data.split.slab_train is not None:
+        from labeldiff.data.datasets import VolumeFolder, slab_split
+
+        s = study.data.split
+        split = slab_split(VolumeFolder(study.data.path, axis=int(study.data.options.get("axis", 2))),
+                           s.slab_train, s.gap)
+        path = out / "data" / "split.json"
+        write_json(path, split)
+        study.data.split_file = path
+        print(f"split: {len(split['train'])} train / {len(split['test'])} test slices ({split['note']}) → {path}")
+    elif study.data.split is not None:
         from labeldiff.data.datasets import LabeledFolder, group_split
 
         s = study.data.split

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from labeldiff.config import ModelConfig, RunConfig, replace
-from labeldiff.data.datasets import LabeledFolder, validate_samples
+from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.models.probe import PROBE_METHODS
@@ -52,7 +52,7 @@ OVERLAY_IMAGES = 3
 class Target:
     """The labeled dataset cells train and test on."""
 
-    ds: LabeledFolder
+    ds: LabeledFolder | VolumeFolder
     train: list[str]
     test: list[str]
     num_classes: int
@@ -60,7 +60,7 @@ class Target:
 
     @classmethod
     def load(cls, study: Study, ft: RunConfig) -> "Target":
-        ds = LabeledFolder(Path(study.data.path), study.data.split_file)
+        ds = open_labeled(ft.data, study.data.path, study.data.split_file)
         train, test = ds.stems(ft.data.train_split), ds.stems(ft.data.test_split)
         k = validate_samples(ds.samples(train + test), ft.data.num_classes)
         classes = class_sets(ds, train, k) if study.require_all_classes else None

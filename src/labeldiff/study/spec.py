@@ -10,7 +10,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
     data:
       path: ../shared/datasets/monuseg   # labeled target: images/, masks/, split.json
       split_file: null                   # or a split JSON instead of path/split.json
-      split: {groups: sequences.json, test_fraction: 0.3, seed: 0}  # or: make a group split
+      split: {groups: sequences.json, test_fraction: 0.3, seed: 0}  # or: make a group split; for an
+                                         #   nnU-Net volume dataset {slab_train: 0.5, gap: 4}: slabs
       unlabeled: null                    # pretraining images [path/images], or a pool: a list of
                                          #   image folders / dataset roots and `target` (the target's
                                          #   images outside its test split), e.g. [../kvasir_seg, target]
@@ -72,11 +73,14 @@ class StudyError(ValueError):
 
 @dataclass
 class SplitSpec:
-    """A group split made by the runner (``labeldiff split`` semantics) into ``OUT/data/split.json``."""
+    """A split made by the runner (``labeldiff split`` semantics) into ``OUT/data/split.json``: a group
+    split (``groups``), or for a volume dataset slabs (``slab_train``, ``gap``)."""
 
-    groups: Path
+    groups: Path | None = None
     test_fraction: float = 0.3
     seed: int = 0
+    slab_train: float | None = None
+    gap: int = 4
 
 
 @dataclass
@@ -242,11 +246,15 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
         spec.split_file = resolve_path(raw["split_file"], file, "data.split_file")
     if raw.get("split"):
         s = raw["split"]
-        if not isinstance(s, dict) or "groups" not in s:
-            raise _fail(file, "data.split", "expected {groups: GROUPS.json, test_fraction: 0.3, seed: 0}")
-        _unknown(file, "data.split", s, ("groups", "test_fraction", "seed"))
-        spec.split = SplitSpec(resolve_path(s["groups"], file, "data.split.groups", first=spec.path),
-                               float(s.get("test_fraction", 0.3)), int(s.get("seed", 0)))
+        if not isinstance(s, dict) or ("groups" in s) == ("slab_train" in s):
+            raise _fail(file, "data.split", "expected {groups: GROUPS.json, test_fraction: 0.3, seed: 0}, or for a "
+                                            "volume dataset {slab_train: 0.5, gap: 4}")
+        _unknown(file, "data.split", s, ("groups", "test_fraction", "seed", "slab_train", "gap"))
+        if "slab_train" in s:
+            spec.split = SplitSpec(slab_train=float(s["slab_train"]), gap=int(s.get("gap", 4)))
+        else:
+            spec.split = SplitSpec(resolve_path(s["groups"], file, "data.split.groups", first=spec.path),
+                                   float(s.get("test_fraction", 0.3)), int(s.get("seed", 0)))
     if isinstance(raw.get("unlabeled"), list):
         spec.pool = [POOL_TARGET if v == POOL_TARGET else resolve_path(v, file, f"data.unlabeled[{i}]")
                      for i, v in enumerate(raw["unlabeled"])]
