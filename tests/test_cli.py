@@ -239,6 +239,16 @@ def test_evaluate_volumes_scores_a_slab_in_3d(finetuned, tmp_path, capsys):
     assert "names 4 classes but the model predicts 3" in capsys.readouterr().err
 
 
+def test_evaluate_names_the_classes_of_a_dataset_that_has_them(finetuned, module_dataset, tmp_path):
+    named = tmp_path / "named"
+    shutil.copytree(module_dataset, named)
+    (named / "classes.json").write_text(json.dumps({"background": 0, "nucleus": 1, "stroma": 2}))
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(finetuned), "--data", str(named), "--out", str(out), "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["dice"]["per_class"]) == ["background", "nucleus", "stroma"]
+
+
 def test_evaluate_needs_a_finetune_run(pretrained, capsys):
     """evaluate on a pretraining run exits 2 with a one-line error."""
     assert main(["evaluate", "--model", str(pretrained), "--device", "cpu"]) == 2

@@ -145,7 +145,7 @@ def summarize_demo(results: dict[str, list[dict]]) -> dict:
     for name, runs in results.items():
         dice = np.array([r["dice"]["mean"] for r in runs])
         iou = np.array([r["iou"]["mean"] for r in runs])
-        per_class = {c: float(np.mean([r["dice"]["per_class"][str(i)] for r in runs]))
+        per_class = {c: float(np.mean([list(r["dice"]["per_class"].values())[i] for r in runs]))
                      for i, c in enumerate(CLASS_NAMES)}
         table[name] = {"dice": {"mean": float(dice.mean()), "std": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
                                 "per_seed": dice.round(4).tolist()},

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from labeldiff.checkpoint import atomic_write_text
 from labeldiff.data.datasets import list_images, open_labeled, validate_samples
 from labeldiff.data.io import read_image
+from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_logits, predict_mask
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
@@ -56,7 +57,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
         if len(grid) < max_overlays:
             fg = np.nanmean(dice[1:]) if np.any(np.isfinite(dice[1:])) else None
             grid.append({"name": s.stem[:24], "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
-    metrics = summarize(np.stack(all_stats))
+    metrics = summarize(np.stack(all_stats), dataset_class_names(ds.root))  # dataset.json / classes.json names
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
                     "precision": precision})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -113,14 +113,15 @@ def class_columns(rows: list[dict]) -> list[str]:
     return sorted(cols, key=lambda c: int(c[5:]))
 
 
-def per_class_markdown(rows: list[dict], digits: int = 3) -> str:
-    """One table per k: rows method × strategy (× select), columns per-class Dice (mean ± std (n))."""
+def per_class_markdown(rows: list[dict], digits: int = 3, class_names: list[str] | None = None) -> str:
+    """One table per k: rows method × strategy (× select), columns per-class Dice (mean ± std (n)),
+    headed by the dataset's class names where it has them (``dataset.json`` / ``classes.json``)."""
     extras = varying(rows)
     cols = class_columns(rows)
     out = ["# Per-class Dice on the test split\n"]
     for k in label_sizes(rows):
         sub = [r for r in rows if int(r["k"]) == k]
-        head = ["method", "strategy"] + list(extras) + [f"class {c[5:]}" for c in cols]
+        head = ["method", "strategy"] + list(extras) + [_class_label(int(c[5:]), class_names) for c in cols]
         lines = [f"## k = {k}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for g in groups(sub, extras):
             members = [r for r in sub if group_of(r, extras) == g]
@@ -130,6 +131,10 @@ def per_class_markdown(rows: list[dict], digits: int = 3) -> str:
     out.append("Class 0 is the background. A class absent from both prediction and ground truth of every test "
                "image has no score (–).\n")
     return "\n".join(out)
+
+
+def _class_label(c: int, names: list[str] | None) -> str:
+    return f"{c} {names[c]}" if names and c < len(names) else f"class {c}"
 
 
 def _float(v) -> float:

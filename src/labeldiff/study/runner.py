@@ -34,6 +34,7 @@ from pathlib import Path
 from labeldiff.config import ModelConfig, RunConfig, replace
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
 from labeldiff.data.io import DataError
+from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
@@ -343,7 +344,7 @@ def cell_row(cell: Cell) -> dict:
     row = {"cell": cell.id, "method": cell.method, "pretrain_steps": info.get("pretrain_steps"), "arch": cell.arch,
            "strategy": cell.strategy, "protocol": cell.protocol, "k": cell.k, "seed": cell.seed, "select": cell.select,
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
-    row.update({f"dice_{c}": v for c, v in m["dice"]["per_class"].items()})
+    row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
     return row
 
@@ -392,7 +393,8 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     report.write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title))
     if "per-class" in study.metrics:
-        (out / "per_class.md").write_text(report.per_class_markdown(rows))
+        names = dataset_class_names(target.ds.root)
+        (out / "per_class.md").write_text(report.per_class_markdown(rows, class_names=names))
     (out / "paired.md").write_text(report.paired_markdown(rows))
     (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
