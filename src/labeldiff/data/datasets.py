@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
-from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, Intensity, NnUNetRaw, SliceRef, fit_intensity,
-                                   is_nnunet_raw, read_slice_image, read_slice_mask, slice_stem, volume_shape)
+from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, canonical,
+                                   fit_intensity, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
+                                   read_slice_mask, read_volume, slice_stem, SliceRef, volume_shape)
 
 
 def list_images(folder: Path) -> dict[str, Path]:
@@ -225,9 +226,14 @@ class VolumeFolder:
         from an unlabeled whole scan shares its slices with it (ct_abdomen's crop is slices 82–111 of
         its scan), and a test slab must not come back through the scan. Matched on content, not on the
         affines (that crop's affine keeps the scan's origin). A resampled copy is not found."""
-        def digest_of(ref: SliceRef) -> str:
-            plane = np.take(VOLUMES.get(Path(ref.images[0])).array, ref.index, axis=ref.axis)
-            return hashlib.sha1(np.ascontiguousarray(plane).tobytes()).hexdigest()
+        digests: dict[str, list[str]] = {}
+
+        def digest_of(ref: SliceRef) -> str:  # raw voxels (per-volume schemes would normalise copies apart)
+            if ref.images[0] not in digests:  # one case at a time, freed after hashing: not held in memory
+                vol = canonical(read_volume(Path(ref.images[0])))[0].array
+                digests[ref.images[0]] = [hashlib.sha1(np.ascontiguousarray(np.take(vol, i, axis=ref.axis)).tobytes())
+                                          .hexdigest() for i in range(vol.shape[ref.axis])]
+            return digests[ref.images[0]][ref.index]
 
         wanted = {digest_of(self.refs[s]) for s in stems}
         mine = {self.refs[s].images[0] for s in stems}
