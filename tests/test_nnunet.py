@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import (Case, Intensity, NnUNetRaw, VolumeCache, fit_intensity, is_dicom_series,
+from labeldiff.data.nnunet import (Case, Intensity, NnUNetRaw, VolumeCache, fit_ct_percentile, is_dicom_series,
                                    read_volume)
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -229,7 +229,7 @@ def test_ct_percentile_matches_hand_computed_foreground_statistics(tmp_path):
         cases.append(Case(name, [img], lp))
         fg_values.append(x[lab > 0])
     fg = np.concatenate(fg_values).astype(np.float64)
-    it = fit_intensity("ct-percentile", cases)
+    it = fit_ct_percentile(cases)
     lo, hi = np.percentile(fg, [0.5, 99.5])
     assert (it.lo, it.hi) == pytest.approx((lo, hi)) and it.mean == pytest.approx(fg.mean())
     assert it.std == pytest.approx(fg.std()) and it.fitted_on == ["a", "b"]
@@ -245,8 +245,11 @@ def test_window_and_zscore_schemes():
     assert Intensity.from_dict(json.loads(json.dumps(w.to_dict()))) == w
     x = np.array([0, 0, 2, 4, 6], np.float32)  # MRI: 0 is background, left out of the statistics
     np.testing.assert_allclose(Intensity("zscore").apply(x)[2:], [-math.sqrt(1.5), 0, math.sqrt(1.5)], rtol=1e-5)
-    with pytest.raises(ValueError, match="hu-window"):
-        fit_intensity("ct-window", [])
+    assert Intensity.named("ct-window", (-160, 240)) == w and Intensity.named("zscore") == Intensity("zscore")
+    with pytest.raises(ValueError, match="needs --hu-window"):
+        Intensity.named("ct-window")
+    with pytest.raises(ValueError, match="ct-window only"):
+        Intensity.named("zscore", (-160, 240))
     with pytest.raises(ValueError, match="lo < hi"):
         Intensity("ct-window", lo=100, hi=-100)
     assert Intensity.from_dict(Intensity("none").to_dict()) == Intensity("none")
@@ -254,17 +257,15 @@ def test_window_and_zscore_schemes():
 
 # --- the volume cache -------------------------------------------------------------------------------------------
 
-def test_every_slice_of_a_volume_decodes_it_once(tmp_path):
+def test_cache_decodes_a_volume_once_per_intensity_scheme(tmp_path):
     x = np.arange(6 * 5 * 8, dtype=np.float32).reshape(6, 5, 8)
     p = write_nifti(tmp_path / "v.nii.gz", x, np.eye(4))
     cache = VolumeCache(max_mb=16)
-    for k in range(8):
-        np.testing.assert_array_equal(cache.slice(p, 2, k), x[:, :, k])
-    for i in range(6):
-        np.testing.assert_array_equal(cache.slice(p, 0, i), x[i])
-    assert cache.reads == {str(p): 1}
-    with pytest.raises(IndexError, match="outside 0..7"):
-        cache.slice(p, 2, 8)
+    z = Intensity("zscore")
+    for _ in range(3):
+        np.testing.assert_array_equal(cache.get(p).array, x)
+        np.testing.assert_allclose(cache.get(p, intensity=z).array, z.apply(x))  # the normalised copy
+    assert cache.reads == {str(p): 2} and len(cache.items) == 2
 
 
 def test_cache_bound_evicts_the_least_recently_used(tmp_path):

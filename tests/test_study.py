@@ -540,6 +540,20 @@ def test_volume_slabs_prepare_slices_one_nnunet_case_into_disjoint_slabs(files, 
         parse_study(base_study(prepare="volume-slabs", data={"size": 16}), files / "study.yaml")
 
 
+def test_fields_added_later_keep_old_run_hashes():
+    """data.axis / data.intensity at their defaults leave a run's identity (and folder hash) as it was;
+    set, they change it."""
+    from labeldiff.config import RunConfig
+    from labeldiff.study.configs import identity
+
+    d = identity(RunConfig())["data"]
+    assert "axis" not in d and "intensity" not in d
+    cfg = RunConfig()
+    cfg.data.intensity = {"scheme": "zscore"}
+    cfg.data.axis = 0
+    assert identity(cfg)["data"]["intensity"] == {"scheme": "zscore"} and identity(cfg)["data"]["axis"] == 0
+
+
 def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
     """A study reads an nnU-Net dataset as slices: slab split into OUT/data/split.json, pretraining leaves
     the test slab out, cells train on train-slab slices and test on the test slab."""

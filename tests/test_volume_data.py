@@ -88,9 +88,10 @@ def test_ct_percentile_is_fitted_once_and_stored(tmp_path, fresh_volumes):
     assert cfg.intensity["scheme"] == "ct-percentile" and cfg.intensity["fitted_on"] == ["a", "b"]
     x = ds.samples(ds.stems("train")[:1])[0].read_image(1)
     assert -6 < float(x.min()) and float(x.max()) < 6  # z-scored HU
-    before = dict(cfg.intensity)
+    stored = dict(cfg.intensity, mean=123.0)  # as a run config holds it
+    cfg.intensity = stored
     open_labeled(cfg)
-    assert cfg.intensity == before  # fitted once: the stored statistics are reused
+    assert cfg.intensity == stored  # fitted once: stored statistics are reused, never refitted
 
 
 def test_batches_from_volume_slices(tmp_path, fresh_volumes):
@@ -168,3 +169,14 @@ def test_pretraining_leaves_the_test_slab_out_of_the_whole_scan_too(tmp_path, fr
     copies = {f"abdomen_full_z{82 + i:04d}" for i in range(19, 30)}
     assert not read & (set(excluded) | copies)
     assert "abdomen_full_z0100" in read and "abdomen_full_z0019" in read and "abdomen_z0014" in read
+
+
+def test_intensity_flags_are_checked_before_a_run_folder_exists(tmp_path, capsys):
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    for flags, message in ((["--intensity", "ct-window"], "needs --hu-window"),
+                           (["--intensity", "zscore", "--hu-window", "-160", "240"], "ct-window only"),
+                           (["--intensity", "ct-window", "--hu-window", "240", "-160"], "lo < hi")):
+        out = tmp_path / "ft"
+        assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
+                     "--channels", "1", *flags]) == 2
+        assert message in capsys.readouterr().err and not out.exists()

@@ -121,7 +121,7 @@ def test_predict_volumes_round_trip_through_the_canonical_frame(tmp_path, axis):
     nib.save(nib.Nifti1Image(x, lps_permuted_affine()), str(src))
     can, back = canonical(read_volume(src))
     side = max(s for i, s in enumerate(can.shape) if i != axis)
-    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=side, channels=1), [can.array], axis=axis)
+    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=side, channels=1), [can], axis=axis)
     labels = from_canonical(labels, back)
     np.testing.assert_array_equal(labels, (x > 0).astype(np.int16))
     out = write_label_nifti(labels, read_volume(src).affine, tmp_path / "p.nii.gz", like=nib.load(str(src)))
@@ -143,7 +143,7 @@ def test_volume_prediction_round_trip_keeps_the_exact_geometry(tmp_path, axis):
     vol = read_volume(src)
     side = max(s for i, s in enumerate(x.shape) if i != axis)
     cfg = DataConfig(mode="resize", size=side, channels=1)  # the padded square: no resize, so exact
-    labels = predict_volume(threshold_net(), cfg, [vol.array], axis=axis)
+    labels = predict_volume(threshold_net(), cfg, [vol], axis=axis)
     np.testing.assert_array_equal(labels, (x > 0).astype(np.int16))  # every voxel where it came from
     out = write_label_nifti(labels, vol.affine, tmp_path / "pred.nii.gz", like=nib.load(str(src)))
     back = nib.load(str(out))
@@ -155,11 +155,13 @@ def test_volume_prediction_round_trip_keeps_the_exact_geometry(tmp_path, axis):
 
 def test_volume_prediction_through_a_resize_stays_on_the_grid():
     from labeldiff.config import DataConfig
+    from labeldiff.data.nnunet import Volume
     from labeldiff.evaluate.volume import predict_volume
 
     zz, yy, xx = np.meshgrid(np.arange(40), np.arange(30), np.arange(6), indexing="ij")
     x = (((zz - 20) ** 2 + (yy - 12) ** 2) < 100).astype(np.float32) * 2 - 1  # a smooth cylinder along axis 2
-    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=16, channels=1), [x], axis=2)
+    labels = predict_volume(threshold_net(), DataConfig(mode="resize", size=16, channels=1), [Volume(x, np.eye(4))],
+                            axis=2)
     assert labels.shape == x.shape
     assert (labels == (x > 0)).mean() > 0.97  # resized 40² → 16² → 40²: only boundary voxels may move
 
@@ -182,3 +184,44 @@ def test_prediction_sees_the_slices_training_saw(tmp_path):
     for i, stem in enumerate(stems):
         png = read_image(tmp_path / "slices" / "images" / f"{stem}.png", 1)[0]
         np.testing.assert_allclose(to_display(normalised[:, :, i], -1.0), png, atol=1 / 255 + 1e-6)
+
+
+def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeypatch):
+    """The image the volume predictor gives the network for a slice equals the training sample of that
+    slice (Sample.read_image of a VolumeFolder), under a scheme whose lowest value is not -1 (z-score):
+    same frame, intensities and padding."""
+    import json
+
+    import nibabel as nib
+    import torch
+
+    from labeldiff.config import DataConfig
+    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.nnunet import Intensity, VolumeCache, read_volume
+    from labeldiff.evaluate.volume import predict_case
+
+    cache = VolumeCache(max_mb=64)
+    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    root = tmp_path / "Dataset008"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "a": 1}}))
+    x = np.random.default_rng(3).normal(50, 20, (12, 7, 5)).astype(np.float32)  # 12 × 7 slices: padded
+    nib.save(nib.Nifti1Image(x, lps_permuted_affine()), str(root / "imagesTr" / "c_0000.nii.gz"))
+    nib.save(nib.Nifti1Image((x > 50).astype(np.uint8), lps_permuted_affine()), str(root / "labelsTr" / "c.nii.gz"))
+    z = Intensity("zscore")
+    ds = VolumeFolder(root, axis=1, intensity=z)
+    net = threshold_net()
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].clone()))
+    side = ds.samples([next(iter(ds.refs))])[0].size()[0]  # the padded square: no resize
+    predict_case(net, DataConfig(mode="resize", size=side, channels=1), [root / "imagesTr" / "c_0000.nii.gz"],
+                 z, axis=1)
+    stems = sorted(ds.refs)
+    assert len(seen) == len(stems)
+    for stem, image in zip(stems, seen):
+        trained = torch.from_numpy(ds.samples([stem])[0].read_image(1))
+        torch.testing.assert_close(image, trained)
+    assert float(seen[0].min()) < -1.2  # z-scored: the padding is the volume's lowest value, not -1

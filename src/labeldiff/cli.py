@@ -175,7 +175,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from labeldiff.data.nnunet import is_nnunet_raw
     from labeldiff.evaluate.run import run_evaluate
 
-    _check_volume_opts(args)
     if args.data and is_nnunet_raw(Path(args.data)):
         from labeldiff.evaluate.volume import run_evaluate_volumes
 
@@ -206,13 +205,11 @@ def _add_intensity_opts(p: argparse.ArgumentParser, default_help: str) -> None:
 
 def _apply_intensity(args: argparse.Namespace, cfg) -> bool:
     """Put --intensity / --hu-window into ``cfg.data.intensity``; True when given."""
-    _check_volume_opts(args)
-    if args.intensity is None:
+    if args.intensity is None and args.hu_window is None:
         return False
     from labeldiff.data.nnunet import Intensity
 
-    it = Intensity(args.intensity, *args.hu_window) if args.intensity == "ct-window" else Intensity(args.intensity)
-    cfg.data.intensity = it.to_dict()
+    cfg.data.intensity = Intensity.named(args.intensity or "percentile", args.hu_window).to_dict()
     return True
 
 
@@ -220,15 +217,6 @@ def _add_volume_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
                    help="volumes: the axis slices are cut along [the run's data.axis: 2 = axial]")
     _add_intensity_opts(p, "the run's own scheme; percentile for runs trained on PNG slices")
-
-
-def _check_volume_opts(args: argparse.Namespace) -> None:
-    if args.intensity == "ct-window" and args.hu_window is None:
-        raise SystemExit("error: --intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
-    if args.hu_window is not None and args.intensity != "ct-window":
-        raise SystemExit("error: --hu-window applies to --intensity ct-window only")
-    if args.hu_window is not None and args.hu_window[0] >= args.hu_window[1]:
-        raise SystemExit(f"error: --hu-window LO HI needs LO < HI (got {args.hu_window[0]:g} {args.hu_window[1]:g})")
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:
@@ -246,7 +234,6 @@ def _slab(text: str | None) -> tuple[int, int] | None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
-    _check_volume_opts(args)
     run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
                 axis=args.axis, intensity=args.intensity, hu_window=args.hu_window)
 

@@ -181,3 +181,11 @@ def _direct(run: RunFolder) -> nn.Module:
 
 
 SEGMENTERS = {"pretrain": _direct, "finetune": _finetuned, "probe": _probe}
+
+
+def open_segmenter(path: Path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
+    """``(segmenter, config)`` of a run that segments, on ``device`` (auto: CUDA if present)."""
+    from labeldiff.runtime import resolve_device
+
+    run = RunFolder.open(Path(path))
+    return run.segmenter(resolve_device(device)), run.config

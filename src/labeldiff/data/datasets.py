@@ -24,7 +24,7 @@ from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
 from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, canonical,
-                                   fit_intensity, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
+                                   fit_ct_percentile, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
                                    read_slice_mask, read_volume, slice_stem, SliceRef, volume_shape)
 
 
@@ -205,11 +205,8 @@ class VolumeFolder:
         have = ", ".join(sorted(set(self.splits) | set(self.default_splits))) or "none"
         raise DataError(f"{self.root}: no split named {split!r}; available: {have}")
 
-    def stems_or_empty(self, split: str) -> list[str]:
-        try:
-            return self.stems(split)
-        except DataError:
-            return []
+    def has_split(self, split: str) -> bool:
+        return split in self.splits or split in self.default_splits
 
     def samples(self, stems: list[str]) -> list[Sample]:
         out = []
@@ -257,8 +254,6 @@ class VolumeFolder:
                 for s in chosen]
 
 
-
-
 def slab_split(ds: VolumeFolder, train_fraction: float, gap: int = 4) -> dict:
     """Per labeled case, its lower slab (the first ``train_fraction`` of its labeled slices) to train and
     the slices after ``gap`` more to test: the CT paper's "label a few slices of one slab, predict a
@@ -284,7 +279,7 @@ def resolve_intensity(cfg: DataConfig, root: Path) -> Intensity:
     stores it and prediction applies the same)."""
     it = Intensity.from_dict(cfg.intensity) if cfg.intensity else Intensity("percentile")
     if it.scheme == "ct-percentile" and not it.fitted_on:
-        it = fit_intensity("ct-percentile", NnUNetRaw(root).cases("train"))
+        it = fit_ct_percentile(NnUNetRaw(root).cases("train"))
         print(f"intensity: ct-percentile fitted on {len(it.fitted_on)} training case(s): clip "
               f"[{it.lo:.1f}, {it.hi:.1f}], mean {it.mean:.1f}, std {it.std:.1f}")
     cfg.intensity = it.to_dict()
@@ -355,7 +350,8 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     """
     root = dataset_root(Path(cfg.path))
     if is_nnunet_raw(root):
-        splits = {cfg.test_split: VolumeFolder(root, cfg.split_file, cfg.axis).stems_or_empty(cfg.test_split)}
+        ds = VolumeFolder(root, cfg.split_file, cfg.axis)
+        splits = {cfg.test_split: ds.stems(cfg.test_split)} if ds.has_split(cfg.test_split) else {}
     else:
         splits = read_splits(split_path(root, cfg.split_file))
     test = splits.get(cfg.test_split, [])
@@ -368,6 +364,15 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     return test, (f"pretraining leaves out the {len(test)} images of split {cfg.test_split!r} "
                   f"(--include-test, or include_test: true in a study, reads them too: the MDM paper's "
                   f"transductive protocol)")
+
+
+def pretraining_samples(cfg: DataConfig) -> tuple[list[Sample], str]:
+    """What unlabeled pretraining reads — every image (every slice of a volume dataset, normalised by its
+    resolved intensity scheme) outside :func:`pretraining_exclusions` — and the sentence saying why."""
+    excluded, why = pretraining_exclusions(cfg)
+    root = Path(cfg.path)
+    intensity = resolve_intensity(cfg, root) if is_nnunet_raw(root) else None
+    return unlabeled_samples(root, set(excluded), intensity, cfg.axis), why
 
 
 def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train") -> list[str]:

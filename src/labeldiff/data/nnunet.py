@@ -20,6 +20,7 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,11 @@ class Volume:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
+
+    @cached_property
+    def low(self) -> float:
+        """The lowest voxel value: what a slice is padded with to a square (computed once)."""
+        return float(self.array.min())
 
 
 def canonical(vol: Volume) -> tuple[Volume, np.ndarray]:
@@ -333,6 +339,17 @@ class Intensity:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
     @classmethod
+    def named(cls, scheme: str, hu_window: tuple[float, float] | None = None) -> Intensity:
+        """The scheme a user names (``--intensity``, ``--hu-window``), not yet fitted."""
+        if scheme == "ct-window":
+            if hu_window is None:
+                raise ValueError("--intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+            return cls(scheme, float(hu_window[0]), float(hu_window[1]))
+        if hu_window is not None:
+            raise ValueError("--hu-window applies to --intensity ct-window only")
+        return cls(scheme)
+
+    @classmethod
     def from_dict(cls, d: dict) -> Intensity:
         d = dict(d)
         d["lo"] = -math.inf if d.get("lo") is None else d["lo"]
@@ -347,15 +364,8 @@ def volume_percentiles(x, percentiles: tuple[float, float] = CT_PERCENTILES) -> 
     return float(lo), float(hi)
 
 
-def fit_intensity(scheme: str, cases: list[Case], window: tuple[float, float] | None = None,
-                  channel: int = 0) -> Intensity:
-    """Fit ``scheme`` on ``cases`` (the training cases: never the test cases) for one channel."""
-    if scheme == "ct-window":
-        if window is None:
-            raise ValueError("ct-window needs --hu-window LO HI, e.g. -160 240 (abdomen) or -1000 400 (lung)")
-        return Intensity("ct-window", lo=float(window[0]), hi=float(window[1]))
-    if scheme != "ct-percentile":
-        return Intensity(scheme)
+def fit_ct_percentile(cases: list[Case], channel: int = 0) -> Intensity:
+    """The ``ct-percentile`` scheme fitted on ``cases`` (the training cases: never the test cases)."""
     if not cases:
         raise DataError("ct-percentile needs at least one training case to fit its percentiles")
     values = []
@@ -413,13 +423,6 @@ class VolumeCache:
             self.bytes -= old.array.nbytes
         return vol
 
-    def slice(self, path: Path, axis: int, index: int, dtype=np.float32) -> np.ndarray:
-        """Slice ``index`` along canonical ``axis`` (a 2D array)."""
-        vol = self.get(path, dtype)
-        if not 0 <= index < vol.shape[axis]:
-            raise IndexError(f"{path}: slice {index} is outside 0..{vol.shape[axis] - 1} along axis {axis}")
-        return np.take(vol.array, index, axis=axis)
-
 
 # --- a volume dataset as 2D slices, read lazily --------------------------------------------------------------
 
@@ -448,21 +451,25 @@ def slice_stem(case: str, axis: int, index: int) -> str:
     return f"{case}_{AXIS_LETTERS[axis]}{index:04d}"
 
 
-def read_slice_image(ref: SliceRef, channels: int, intensity: Intensity) -> np.ndarray:
-    """``[C, H, W]`` float32: each channel volume normalised by ``intensity`` (once, cached), the slice
-    rotated and padded as :func:`to_display` does (padding = the lowest value)."""
-    planes = []
-    for path in ref.images:
-        vol = VOLUMES.get(Path(path), np.float32, intensity)
-        plane = np.take(vol.array, ref.index, axis=ref.axis)
-        planes.append(to_display(plane, fill=float(vol.array.min())))
-    x = np.stack(planes).astype(np.float32)
+def slice_image(volumes: list[Volume], axis: int, index: int, channels: int) -> np.ndarray:
+    """``[C, H, W]`` float32: slice ``index`` along ``axis`` of each normalised channel volume, rotated
+    and padded as :func:`to_display` does with the volume's lowest value, grey repeated to 3 channels
+    where the network reads RGB. Training (:func:`read_slice_image`) and volume prediction both build
+    their network inputs here, so a model predicts on exactly the images it was trained on."""
+    x = np.stack([to_display(np.take(v.array, index, axis=axis), fill=v.low) for v in volumes]).astype(np.float32)
     if x.shape[0] != channels:
         if channels == 3 and x.shape[0] == 1:
             return np.repeat(x, 3, axis=0)
-        raise DataError(f"{ref.images[0]}: the case has {x.shape[0]} channel(s), cannot feed {channels}; "
+        raise DataError(f"the volume has {x.shape[0]} channel(s) but the network reads {channels}; "
                         f"set --channels {x.shape[0]}")
     return x
+
+
+def read_slice_image(ref: SliceRef, channels: int, intensity: Intensity) -> np.ndarray:
+    """The network input of a dataset slice: its channel volumes normalised by ``intensity`` (once,
+    cached), then :func:`slice_image`."""
+    vols = [VOLUMES.get(Path(path), np.float32, intensity) for path in ref.images]
+    return slice_image(vols, ref.axis, ref.index, channels)
 
 
 def read_slice_mask(ref: SliceRef, num_classes: int | None = None) -> np.ndarray:

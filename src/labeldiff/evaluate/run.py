@@ -15,14 +15,8 @@ from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_logits, predict_mask
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
-from labeldiff.runs import RunFolder
-from labeldiff.runtime import INFERENCE_PRECISION, resolve_device
-
-
-def open_segmenter(model_dir: Path, device: str = "auto"):
-    """``(model, config)`` of a run that segments, through :class:`RunFolder`."""
-    run = RunFolder.open(model_dir)
-    return run.segmenter(resolve_device(device)), run.config
+from labeldiff.runs import open_segmenter
+from labeldiff.runtime import INFERENCE_PRECISION
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,

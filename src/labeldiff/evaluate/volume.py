@@ -21,6 +21,7 @@ import numpy as np
 
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
 
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 NSD_TOLERANCE_MM = 2.0  # normalised surface Dice tolerance (the FLARE challenges' organ setting is 1–2 mm)
 
 
@@ -67,43 +68,49 @@ def volume_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, spacin
 
 # --- predicting a volume, slice by slice, back on the input grid ------------------------------------------------
 
-def predict_volume(model, cfg, channels: list[np.ndarray], axis: int = 2, precision: str = "fp32",
-                   tta: bool = False, batch_desc: str | None = None) -> np.ndarray:
-    """Label volume of the input's shape from normalised ``channels`` (one float volume per channel,
-    already mapped to the network's [-1, 1] range by an :class:`~labeldiff.data.nnunet.Intensity`).
+def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "fp32", tta: bool = False,
+                   desc: str | None = None) -> np.ndarray:
+    """Label volume of the input's shape from normalised channel :class:`~labeldiff.data.nnunet.Volume`s.
 
-    Each slice along ``axis`` is turned into the image the slice datasets hold
-    (:func:`~labeldiff.data.nnunet.to_display`: rotate, pad to a square), predicted at that size by
-    :func:`~labeldiff.evaluate.predict.predict_logits` (which resizes to the network and back), and
+    Each slice along ``axis`` becomes the network input training builds for it
+    (:func:`~labeldiff.data.nnunet.slice_image`: rotate, pad to a square), is predicted at that size by
+    :func:`~labeldiff.evaluate.predict.predict_logits` (which resizes to the network and back), and is
     mapped back with :func:`~labeldiff.data.nnunet.from_display`, so every rotation, pad and resize is
     undone and the result lies voxel for voxel on the input grid.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import from_display, to_display
+    from labeldiff.data.nnunet import from_display, slice_image
     from labeldiff.evaluate.predict import predict_logits
 
-    shape = channels[0].shape
-    if any(c.shape != shape for c in channels):
-        raise ValueError(f"channel volumes differ in shape: {[c.shape for c in channels]}")
+    shape = volumes[0].shape
+    if any(v.shape != shape for v in volumes):
+        raise ValueError(f"channel volumes differ in shape: {[v.shape for v in volumes]}")
     if len(shape) != 3 or not 0 <= axis < 3:
         raise ValueError(f"expected 3D volumes and an axis in 0..2, got shape {shape} and axis {axis}")
     out = np.zeros(shape, np.int16)
-    for i in tqdm(range(shape[axis]), desc=batch_desc or "predict slices", unit="slice", leave=False):
-        slices = [np.take(c, i, axis=axis) for c in channels]
-        image = np.stack([to_display(s, fill=-1.0) for s in slices]).astype(np.float32)  # outside = lowest value
-        if cfg.channels != image.shape[0]:
-            if cfg.channels == 3 and image.shape[0] == 1:
-                image = np.repeat(image, 3, axis=0)
-            else:
-                raise ValueError(f"the model takes {cfg.channels} channel(s); the volume has {image.shape[0]}")
-        logits = predict_logits(model, torch.from_numpy(np.ascontiguousarray(image)), cfg, precision, tta=tta)
-        label = from_display(logits.argmax(0).numpy(), slices[0].shape)
+    plane = tuple(n for i, n in enumerate(shape) if i != axis)
+    for i in tqdm(range(shape[axis]), desc=desc or "predict slices", unit="slice", leave=False):
+        image = torch.from_numpy(slice_image(volumes, axis, i, cfg.channels))
+        logits = predict_logits(model, image, cfg, precision, tta=tta)
         index = [slice(None)] * 3
         index[axis] = i
-        out[tuple(index)] = label
+        out[tuple(index)] = from_display(logits.argmax(0).numpy(), plane)
     return out
+
+
+def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str = "fp32", tta: bool = False,
+                 desc: str | None = None):
+    """Read a case's channel files, bring them to the RAS frame the model trained in, normalise them and
+    predict: ``(normalised canonical channel volumes, canonical label volume, the orientation back to the
+    input's voxel order, the input's affine)``."""
+    from labeldiff.data.nnunet import Volume, canonical, read_volume
+
+    inputs = [read_volume(p) for p in paths]
+    canon = [canonical(v) for v in inputs]
+    vols = [Volume(intensity.apply(v.array), v.affine) for v, _ in canon]
+    return vols, predict_volume(model, cfg, vols, axis, precision, tta, desc), canon[0][1], inputs[0].affine
 
 
 def write_label_nifti(labels: np.ndarray, affine: np.ndarray, path, like=None):
@@ -161,8 +168,6 @@ def case_name(stem: str) -> str:
     return name if name and len(ch) == 4 and ch.isdigit() else stem
 
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-
 
 def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: int = 6,
                   class_names: list[str] | None = None, truth: np.ndarray | None = None, title: str = "",
@@ -175,25 +180,25 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from labeldiff.data.nnunet import to_display
+    from labeldiff.data.nnunet import Intensity, to_display
     from labeldiff.evaluate.report import colorize, overlay
 
     idx = np.linspace(0, labels.shape[axis] - 1, min(n, labels.shape[axis])).round().astype(int)
     rows = [("truth", truth), ("prediction", labels)] if truth is not None else [("prediction", labels)]
     fig, axes = plt.subplots(len(rows), len(idx), figsize=(2.2 * len(idx), 2.3 * len(rows) + 0.5), squeeze=False)
-    lo, hi = np.percentile(channel, [0.5, 99.5])
+    shown = Intensity("percentile").apply(channel)  # any scheme's volume, shown in [-1, 1]
     for r, (label, vol) in enumerate(rows):
         for ax, i in zip(axes[r], idx):
-            img = to_display(np.clip((np.take(channel, i, axis) - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1, -1.0)
+            img = to_display(np.take(shown, i, axis), -1.0)
             ax.imshow(overlay(img[None], to_display(np.take(vol, i, axis), 0)))
             ax.set_title(f"{label}, slice {first + i}", fontsize=7)
             ax.axis("off")
-    shown = sorted({int(c) for _, v in rows for c in np.unique(v) if c > 0})
-    if shown:
-        colours = colorize(np.array(shown)) / 255.0
-        fig.legend([Patch(color=colours[j]) for j in range(len(shown))],
-                   [class_names[c] if class_names and c < len(class_names) else str(c) for c in shown],
-                   loc="lower center", ncol=min(len(shown), 7), fontsize=7, frameon=False)
+    present = sorted({int(c) for _, v in rows for c in np.unique(v) if c > 0})
+    if present:
+        colours = colorize(np.array(present)) / 255.0
+        fig.legend([Patch(color=colours[j]) for j in range(len(present))],
+                   [class_names[c] if class_names and c < len(class_names) else str(c) for c in present],
+                   loc="lower center", ncol=min(len(present), 7), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -238,17 +243,15 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
 
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import NnUNetRaw, canonical, read_volume
-    from labeldiff.runs import RunFolder
-    from labeldiff.runtime import resolve_device
+    from labeldiff.data.nnunet import LABEL_DTYPE, NnUNetRaw, canonical, read_volume
+    from labeldiff.runs import open_segmenter
 
     raw = NnUNetRaw(data)
     cases = [c for c in raw.cases(split) if c.label is not None]
     if not cases:
         raise DataError(f"{data}: no labeled {split} case (split train reads imagesTr + labelsTr, test imagesTs + "
                         f"labelsTs); pass --split train with --slab FIRST:LAST to score a held-out slab")
-    run = RunFolder.open(Path(model_dir))
-    model, cfg = run.segmenter(resolve_device(device)), run.config
+    model, cfg = open_segmenter(model_dir, device)
     if cfg.num_classes != raw.num_classes:
         raise DataError(f"{data}: dataset.json names {raw.num_classes} classes but the model predicts "
                         f"{cfg.num_classes}; evaluate it on the dataset it was trained for")
@@ -258,10 +261,8 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
     for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case"):
-        vols = [canonical(read_volume(p))[0] for p in case.images]  # the RAS frame: --slab counts along it
-        truth = canonical(read_volume(case.label, np.int64))[0].array
-        pred = predict_volume(model, cfg.data, [norm.apply(v.array) for v in vols], axis, precision, tta,
-                              batch_desc=case.name)
+        vols, pred, _, _ = predict_case(model, cfg.data, case.images, norm, axis, precision, tta, case.name)
+        truth = canonical(read_volume(case.label, LABEL_DTYPE))[0].array  # the RAS frame: --slab counts along it
         if slab is not None:
             first, last = slab
             if not 0 <= first <= last < truth.shape[axis]:
@@ -301,8 +302,8 @@ def run_intensity(cfg, scheme: str | None = None, hu_window: tuple[float, float]
     ``volume_to_slices`` wrote)."""
     from labeldiff.data.nnunet import Intensity
 
-    if scheme is not None:
-        return Intensity(scheme, *hu_window) if scheme == "ct-window" else Intensity(scheme)
+    if scheme is not None or hu_window is not None:
+        return Intensity.named(scheme or "percentile", hu_window)
     return Intensity.from_dict(cfg.data.intensity) if cfg.data.intensity else Intensity("percentile")
 
 
@@ -317,15 +318,13 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
 
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import canonical, dataset_class_names, from_canonical, is_nnunet_raw, read_volume
-    from labeldiff.runs import RunFolder
-    from labeldiff.runtime import resolve_device
+    from labeldiff.data.nnunet import dataset_class_names, from_canonical, is_nnunet_raw
+    from labeldiff.runs import open_segmenter
 
     cases = volume_cases(inputs)
     if not cases:
         raise FileNotFoundError(f"{inputs}: no NIfTI volume, DICOM series or nnU-Net case found")
-    run = RunFolder.open(Path(model_dir))
-    model, cfg = run.segmenter(resolve_device(device)), run.config
+    model, cfg = open_segmenter(model_dir, device)
     norm, axis = run_intensity(cfg, intensity, hu_window), cfg.data.axis if axis is None else axis
     if class_names is None:
         class_names = dataset_class_names(inputs) if is_nnunet_raw(inputs) else None
@@ -333,21 +332,16 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
     out = Path(out)
     written = []
     for name, paths in tqdm(cases, desc="predict volumes", unit="case"):
-        vols = [read_volume(p) for p in paths]
-        if any(v.shape != vols[0].shape for v in vols):
-            raise ValueError(f"case {name}: channel volumes differ in shape {[v.shape for v in vols]}")
-        canon = [canonical(v) for v in vols]  # slices in the RAS frame the model trained in
-        labels = predict_volume(model, cfg.data, [norm.apply(c.array) for c, _ in canon], axis, precision, tta,
-                                batch_desc=name)
+        vols, labels, back, affine = predict_case(model, cfg.data, paths, norm, axis, precision, tta, name)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
-        overlay_strip(canon[0][0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names,
+        overlay_strip(vols[0].array, labels, axis, out / "overlays" / f"{name}.png", class_names=class_names,
                       title=name)  # drawn in the RAS frame: anterior up, as the model saw the slices
-        labels = from_canonical(labels, canon[0][1])  # back to the input's voxel order
+        labels = from_canonical(labels, back)  # back to the input's voxel order
         like = None
         if str(paths[0]).endswith(NIFTI_ENDINGS):
             import nibabel as nib
             like = nib.load(str(paths[0]))
-        written.append(write_label_nifti(labels, vols[0].affine, out / f"{name}.nii.gz", like=like))
+        written.append(write_label_nifti(labels, affine, out / f"{name}.nii.gz", like=like))
     print(f"wrote {len(written)} label volume(s) (NIfTI, the input's grid and affine) to {out}, "
           f"overlay strips to {out / 'overlays'}")
     return written

@@ -9,9 +9,7 @@ from labeldiff.checkpoint import prepare_run_dir
 from labeldiff.config import RunConfig
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
 from labeldiff.corruption.masking import resolve_loss
-from labeldiff.data.datasets import (Sample, StepBatches, open_labeled, pretraining_exclusions, resolve_intensity,
-                                     unlabeled_samples, validate_samples)
-from labeldiff.data.nnunet import is_nnunet_raw
+from labeldiff.data.datasets import Sample, StepBatches, open_labeled, pretraining_samples, validate_samples
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
 from labeldiff.models.unet import build_network, check_input_size
 from labeldiff.pretrain.loop import train
@@ -50,11 +48,9 @@ def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:
 def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
     """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K)."""
     if not corruption.needs_labels:
-        excluded, why = pretraining_exclusions(cfg.data)
+        samples, why = pretraining_samples(cfg.data)
         print(why)
-        root = Path(cfg.data.path)
-        intensity = resolve_intensity(cfg.data, root) if is_nnunet_raw(root) else None
-        return unlabeled_samples(root, set(excluded), intensity, cfg.data.axis), None
+        return samples, None
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     samples = ds.samples(ds.stems(cfg.data.train_split))
     return samples, validate_samples(samples, cfg.data.num_classes)
