@@ -480,3 +480,20 @@ def test_demo_end_to_end(tmp_path):
     split = json.loads((tmp_path / "demo" / "data" / "split.json").read_text())
     assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
     assert (tmp_path / "demo" / "runs" / "scratch_seed1" / "eval_test" / "metrics.json").is_file()
+    # the volume path: an nnU-Net raw dataset read as volumes, the test slab scored in 3D, a label NIfTI out
+    import nibabel as nib
+
+    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.demo import CLASS_NAMES, test_slab
+
+    data = tmp_path / "demo" / "data"
+    assert VolumeFolder(data).stems("test") == split["test"]
+    first, last = test_slab(split)
+    assert first > max(int(s.rsplit("_z", 1)[1]) for s in split["train"]) + 4  # the gap
+    slab = json.loads((tmp_path / "demo" / "runs" / "pretrained_seed1" / "eval_slab" / "metrics.json").read_text())
+    assert slab["slab"] == [first, last] and set(slab["per_class"]) == set(CLASS_NAMES[1:])
+    for r in metrics["results"].values():
+        assert 0 <= r["dice_3d"]["mean"] <= 1 and len(r["dice"]["per_seed"]) == 2
+    t1, pred = nib.load(str(data / "imagesTr" / "mni152_0000.nii.gz")), nib.load(str(report / "prediction" / "mni152.nii.gz"))
+    assert pred.shape == t1.shape and np.allclose(pred.affine, t1.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}

@@ -50,6 +50,28 @@ def test_hd95_is_the_95th_percentile_not_the_maximum():
     assert r["dice"] == pytest.approx(2 * 1 / (2 + 1))
 
 
+def test_one_pass_surface_metrics_equal_monais_own_functions():
+    """HD95 and NSD come from one pass of MONAI's edge distances; they must equal what
+    compute_hausdorff_distance(percentile=95) and compute_surface_dice give on irregular shapes."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    from scipy.ndimage import gaussian_filter
+
+    from labeldiff.evaluate.volume import surface_metrics
+
+    rng = np.random.default_rng(3)
+    spacing = (0.7, 1.2, 2.5)
+    for _ in range(3):
+        p = gaussian_filter(rng.normal(size=(20, 18, 14)), 2) > 0.05
+        t = gaussian_filter(rng.normal(size=(20, 18, 14)), 2) > 0.05
+        hd, nsd = surface_metrics(p, t, spacing, tolerance_mm=1.5)
+        pt, tt = (torch.from_numpy(a.astype(np.float32))[None, None] for a in (p, t))
+        ref_hd = compute_hausdorff_distance(pt, tt, include_background=True, percentile=95, spacing=list(spacing))
+        ref_nsd = compute_surface_dice(pt, tt, class_thresholds=[1.5], include_background=True, spacing=list(spacing))
+        assert hd == pytest.approx(float(ref_hd), rel=1e-5) and hd > 0
+        assert nsd == pytest.approx(float(ref_nsd), rel=1e-5) and 0 < nsd < 1
+
+
 def test_partial_overlap_dice():
     t, p = blank(), blank()
     t[2:6, 2:6, 2:6] = 1

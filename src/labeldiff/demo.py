@@ -2,10 +2,13 @@
 
 Data: the MNI ICBM152 2009c nonlinear symmetric template (T1 volume, grey- and white-matter
 probability maps) bundled with nilearn (BSD-3) under ``nilearn/datasets/data/``. The maps are
-thresholded at 0.5 into 3 classes (0 background/CSF, 1 grey matter, 2 white matter); the volume
-is cut into axial 64×64 slices. Pretraining (DDPM) sees every slice outside the test slab without
-labels; fine-tuning (pretrained and from scratch, identical schedules) sees k labeled slices of the
-lower slab; both are evaluated on the disjoint upper slab, which pretraining never read.
+thresholded at 0.5 into 3 classes (0 background/CSF, 1 grey matter, 2 white matter) and written with
+the T1 as an nnU-Net v2 raw dataset (NIfTI, float intensities), which labeldiff reads as volumes:
+axial slices along the RAS z axis, each volume clipped to its 0.5 / 99.5 percentiles, resized to
+64². Pretraining (DDPM) sees every slice outside the test slab without labels; fine-tuning
+(pretrained and from scratch, identical schedules) sees k labeled slices of the lower slab; both are
+evaluated on the disjoint upper slab, which pretraining never read — per slice (2D Dice) and as a 3D
+slab (Dice, HD95, NSD), and the first pretrained run writes its label volume as a NIfTI.
 """
 from __future__ import annotations
 
@@ -42,11 +45,18 @@ def template_files() -> dict[str, Path]:
     return files
 
 
-def build_brain_dataset(out: Path, size: int = 64) -> Path:
-    """Write the 3-class label volume and the 64×64 axial slice dataset into ``out``."""
+CASE = "mni152"
+TRAIN_FRACTION, GAP = 0.4, 4
+
+
+def build_brain_dataset(out: Path) -> Path:
+    """Write the template as an nnU-Net v2 raw dataset (``imagesTr/mni152_0000.nii.gz``,
+    ``labelsTr/mni152.nii.gz``, ``dataset.json``) with a ``split.json`` of two axial slabs: the lower
+    40 % of the labeled slices train, the rest after a gap of 4 test."""
     import nibabel as nib
 
-    from labeldiff.data.volumes import slab_splits, volume_to_slices, write_split
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.data.datasets import VolumeFolder, slab_split
 
     files = template_files()
     gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32) / 255.0
@@ -54,21 +64,31 @@ def build_brain_dataset(out: Path, size: int = 64) -> Path:
     labels = np.zeros(gm.shape, dtype=np.uint8)
     labels[(gm >= 0.5) & (gm >= wm)] = 1
     labels[(wm >= 0.5) & (wm > gm)] = 2
-    out.mkdir(parents=True, exist_ok=True)
     t1 = nib.load(str(files["t1"]))
-    label_path = out / "labels.nii.gz"
-    nib.save(nib.Nifti1Image(labels, t1.affine), str(label_path))
-    stems = volume_to_slices(files["t1"], out, labels=label_path, axis=2, size=size, min_foreground=0.02,
-                             prefix="axial")
-    write_split(out, slab_splits(stems, train_frac=0.4, gap=4),
-                note="MNI ICBM152 2009c (nilearn, BSD-3): axial slices; train = lower slab, test = upper slab")
+    for sub in ("imagesTr", "labelsTr"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32), t1.affine), str(out / "imagesTr" / f"{CASE}_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, t1.affine), str(out / "labelsTr" / f"{CASE}.nii.gz"))
+    atomic_write_text(out / "dataset.json", json.dumps({
+        "name": "MNI ICBM152 2009c (nilearn, BSD-3)", "channel_names": {"0": "T1"},
+        "labels": {name: i for i, name in enumerate(CLASS_NAMES)}, "numTraining": 1, "file_ending": ".nii.gz"},
+        indent=2))
+    split = slab_split(VolumeFolder(out, axis=2), TRAIN_FRACTION, GAP)
+    atomic_write_text(out / "split.json", json.dumps(split, indent=1))
     return out
+
+
+def test_slab(split: dict) -> tuple[int, int]:
+    """First and last slice index (along z) of the test slab, from its stems ``mni152_zNNNN``."""
+    idx = [int(s.rsplit("_z", 1)[1]) for s in split["test"]]
+    return min(idx), max(idx)
 
 
 def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[RunConfig, RunConfig]:
     model = ModelConfig(in_channels=1, channels=DEMO_CHANNELS, num_res_blocks=1,
                         attention_levels=(False,) * len(DEMO_CHANNELS), norm_num_groups=8, num_head_channels=16)
-    dcfg = DataConfig(path=str(data), size=64, mode="resize", channels=1)
+    dcfg = DataConfig(path=str(data), size=64, mode="resize", channels=1, axis=2,
+                      intensity={"scheme": "percentile"})
     pre = RunConfig(kind="pretrain", model=model, data=dcfg,
                     train=TrainConfig(steps=pretrain_steps, batch_size=16, lr=1e-3, warmup_steps=100,
                                       ema_decay=0.999, checkpoint_every=500))
@@ -84,8 +104,10 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[
 def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
              seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto") -> dict:
     from labeldiff.checkpoint import prepare_run_dir
+    from labeldiff.data.datasets import VolumeFolder
     from labeldiff.evaluate.report import bar_chart
     from labeldiff.evaluate.run import run_evaluate
+    from labeldiff.evaluate.volume import run_evaluate_volumes, run_predict_volumes
     from labeldiff.pretrain.run import run_pretrain
     from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
     from labeldiff.transfer.run import run_transfer
@@ -95,17 +117,20 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
     seeds = seeds or DEMO_SEEDS
     t0 = time.time()
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
-    print(f"[1/4] slicing the MNI152 template into 64×64 axial slices → {out / 'data'}")
+    print(f"[1/4] writing the MNI152 template as an nnU-Net v2 raw dataset (NIfTI) → {out / 'data'}")
     data = build_brain_dataset(out / "data")
     splits = json.loads((data / "split.json").read_text())
-    print(f"      {len(splits['all'])} slices: train slab {len(splits['train'])}, test slab {len(splits['test'])}")
+    slab = test_slab(splits)
+    n_all = len(VolumeFolder(data, axis=2).stems(None))
+    print(f"      {n_all} axial slices; labeled slices: train slab {len(splits['train'])}, test slab "
+          f"{len(splits['test'])} (z = {slab[0]}–{slab[1]})")
     pre_cfg, ft_cfg = demo_configs(data, pretrain_steps, finetune_steps)
     pre_cfg.train.precision = ft_cfg.train.precision = precision
     device = resolve_device(pre_cfg.train.device)
     used = precision_name(resolve_precision(precision, device))
     print(f"      training on {device} in {used} (--precision {precision}) with {threads_summary()} "
           f"(set OMP_NUM_THREADS to change); evaluation in fp32")
-    n_pre = len(splits["all"]) - len(splits["test"])
+    n_pre = n_all - len(splits["test"])
     print(f"[2/4] DDPM pretraining on the {n_pre} slices outside the test slab, no labels ({pretrain_steps} steps)")
     run_pretrain(pre_cfg, out / "pretrain")
     results: dict[str, list[dict]] = {"pretrained": [], "scratch": []}
@@ -119,13 +144,19 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
             cfg.transfer.strategy = "full" if name == "pretrained" else "scratch"
             run_dir = out / "runs" / f"{name}_seed{seed}"
             run_transfer(cfg, run_dir)
-            results[name].append(run_evaluate(run_dir, run_dir / "eval_test", split="test"))
+            scores = run_evaluate(run_dir, run_dir / "eval_test", split="test")
+            scores["volume"] = run_evaluate_volumes(run_dir, data, run_dir / "eval_slab", split="train", slab=slab)
+            results[name].append(scores)
     print("[4/4] report")
     table = summarize_demo(results)
     (out / "report").mkdir(exist_ok=True)
+    run_predict_volumes(out / "runs" / "pretrained_seed0", data / "imagesTr" / f"{CASE}_0000.nii.gz",
+                        out / "report" / "prediction")  # the whole volume, on the template's grid
     for name in results:
         src = out / "runs" / f"{name}_seed0" / "eval_test" / "overlays.png"
         shutil.copy(src, out / "report" / f"overlays_{name}.png")
+        shutil.copy(out / "runs" / f"{name}_seed0" / "eval_slab" / "overlays" / f"{CASE}.png",
+                    out / "report" / f"slab_{name}.png")
     bar_chart({n: (table[n]["dice"]["mean"], table[n]["dice"]["std"]) for n in table}, out / "report" / "dice.png",
               title=f"MNI152 brain slices, k={labels}, {seeds} seeds: foreground Dice on the test slab")
     elapsed = time.time() - t0
@@ -136,34 +167,62 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
     md = demo_markdown(summary)
     (out / "report" / "summary.md").write_text(md)
     print("\n" + md)
-    print(f"report: {out / 'report'} (summary.md, metrics.json, dice.png, overlays_*.png); {elapsed / 60:.1f} min")
+    print(f"report: {out / 'report'} (summary.md, metrics.json, dice.png, overlays_*.png, slab_*.png, "
+          f"prediction/); {elapsed / 60:.1f} min")
     return summary
 
 
+def mean_std(values: list[float | None]) -> dict:
+    """Mean ± sample std over the defined values (an HD95 is undefined when a class is predicted nowhere),
+    and how many were undefined."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "undefined": len(values) - len(v)}
+
+
+def class_mean(per_class: dict, key: str, names: list[str]) -> float | None:
+    v = [per_class[c][key] for c in names if per_class[c][key] is not None]
+    return float(np.mean(v)) if v else None
+
+
 def summarize_demo(results: dict[str, list[dict]]) -> dict:
+    """Per init: 2D Dice / IoU (mean over test slices and foreground classes) and the 3D slab's Dice,
+    HD95 and NSD, as mean ± sample std over seeds; per-class means."""
     table = {}
     for name, runs in results.items():
         dice = np.array([r["dice"]["mean"] for r in runs])
-        iou = np.array([r["iou"]["mean"] for r in runs])
         per_class = {c: float(np.mean([list(r["dice"]["per_class"].values())[i] for r in runs]))
                      for i, c in enumerate(CLASS_NAMES)}
-        table[name] = {"dice": {"mean": float(dice.mean()), "std": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
-                                "per_seed": dice.round(4).tolist()},
-                       "iou": {"mean": float(iou.mean()), "std": float(iou.std(ddof=1)) if len(iou) > 1 else 0.0},
-                       "dice_per_class": per_class}
+        vol = [r["volume"] for r in runs]
+        fg = CLASS_NAMES[1:]
+        table[name] = {"dice": {**mean_std(dice), "per_seed": dice.round(4).tolist()},
+                       "iou": mean_std([r["iou"]["mean"] for r in runs]),
+                       "dice_per_class": per_class,
+                       "dice_3d": mean_std([v["dice"] for v in vol]),
+                       "hd95_mm": mean_std([class_mean(v["per_class"], "hd95_mm", fg) for v in vol]),
+                       "nsd": mean_std([class_mean(v["per_class"], "nsd", fg) for v in vol])}
     return table
 
 
 def demo_markdown(s: dict) -> str:
-    lines = [f"# labeldiff demo: MNI152 brain slices, k = {s['labels']} labeled slices, {s['seeds']} seeds",
+    def ms(r: dict, key: str, f: str = ".3f") -> str:
+        m = r[key]
+        if m["mean"] is None:
+            return "undefined"
+        return f"{m['mean']:{f}} ± {m['std']:{f}}" + (f" ({m['undefined']} undefined)" if m.get("undefined") else "")
+
+    lines = [f"# labeldiff demo: MNI152 brain volume, k = {s['labels']} labeled axial slices, {s['seeds']} seeds",
              "", f"DDPM pretraining {s['pretrain_steps']} steps on the {s['pretrain_slices']} slices outside the test "
              f"slab; fine-tuning {s['finetune_steps']} steps per run; training in {s['precision']} with "
              f"{s['threads']}; wall time {s['wall_time_s'] / 60:.1f} min.", "",
-             "| init | Dice (GM+WM mean) | IoU | Dice GM | Dice WM | Dice per seed |", "|---|---|---|---|---|---|"]
+             "| init | Dice 2D (GM+WM mean) | IoU 2D | Dice GM | Dice WM | 3D slab Dice | HD95 (mm) | NSD@2mm "
+             "| Dice 2D per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in s["results"].items():
-        lines.append(f"| {name} | {r['dice']['mean']:.3f} ± {r['dice']['std']:.3f} | {r['iou']['mean']:.3f} ± "
-                     f"{r['iou']['std']:.3f} | {r['dice_per_class']['grey matter']:.3f} | "
-                     f"{r['dice_per_class']['white matter']:.3f} | {r['dice']['per_seed']} |")
-    lines += ["", "Dice: per-image score, mean over test slices, then over the two foreground classes; "
-              "mean ± sample std over seeds."]
+        lines.append(f"| {name} | {ms(r, 'dice')} | {ms(r, 'iou')} | {r['dice_per_class']['grey matter']:.3f} | "
+                     f"{r['dice_per_class']['white matter']:.3f} | {ms(r, 'dice_3d')} | {ms(r, 'hd95_mm', '.1f')} | "
+                     f"{ms(r, 'nsd')} | {r['dice']['per_seed']} |")
+    lines += ["", "Dice 2D: per test slice, mean over slices, then over the two foreground classes. 3D slab: the "
+              "test slab's label volume on the template's 1 mm grid, Dice / HD95 / NSD per class (MONAI), mean "
+              "over GM and WM. Mean ± sample std over seeds. The first pretrained run's prediction of the whole "
+              "volume is `prediction/mni152.nii.gz` (the input's shape and affine)."]
     return "\n".join(lines) + "\n"
