@@ -103,6 +103,42 @@ def test_batches_from_volume_slices(tmp_path, fresh_volumes):
     assert int(b["mask"].max()) <= 2
 
 
+def test_label_unit_volumes_takes_every_labeled_slice_of_k_cases(tmp_path, fresh_volumes):
+    from labeldiff.config import RunConfig, TransferConfig
+    from labeldiff.transfer.labeled import prepare_transfer
+
+    root = make_volume_dataset(tmp_path / "Dataset005")
+    for c in ("c", "d"):  # four training cases
+        for sub, end in (("imagesTr", "_0000"), ("labelsTr", "")):
+            (root / sub / f"{c}{end}.nii.gz").write_bytes((root / sub / f"a{end}.nii.gz").read_bytes())
+    seen = set()
+    for seed in range(6):
+        cfg = RunConfig(data=DataConfig(path=str(root), channels=1, size=16, mode="resize"),
+                        transfer=TransferConfig(strategy="scratch", labels=2, label_unit="volumes"))
+        cfg.train.seed = seed
+        chosen = prepare_transfer(cfg).stems
+        cases = sorted({s.split("_z")[0] for s in chosen})
+        assert len(cases) == 2 and chosen == [f"{c}_z{i:04d}" for c in cases for i in range(2, 8)]
+        seen.add(tuple(cases))
+    assert len(seen) > 1  # the seed draws the cases
+    cfg.transfer.labels = 5
+    with pytest.raises(DataError, match=r"\(4 cases with labeled slices\); use --labels 4"):
+        prepare_transfer(cfg)
+    cfg.transfer.label_unit = "slice"
+    with pytest.raises(ValueError, match="--label-unit must be one of slices, volumes"):
+        prepare_transfer(cfg)
+
+
+def test_label_unit_volumes_refuses_a_2d_dataset(labeled_dataset):
+    from labeldiff.config import RunConfig, TransferConfig
+    from labeldiff.transfer.labeled import prepare_transfer
+
+    cfg = RunConfig(data=DataConfig(path=str(labeled_dataset), channels=3, size=16),
+                    transfer=TransferConfig(strategy="scratch", labels=1, label_unit="volumes"))
+    with pytest.raises(DataError, match="2D image dataset; use --label-unit slices"):
+        prepare_transfer(cfg)
+
+
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
 def test_finetune_and_predict_on_the_real_ct_volume(tmp_path, fresh_volumes):
     """The CT paper's setting in miniature on the real abdominal CT: k = 2 labeled axial slices of the

@@ -106,6 +106,8 @@ FINETUNE_OPTS = [
     ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
                                                          "in front of the new head (1) or drop it (0) [0]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
+    ("--label-unit", "transfer.label_unit", str, "volume datasets: --labels counts slices (k labeled slices) or "
+                                                 "volumes (every labeled slice of k training cases) [slices]"),
     ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
     ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),
     ("--num-classes", "data.num_classes", int, "number of classes K (default: max mask value + 1)"),

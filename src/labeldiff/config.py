@@ -149,8 +149,12 @@ class TransferConfig:
     # "auto": whenever the source's classes match the target's; False (default: on Kvasir → CVC, k = 4, it
     # gained +0.028 without augmentation but −0.001 with the default strong augmentation; README)
     keep_head: bool | str = False
+    # what --labels k counts on a volume dataset: k labeled slices (the CT paper's 4 slices), or k whole
+    # volumes (every labeled slice of k training cases); on a 2D dataset a slice is an image
+    label_unit: str = "slices"
 
 
+LABEL_UNITS = ("slices", "volumes")  # transfer.label_unit
 AUGMENT_LEVELS = ("none", "light", "strong")  # transfer.augment (labeldiff.data.augment)
 FLIPS = ("none", "h", "v", "hv")  # transfer.flips
 STEPS_RULES = ("fixed", "plateau")  # transfer.steps_rule

@@ -155,6 +155,7 @@ class VolumeFolder:
         self.axis = axis
         self.intensity = intensity or Intensity("percentile")
         self.refs: dict[str, SliceRef] = {}
+        self.case_names: dict[str, str] = {}  # slice stem → its case
         self.case_slices: dict[str, list[str]] = {}
         self.cases = {split: self.raw.cases(split) for split in ("train", "test", "unlabeled")}
         for split, cases in self.cases.items():
@@ -169,6 +170,7 @@ class VolumeFolder:
                     stem = slice_stem(case.name, axis, i)
                     self.refs[stem] = SliceRef(tuple(str(p) for p in case.images),
                                                str(case.label) if case.label is not None else None, axis, i)
+                    self.case_names[stem] = case.name
                     stems.append(stem)
             self.case_slices[split] = stems
         self.images = {stem: Path(ref.images[0]) for stem, ref in self.refs.items()}
@@ -207,6 +209,9 @@ class VolumeFolder:
 
     def has_split(self, split: str) -> bool:
         return split in self.splits or split in self.default_splits
+
+    def case_of(self, stem: str) -> str:
+        return self.case_names[stem]
 
     def samples(self, stems: list[str]) -> list[Sample]:
         out = []
@@ -265,7 +270,7 @@ def slab_split(ds: VolumeFolder, train_fraction: float, gap: int = 4) -> dict:
     split: dict = {"train": [], "test": []}
     labeled = ds.stems("train")
     for case in ds.cases["train"]:
-        part = slab_splits([s for s in labeled if s.rsplit("_", 1)[0] == case.name], train_frac=train_fraction, gap=gap)
+        part = slab_splits([s for s in labeled if ds.case_of(s) == case.name], train_frac=train_fraction, gap=gap)
         split["train"] += part["train"]
         split["test"] += part["test"]
     split["note"] = (f"slabs along axis {ds.axis}: per case the first {train_fraction:.0%} of the labeled slices "
@@ -375,12 +380,12 @@ def pretraining_samples(cfg: DataConfig) -> tuple[list[Sample], str]:
     return unlabeled_samples(root, set(excluded), intensity, cfg.axis), why
 
 
-def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train") -> list[str]:
+def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train", unit: str = "images") -> list[str]:
     """Pick ``k`` stems reproducibly for ``seed`` (order-independent of the input order)."""
     if k < 1:
         raise DataError(f"--labels must be at least 1 (got {k})")
     if k > len(stems):
-        raise DataError(f"--labels {k} is larger than the {split_name!r} split ({len(stems)} images); "
+        raise DataError(f"--labels {k} is larger than the {split_name!r} split ({len(stems)} {unit}); "
                         f"use --labels {len(stems)} or fewer")
     return sorted(random.Random(seed).sample(sorted(stems), k))
 

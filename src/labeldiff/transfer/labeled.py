@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labeldiff.config import RunConfig
+from labeldiff.config import LABEL_UNITS, RunConfig
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, select_subset, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.runs import RunFolder
@@ -29,7 +29,8 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
 
     ``stems``: the labeled images, given explicitly (a study's cell); they must belong to the
     ``train_split``. Without them ``transfer.labels`` images of it are drawn with ``train.seed``
-    (:func:`labeldiff.data.datasets.select_subset`). ``explicit``: the dotted config names the user
+    (:func:`labeldiff.data.datasets.select_subset`), or with ``transfer.label_unit = volumes`` that many
+    training cases, whose labeled slices all train (:func:`select_volumes`). ``explicit``: the dotted config names the user
     set (command line, recipe, study), see :meth:`RunFolder.inherit`.
     """
     cfg.kind = "segmentation"
@@ -43,7 +44,11 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
     cfg.model.in_channels = cfg.data.channels
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     pool = ds.stems(cfg.data.train_split)
-    if stems is None:
+    if t.label_unit not in LABEL_UNITS:
+        raise ValueError(f"--label-unit must be one of {', '.join(LABEL_UNITS)}, not {t.label_unit!r}")
+    if stems is None and t.label_unit == "volumes":
+        chosen = select_volumes(ds, pool, t.labels, cfg.train.seed, cfg.data.train_split)
+    elif stems is None:
         chosen = select_subset(pool, t.labels, cfg.train.seed, cfg.data.train_split)
     else:
         chosen = sorted(stems)
@@ -54,3 +59,14 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
         t.labels = len(chosen)
     cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes)
     return Transfer(pre, ds, chosen, cfg.num_classes)
+
+
+def select_volumes(ds: LabeledFolder | VolumeFolder, pool: list[str], k: int, seed: int, split: str) -> list[str]:
+    """Every slice of ``pool`` (a split's labeled slices) that belongs to one of ``k`` of its cases, the
+    cases drawn with ``seed`` as :func:`select_subset` draws images."""
+    if not isinstance(ds, VolumeFolder):
+        raise DataError(f"--label-unit volumes counts whole volumes, but {ds.root} is a 2D image dataset; use "
+                        f"--label-unit slices (k images) or an nnU-Net raw dataset")
+    case_of = {s: ds.case_of(s) for s in pool}
+    chosen = set(select_subset(sorted(set(case_of.values())), k, seed, split, unit="cases with labeled slices"))
+    return [s for s in pool if case_of[s] in chosen]
