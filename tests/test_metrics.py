@@ -134,3 +134,28 @@ def test_summarize_all_empty_class():
     assert s["dice"]["mean"] == 1.0 and s["iou"]["mean"] == 1.0
     all_nan = summarize(np.zeros((2, 2, 3), int))
     assert math.isnan(all_nan["dice"]["mean"])
+
+
+def test_plots_and_tables_name_the_classes_present():
+    """Overlays carry a legend of the classes shown, named from dataset.json; results.md names them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labeldiff.evaluate.report import class_legend
+    from labeldiff.study.report import results_markdown
+
+    names = ["background", "liver", "spleen", "aorta"]
+    fig = plt.figure()
+    a, b = np.zeros((4, 4), int), np.zeros((4, 4), int)
+    a[0, 0], b[1, 1] = 3, 1
+    assert class_legend(fig, [a, None, b], names)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver", "aorta"]
+    fig2 = plt.figure()
+    assert not class_legend(fig2, [np.zeros((2, 2), int)], names) and not fig2.legends
+    class_legend(fig2, [b], None)
+    assert [t.get_text() for t in fig2.legends[0].get_texts()] == ["class 1"]
+    plt.close("all")
+    rows = [{"method": "none", "strategy": "scratch", "k": 1, "seed": 0, "dice": 0.5, "iou": 0.4}]
+    assert "Foreground classes: 1 liver, 2 spleen, 3 aorta." in results_markdown(rows, ["dice"], class_names=names)

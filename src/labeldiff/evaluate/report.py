@@ -38,9 +38,25 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def overlay_grid(rows: list[dict], path: Path, title: str = "") -> None:
-    """One row per image: image | ground truth | prediction (overlays). ``rows``: dicts with
-    ``name``, ``image [C,H,W]``, ``target [H,W]`` (optional), ``pred [H,W]``, ``dice`` (optional)."""
+def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
+    """A legend under ``fig`` naming (``dataset.json`` / ``classes.json`` names, else numbers) the
+    foreground classes present in ``masks``, in their overlay colours; False when none is present."""
+    from matplotlib.patches import Patch
+
+    present = sorted({int(c) for m in masks if m is not None for c in np.unique(m) if c > 0})
+    if not present:
+        return False
+    colours = colorize(np.array(present)) / 255.0
+    fig.legend([Patch(color=colours[j]) for j in range(len(present))],
+               [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present],
+               loc="lower center", ncol=min(len(present), 7), fontsize=7, frameon=False)
+    return True
+
+
+def overlay_grid(rows: list[dict], path: Path, title: str = "", class_names: list[str] | None = None) -> None:
+    """One row per image: image | ground truth | prediction (overlays), with a legend of the classes.
+    ``rows``: dicts with ``name``, ``image [C,H,W]``, ``target [H,W]`` (optional), ``pred [H,W]``,
+    ``dice`` (optional)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +76,8 @@ def overlay_grid(rows: list[dict], path: Path, title: str = "") -> None:
             ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    legend = class_legend(fig, [r.get("target") for r in rows] + [r["pred"] for r in rows], class_names)
+    fig.tight_layout(rect=(0, 0.4 / (3 * len(rows)), 1, 1) if legend else None)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

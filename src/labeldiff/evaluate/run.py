@@ -51,13 +51,14 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
         if len(grid) < max_overlays:
             fg = np.nanmean(dice[1:]) if np.any(np.isfinite(dice[1:])) else None
             grid.append({"name": s.stem[:24], "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
-    metrics = summarize(np.stack(all_stats), dataset_class_names(ds.root))  # dataset.json / classes.json names
+    names = dataset_class_names(ds.root)  # dataset.json / classes.json names
+    metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
                     "precision": precision})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(grid, out / "overlays.png", title=f"{Path(model_dir).name} on {split}: "
-                 f"mean foreground Dice {metrics['dice']['mean']:.3f}")
+                 f"mean foreground Dice {metrics['dice']['mean']:.3f}", class_names=names)
     print(f"{split}: {len(samples)} images, Dice {metrics['dice']['mean']:.4f} (foreground mean), "
           f"IoU {metrics['iou']['mean']:.4f}; wrote {out}/metrics.json, per_image.csv, overlays.png")
     return metrics

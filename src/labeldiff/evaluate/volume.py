@@ -180,10 +180,8 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     from labeldiff.data.nnunet import Intensity, to_display
-    from labeldiff.evaluate.report import colorize, overlay
+    from labeldiff.evaluate.report import class_legend, overlay
 
     idx = np.linspace(0, labels.shape[axis] - 1, min(n, labels.shape[axis])).round().astype(int)
     rows = [("truth", truth), ("prediction", labels)] if truth is not None else [("prediction", labels)]
@@ -195,12 +193,7 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
             ax.imshow(overlay(img[None], to_display(np.take(vol, i, axis), 0)))
             ax.set_title(f"{label}, slice {first + i}", fontsize=7)
             ax.axis("off")
-    present = sorted({int(c) for _, v in rows for c in np.unique(v) if c > 0})
-    if present:
-        colours = colorize(np.array(present)) / 255.0
-        fig.legend([Patch(color=colours[j]) for j in range(len(present))],
-                   [class_names[c] if class_names and c < len(class_names) else str(c) for c in present],
-                   loc="lower center", ncol=min(len(present), 7), fontsize=7, frameon=False)
+    class_legend(fig, [labels, truth], class_names)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

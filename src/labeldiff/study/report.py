@@ -98,8 +98,10 @@ def results_table(rows: list[dict], metric: str = "dice", digits: int = 3) -> st
     return "\n".join(lines) + "\n"
 
 
-def results_markdown(rows: list[dict], metrics: list[str], title: str = "") -> str:
+def results_markdown(rows: list[dict], metrics: list[str], title: str = "", class_names: list[str] | None = None) -> str:
     parts = [f"# {title}\n" if title else ""]
+    if class_names and len(class_names) > 1:
+        parts.append("Foreground classes: " + ", ".join(f"{c} {n}" for c, n in enumerate(class_names) if c) + ".\n")
     for metric in (m for m in ("dice", "iou") if m in metrics):
         name = "Dice" if metric == "dice" else "IoU"
         parts.append(f"## {name} (foreground mean) on the test split\n\n{results_table(rows, metric)}")
@@ -366,11 +368,13 @@ def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", titl
     _save(fig, path, dpi=100)
 
 
-def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "") -> None:
+def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "",
+                  class_names: list[str] | None = None) -> None:
     """Rows: ``images`` (dicts with ``name``, ``image [C,H,W]``, ``target [H,W]``); columns: image |
-    ground truth | one prediction per entry of ``predictions`` (label → one mask per image)."""
+    ground truth | one prediction per entry of ``predictions`` (label → one mask per image); a legend
+    names the classes shown."""
     plt = _pyplot()
-    from labeldiff.evaluate.report import overlay, to_rgb
+    from labeldiff.evaluate.report import class_legend, overlay, to_rgb
 
     cols = 2 + len(predictions)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.6 * len(images) + 0.4), squeeze=False)
@@ -383,7 +387,9 @@ def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], 
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path, dpi=90)
+    masks = [im["target"] for im in images] + [m for preds in predictions.values() for m in preds]
+    legend = class_legend(fig, masks, class_names)
+    _save(fig, path, dpi=90, rect=(0, 0.4 / (2.6 * len(images) + 0.4), 1, 1) if legend else None)
 
 
 def _pyplot():
@@ -395,8 +401,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, dpi: int) -> None:
-    fig.tight_layout()
+def _save(fig, path: Path, dpi: int, rect: tuple | None = None) -> None:
+    fig.tight_layout(rect=rect)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)

@@ -391,9 +391,9 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
             else "pretraining never read the test images")
     title = f"{study.file.stem}: {Path(study.data.path).name}, test split {len(target.test)} images; {leak}"
     report.write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title))
+    names = dataset_class_names(target.ds.root)
+    (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title, class_names=names))
     if "per-class" in study.metrics:
-        names = dataset_class_names(target.ds.root)
         (out / "per_class.md").write_text(report.per_class_markdown(rows, class_names=names))
     (out / "paired.md").write_text(report.paired_markdown(rows))
     (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
@@ -429,7 +429,8 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
         preds[f"{c.method} / {c.strategy}"] = [
             predict_mask(model, torch.from_numpy(s.read_image(cfg.data.channels)), cfg.data).numpy()
             for s in samples]
-    report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}")
+    report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}",
+                         class_names=dataset_class_names(target.ds.root))
 
 
 def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False,
