@@ -572,7 +572,8 @@ def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
                                                    "labels": {"background": 0, "a": 1, "b": 2}}))
     study = base_study(data={"path": str(root), "size": 16, "channels": 1, "mode": "resize",
-                             "split": {"slab_train": 0.5, "gap": 2}, "intensity": {"scheme": "zscore"}})
+                             "split": {"slab_train": 0.5, "gap": 2}, "intensity": {"scheme": "zscore"}},
+                       metrics=["dice", "iou", "per-class", "volume"])
     path = write_study(files, study, name="volumes.yaml")
     calls = Calls(monkeypatch)
     rows = runner.run_study(path, tmp_path / "out")
@@ -586,6 +587,26 @@ def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
     (pre,) = (tmp_path / "out" / "pretrain").iterdir()
     cfg = json.loads((pre / "config.json").read_text())
     assert cfg["data"]["intensity"]["scheme"] == "zscore"
+    # metrics: volume — every cell's model scored on the test slab in 3D, into the rows and the reports
+    for r in rows:
+        v = json.loads((tmp_path / "out" / "cells" / r["cell"] / "eval" / "volume" / "metrics.json").read_text())
+        assert v["slabs"] == {"toy": [12, int(split["test"][-1][5:])]} and set(v["per_class"]) == {"a", "b"}
+        assert r["dice_3d"] == v["dice"] and 0 <= r["dice_3d"] <= 1
+    out = tmp_path / "out"
+    assert "## 3D Dice on the test slab" in (out / "results.md").read_text()
+    assert "Paired dice_3d difference" in (out / "paired.md").read_text()
+    assert "dice_3d" in (out / "results.csv").read_text().splitlines()[0]
+    before = {r["cell"]: (out / "cells" / r["cell"] / "eval" / "volume" / "metrics.json").stat().st_mtime_ns
+              for r in rows}
+    runner.run_study(path, out, report_only=True)  # scored once: a second report reuses the 3D scores
+    assert before == {c: (out / "cells" / c / "eval" / "volume" / "metrics.json").stat().st_mtime_ns for c in before}
+
+
+def test_volume_metric_needs_a_volume_dataset(files, tmp_path, monkeypatch):
+    path = write_study(files, base_study(metrics=["dice", "volume"]), name="vol2d.yaml")
+    Calls(monkeypatch)
+    with pytest.raises(DataError, match="metrics: volume scores the test slices in 3D"):
+        runner.run_study(path, tmp_path / "out")
 
 
 def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):

@@ -225,11 +225,14 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
                          intensity: str | None = None,
                          hu_window: tuple[float, float] | None = None, slab: tuple[int, int] | None = None,
                          device: str = "auto", precision: str = "fp32", tta: bool = False,
-                         tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
+                         tolerance_mm: float = NSD_TOLERANCE_MM, slabs: dict[str, tuple[int, int]] | None = None,
+                         quiet: bool = False) -> dict:
     """``labeldiff evaluate`` on an nnU-Net raw dataset: predict every labeled case of ``split`` (train:
     imagesTr + labelsTr; test: imagesTs + labelsTs), optionally only slices ``slab = (first, last)``
     along ``axis`` (a test slab of a volume whose other slab was labeled for training), and score it
-    per volume and class in 3D. Writes ``metrics.json``, ``per_case.csv`` and ``overlays/<case>.png``."""
+    per volume and class in 3D. ``slabs`` (case → (first, last), :func:`split_slabs`) scores those
+    cases of any split, each on its own slab, instead. Writes ``metrics.json``, ``per_case.csv`` and
+    ``overlays/<case>.png``."""
     import csv
     import json
     from pathlib import Path
@@ -242,7 +245,10 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     from labeldiff.runs import open_segmenter
 
     raw = NnUNetRaw(data)
-    cases = [c for c in raw.cases(split) if c.label is not None]
+    if slabs is not None:
+        cases = [c for part in ("train", "test") for c in raw.cases(part) if c.label is not None and c.name in slabs]
+    else:
+        cases = [c for c in raw.cases(split) if c.label is not None]
     if not cases:
         raise DataError(f"{data}: no labeled {split} case (split train reads imagesTr + labelsTr, test imagesTs + "
                         f"labelsTs); pass --split train with --slab FIRST:LAST to score a held-out slab")
@@ -255,11 +261,12 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
-    for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case"):
+    for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case", disable=quiet):
         vols, pred, _, _ = predict_case(model, cfg.data, case.images, norm, axis, precision, tta, case.name)
         truth = canonical(read_volume(case.label, LABEL_DTYPE))[0].array  # the RAS frame: --slab counts along it
-        if slab is not None:
-            first, last = slab
+        case_slab = slabs[case.name] if slabs is not None else slab
+        if case_slab is not None:
+            first, last = case_slab
             if not 0 <= first <= last < truth.shape[axis]:
                 raise ValueError(f"--slab {first}:{last} lies outside 0..{truth.shape[axis] - 1} along axis {axis}")
             keep = [slice(None)] * 3
@@ -270,10 +277,11 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
         for r in volume_scores(pred, truth, raw.num_classes, vols[0].spacing, names, tolerance_mm):
             rows.append({"case": case.name, **r})
         overlay_strip(image, pred, axis, out / "overlays" / f"{case.name}.png", class_names=names, truth=truth,
-                      title=f"{case.name}" + (f", slices {slab[0]}–{slab[1]}" if slab else ""),
-                      first=slab[0] if slab else 0)
+                      title=f"{case.name}" + (f", slices {case_slab[0]}–{case_slab[1]}" if case_slab else ""),
+                      first=case_slab[0] if case_slab else 0)
     metrics = summarize_volumes(rows, names)
     metrics.update({"model": str(model_dir), "data": str(data), "split": split, "axis": axis, "slab": slab,
+                    "slabs": slabs,
                     "intensity": norm.to_dict(), "nsd_tolerance_mm": tolerance_mm, "precision": precision,
                     "cases": [c.name for c in cases]})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -283,12 +291,24 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
         w.writerows(rows)
     print(f"{split}: {len(cases)} volume(s), 3D Dice {metrics['dice']:.4f} (mean over foreground classes); "
           f"wrote {out}/metrics.json, per_case.csv, overlays/")
-    for name, v in metrics["per_class"].items():
+    for name, v in ({} if quiet else metrics["per_class"]).items():
         hd = "–" if v["hd95_mm"] is None else f"{v['hd95_mm']:.1f} mm"
         d = "absent" if v["dice"] is None else f"{v['dice']:.3f}"
         print(f"  {name:<22} Dice {d:<7} HD95 {hd:<9} NSD@{tolerance_mm:g}mm "
               f"{'–' if v['nsd'] is None else format(v['nsd'], '.3f')}")
     return metrics
+
+
+def split_slabs(ds, stems: list[str]) -> dict[str, tuple[int, int]]:
+    """Case → (first, last) slice index of ``stems`` (slices of a
+    :class:`~labeldiff.data.datasets.VolumeFolder`, e.g. its test split): the slab each case is scored
+    on in 3D. Every slice from first to last is scored, with or without labeled pixels."""
+    out: dict[str, tuple[int, int]] = {}
+    for stem in stems:
+        case, i = ds.case_of(stem), ds.refs[stem].index
+        first, last = out.get(case, (i, i))
+        out[case] = (min(first, i), max(last, i))
+    return out
 
 
 def run_intensity(cfg, scheme: str | None = None, hu_window: tuple[float, float] | None = None):

@@ -74,18 +74,23 @@ def summarize(rows: list[dict], metric: str = "dice") -> dict[tuple, dict[int, t
     return {g: {k: mean_std(v) for k, v in by_k.items()} for g, by_k in values.items()}
 
 
+LOWER_IS_BETTER = ("hd95_mm",)
+
+
 def results_table(rows: list[dict], metric: str = "dice", digits: int = 3) -> str:
     """Markdown: rows method × strategy (× protocol, × select when several), columns k, best mean bold."""
     extras = varying(rows)
     ks = label_sizes(rows)
     values: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        values[group_of(r, extras)][int(r["k"])].append(float(r[metric]))
+        if r.get(metric) not in (None, ""):  # an HD95 is undefined where a class is predicted nowhere
+            values[group_of(r, extras)][int(r["k"])].append(float(r[metric]))
     stats = {g: {k: mean_std(values[g][k]) for k in ks} for g in groups(rows, extras)}
     best = {}
+    pick = min if metric in LOWER_IS_BETTER else max
     for k in ks:
         means = [round(s[k][0], digits) for s in stats.values() if s[k][2] > 0]
-        best[k] = max(means) if means else None
+        best[k] = pick(means) if means else None
     head = ["method", "strategy"] + list(extras) + [f"k = {k}" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, s in stats.items():
@@ -107,6 +112,13 @@ def results_markdown(rows: list[dict], metrics: list[str], title: str = "", clas
         parts.append(f"## {name} (foreground mean) on the test split\n\n{results_table(rows, metric)}")
     parts.append("Entries: mean ± sample std over seeds (number of seeds); bold: best mean in the column. "
                  "Scores are per test image, averaged over images, then over foreground classes.\n")
+    if "volume" in metrics and any(r.get("dice_3d") not in (None, "") for r in rows):
+        for metric, name in (("dice_3d", "3D Dice"), ("hd95_mm", "HD95 (mm, lower is better)"),
+                             ("nsd", "Normalised surface Dice at 2 mm")):
+            parts.append(f"## {name} on the test slab of each case, in 3D\n\n{results_table(rows, metric, digits=1 if metric == 'hd95_mm' else 3)}")
+        parts.append("3D: the test slices of each case as one slab on the volume's own grid (MONAI's metrics), "
+                     "mean over foreground classes (HD95 and NSD over the classes where they are defined), "
+                     "then mean ± std over seeds.\n")
     return "\n".join(p for p in parts if p)
 
 

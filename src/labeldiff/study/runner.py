@@ -9,7 +9,7 @@ Layout of DIR::
                                      result), so an edited method gets a new folder and the rest is reused
     cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
-                                     timing.json)
+                                     timing.json; volume/ with ``metrics: volume``: the 3D slab scores)
     results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png overlays.png environment.json
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
@@ -31,11 +31,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from labeldiff.config import ModelConfig, RunConfig, replace
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.run import run_evaluate
+from labeldiff.evaluate.volume import run_evaluate_volumes, split_slabs
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.study import report
@@ -58,6 +62,7 @@ class Target:
     test: list[str]
     num_classes: int
     classes: dict[str, frozenset[int]] | None  # per train image, with require_all_classes
+    slabs: dict[str, tuple[int, int]] | None = None  # metrics: volume — case → test slab scored in 3D
 
     @classmethod
     def load(cls, study: Study, ft: RunConfig) -> "Target":
@@ -65,7 +70,13 @@ class Target:
         train, test = ds.stems(ft.data.train_split), ds.stems(ft.data.test_split)
         k = validate_samples(ds.samples(train + test), ft.data.num_classes)
         classes = class_sets(ds, train, k) if study.require_all_classes else None
-        return cls(ds, train, test, k, classes)
+        slabs = None
+        if "volume" in study.metrics:
+            if not isinstance(ds, VolumeFolder):
+                raise DataError(f"{study.file}: metrics: volume scores the test slices in 3D, which needs a volume "
+                                f"dataset (an nnU-Net raw folder); {ds.root} is a 2D image folder")
+            slabs = split_slabs(ds, test)
+        return cls(ds, train, test, k, classes, slabs)
 
     def size(self, k: int | str) -> int:
         """k of a ``labels`` entry ("all" = every train image), checked against the train split."""
@@ -337,6 +348,19 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     return seconds
 
 
+def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") -> None:
+    """``metrics: volume``: score every finished cell's model on the test slab of each case in 3D (Dice,
+    HD95, NSD; :func:`~labeldiff.evaluate.volume.run_evaluate_volumes`) into ``eval/volume/``, once."""
+    if target.slabs is None:
+        return
+    todo = [c for c in cells if c.finished and not (c.dir / "eval" / "volume" / "metrics.json").is_file()]
+    for cell in tqdm(todo, desc="3D slab scores", unit="cell", disable=not todo):
+        tmp = cell.dir / "eval" / "volume.tmp"
+        model = cell.pre.dir if cell.strategy == "source" else cell.dir / "run"
+        run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
+        os.replace(tmp, cell.dir / "eval" / "volume")
+
+
 def cell_row(cell: Cell) -> dict:
     info = json.loads((cell.dir / "cell.json").read_text())
     m = json.loads((cell.dir / "eval" / "metrics.json").read_text())
@@ -346,6 +370,15 @@ def cell_row(cell: Cell) -> dict:
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
     row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    volume = cell.dir / "eval" / "volume" / "metrics.json"
+    if volume.is_file():  # metrics: volume
+        v = json.loads(volume.read_text())
+
+        def over_classes(key: str) -> float | None:
+            values = [c[key] for c in v["per_class"].values() if c[key] is not None]
+            return float(np.mean(values)) if values else None
+
+        row.update({"dice_3d": v["dice"], "hd95_mm": over_classes("hd95_mm"), "nsd": over_classes("nsd")})
     return row
 
 
@@ -395,7 +428,10 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title, class_names=names))
     if "per-class" in study.metrics:
         (out / "per_class.md").write_text(report.per_class_markdown(rows, class_names=names))
-    (out / "paired.md").write_text(report.paired_markdown(rows))
+    paired = report.paired_markdown(rows)
+    if any(r.get("dice_3d") is not None for r in rows):
+        paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_3d") is not None], "dice_3d")
+    (out / "paired.md").write_text(paired)
     (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
@@ -475,4 +511,5 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     if not report_only:
         pretrain(runs)
         run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
+    volume_evaluations(cells, target, ft.train.device)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)

@@ -39,7 +39,7 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
     protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
       - {name: none, overrides: {transfer.augment: none}}
       - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
-    metrics: [dice, iou, per-class]
+    metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD)
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, 
 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
 SELECTS = ("random", "diverse")
-METRICS = ("dice", "iou", "per-class")
+METRICS = ("dice", "iou", "per-class", "volume")  # volume: the test slab of each case in 3D (volume datasets)
 PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
@@ -141,7 +141,7 @@ class Study:
     select: list[str]
     require_all_classes: bool = False
     finetune: Recipe = field(default_factory=Recipe)
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(METRICS[:3]))
     prepare: str | None = None
     protocols: list[ProtocolSpec] = field(default_factory=lambda: [ProtocolSpec(DEFAULT_PROTOCOL)])
 
@@ -358,7 +358,7 @@ def parse_study(raw: Any, file: Path) -> Study:
     require = raw.get("require_all_classes", False)
     if not isinstance(require, bool):
         raise _fail(file, "require_all_classes", f"expected true or false, got {require!r}")
-    metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS))
+    metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS[:3]))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
     protocols = _protocols(raw.get("protocols"), file)
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols)
