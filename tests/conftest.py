@@ -26,6 +26,21 @@ DATASETS = _datasets()
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def scan_cache(tmp_path_factory):
+    """check_decodes remembers decoded files in a cache of the test session, not the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("labeldiff-cache")
+    old = os.environ.get("LABELDIFF_CACHE")
+    os.environ["LABELDIFF_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("LABELDIFF_CACHE", None)
+    else:
+        os.environ["LABELDIFF_CACHE"] = old
+
+
 def write_labeled_dataset(root: Path, n: int = 6, k: int = 3, hw: tuple[int, int] = (40, 48), n_train: int = 4,
                           seed: int = 0) -> Path:
     """Write ``n`` RGB PNG images (``hw``) with a bright disk and a bright rectangle on a dark noisy

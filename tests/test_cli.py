@@ -497,3 +497,83 @@ def test_demo_end_to_end(tmp_path):
     t1, pred = nib.load(str(data / "imagesTr" / "mni152_0000.nii.gz")), nib.load(str(report / "prediction" / "mni152.nii.gz"))
     assert pred.shape == t1.shape and np.allclose(pred.affine, t1.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+# ---------------------------------------------------------------- input hardening (issue 14)
+
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "finetune"])
+@pytest.mark.parametrize("flag,value,says", [("--batch-size", "0", "--batch-size must be ≥ 1 (got 0)"),
+                                             ("--steps", "-5", "--steps must be ≥ 1 (got -5)"),
+                                             ("--size", "4", "--size must be ≥ 8 (got 4)")])
+def test_out_of_range_numbers_stop_before_a_run_folder(cmd, flag, value, says, module_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = ["--from-scratch", "--labels", "2"] if cmd == "finetune" else []
+    rc = main([cmd, "--data", str(module_dataset), "--out", str(out), *extra, *_with(TRAIN, flag, value), *MODEL])
+    assert rc == 2 and says in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_out_of_range_recipe_values_are_caught_too(module_dataset, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  ema_decay: 1.5\n")
+    rc = main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "run"), *TRAIN,
+               "--unet-channels", "8,16", "--attention", "0,0", "--recipe", str(recipe)])
+    assert rc == 2 and "--ema-decay must be < 1 (got 1.5)" in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_only_numbers_are_range_checked_in_one_line(module_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["split", "--data", str(module_dataset), "--out", str(tmp_path / "s.json"), "--test-fraction", "1.5"])
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["labeldiff split: error: argument --test-fraction: must lie in (0, 1) (got 1.5) "
+                     "(--help lists the options)"]
+
+
+def test_no_split_file_trains_on_every_image_and_evaluate_says_how_to_split(module_dataset, tmp_path, capsys):
+    data = tmp_path / "nosplit"
+    shutil.copytree(module_dataset, data)
+    (data / "split.json").unlink()
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "5",
+                 "--head-hidden", "8", *TRAIN, *MODEL]) == 0
+    assert len(json.loads((out / "labeled.json").read_text())["stems"]) == 5  # more than the old train split
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    assert "no split.json" in line and "labeldiff split --data" in line
+    assert main(["split", "--data", str(data), "--out", str(data / "split.json")]) == 0
+    split = json.loads((data / "split.json").read_text())
+    assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
+    assert sorted(split["train"] + split["test"]) == sorted(p.stem for p in (data / "images").iterdir())
+    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+
+
+def test_a_truncated_image_stops_pretrain_before_its_run_folder(module_dataset, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "trunc"
+    shutil.copytree(module_dataset, data)
+    bad = data / "images" / "img_03.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # the header is intact, the pixels are not
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *TRAIN, *MODEL]) == 2
+    line = _error_line(capsys)
+    assert "img_03.png: cannot be read as an image" in line and not out.exists()
+    bad.unlink()
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *TRAIN, *MODEL]) == 0
+    # the files decoded once are remembered (path, size, mtime): a second scan decodes nothing
+    import labeldiff.data.io as io
+
+    def refuse(path):
+        raise AssertionError(f"decoded {path}")
+
+    monkeypatch.setattr(io, "_open", refuse)
+    io.check_decodes([data / "images" / f"img_0{i}.png" for i in range(3)])  # what pretraining read
+    with pytest.raises(AssertionError, match="decoded .*img_04.png"):  # the test images were never decoded
+        io.check_decodes([data / "images" / "img_04.png"])

@@ -165,12 +165,13 @@ def test_split_naming_unknown_stem(labeled_dataset):
 
 
 def test_no_split_json_means_all(labeled_dataset):
-    """Without split.json, split None/'all' lists every image and a named split is an error."""
+    """Without split.json, split None/'all' and 'train' list every image; a test split is an error that
+    says how to make one."""
     (labeled_dataset / "split.json").unlink()
     ds = LabeledFolder(labeled_dataset)
-    assert ds.stems(None) == ds.stems("all") == [f"img_{i:02d}" for i in range(6)]
-    with pytest.raises(DataError, match="no split.json"):
-        ds.stems("train")
+    assert ds.stems(None) == ds.stems("all") == ds.stems("train") == [f"img_{i:02d}" for i in range(6)]
+    with pytest.raises(DataError, match="no split.json, so there is no 'test' split; make one with `labeldiff split"):
+        ds.stems("test")
 
 
 # ---------------------------------------------------------------- reading
@@ -458,3 +459,47 @@ def test_resize_mask_is_nearest_neighbour(hw):
     cols = ((torch.arange(hw[1]) + 0.5) * m.shape[1] / hw[1]).floor().long()
     assert torch.equal(out, m[rows][:, cols])
     assert set(out.unique().tolist()) <= {0, 3, 7}
+
+
+# --- K is inferred only when it is unambiguous (issue 14) -----------------------------------------------------------
+
+def _k(root: Path) -> int:
+    from labeldiff.data.datasets import validate_samples
+
+    ds = LabeledFolder(root)
+    return validate_samples(ds.samples(ds.stems("train")), None)
+
+
+def test_masks_saved_as_0_255_stop_with_the_fix(binary_dataset):
+    assert _k(binary_dataset) == 2
+    for f in sorted((binary_dataset / "masks").glob("*.png")):
+        m = np.asarray(Image.open(f))
+        Image.fromarray((m * 255).astype(np.uint8), "L").save(f)
+    with pytest.raises(DataError, match=r"img_00\.png: masks hold only the values 0 and 255.*mask // 255"):
+        _k(binary_dataset)
+
+
+def test_jpeg_masks_with_many_values_stop_with_the_fix(binary_dataset):
+    f = binary_dataset / "masks" / "img_01.png"
+    m = np.asarray(Image.open(f)).astype(np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    soft = np.clip(gaussian_filter(m * 200.0, 2) + np.random.default_rng(0).normal(0, 3, m.shape), 0, 255)
+    Image.fromarray(soft.astype(np.uint8), "L").save(f.with_suffix(".jpg"), quality=70)
+    f.unlink()  # the mask of img_01 is now a lossy JPEG with soft edges
+    with pytest.raises(DataError, match=r"img_01\.jpg: the masks hold \d+ distinct values.*lossless PNG"):
+        _k(binary_dataset)
+
+
+def test_k_comes_from_the_datasets_class_names(binary_dataset):
+    """classes.json (or dataset.json) names K: here 4 classes, though the masks only use 0 and 1."""
+    from labeldiff.config import RunConfig, TransferConfig
+    from labeldiff.transfer.labeled import prepare_transfer
+
+    (binary_dataset / "classes.json").write_text(json.dumps({"background": 0, "nucleus": 1, "gland": 2, "stroma": 3}))
+    cfg = RunConfig(data=DataConfig(path=str(binary_dataset), channels=3, size=16),
+                    transfer=TransferConfig(strategy="scratch", labels=1))
+    assert prepare_transfer(cfg).num_classes == 4
+    cfg = RunConfig(data=DataConfig(path=str(binary_dataset), channels=3, size=16, num_classes=2),
+                    transfer=TransferConfig(strategy="scratch", labels=1))
+    assert prepare_transfer(cfg).num_classes == 2  # --num-classes wins

@@ -9,6 +9,34 @@ import sys
 from pathlib import Path
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``labeldiff CMD: error: …`` (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _number(typ, lo: float | None = None, hi: float | None = None, lo_ok: bool = True, hi_ok: bool = True):
+    """An argparse type: ``typ`` within [lo, hi] (open ends where ``lo_ok`` / ``hi_ok`` is False)."""
+    def parse(text: str):
+        try:
+            v = typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if typ is int else 'a number'}") from None
+        if (lo is not None and (v < lo or (v == lo and not lo_ok))) or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+            left, right = ("[" if lo_ok else "("), ("]" if hi_ok else ")")
+            raise argparse.ArgumentTypeError(f"must lie in {left}{'-∞' if lo is None else f'{lo:g}'}, "
+                                             f"{'∞' if hi is None else f'{hi:g}'}{right} (got {text})")
+        return v
+    parse.__name__ = typ.__name__
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+FRACTION = _number(float, 0, 1, lo_ok=False, hi_ok=False)
+
+
 def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(v) for v in s.split(","))
 
@@ -277,13 +305,21 @@ def cmd_split(args: argparse.Namespace) -> None:
         return
     ds = LabeledFolder(args.data)
     groups_file = args.groups or Path(args.data) / "sequences.json"
-    if not Path(groups_file).is_file():
+    if args.groups is not None and not Path(groups_file).is_file():
         raise DataError(f"groups file {groups_file} does not exist; give --groups FILE (JSON: image stem → group)")
-    groups = json.loads(Path(groups_file).read_text())
+    if Path(groups_file).is_file():
+        groups = json.loads(Path(groups_file).read_text())
+    else:  # no groups: every image its own group, a random split
+        groups = {stem: stem for stem in ds.images}
     split = group_split(sorted(ds.images), groups, args.test_fraction, args.seed)
     atomic_write_text(Path(args.out), json.dumps(split, indent=1))
-    print(f"wrote {args.out}: train {len(split['train'])} images from groups {split['train_groups']}, "
-          f"test {len(split['test'])} images from groups {split['test_groups']}")
+    if Path(groups_file).is_file():
+        print(f"wrote {args.out}: train {len(split['train'])} images from groups {split['train_groups']}, "
+              f"test {len(split['test'])} images from groups {split['test_groups']}")
+    else:
+        print(f"wrote {args.out}: a random split (no --groups, no sequences.json; seed {args.seed}): train "
+              f"{len(split['train'])} images, test {len(split['test'])}; images of one patient or video belong "
+              f"on one side: give --groups FILE for that")
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -311,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labeldiff", description=(
+    parser = Parser(prog="labeldiff", description=(
         "Label-efficient semantic segmentation from diffusion pretraining: pretrain a timestep-conditioned "
         "UNet on unlabeled images, fine-tune it with a few labeled ones, evaluate it against the same "
         "network trained from scratch."))
@@ -391,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sample_XXX.png files and grid.png.")
     p.add_argument("--model", required=True, type=Path, help="a `labeldiff pretrain --method ddpm|hybrid` run folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--n", type=int, default=16, help="number of images [16]")
+    p.add_argument("--n", type=POSITIVE, default=16, help="number of images [16]")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ddpm (ancestral) or ddim [ddim]")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps [ddpm: T, ddim: 50]")
-    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass [16]")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="reverse steps [ddpm: T, ddim: 50]")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed [0]")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="images per forward pass [16]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
@@ -407,13 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CVC-ClinicDB) has images on both sides; use it with --split-file.")
     p.add_argument("--data", required=True, type=Path, help="labeled dataset root (images/, masks/), or an nnU-Net "
                                                           "volume dataset (with --slab-train)")
-    p.add_argument("--groups", type=Path, default=None, help="JSON mapping image stem → group [DATA/sequences.json]")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="at least this fraction of images in test [0.3]")
-    p.add_argument("--seed", type=int, default=0, help="which groups go to test [0]")
-    p.add_argument("--slab-train", type=float, default=None,
+    p.add_argument("--groups", type=Path, default=None, help="JSON mapping image stem → group [DATA/sequences.json "
+                                                             "if there is one, else a random split]")
+    p.add_argument("--test-fraction", type=FRACTION, default=0.3, help="at least this fraction of images in test [0.3]")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which groups go to test [0]")
+    p.add_argument("--slab-train", type=FRACTION, default=None,
                    help="volume datasets: the fraction of each case's labeled slices (lowest first) that trains; "
                         "the rest, after --gap slices, tests")
-    p.add_argument("--gap", type=int, default=4, help="volume datasets: slices left out between the slabs [4]")
+    p.add_argument("--gap", type=NON_NEGATIVE, default=4, help="volume datasets: slices left out between the slabs [4]")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="volume datasets: slice axis [2]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
@@ -443,26 +480,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("probe-memory",), help="which benchmark")
     p.add_argument("--pretrained", required=True, type=Path, help="a `labeldiff pretrain` run (diffusion UNet)")
     p.add_argument("--data", required=True, type=Path, help="labeled dataset root (train and test splits)")
-    p.add_argument("--labels", type=int, default=3, help="labeled training images [3]")
-    p.add_argument("--size", type=int, default=256, help="images and masks resized to size² [256]")
-    p.add_argument("--members", type=int, default=10, help="MLPs in the ensemble [10]")
-    p.add_argument("--max-epochs", type=int, default=50, help="epochs per member at most [50]")
-    p.add_argument("--patience", type=int, default=3, help="stop a member after this many epochs without "
+    p.add_argument("--labels", type=POSITIVE, default=3, help="labeled training images [3]")
+    p.add_argument("--size", type=_number(int, 8), default=256, help="images and masks resized to size² [256]")
+    p.add_argument("--members", type=POSITIVE, default=10, help="MLPs in the ensemble [10]")
+    p.add_argument("--max-epochs", type=POSITIVE, default=50, help="epochs per member at most [50]")
+    p.add_argument("--patience", type=POSITIVE, default=3, help="stop a member after this many epochs without "
                                                           "improvement of its training loss [3]")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in each child process [1]")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads in each child process [1]")
     p.add_argument("--train-split", default="train", help="split.json entry of the labeled images [train]")
     p.add_argument("--test-split", default="test", help="split.json entry evaluated [test]")
-    p.add_argument("--seed", type=int, default=0, help="labeled-image choice and MLP seeds [0]")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="labeled-image choice and MLP seeds [0]")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",
                        description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch "
                                    "with k labeled slices, evaluate both on a disjoint slab, write a report.")
     p.add_argument("--out", default="labeldiff-demo", help="report folder [labeldiff-demo]")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="DDPM pretraining steps [demo default]")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per run [demo default]")
-    p.add_argument("--labels", type=int, default=2, help="labeled slices k [2]")
-    p.add_argument("--seeds", type=int, default=None, help="number of fine-tuning seeds [demo default]")
+    p.add_argument("--pretrain-steps", type=POSITIVE, default=None, help="DDPM pretraining steps [demo default]")
+    p.add_argument("--finetune-steps", type=POSITIVE, default=None, help="fine-tuning steps per run [demo default]")
+    p.add_argument("--labels", type=POSITIVE, default=2, help="labeled slices k [2]")
+    p.add_argument("--seeds", type=POSITIVE, default=None, help="number of fine-tuning seeds [demo default]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="training precision: auto (bf16 autocast where the CPU has AMX/AVX512-BF16, else fp32) [auto]")

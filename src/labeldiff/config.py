@@ -168,6 +168,65 @@ def check_augment(level: str, flips: str) -> None:
                          f"(h = left–right, v = up–down)")
 
 
+# Range of every numeric setting, checked before a run reads data or writes a folder: config field →
+# (command-line flag, lowest, highest, whether the lowest itself is allowed). None: no bound.
+RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
+    "data.size": ("--size", 8, None, True, True),
+    "data.scale": ("--scale", 0, None, False, True),
+    "data.channels": ("--channels", 1, None, True, True),
+    "data.num_workers": ("--num-workers", 0, None, True, True),
+    "data.cache_mb": ("cache_mb", 0, None, True, True),
+    "data.num_classes": ("--num-classes", 2, None, True, True),
+    "train.steps": ("--steps", 1, None, True, True),
+    "train.batch_size": ("--batch-size", 1, None, True, True),
+    "train.lr": ("--lr", 0, None, False, True),
+    "train.lr_final_ratio": ("lr_final_ratio", 0, 1, True, True),
+    "train.warmup_steps": ("--warmup-steps", 0, None, True, True),
+    "train.weight_decay": ("weight_decay", 0, None, True, True),
+    "train.ema_decay": ("--ema-decay", 0, 1, True, False),
+    "train.grad_clip": ("--grad-clip", 0, None, True, True),
+    "train.checkpoint_every": ("--checkpoint-every", 1, None, True, True),
+    "train.log_every": ("log_every", 1, None, True, True),
+    "train.seed": ("--seed", 0, None, True, True),
+    "model.num_res_blocks": ("--res-blocks", 1, None, True, True),
+    "model.num_head_channels": ("--head-channels", 1, None, True, True),
+    "model.norm_num_groups": ("norm_num_groups", 1, None, True, True),
+    "model.decoder_width": ("--decoder-width", 0, None, False, True),
+    "corruption.num_timesteps": ("--timesteps", 1, None, True, True),
+    "corruption.patch_size": ("--patch-size", 1, None, True, True),
+    "corruption.mask_ratio": ("--mask-ratio", 0, 1, False, False),
+    "corruption.sigma": ("--sigma", 0, None, False, True),
+    "corruption.mask_weight": ("--mask-weight", 0, None, True, True),
+    "transfer.labels": ("--labels", 1, None, True, True),
+    "transfer.t": ("--t", 0, None, True, True),
+    "transfer.head_hidden": ("--head-hidden", 1, None, True, True),
+    "transfer.head_lr_mult": ("head_lr_mult", 0, None, False, True),
+    "transfer.members": ("--members", 1, None, True, True),
+    "transfer.lp_steps": ("--lp-steps", 0, None, True, True),
+    "transfer.ce_weight": ("ce_weight", 0, 1, True, True),
+}
+
+
+def check_ranges(cfg: "RunConfig") -> None:
+    """Every numeric setting within its range (:data:`RANGES`), else a one-line error naming the flag:
+    run before any data is read or any folder written."""
+    for dotted, (flag, lo, hi, lo_ok, hi_ok) in RANGES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None and dotted == "data.num_classes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{flag} must be a number, not {value!r}")
+        if lo is not None and (value < lo or (value == lo and not lo_ok)):
+            raise ValueError(f"{flag} must be {'≥' if lo_ok else '>'} {lo:g} (got {value:g})")
+        if hi is not None and (value > hi or (value == hi and not hi_ok)):
+            raise ValueError(f"{flag} must be {'≤' if hi_ok else '<'} {hi:g} (got {value:g})")
+    if any(not isinstance(c, int) or c < 1 for c in cfg.model.channels):
+        raise ValueError(f"--unet-channels must be positive integers (got {cfg.model.channels})")
+    if cfg.transfer.t >= cfg.corruption.num_timesteps:
+        raise ValueError(f"--t must be below the diffusion steps T = {cfg.corruption.num_timesteps} (got {cfg.transfer.t})")
+
+
 def check_transfer(t: TransferConfig) -> None:
     """The fine-tuning protocol's choices (augment, flips, steps rule), with errors that list them."""
     check_augment(t.augment, t.flips)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
-from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image, read_mask
+from labeldiff.data.io import IMAGE_SUFFIXES, DataError, check_decodes, image_size, read_image, read_mask
 from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, canonical,
                                    fit_ct_percentile, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
                                    read_slice_mask, read_volume, slice_stem, SliceRef, volume_shape)
@@ -113,11 +113,19 @@ class LabeledFolder:
         self.splits = read_splits(self.split_file)
 
     def stems(self, split: str | None) -> list[str]:
-        """Stems of a named split (``None`` or ``"all"`` without a split.json entry: every image)."""
+        """Stems of a named split (``None`` or ``"all"`` without a split.json entry: every image). With no
+        split file at all, ``train`` is every image (fine-tuning and pretraining need no split), and a
+        test split is asked for with the command that makes one."""
         if split is None or (split == "all" and "all" not in self.splits):
             return sorted(self.images)
+        if not self.split_file.is_file():
+            if split == "train":
+                return sorted(self.images)
+            raise DataError(f"{self.root}: no split.json, so there is no {split!r} split; make one with `labeldiff "
+                            f"split --data {self.root} --out {self.root / 'split.json'}` (a random split; --groups "
+                            f"keeps videos or patients on one side)")
         if split not in self.splits:
-            have = ", ".join(sorted(self.splits)) or "none (no split.json)"
+            have = ", ".join(sorted(self.splits)) or "none"
             raise DataError(f"{self.split_file}: no split named {split!r}; available: {have}")
         missing = [s for s in self.splits[split] if s not in self.images]
         if missing:
@@ -300,14 +308,21 @@ def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: st
     return LabeledFolder(root, split_file)
 
 
+MAX_INFERRED_CLASSES = 32  # more distinct mask values than this, with no K given, is a lossy or anti-aliased mask
+
+
 def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     """Check every pair (readable, same size, integer values < K) and return K.
 
-    With ``num_classes=None``, K is inferred as max label + 1 over these samples (at least 2).
+    With ``num_classes=None``, K is inferred as max label + 1 over these samples (at least 2) — but
+    only when that is unambiguous: masks holding only 0 and 255 (a binary mask saved for viewing) or
+    more than ``MAX_INFERRED_CLASSES`` distinct values (a JPEG or anti-aliased mask) stop with an
+    error naming a file and the fix.
     """
     if not samples:
         raise DataError("no samples to validate: the split is empty")
-    highest = 0
+    values: set[int] = set()
+    first_with: dict[int, Path] = {}
     for s in samples:
         ih, iw = s.size()
         assert s.mask is not None
@@ -315,8 +330,23 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
         if mask.shape != (ih, iw):
             raise DataError(f"mask {s.mask} is {mask.shape[1]}×{mask.shape[0]} but image {s.image} is {iw}×{ih}; "
                             f"masks must have the image's size")
-        highest = max(highest, int(mask.max()))
-    return num_classes if num_classes is not None else max(2, highest + 1)
+        if num_classes is None:
+            for v in np.unique(mask).tolist():
+                if v not in values:
+                    values.add(v)
+                    first_with[v] = s.mask
+    if num_classes is not None:
+        return num_classes
+    if 255 in values and values <= {0, 255}:
+        raise DataError(f"{first_with[255]}: masks hold only the values 0 and 255 (a binary mask saved for viewing); "
+                        f"re-save them as 0 = background, 1 = foreground (mask // 255), or pass --num-classes 256 "
+                        f"if 255 really is a class")
+    if len(values) > MAX_INFERRED_CLASSES:
+        many = max(first_with.values(), key=lambda f: sum(first_with[v] == f for v in first_with))
+        raise DataError(f"{many}: the masks hold {len(values)} distinct values ({min(values)}..{max(values)}), the "
+                        f"sign of a JPEG-compressed or anti-aliased mask; save masks as lossless PNG class maps, or "
+                        f"pass --num-classes K if there really are that many classes")
+    return max(2, max(values) + 1)
 
 
 def dataset_root(path: Path) -> Path:
@@ -340,8 +370,7 @@ def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset
     if not samples:
         raise DataError(f"{folder}: every image is in the excluded test split; pretraining needs images "
                         f"outside it (or --include-test)")
-    for s in samples:
-        image_size(s.image)  # readable header, or a DataError naming the file
+    check_decodes([s.image for s in samples])  # every file decodes, or a DataError naming it
     return samples
 
 

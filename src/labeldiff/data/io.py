@@ -24,6 +24,50 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
+def scan_cache_path() -> Path:
+    """Where :func:`check_decodes` remembers the files it decoded (``$LABELDIFF_CACHE`` or ~/.cache/labeldiff)."""
+    import os
+
+    return Path(os.environ.get("LABELDIFF_CACHE", Path.home() / ".cache" / "labeldiff")) / "decoded.json"
+
+
+def check_decodes(paths: list[Path], what: str = "images") -> None:
+    """Decode every file once (a truncated PNG has a good header: only decoding finds it), before a run
+    folder exists; a DataError names the first bad file. Files decoded before, unchanged (same size and
+    mtime), are skipped, so a second run over the same data is instant."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    cache_file = scan_cache_path()
+    try:
+        seen = set(json.loads(cache_file.read_text()))
+    except (OSError, ValueError):
+        seen = set()
+
+    def key(p: Path) -> str:
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    todo = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise DataError(f"{p}: file not found")
+        if key(p) not in seen:
+            todo.append(p)
+    for p in tqdm(todo, desc=f"checking {len(todo)} {what}", unit="file", disable=len(todo) < 100):
+        _open(p).close()
+        seen.add(key(p))
+    if todo:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(seen)))
+            tmp.replace(cache_file)
+        except OSError:  # a read-only home: the check still ran, it is only not remembered
+            pass
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
     try:

@@ -266,9 +266,9 @@ class NnUNetRaw:
         return out
 
 
-def dataset_class_names(root: Path) -> list[str] | None:
-    """Class names in id order from a dataset root's ``dataset.json`` (nnU-Net ``labels``) or
-    ``classes.json`` (name → id, as ``prepare: volume-slabs`` writes it); None when it has neither."""
+def dataset_labels(root: Path) -> dict[str, int] | None:
+    """Class name → id from a dataset root's ``dataset.json`` (nnU-Net ``labels``) or ``classes.json``
+    (name → id, as ``prepare: volume-slabs`` writes it); None when it has neither."""
     for name in ("dataset.json", "classes.json"):
         f = Path(root) / name
         if f.is_file():
@@ -278,8 +278,20 @@ def dataset_class_names(root: Path) -> list[str] | None:
                 return None
             labels = raw.get("labels", raw) if name == "dataset.json" else raw
             if isinstance(labels, dict) and labels and all(isinstance(v, int) for v in labels.values()):
-                return [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+                return labels
     return None
+
+
+def dataset_class_names(root: Path) -> list[str] | None:
+    """Class names in id order (:func:`dataset_labels`); None when the dataset names none."""
+    labels = dataset_labels(root)
+    return [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])] if labels else None
+
+
+def dataset_num_classes(root: Path) -> int | None:
+    """K named by the dataset (:func:`dataset_labels`: highest id + 1); None when it names none."""
+    labels = dataset_labels(root)
+    return max(labels.values()) + 1 if labels else None
 
 
 def is_nnunet_raw(path: Path) -> bool:

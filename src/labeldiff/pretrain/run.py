@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from labeldiff.checkpoint import prepare_run_dir
-from labeldiff.config import RunConfig
+from labeldiff.config import RunConfig, check_ranges
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
 from labeldiff.corruption.masking import resolve_loss
 from labeldiff.data.datasets import Sample, StepBatches, open_labeled, pretraining_samples, validate_samples
+from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
 from labeldiff.models.unet import build_network, check_input_size
 from labeldiff.pretrain.loop import train
@@ -53,7 +54,7 @@ def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sampl
         return samples, None
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     samples = ds.samples(ds.stems(cfg.data.train_split))
-    return samples, validate_samples(samples, cfg.data.num_classes)
+    return samples, validate_samples(samples, cfg.data.num_classes or dataset_num_classes(ds.root))
 
 
 def encoder_weights(source: str) -> dict[str, torch.Tensor] | None:
@@ -85,6 +86,7 @@ def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torc
 
 def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     cfg.kind = "pretrain"
+    check_ranges(cfg)
     if cfg.model.in_channels != cfg.data.channels:
         cfg.model.in_channels = cfg.data.channels
     cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # stored resolved

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from labeldiff.config import ModelConfig, RunConfig, replace
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import dataset_class_names
+from labeldiff.data.nnunet import dataset_class_names, dataset_num_classes
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import run_evaluate_volumes, split_slabs
 from labeldiff.models.probe import PROBE_METHODS
@@ -68,7 +68,7 @@ class Target:
     def load(cls, study: Study, ft: RunConfig) -> "Target":
         ds = open_labeled(ft.data, study.data.path, study.data.split_file)
         train, test = ds.stems(ft.data.train_split), ds.stems(ft.data.test_split)
-        k = validate_samples(ds.samples(train + test), ft.data.num_classes)
+        k = validate_samples(ds.samples(train + test), ft.data.num_classes or dataset_num_classes(ds.root))
         classes = class_sets(ds, train, k) if study.require_all_classes else None
         slabs = None
         if "volume" in study.metrics:

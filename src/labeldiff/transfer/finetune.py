@@ -37,7 +37,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
-from labeldiff.config import RunConfig, check_transfer, replace
+from labeldiff.config import RunConfig, check_ranges, check_transfer, replace
 from labeldiff.data.augment import Augment
 from labeldiff.data.datasets import StepBatches
 from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, check_input_size, load_backbone_strict
@@ -187,6 +187,7 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
         raise ValueError("the probe trains pixel MLPs, not this network: use labeldiff.transfer.run.run_transfer "
                          "(`labeldiff finetune --strategy probe`)")
     frozen_parts(t.strategy, cfg.model.arch)  # an unknown strategy fails here, before anything is read
+    check_ranges(cfg)
     check_transfer(t)
     job = prepare_transfer(cfg, stems, explicit)
     check_keep_head(cfg, job.num_classes, job.pre)

@@ -13,6 +13,7 @@ from pathlib import Path
 from labeldiff.config import LABEL_UNITS, RunConfig
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, select_subset, validate_samples
 from labeldiff.data.io import DataError
+from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.runs import RunFolder
 
 
@@ -57,7 +58,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
             raise DataError(f"labeled images must be a non-empty subset of the {cfg.data.train_split!r} split; "
                             f"{outside[:3] or 'none'} are not in it")
         t.labels = len(chosen)
-    cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes)
+    cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes or dataset_num_classes(ds.root))
     return Transfer(pre, ds, chosen, cfg.num_classes)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, save_weights
-from labeldiff.config import RunConfig
+from labeldiff.config import RunConfig, check_ranges
 from labeldiff.data.datasets import ScaledImages
 from labeldiff.models.probe import (PROBE_METHODS, PaddedExtractor, default_spec, format_spec, make_extractor,
                                     parse_spec, save_probe)
@@ -37,6 +37,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     t = cfg.transfer
     if not t.pretrained:
         raise ValueError("strategy 'probe' reads the features of a pretrained UNet: give --pretrained RUN_DIR")
+    check_ranges(cfg)
     job = prepare_transfer(cfg, stems, explicit)
     pre = job.pre
     if pre.config.model.arch != "unet" or pre.method not in PROBE_METHODS:
