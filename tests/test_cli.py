@@ -577,3 +577,28 @@ def test_a_truncated_image_stops_pretrain_before_its_run_folder(module_dataset, 
     io.check_decodes([data / "images" / f"img_0{i}.png" for i in range(3)])  # what pretraining read
     with pytest.raises(AssertionError, match="decoded .*img_04.png"):  # the test images were never decoded
         io.check_decodes([data / "images" / "img_04.png"])
+
+
+def test_ignore_index_end_to_end(module_dataset, tmp_path, capsys):
+    """Masks with 255 = not labeled (Pascal VOC style): refused without --ignore-index (the message says
+    so); with it K stays 3, fine-tuning and evaluation leave those pixels out."""
+    data = tmp_path / "voc"
+    shutil.copytree(module_dataset, data)
+    for f in sorted((data / "masks").glob("*.png")):
+        m = np.array(Image.open(f))
+        m[:4] = 255  # a band of unlabeled pixels
+        Image.fromarray(m, "L").save(f)
+    out = tmp_path / "ft"
+    args = ["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "2", "--head-hidden", "8",
+            *TRAIN, *MODEL]
+    assert main(args) == 2 and "--ignore-index 255" in _error_line(capsys)
+    assert main([*args, "--ignore-index", "255"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_classes"] == 3 and cfg["data"]["ignore_index"] == 255
+    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["ignore_index"] == 255 and 0 <= m["dice"]["mean"] <= 1
+    capsys.readouterr()
+    bad = ["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "ft2"), *args[5:], "--ignore-index", "1"]
+    assert main(bad) == 2 and "--ignore-index 1 is one of the 3 classes" in _error_line(capsys)
+    assert not (tmp_path / "ft2").exists()

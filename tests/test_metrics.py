@@ -159,3 +159,46 @@ def test_plots_and_tables_name_the_classes_present():
     plt.close("all")
     rows = [{"method": "none", "strategy": "scratch", "k": 1, "seed": 0, "dice": 0.5, "iou": 0.4}]
     assert "Foreground classes: 1 liver, 2 spleen, 3 aorta." in results_markdown(rows, ["dice"], class_names=names)
+
+
+def test_ignored_pixels_change_no_loss_and_no_metric():
+    """--ignore-index: what the image or the prediction holds under ignored pixels changes nothing."""
+    from labeldiff.transfer.finetune import segmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    target[:, :3] = 255  # the top rows are not labeled
+    logits = torch.randn(2, 3, 8, 8, generator=g)
+    loss = segmentation_loss(0.5, ignore_index=255)
+    identity = torch.nn.Identity()  # the "network" passes its input on: the image is the logits
+    base = loss(identity, {"image": logits, "mask": target}, g)
+    changed = logits.clone()
+    changed[:, :, :3] = torch.randn(2, 3, 3, 8, generator=g) * 10
+    assert torch.allclose(loss(identity, {"image": changed, "mask": target}, g), base)
+    elsewhere = logits.clone()
+    elsewhere[:, 0, 5:] += 3.0  # class 0 more likely in labeled rows
+    assert not torch.allclose(loss(identity, {"image": elsewhere, "mask": target}, g), base)
+    # without ignored pixels the loss is MONAI's DiceCELoss, exactly as before
+    full = torch.randint(0, 3, (2, 8, 8), generator=g)
+    assert torch.equal(segmentation_loss(0.5, 255)(identity, {"image": logits, "mask": full}, g),
+                       segmentation_loss(0.5)(identity, {"image": logits, "mask": full}, g))
+
+    pred = logits.argmax(1).numpy()
+    noisy = pred.copy()
+    noisy[:, :3] = 2
+    t = target.numpy()
+    assert np.array_equal(confusion_stats(noisy, t, 3, 255), confusion_stats(pred, t, 3, 255))
+    assert confusion_stats(pred, t, 3, 255).sum(0)[0] + confusion_stats(pred, t, 3, 255).sum(0)[2] <= (t != 255).sum()
+
+
+def test_the_probe_never_samples_an_ignored_pixel(tmp_path):
+    from labeldiff.transfer.probe import PixelCache
+
+    mask = torch.zeros(6, 6, dtype=torch.long)
+    mask[2:4, 2:4] = 1
+    mask[0] = 255
+    cache = PixelCache(tmp_path, 4, 8)
+    cache.add(torch.randn(4, 6, 6), mask, torch.Generator().manual_seed(0), ignore_index=255)
+    assert cache.sizes == [30]
+    labels = np.fromfile(cache.paths(0)[1], dtype=np.int16)
+    assert len(labels) == 30 and 255 not in labels and (labels == 1).sum() == 4

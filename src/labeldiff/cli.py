@@ -139,6 +139,8 @@ FINETUNE_OPTS = [
     ("--t", "transfer.t", int, "fixed timestep fed to the backbone's time embedding [0]"),
     ("--head-hidden", "transfer.head_hidden", int, "hidden channels of the segmentation head [128]"),
     ("--num-classes", "data.num_classes", int, "number of classes K (default: max mask value + 1)"),
+    ("--ignore-index", "data.ignore_index", int, "a mask value meaning 'not labeled' (e.g. 255): left out of the "
+                                                "loss, the metrics and the probe's samples [none]"),
     ("--train-split", "data.train_split", str, "split.json entry the labeled images come from [train]"),
     ("--test-split", "data.test_split", str, "split.json entry evaluated by default [test]"),
 ]

@@ -95,6 +95,9 @@ class DataConfig:
     cache_mb: int = 512
     num_workers: int = 0
     axis: int = 2  # volume datasets (nnU-Net raw): the axis slices are cut along (2 = axial)
+    # a mask value meaning "not labeled" (255 in Pascal VOC / Cityscapes): left out of every loss, metric
+    # and probe sample; None: every value is a class
+    ignore_index: int | None = None
     intensity: dict | None = None  # volume datasets: labeldiff.data.nnunet.Intensity as a dict (None: percentile)
 
 
@@ -177,6 +180,7 @@ RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
     "data.num_workers": ("--num-workers", 0, None, True, True),
     "data.cache_mb": ("cache_mb", 0, None, True, True),
     "data.num_classes": ("--num-classes", 2, None, True, True),
+    "data.ignore_index": ("--ignore-index", 0, None, True, True),
     "train.steps": ("--steps", 1, None, True, True),
     "train.batch_size": ("--batch-size", 1, None, True, True),
     "train.lr": ("--lr", 0, None, False, True),
@@ -213,7 +217,7 @@ def check_ranges(cfg: "RunConfig") -> None:
     for dotted, (flag, lo, hi, lo_ok, hi_ok) in RANGES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value is None and dotted == "data.num_classes":
+        if value is None and dotted in ("data.num_classes", "data.ignore_index"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ValueError(f"{flag} must be a number, not {value!r}")

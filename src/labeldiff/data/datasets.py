@@ -54,6 +54,7 @@ class Sample:
     mask: Path | None = None
     ref: SliceRef | None = None
     intensity: Intensity | None = None
+    ignore_index: int | None = None  # a mask value meaning "not labeled" (DataConfig.ignore_index)
 
     @property
     def key(self) -> str:
@@ -66,9 +67,9 @@ class Sample:
 
     def read_mask(self, num_classes: int | None = None) -> np.ndarray:
         if self.ref is not None:
-            return read_slice_mask(self.ref, num_classes)
+            return read_slice_mask(self.ref, num_classes, self.ignore_index)
         assert self.mask is not None
-        return read_mask(self.mask, num_classes)
+        return read_mask(self.mask, num_classes, self.ignore_index)
 
     def size(self) -> tuple[int, int]:
         """(height, width) without decoding an image file (a volume slice: its display square)."""
@@ -111,6 +112,7 @@ class LabeledFolder:
         self.masks = list_images(self.root / "masks")
         self.split_file = split_path(self.root, split_file)
         self.splits = read_splits(self.split_file)
+        self.ignore_index: int | None = None  # set by open_labeled from DataConfig.ignore_index
 
     def stems(self, split: str | None) -> list[str]:
         """Stems of a named split (``None`` or ``"all"`` without a split.json entry: every image). With no
@@ -139,7 +141,7 @@ class LabeledFolder:
             if s not in self.masks:
                 raise DataError(f"{self.images[s]}: no mask with stem {s!r} in {self.root / 'masks'}; "
                                 f"add masks/{s}.png or drop the image")
-            out.append(Sample(s, self.images[s], self.masks[s]))
+            out.append(Sample(s, self.images[s], self.masks[s], ignore_index=self.ignore_index))
         return out
 
 
@@ -162,6 +164,7 @@ class VolumeFolder:
             raise DataError(f"axis must be 0, 1 or 2 (got {axis})")
         self.axis = axis
         self.intensity = intensity or Intensity("percentile")
+        self.ignore_index: int | None = None  # set by open_labeled from DataConfig.ignore_index
         self.refs: dict[str, SliceRef] = {}
         self.case_names: dict[str, str] = {}  # slice stem → its case
         self.case_slices: dict[str, list[str]] = {}
@@ -228,7 +231,8 @@ class VolumeFolder:
             if ref.label is None:
                 raise DataError(f"{ref.images[0]}: slice {s} has no label volume; labeled splits take cases "
                                 f"with labelsTr/ (or labelsTs/)")
-            out.append(Sample(s, Path(ref.images[0]), Path(ref.label), ref=ref, intensity=self.intensity))
+            out.append(Sample(s, Path(ref.images[0]), Path(ref.label), ref=ref, intensity=self.intensity,
+                              ignore_index=self.ignore_index))
         return out
 
     def copies(self, stems: set[str] | frozenset[str]) -> set[str]:
@@ -303,9 +307,10 @@ def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: st
     """The labeled dataset at ``path`` (default ``cfg.path``): a :class:`VolumeFolder` for an nnU-Net
     raw dataset, else a :class:`LabeledFolder`."""
     root = Path(path or cfg.path)
-    if is_nnunet_raw(root):
-        return VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root))
-    return LabeledFolder(root, split_file)
+    ds = (VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root)) if is_nnunet_raw(root)
+          else LabeledFolder(root, split_file))
+    ds.ignore_index = cfg.ignore_index
+    return ds
 
 
 MAX_INFERRED_CLASSES = 32  # more distinct mask values than this, with no K given, is a lossy or anti-aliased mask
@@ -315,9 +320,10 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     """Check every pair (readable, same size, integer values < K) and return K.
 
     With ``num_classes=None``, K is inferred as max label + 1 over these samples (at least 2) — but
-    only when that is unambiguous: masks holding only 0 and 255 (a binary mask saved for viewing) or
-    more than ``MAX_INFERRED_CLASSES`` distinct values (a JPEG or anti-aliased mask) stop with an
-    error naming a file and the fix.
+    only when that is unambiguous: masks holding only 0 and 255 (a binary mask saved for viewing),
+    a few small classes and 255 (Pascal VOC's "not labeled"; see ``ignore_index``) or more than
+    ``MAX_INFERRED_CLASSES`` distinct values (a JPEG or anti-aliased mask) stop with an error naming
+    a file and the fix. Pixels of a sample's ``ignore_index`` are no class.
     """
     if not samples:
         raise DataError("no samples to validate: the split is empty")
@@ -332,6 +338,8 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
                             f"masks must have the image's size")
         if num_classes is None:
             for v in np.unique(mask).tolist():
+                if v == s.ignore_index:
+                    continue
                 if v not in values:
                     values.add(v)
                     first_with[v] = s.mask
@@ -339,8 +347,15 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
         return num_classes
     if 255 in values and values <= {0, 255}:
         raise DataError(f"{first_with[255]}: masks hold only the values 0 and 255 (a binary mask saved for viewing); "
-                        f"re-save them as 0 = background, 1 = foreground (mask // 255), or pass --num-classes 256 "
-                        f"if 255 really is a class")
+                        f"re-save them as 0 = background, 1 = foreground (mask // 255), pass --ignore-index 255 if "
+                        f"255 means not labeled, or --num-classes 256 if 255 really is a class")
+    others = values - {255}
+    if 255 in values and others and max(others) < 128:
+        raise DataError(f"{first_with[255]}: masks hold the classes {sorted(others)[:6]} and 255, which in Pascal VOC, "
+                        f"Cityscapes and their kin marks unlabeled pixels; pass --ignore-index 255 (left out of the "
+                        f"loss and the metrics), or --num-classes 256 if 255 really is a class")
+    if not values:
+        raise DataError(f"{samples[0].mask}: every mask pixel is --ignore-index {samples[0].ignore_index}; label some")
     if len(values) > MAX_INFERRED_CLASSES:
         many = max(first_with.values(), key=lambda f: sum(first_with[v] == f for v in first_with))
         raise DataError(f"{many}: the masks hold {len(values)} distinct values ({min(values)}..{max(values)}), the "

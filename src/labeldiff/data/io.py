@@ -112,8 +112,8 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1) * 2.0 - 1.0, dtype=np.float32)
 
 
-def read_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
-    """Read an integer class map ``[H, W]`` (int64). Values must be integers in 0..K-1."""
+def read_mask(path: Path, num_classes: int | None = None, ignore_index: int | None = None) -> np.ndarray:
+    """Read an integer class map ``[H, W]`` (int64). Values must be integers in 0..K-1, or ``ignore_index``."""
     path = Path(path)
     img = _open(path)
     arr = np.asarray(img)
@@ -130,9 +130,10 @@ def read_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
     mask = arr.astype(np.int64)
     if mask.min() < 0:
         raise DataError(f"{path}: mask has negative values; masks must be integer class maps 0..K-1")
-    if num_classes is not None and mask.max() >= num_classes:
-        bad = sorted(int(v) for v in np.unique(mask) if v >= num_classes)[:5]
-        hint = " (a 0/255 binary mask? divide by 255)" if 255 in bad else ""
+    labeled = mask if ignore_index is None else mask[mask != ignore_index]
+    if num_classes is not None and labeled.size and labeled.max() >= num_classes:
+        bad = sorted(int(v) for v in np.unique(labeled) if v >= num_classes)[:5]
+        hint = " (a 0/255 binary mask? divide by 255; or --ignore-index 255 if 255 means not labeled)" if 255 in bad else ""
         raise DataError(f"{path}: mask values {bad} are ≥ K={num_classes}{hint}; "
                         f"fix the mask or pass --num-classes {int(mask.max()) + 1}")
     return mask

@@ -484,13 +484,14 @@ def read_slice_image(ref: SliceRef, channels: int, intensity: Intensity) -> np.n
     return slice_image(vols, ref.axis, ref.index, channels)
 
 
-def read_slice_mask(ref: SliceRef, num_classes: int | None = None) -> np.ndarray:
+def read_slice_mask(ref: SliceRef, num_classes: int | None = None, ignore_index: int | None = None) -> np.ndarray:
     if ref.label is None:
         raise DataError(f"{ref.images[0]}: this case has no label volume")
     lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE)
     m = to_display(np.take(lab.array, ref.index, axis=ref.axis), 0)
-    if m.min() < 0 or (num_classes is not None and m.max() >= num_classes):
-        raise DataError(f"{ref.label}: label values {int(m.min())}..{int(m.max())} outside 0..{num_classes - 1}; "
+    labeled = m if ignore_index is None else m[m != ignore_index]
+    if labeled.size and (labeled.min() < 0 or (num_classes is not None and labeled.max() >= num_classes)):
+        raise DataError(f"{ref.label}: label values {int(labeled.min())}..{int(labeled.max())} outside 0..{num_classes - 1}; "
                         f"dataset.json's labels must name every value")
     return m.astype(np.int64)
 

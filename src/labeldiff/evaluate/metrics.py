@@ -10,10 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def confusion_stats(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-class ``[K, 3]`` counts (tp, fp, fn) of two integer maps of the same shape."""
+def confusion_stats(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """Per-class ``[K, 3]`` counts (tp, fp, fn) of two integer maps of the same shape; pixels whose
+    target is ``ignore_index`` are left out."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
     idx = target.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
     cm = np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)  # [true, pred]
     tp = np.diag(cm)

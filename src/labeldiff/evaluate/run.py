@@ -41,7 +41,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
         image = torch.from_numpy(s.read_image(cfg.data.channels))
         target = s.read_mask(k)
         pred = predict_mask(model, image, cfg.data, precision, tta=tta).numpy()
-        stats = confusion_stats(pred, target, k)
+        stats = confusion_stats(pred, target, k, cfg.data.ignore_index)  # ignored pixels left out
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
         row = {"stem": s.stem}
@@ -54,7 +54,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
-                    "precision": precision})
+                    "precision": precision, "ignore_index": cfg.data.ignore_index})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(grid, out / "overlays.png", title=f"{Path(model_dir).name} on {split}: "

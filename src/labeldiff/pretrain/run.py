@@ -52,6 +52,10 @@ def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sampl
         samples, why = pretraining_samples(cfg.data)
         print(why)
         return samples, None
+    if cfg.data.ignore_index is not None:
+        raise ValueError(f"--ignore-index is for fine-tuning, the probe and evaluation; {cfg.corruption.method} "
+                         f"pretraining learns every mask pixel (a hybrid model generates the mask), so give it "
+                         f"fully labeled masks")
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     samples = ds.samples(ds.stems(cfg.data.train_split))
     return samples, validate_samples(samples, cfg.data.num_classes or dataset_num_classes(ds.root))

@@ -21,7 +21,7 @@ from labeldiff.study.spec import MethodSpec, ProtocolSpec, Recipe, Study
 PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test", "axis", "intensity")
 # fields that do not change what a run computes: left out of the hashes
 NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
-LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None}, "transfer": {"label_unit": "slices"}}  # fields added later: at their default, runs hash as before
+LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None}, "transfer": {"label_unit": "slices"}}  # fields added later: at their default, runs hash as before
 
 
 def digest(obj: Any, n: int = 10) -> str:

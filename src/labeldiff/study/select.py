@@ -32,8 +32,9 @@ PIXEL_SIDE = 16
 
 
 def class_sets(ds: LabeledFolder, stems: list[str], num_classes: int) -> dict[str, frozenset[int]]:
-    """The classes present in each image's mask."""
-    return {s.stem: frozenset(int(c) for c in np.unique(s.read_mask(num_classes))) for s in ds.samples(stems)}
+    """The classes present in each image's mask (an ignored value is no class)."""
+    return {s.stem: frozenset(int(c) for c in np.unique(s.read_mask(num_classes)) if c != s.ignore_index)
+            for s in ds.samples(stems)}
 
 
 def check_coverable(classes: dict[str, frozenset[int]], num_classes: int, split_name: str = "train") -> None:

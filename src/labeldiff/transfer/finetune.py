@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, MaskedDiceLoss
 
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
 from labeldiff.config import RunConfig, check_ranges, check_transfer, replace
@@ -71,13 +71,23 @@ def freeze(model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Modu
     return modules
 
 
-def segmentation_loss(ce_weight: float):
-    """0.5·CE + 0.5·Dice (softmax over K classes, background included) via MONAI's DiceCELoss."""
+def segmentation_loss(ce_weight: float, ignore_index: int | None = None):
+    """0.5·CE + 0.5·Dice (softmax over K classes, background included) via MONAI's DiceCELoss; with
+    ``ignore_index``, CE skips those pixels and the Dice term is MONAI's MaskedDiceLoss over the rest."""
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=1.0 - ce_weight)
+    masked_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
 
     def loss_fn(model: torch.nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         logits = model(batch["image"]).float()
-        return dice_ce(logits, batch["mask"][:, None])
+        target = batch["mask"]
+        if ignore_index is None:
+            return dice_ce(logits, target[:, None])
+        labeled = target != ignore_index
+        if not bool(labeled.any()):  # a batch of crops with no labeled pixel teaches nothing
+            return logits.sum() * 0.0
+        ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index)
+        dice = masked_dice(logits, torch.where(labeled, target, 0)[:, None], mask=labeled[:, None].float())
+        return ce_weight * ce + (1.0 - ce_weight) * dice
 
     return loss_fn
 
@@ -239,5 +249,5 @@ def _phase(cfg: RunConfig, model: SegmentationNet, out: Path, batches: StepBatch
           + (f" (frozen: {', '.join(parts)})" if parts else ""))
     optimizer = torch.optim.Adam(param_groups(model, cfg))
     stop = plateau_stop() if cfg.transfer.steps_rule == "plateau" else None
-    return train(out, cfg, model, optimizer, segmentation_loss(cfg.transfer.ce_weight), batches, resume=resume,
+    return train(out, cfg, model, optimizer, segmentation_loss(cfg.transfer.ce_weight, cfg.data.ignore_index), batches, resume=resume,
                  desc=desc, frozen=frozen, stop=stop)

@@ -59,6 +59,10 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
                             f"{outside[:3] or 'none'} are not in it")
         t.labels = len(chosen)
     cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes or dataset_num_classes(ds.root))
+    ignore = cfg.data.ignore_index
+    if ignore is not None and ignore < cfg.num_classes:
+        raise DataError(f"--ignore-index {ignore} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "
+                        f"give the value that marks unlabeled pixels (e.g. 255)")
     return Transfer(pre, ds, chosen, cfg.num_classes)
 
 

@@ -108,14 +108,20 @@ class PixelCache:
     def paths(self, i: int) -> tuple[Path, Path]:
         return self.folder / f"{i:06d}.features.f16", self.folder / f"{i:06d}.labels.i16"
 
-    def add(self, features: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> None:
-        """Append one image: ``features [F, H, W]``, ``mask [H, W]``."""
+    def add(self, features: torch.Tensor, mask: torch.Tensor, g: torch.Generator,
+            ignore_index: int | None = None) -> None:
+        """Append one image: ``features [F, H, W]``, ``mask [H, W]``; pixels whose mask is
+        ``ignore_index`` are no training sample."""
         order = torch.randperm(mask.numel(), generator=g)
+        labels = mask.cpu().reshape(-1)[order]
+        if ignore_index is not None:
+            keep = labels != ignore_index
+            order, labels = order[keep], labels[keep]
         rows = features.to("cpu", torch.float16).reshape(self.num_features, -1).T[order]  # one float16 copy
         fpath, lpath = self.paths(len(self.sizes))
         rows.numpy().tofile(fpath)
-        mask.cpu().reshape(-1)[order].to(torch.int16).numpy().tofile(lpath)
-        self.sizes.append(mask.numel())
+        labels.to(torch.int16).numpy().tofile(lpath)
+        self.sizes.append(int(labels.numel()))
 
     @property
     def nbytes(self) -> int:
@@ -172,8 +178,9 @@ def _image_features(extractor: FeatureExtractor, image: torch.Tensor, mask: torc
 def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                 num_classes: int, members: int = 10, lr: float = 1e-3, batch_pixels: int = 1024,
                 max_epochs: int = 50, patience: int = 3, seed: int = 0, cache_dir: Path | None = None,
-                progress: bool = True) -> PixelEnsemble:
-    """Train the probe without ever holding more than one image's features in RAM.
+                progress: bool = True, ignore_index: int | None = None) -> PixelEnsemble:
+    """Train the probe without ever holding more than one image's features in RAM; pixels whose mask is
+    ``ignore_index`` are not sampled.
 
     images: ``C×H×W`` tensors in [-1, 1]; masks: ``H×W`` long (any sequence: a lazy one keeps the
     raw images out of RAM too). Each image's features are computed, written to a float16 cache
@@ -187,7 +194,7 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
         cache = PixelCache(Path(cache_dir) if cache_dir else Path(tmp), extractor.num_features, batch_pixels)
         g = torch.Generator().manual_seed(seed)
         for i in tqdm(range(len(images)), desc="probe features → disk", disable=not progress, leave=False):
-            cache.add(_image_features(extractor, images[i], masks[i], i, torch.float16), masks[i], g)
+            cache.add(_image_features(extractor, images[i], masks[i], i, torch.float16), masks[i], g, ignore_index)
         return train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
                              patience, seed, progress)
 

@@ -48,6 +48,9 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     requested = t.features
     if requested not in ("default", "auto"):
         parse_spec(requested)  # validate before the run folder is written
+    if requested == "auto" and cfg.data.ignore_index is not None:
+        raise ValueError("--features auto scores its candidates on every pixel; with --ignore-index give the "
+                         "features (--features default, or 'blocks=…;t=…')")
     unet = pre.backbone()
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
     loader = ScaledImages(cfg.data)
@@ -74,7 +77,8 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     print(f"probe: {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, features {t.features} "
           f"({extractor.num_features} per pixel, features {'chosen by validation' if selection else requested}), "
           f"{t.members} MLPs")
-    ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed)
+    ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed,
+                           ignore_index=cfg.data.ignore_index)
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith(PRETEXT_OUTPUT)}
     save_weights(state, out / BACKBONE_FILE)
     save_probe(out, ensemble, spec, noise_seed=cfg.train.seed)
