@@ -275,6 +275,29 @@ def test_csv_round_trip(tmp_path):
     assert report.results_table(back) == report.results_table(HAND_ROWS)
 
 
+def test_results_csv_is_never_left_half_written(tmp_path, monkeypatch):
+    """A study killed while it rewrites results.csv keeps the previous complete file (written whole to a
+    temporary name, then renamed)."""
+    path = tmp_path / "results.csv"
+    report.write_csv(HAND_ROWS, path)
+    before = path.read_text()
+    import csv
+
+    real = csv.DictWriter.writerow
+    calls = []
+
+    def dying(self, row):
+        calls.append(row)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the middle of the rows
+        return real(self, row)
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", dying)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_csv(HAND_ROWS + HAND_ROWS, path)
+    assert path.read_text() == before and len(report.read_csv(path)) == len(HAND_ROWS)
+
+
 # --- YAML validation ------------------------------------------------------------------------------------------
 
 BAD = [

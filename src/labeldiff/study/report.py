@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -334,12 +335,17 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
 def write_csv(rows: list[dict], path: Path) -> None:
     cols = LEAD + class_columns(rows) + ["seconds"]
     extra = sorted({c for r in rows for c in r} - set(cols))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a killed study never leaves half a file
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + extra)
         w.writeheader()
         for r in rows:
             w.writerow({c: _csv_value(r.get(c)) for c in cols + extra})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _csv_value(v):
