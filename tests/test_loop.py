@@ -69,6 +69,39 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run
         assert rec["lr"] == pytest.approx(1e-3 * lr_factor(step - 1, tc))
 
 
+def test_ctrl_c_right_after_the_optimizer_step_saves_that_step(tmp_path, labeled_dataset, tiny_run_config, log_reader,
+                                                               monkeypatch):
+    """SIGINT arriving between optimizer.step() and the step counter (the worst moment) is deferred to
+    the end of the step: the checkpoint is that of step 4 with step 4's update, and the resumed run
+    ends with the uninterrupted run's weights (it once saved step 4's weights as step 3, and the
+    resume applied the update twice)."""
+    import os
+    import signal
+
+    cfg = dict(steps=6, checkpoint_every=10, log_every=1, ema_decay=0.9, warmup_steps=2)
+    a, b = tmp_path / "A", tmp_path / "B"
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
+    real_step, calls = torch.optim.AdamW.step, [0]
+
+    def step_then_sigint(self, *args, **kw):
+        out = real_step(self, *args, **kw)
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C, delivered right after the update
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
+    monkeypatch.undo()
+    assert load_checkpoint(b)["step"] == 4 and sorted(log_reader(b)) == [1, 2, 3, 4]
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b, resume=True)
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 def test_extending_a_finished_run_equals_the_longer_run(tmp_path, labeled_dataset, tiny_run_config, log_reader):
     """A finished 4-step run resumed with 7 steps ends with the weights of a 7-step run when the rate is
     constant after warm-up; config.json records the extension and the 4-step weights are kept."""

@@ -28,6 +28,41 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class DeferredInterrupt:
+    """Ctrl-C (SIGINT) during a step is remembered and raised at the end of that step, so the weights, the
+    optimizer and the EMA a checkpoint saves are always those of its step number (an interrupt between
+    ``optimizer.step()`` and the step counter once saved a step's update under the previous number, and
+    a resume applied it twice). A second Ctrl-C interrupts at once. Outside the main thread (where signal
+    handlers cannot be set) it does nothing."""
+
+    def __init__(self):
+        self.hit = False
+        self.previous = None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ``warmup_steps``, then linear decay to ``lr_final_ratio``."""
     if step < cfg.warmup_steps:
@@ -134,7 +169,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     tick, tick_step = time.time(), start
     step = start
     stopped = False
+    interrupt = DeferredInterrupt()
     try:
+        interrupt.__enter__()
         for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
@@ -174,6 +211,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
                 last_good = done
             step = done
+            interrupt.check()  # a Ctrl-C during this step stops here, with the state of step `done`
     except KeyboardInterrupt:
         bar.close()
         if step > last_good:
@@ -181,6 +219,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         print(f"\ninterrupted: state of step {step} saved in {run_dir}; run the same command with --resume to continue")
         raise
     finally:
+        interrupt.__exit__()
         bar.close()
         log.close()
     save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
