@@ -105,13 +105,14 @@ def test_checkpoint_round_trip(tmp_path, tiny_model_config):
 
 
 def test_checkpoint_without_ema_and_keep(tmp_path, tiny_model_config):
-    """Without EMA no ema file is written; later checkpoints replace older ones (keep=1)."""
+    """Without EMA no ema file is written; later checkpoints replace older ones (the last two stay)."""
     model = _small_model(tiny_model_config)
     opt = torch.optim.Adam(model.parameters())
-    save_checkpoint(tmp_path, 1, model, opt, None, {})
-    save_checkpoint(tmp_path, 2, model, opt, None, {})
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, None, {})
     dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert dirs == ["step_0000002"]
+    assert dirs == ["step_0000002", "step_0000003"]
+    save_checkpoint(tmp_path, 2, model, opt, None, {})  # a resumed run rewriting step 2
     ck = load_checkpoint(tmp_path)
     assert ck["step"] == 2 and ck["ema"] is None
     assert json.loads((tmp_path / "latest.json").read_text())["dir"] == "checkpoints/step_0000002"

@@ -102,6 +102,36 @@ def test_ctrl_c_right_after_the_optimizer_step_saves_that_step(tmp_path, labeled
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
 
 
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, labeled_dataset, tiny_run_config,
+                                                                     log_reader, monkeypatch, capsys):
+    """latest.json points at a checkpoint whose weights were truncated: the resume says so, falls back to
+    the previous whole checkpoint, and still ends with the uninterrupted run's weights."""
+    cfg = dict(steps=6, checkpoint_every=2, log_every=1, ema_decay=0.9, warmup_steps=2)
+    a, b = tmp_path / "A", tmp_path / "B"
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
+    monkeypatch.setattr(pretrain_run, "pretext_loss", _interrupt_on_call(6))  # stops in step 6: checkpoints 2, 4, 5
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
+    monkeypatch.undo()
+    kept = sorted(p.name for p in (b / "checkpoints").iterdir())
+    assert kept == ["step_0000004", "step_0000005"]  # the last two stay
+    weights = b / "checkpoints" / "step_0000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a torn write
+    assert load_checkpoint(b)["step"] == 4
+    assert "step_0000005 is damaged (model.safetensors has" in capsys.readouterr().out
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b, resume=True)
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == [
+        "step_0000004", "step_0000005.damaged", "step_0000006"]  # the damaged one is kept aside, never read
+    flipped = b / "checkpoints" / "step_0000006" / "state.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    flipped.write_bytes(bytes(data))
+    assert load_checkpoint(b)["step"] < 6 and "does not match its checksum" in capsys.readouterr().out
+
+
 def test_extending_a_finished_run_equals_the_longer_run(tmp_path, labeled_dataset, tiny_run_config, log_reader):
     """A finished 4-step run resumed with 7 steps ends with the weights of a 7-step run when the rate is
     constant after warm-up; config.json records the extension and the 4-step weights are kept."""

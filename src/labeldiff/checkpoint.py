@@ -5,8 +5,8 @@ Layout of a run folder::
     config.json                 the full resolved RunConfig (load needs no flags)
     model.safetensors           weights for downstream use (EMA weights when EMA is on)
     log.jsonl                   one JSON line per logged step
-    checkpoints/step_XXXXXXX/   resumable state: model, ema, optimizer tensors + state.json
-    latest.json                 {"step": N, "dir": "checkpoints/step_XXXXXXX"}
+    checkpoints/step_XXXXXXX/   resumable state: model, ema, optimizer tensors + state.json (the last two kept)
+    latest.json                 {"step": N, "dir": "checkpoints/step_XXXXXXX", "files": {name: [bytes, sha256]}}
 
 Nothing here unpickles: tensors come from safetensors, everything else from JSON.
 """
@@ -83,9 +83,62 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def file_digests(folder: Path) -> dict[str, list]:
+    """``{name: [bytes, sha256]}`` of every file in a checkpoint folder."""
+    import hashlib
+
+    out = {}
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and f.name != "digests.json":
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[f.name] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or altered file against the digests
+    written with it), or None when it is whole."""
+    folder = Path(folder)
+    try:
+        want = json.loads((folder / "digests.json").read_text())
+    except (OSError, ValueError):
+        return "no readable digests.json"
+    have = file_digests(folder) if folder.is_dir() else {}
+    for name, (size, sha) in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name][0] != size:
+            return f"{name} has {have[name][0]} bytes, {size} were written"
+        if have[name][1] != sha:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders ``checkpoints/step_XXXXXXX``, oldest first (not ``.tmp`` or
+    ``.damaged`` ones)."""
+    import re
+
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
+
+
+def _fsync_folder(folder: Path) -> None:
+    for f in Path(folder).iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    ema: dict[str, torch.Tensor] | None, extra: dict[str, Any], keep: int = 1) -> Path:
-    """Write a resumable checkpoint for ``step`` atomically and point ``latest.json`` at it."""
+                    ema: dict[str, torch.Tensor] | None, extra: dict[str, Any], keep: int = 2) -> Path:
+    """Write a resumable checkpoint for ``step`` atomically (a temporary folder, its files' sizes and
+    checksums in ``digests.json``, flushed to disk, then renamed) and point ``latest.json`` at it. The
+    last ``keep`` checkpoints stay, so a damaged one has a predecessor to fall back to."""
     run_dir = Path(run_dir)
     final = run_dir / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -100,24 +153,43 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
               str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
+    digests = file_digests(tmp)
+    (tmp / "digests.json").write_text(json.dumps(digests))
+    _fsync_folder(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(run_dir / "latest.json", json.dumps({"step": step, "dir": str(final.relative_to(run_dir))}))
-    old = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in old[:-keep]:
+    atomic_write_text(run_dir / "latest.json", json.dumps({"step": step, "dir": str(final.relative_to(run_dir)),
+                                                           "files": digests}))
+    for p in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(p)
     return final
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """Read the latest resumable checkpoint of a run folder (no unpickling)."""
+    """Read the latest whole resumable checkpoint of a run folder (no unpickling). The one ``latest.json``
+    names is checked against the sizes and checksums written with it; if it is damaged (a kill during a
+    write that bypassed the rename, a disk fault), the newest earlier whole checkpoint is used instead,
+    and the run says so."""
     run_dir = Path(run_dir)
     latest = run_dir / "latest.json"
     if not latest.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from (no latest.json)")
     info = json.loads(latest.read_text())
     ck = run_dir / info["dir"]
+    problem = damage(ck) if "files" in info else None  # checkpoints written before digests: trusted as before
+    if problem is not None:
+        older = [p for p in reversed(checkpoint_dirs(run_dir)) if p.name < ck.name]
+        whole = next((p for p in older if damage(p) is None), None)
+        if whole is None:
+            raise ValueError(f"{ck} is damaged ({problem}) and {run_dir} has no earlier whole checkpoint; "
+                             f"start again with --overwrite")
+        print(f"warning: {ck.name} is damaged ({problem}); resuming from {whole.name} instead (the damaged "
+              f"one is kept as {ck.name}.damaged)")
+        ck.rename(ck.with_name(ck.name + ".damaged"))  # out of the rotation: never read or counted again
+        atomic_write_text(latest, json.dumps({"step": int(whole.name[5:]), "dir": str(whole.relative_to(run_dir)),
+                                              "files": json.loads((whole / "digests.json").read_text())}))
+        ck = whole
     meta = json.loads((ck / "state.json").read_text())
     state = load_file(str(ck / "state.safetensors"))
     opt_tensors = {k[len("optim."):]: v for k, v in state.items() if k.startswith("optim.")}
