@@ -28,6 +28,24 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep the log records of steps ≤ ``step`` (the checkpoint a resume starts from): the steps after it
+    are trained again, and a process killed mid-write may have left a torn last line."""
+    if not path.is_file():
+        return
+    from labeldiff.checkpoint import atomic_write_text
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{ln}\n" for ln in kept))
+
+
 class DeferredInterrupt:
     """Ctrl-C (SIGINT) during a step is remembered and raised at the end of that step, so the weights, the
     optimizer and the EMA a checkpoint saves are always those of its step number (an interrupt between
@@ -137,6 +155,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         group.setdefault("initial_lr", group["lr"])
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
+    if resume and not (run_dir / "latest.json").is_file():
+        print(f"{run_dir} has no checkpoint yet (stopped before the first one): starting at step 0")
+        resume = False
     if resume:
         ck = load_checkpoint(run_dir)
         model.load_state_dict(ck["model"], strict=True)
@@ -148,6 +169,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         if stop is not None and hasattr(stop, "load") and "stop" in ck["extra"]:
             stop.load(ck["extra"]["stop"])
         extend_config(run_dir, config, start)
+        trim_log(run_dir / "log.jsonl", start)
         print(f"resuming {run_dir} at step {start}/{cfg.steps}")
     else:
         config.save(run_dir / "config.json")
