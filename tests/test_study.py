@@ -615,6 +615,8 @@ def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
         v = json.loads((tmp_path / "out" / "cells" / r["cell"] / "eval" / "volume" / "metrics.json").read_text())
         assert v["slabs"] == {"toy": [12, int(split["test"][-1][5:])]} and set(v["per_class"]) == {"a", "b"}
         assert r["dice_3d"] == v["dice"] and 0 <= r["dice_3d"] <= 1
+        nsd = [c["nsd"] for c in v["per_class"].values() if c["nsd"] is not None]
+        assert r["nsd"] == pytest.approx(sum(nsd) / len(nsd))  # mean over the classes where it is defined
     out = tmp_path / "out"
     assert "## 3D Dice on the test slab" in (out / "results.md").read_text()
     assert "Paired dice_3d difference" in (out / "paired.md").read_text()

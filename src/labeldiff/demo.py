@@ -180,27 +180,23 @@ def mean_std(values: list[float | None]) -> dict:
             "undefined": len(values) - len(v)}
 
 
-def class_mean(per_class: dict, key: str, names: list[str]) -> float | None:
-    v = [per_class[c][key] for c in names if per_class[c][key] is not None]
-    return float(np.mean(v)) if v else None
-
-
 def summarize_demo(results: dict[str, list[dict]]) -> dict:
     """Per init: 2D Dice / IoU (mean over test slices and foreground classes) and the 3D slab's Dice,
     HD95 and NSD, as mean ± sample std over seeds; per-class means."""
+    from labeldiff.evaluate.volume import class_mean
+
     table = {}
     for name, runs in results.items():
         dice = np.array([r["dice"]["mean"] for r in runs])
         per_class = {c: float(np.mean([list(r["dice"]["per_class"].values())[i] for r in runs]))
                      for i, c in enumerate(CLASS_NAMES)}
         vol = [r["volume"] for r in runs]
-        fg = CLASS_NAMES[1:]
         table[name] = {"dice": {**mean_std(dice), "per_seed": dice.round(4).tolist()},
                        "iou": mean_std([r["iou"]["mean"] for r in runs]),
                        "dice_per_class": per_class,
                        "dice_3d": mean_std([v["dice"] for v in vol]),
-                       "hd95_mm": mean_std([class_mean(v["per_class"], "hd95_mm", fg) for v in vol]),
-                       "nsd": mean_std([class_mean(v["per_class"], "nsd", fg) for v in vol])}
+                       "hd95_mm": mean_std([class_mean(v["per_class"], "hd95_mm") for v in vol]),
+                       "nsd": mean_std([class_mean(v["per_class"], "nsd") for v in vol])}
     return table
 
 

@@ -221,6 +221,13 @@ def summarize_volumes(rows: list[dict], class_names: list[str]) -> dict:
     return {"dice": round(float(np.mean(dices)), 6) if dices else None, "per_class": per_class}
 
 
+def class_mean(per_class: dict, key: str) -> float | None:
+    """Mean of ``key`` (dice, hd95_mm, nsd) over the classes of :func:`summarize_volumes`' ``per_class``
+    where it is defined (an HD95 is undefined for a class predicted nowhere); None when it is nowhere."""
+    values = [c[key] for c in per_class.values() if c[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | None = None,
                          intensity: str | None = None,
                          hu_window: tuple[float, float] | None = None, slab: tuple[int, int] | None = None,

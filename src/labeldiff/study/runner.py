@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from labeldiff.config import ModelConfig, RunConfig, replace
@@ -39,7 +38,7 @@ from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, v
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_class_names, dataset_num_classes
 from labeldiff.evaluate.run import run_evaluate
-from labeldiff.evaluate.volume import run_evaluate_volumes, split_slabs
+from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes, split_slabs
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.study import report
@@ -373,12 +372,8 @@ def cell_row(cell: Cell) -> dict:
     volume = cell.dir / "eval" / "volume" / "metrics.json"
     if volume.is_file():  # metrics: volume
         v = json.loads(volume.read_text())
-
-        def over_classes(key: str) -> float | None:
-            values = [c[key] for c in v["per_class"].values() if c[key] is not None]
-            return float(np.mean(values)) if values else None
-
-        row.update({"dice_3d": v["dice"], "hd95_mm": over_classes("hd95_mm"), "nsd": over_classes("nsd")})
+        row.update({"dice_3d": v["dice"], "hd95_mm": class_mean(v["per_class"], "hd95_mm"),
+                    "nsd": class_mean(v["per_class"], "nsd")})
     return row
 
 
