@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -602,3 +604,49 @@ def test_ignore_index_end_to_end(module_dataset, tmp_path, capsys):
     bad = ["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "ft2"), *args[5:], "--ignore-index", "1"]
     assert main(bad) == 2 and "--ignore-index 1 is one of the 3 classes" in _error_line(capsys)
     assert not (tmp_path / "ft2").exists()
+
+
+# ---------------------------------------------------------------- a disk that refuses writes
+
+
+def test_a_refused_write_is_one_line_not_a_traceback(module_dataset, tmp_path):
+    """A real write failure from the OS, in a subprocess whose file-size limit (RLIMIT_FSIZE, 16 KiB) the
+    first checkpoint exceeds: both Python's writes and safetensors' own writer fail the way a full disk
+    does. The command exits 4 with one `error:` line naming the file and the fix, and no traceback."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "labeldiff.cli", "pretrain", "--data", str(module_dataset), "--out", str(out),
+           *TRAIN, *MODEL]
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [ln for ln in done.stderr.replace("\r", "\n").splitlines() if ln.startswith("error:")]
+    assert done.returncode == 4 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "ulimit -f" in errors[0], errors
+    assert str(out) in errors[0]
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "writable disk"), (errno.ENOSPC, "free some space"),
+                                       (errno.EACCES, "may write to")])
+def test_a_read_only_or_full_out_folder_is_one_line(module_dataset, tmp_path, monkeypatch, capsys, code, fix):
+    """The run folder cannot be made (read-only disk, full disk, no permission: the OS error is raised
+    where mkdir would make it): one `error:` line with the folder and the fix, exit 4."""
+    out = tmp_path / "ro" / "run"
+    real = Path.mkdir
+
+    def refuse(self, *a, **k):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]) == 4
+    line = _error_line(capsys)
+    assert f"cannot write {out}" in line and os.strerror(code) in line and fix in line

@@ -55,6 +55,35 @@ def test_mask_values_at_least_k(tmp_path):
     assert validate_samples([s], num_classes=None) == 4  # inferred as max + 1
 
 
+def test_mask_values_are_scanned_once_and_rescanned_when_the_file_changes(tmp_path, monkeypatch):
+    """The K check reads each mask once: a second validation of unchanged files reads no mask (values
+    come from the size+mtime cache) and still refuses a value ≥ K; a changed mask is read again."""
+    import os
+
+    import labeldiff.data.io as io
+
+    m = np.zeros((10, 12), np.uint8)
+    m[0, 0] = 2
+    s = _pair(tmp_path, "a", RGB, m)
+    assert validate_samples([s], num_classes=None) == 3
+    real = io._open
+
+    def no_mask_decode(path):
+        assert Path(path) != s.mask, "mask decoded again"
+        return real(path)
+
+    monkeypatch.setattr(io, "_open", no_mask_decode)
+    assert validate_samples([s], num_classes=None) == 3  # from the cache
+    with pytest.raises(DataError, match=r"values \[2\] are ≥ K=2"):
+        validate_samples([s], num_classes=2)  # the cached values still meet the K check
+    monkeypatch.setattr(io, "_open", real)
+    m[0, 0] = 5
+    Image.fromarray(m).save(s.mask)
+    st = s.mask.stat()
+    os.utime(s.mask, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock's grain
+    assert validate_samples([s], num_classes=None) == 6
+
+
 def test_binary_255_mask_hint(tmp_path):
     """A 0/255 mask with K=2 is rejected with a hint to divide by 255."""
     m = np.zeros((10, 12), np.uint8)

@@ -640,3 +640,42 @@ def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"labels: 9 is larger than the train split \(4 images\)"):
         runner.run_study(path, tmp_path / "out")
     assert calls.pretrain == [] and calls.finetune == []
+
+
+def test_a_study_killed_mid_cell_resumes_without_recomputing_finished_cells(files, tmp_path):
+    """SIGKILL of `labeldiff study` while a cell is half done (its folder exists, its metrics do not):
+    results.csv holds exactly the finished cells, whole; the rerun leaves those cells' files untouched
+    (same bytes, same mtime), redoes the killed cell and ends with every cell."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_study(files, base_study(), name="kill.yaml")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "labeldiff.cli", "study", str(path), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def mid_cell() -> bool:
+        started = [p for p in out.glob("cells/*") if (p / "run").is_dir()]
+        return len(_metrics(out)) >= 1 and len(started) > len(_metrics(out))
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while proc.poll() is None and not mid_cell():
+        assert time.time() - t0 < 180, "the study did not reach its second cell"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    finished = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in _metrics(out)}
+    assert 1 <= len(finished) < 4
+    rows = report.read_csv(out / "results.csv")  # never truncated: the rows of the finished cells, whole
+    assert {r["cell"] for r in rows} == {p.parents[1].name for p in finished}
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(finished)} finished, {4 - len(finished)} to run" in done.stdout
+    for p, (data, mtime) in finished.items():
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
+    assert len(_metrics(out)) == 4 and len(report.read_csv(out / "results.csv")) == 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,12 +46,26 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, whose failed writes (a full disk, a read-only folder) come back as the
+    OSError they are, naming the file: safetensors reports them as its own error with the number in the text."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(clean_state_dict(state), str(tmp), metadata=metadata)
+    _write(clean_state_dict(state), tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -145,13 +160,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(clean_state_dict(model.state_dict()), str(tmp / "model.safetensors"))
+    _write(clean_state_dict(model.state_dict()), tmp / "model.safetensors")
     if ema is not None:
-        save_file(clean_state_dict(ema), str(tmp / "ema.safetensors"))
+        _write(clean_state_dict(ema), tmp / "ema.safetensors")
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     rng = {"torch_cpu": torch.get_rng_state()}
-    save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
-              str(tmp / "state.safetensors"))
+    _write({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
+           tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
     digests = file_digests(tmp)
     (tmp / "digests.json").write_text(json.dumps(digests))

@@ -5,6 +5,7 @@ Heavy libraries (torch, MONAI, matplotlib) are imported inside the commands so `
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -509,6 +510,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_ERRORS = {errno.ENOSPC: "free some space or choose another --out",
+                errno.EDQUOT: "free some of your quota or choose another --out",
+                errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out",
+                errno.EROFS: "choose an --out folder on a writable disk",
+                errno.EACCES: "choose an --out folder you may write to",
+                errno.EPERM: "choose an --out folder you may write to"}
+
+
+def write_error(e: BaseException) -> str | None:
+    """One line for a failed write (full disk, quota, file-size limit, read-only or forbidden folder), else None."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+        where = f"cannot write {e.filename}" if e.filename else "cannot write"
+        return f"{where}: {e.strerror or e}; {WRITE_ERRORS[e.errno]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from labeldiff.data.io import DataError
@@ -527,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         raise
+    except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
+        line = write_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -329,14 +329,27 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML (sections as in :class:`RunConfig`) into a plain dict."""
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error is a ValueError of one line with where it is."""
     import yaml
 
+    try:
+        return yaml.safe_load(Path(path).read_text(errors="replace"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where} ({what}); fix the syntax") from None
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML (sections as in :class:`RunConfig`) into a plain dict."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"recipe {p} does not exist; see recipes/ for the shipped ones")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{p}: a recipe maps sections ({', '.join(sorted(SECTIONS))}) to their settings")
     return data
 
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
-from labeldiff.data.io import IMAGE_SUFFIXES, DataError, check_decodes, image_size, read_image, read_mask
+from labeldiff.data.io import (IMAGE_SUFFIXES, DataError, check_decodes, check_mask_values, image_size, mask_values,
+                               read_image, read_mask)
 from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, canonical,
                                    fit_ct_percentile, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
                                    read_slice_mask, read_volume, slice_stem, SliceRef, volume_shape)
@@ -317,7 +318,10 @@ MAX_INFERRED_CLASSES = 32  # more distinct mask values than this, with no K give
 
 
 def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
-    """Check every pair (readable, same size, integer values < K) and return K.
+    """Check every pair (image decodes, same size, integer values < K) and return K.
+
+    Files are decoded and their masks' values scanned once, with a progress bar on large datasets, and
+    remembered by size and mtime (:class:`~labeldiff.data.io.ScanCache`): a second run is instant.
 
     With ``num_classes=None``, K is inferred as max label + 1 over these samples (at least 2) — but
     only when that is unambiguous: masks holding only 0 and 255 (a binary mask saved for viewing),
@@ -329,15 +333,25 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
         raise DataError("no samples to validate: the split is empty")
     values: set[int] = set()
     first_with: dict[int, Path] = {}
+    files = [s for s in samples if s.ref is None]
+    check_decodes([s.image for s in files])
+    known = dict(zip((s.mask for s in files), mask_values([s.mask for s in files])))  # scanned once, cached
     for s in samples:
         ih, iw = s.size()
         assert s.mask is not None
-        mask = s.read_mask(num_classes)
-        if mask.shape != (ih, iw):
-            raise DataError(f"mask {s.mask} is {mask.shape[1]}×{mask.shape[0]} but image {s.image} is {iw}×{ih}; "
+        if s.ref is None:
+            mh, mw = image_size(s.mask)
+            present = known[s.mask]
+            if num_classes is not None:
+                check_mask_values(s.mask, present, num_classes, s.ignore_index)
+        else:
+            mask = s.read_mask(num_classes)
+            (mh, mw), present = mask.shape, np.unique(mask).tolist()
+        if (mh, mw) != (ih, iw):
+            raise DataError(f"mask {s.mask} is {mw}×{mh} but image {s.image} is {iw}×{ih}; "
                             f"masks must have the image's size")
         if num_classes is None:
-            for v in np.unique(mask).tolist():
+            for v in present:
                 if v == s.ignore_index:
                     continue
                 if v not in values:

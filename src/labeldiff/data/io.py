@@ -1,10 +1,12 @@
 """Reading one image or one mask from disk, with errors that name the file and the fix."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -13,69 +15,136 @@ class DataError(ValueError):
     """Bad input data. The message is one line: the file, what is wrong, how to fix it."""
 
 
+BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what Pillow raises on a broken file
+ORIENTATION = 0x0112  # the EXIF tag phones use instead of rotating the pixels
+
+
+def _bomb(path: Path, e: Exception) -> DataError:
+    return DataError(f"{path}: {e.args[0].split(',')[0]}, more than Pillow will decode (a decompression bomb?); "
+                     f"downscale or tile it")
+
+
 def _open(path: Path) -> Image.Image:
+    """The decoded image, upright as a viewer shows it (EXIF orientation applied)."""
     try:
         img = Image.open(path)
         img.load()
+        img = ImageOps.exif_transpose(img)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise _bomb(path, e) from None
+    except BAD_IMAGE as e:
         raise DataError(f"{path}: cannot be read as an image ({e}); re-export it as PNG or remove it") from None
     return img
 
 
-def scan_cache_path() -> Path:
-    """Where :func:`check_decodes` remembers the files it decoded (``$LABELDIFF_CACHE`` or ~/.cache/labeldiff)."""
-    import os
+def scan_cache_path(name: str = "decoded.json") -> Path:
+    """Where the input scans remember what they found (``$LABELDIFF_CACHE`` or ~/.cache/labeldiff)."""
+    return Path(os.environ.get("LABELDIFF_CACHE", Path.home() / ".cache" / "labeldiff")) / name
 
-    return Path(os.environ.get("LABELDIFF_CACHE", Path.home() / ".cache" / "labeldiff")) / "decoded.json"
+
+class ScanCache:
+    """What a scan found per file, keyed by the file's resolved path, size and mtime: a changed file is
+    scanned again, an unchanged one never. Kept as one JSON file; a read-only or missing cache folder
+    only means nothing is remembered."""
+
+    def __init__(self, name: str):
+        self.file = scan_cache_path(name)
+        try:
+            self.found = dict(json.loads(self.file.read_text()))
+        except (OSError, ValueError, TypeError):
+            self.found = {}
+        self.changed = False
+
+    @staticmethod
+    def key(p: Path) -> str:
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def get(self, p: Path):
+        return self.found.get(self.key(p))
+
+    def put(self, p: Path, value) -> None:
+        self.found[self.key(p)] = value
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.found, sort_keys=True))
+            tmp.replace(self.file)
+        except OSError:  # a read-only home: the scan still ran, it is only not remembered
+            pass
+
+
+def _progress(items: list, desc: str, unit: str = "file"):
+    """A progress bar over ``items`` when there are enough of them to take a while (≥ 100 files)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, disable=len(items) < 100, leave=False)
 
 
 def check_decodes(paths: list[Path], what: str = "images") -> None:
     """Decode every file once (a truncated PNG has a good header: only decoding finds it), before a run
     folder exists; a DataError names the first bad file. Files decoded before, unchanged (same size and
     mtime), are skipped, so a second run over the same data is instant."""
-    import json
-
-    from tqdm.auto import tqdm
-
-    cache_file = scan_cache_path()
-    try:
-        seen = set(json.loads(cache_file.read_text()))
-    except (OSError, ValueError):
-        seen = set()
-
-    def key(p: Path) -> str:
-        st = p.stat()
-        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
+    cache = ScanCache("decoded.json")
     todo = []
     for p in map(Path, paths):
         if not p.is_file():
             raise DataError(f"{p}: file not found")
-        if key(p) not in seen:
+        if cache.get(p) is None:
             todo.append(p)
-    for p in tqdm(todo, desc=f"checking {len(todo)} {what}", unit="file", disable=len(todo) < 100):
-        _open(p).close()
-        seen.add(key(p))
-    if todo:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sorted(seen)))
-            tmp.replace(cache_file)
-        except OSError:  # a read-only home: the check still ran, it is only not remembered
-            pass
+    try:
+        for p in _progress(todo, f"checking {len(todo)} {what}"):
+            _open(p).close()
+            cache.put(p, 1)
+    finally:
+        cache.save()  # what was checked before a bad file stays checked
+
+
+def mask_values(paths: list[Path]) -> list[list[int]]:
+    """The sorted distinct values of each mask file, read once (a DataError names a colour, non-integer
+    or negative mask) and remembered by size and mtime, so the K check of a second run is instant."""
+    cache = ScanCache("mask_values.json")
+    out: list[list[int] | None] = [cache.get(Path(p)) if Path(p).is_file() else None for p in paths]
+    todo = [i for i, v in enumerate(out) if v is None]
+    try:
+        for i in _progress(todo, f"scanning {len(todo)} masks"):
+            out[i] = np.unique(read_mask(Path(paths[i]))).tolist()
+            cache.put(Path(paths[i]), out[i])
+    finally:
+        cache.save()
+    return out  # type: ignore[return-value]
+
+
+def check_mask_values(path: Path, values: list[int], num_classes: int, ignore_index: int | None) -> None:
+    """The error :func:`read_mask` gives for values ≥ K, from a mask's known values."""
+    bad = [v for v in values if v >= num_classes and v != ignore_index][:5]
+    if bad:
+        hint = " (a 0/255 binary mask? divide by 255; or --ignore-index 255 if 255 means not labeled)" if 255 in bad else ""
+        raise DataError(f"{path}: mask values {bad} are ≥ K={num_classes}{hint}; "
+                        f"fix the mask or pass --num-classes {max(values) + 1}")
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
+    """(height, width) as a viewer shows the image (EXIF orientation applied), from the file header
+    without decoding the pixels."""
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            turned = img.getexif().get(ORIENTATION) in (5, 6, 7, 8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as e:
+        raise _bomb(path, e) from None
+    except BAD_IMAGE as e:
         raise DataError(f"{path}: cannot be read as an image ({e}); re-export it as PNG or remove it") from None
-    return h, w
+    return (w, h) if turned else (h, w)
 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
@@ -130,10 +199,6 @@ def read_mask(path: Path, num_classes: int | None = None, ignore_index: int | No
     mask = arr.astype(np.int64)
     if mask.min() < 0:
         raise DataError(f"{path}: mask has negative values; masks must be integer class maps 0..K-1")
-    labeled = mask if ignore_index is None else mask[mask != ignore_index]
-    if num_classes is not None and labeled.size and labeled.max() >= num_classes:
-        bad = sorted(int(v) for v in np.unique(labeled) if v >= num_classes)[:5]
-        hint = " (a 0/255 binary mask? divide by 255; or --ignore-index 255 if 255 means not labeled)" if 255 in bad else ""
-        raise DataError(f"{path}: mask values {bad} are ≥ K={num_classes}{hint}; "
-                        f"fix the mask or pass --num-classes {int(mask.max()) + 1}")
+    if num_classes is not None and mask.max() >= num_classes:
+        check_mask_values(path, np.unique(mask).tolist(), num_classes, ignore_index)
     return mask

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
 from labeldiff.data.datasets import list_images, open_labeled, validate_samples
-from labeldiff.data.io import read_image
+from labeldiff.data.io import check_decodes, read_image
 from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_logits, predict_mask
@@ -84,6 +84,7 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
                                    device=device, tta=tta, precision=precision)
     model, cfg = open_segmenter(Path(model_dir), device)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
+    check_decodes(list(files.values()))  # a broken file stops here, before the output folder exists
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "uncertainty").mkdir(parents=True, exist_ok=True)

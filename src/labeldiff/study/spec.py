@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
-                              merge_recipe)
+                              merge_recipe, read_yaml)
 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
 SELECTS = ("random", "diverse")
@@ -365,13 +365,11 @@ def parse_study(raw: Any, file: Path) -> Study:
 
 
 def load_study(path: str | Path) -> Study:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist; see studies/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: not valid YAML ({e})") from None
+        raw = read_yaml(path)
+    except ValueError as e:
+        raise StudyError(str(e)) from None
     return parse_study(raw, path)
