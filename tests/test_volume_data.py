@@ -216,3 +216,36 @@ def test_intensity_flags_are_checked_before_a_run_folder_exists(tmp_path, capsys
         assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
                      "--channels", "1", *flags]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_resampling_to_a_target_spacing_end_to_end(tmp_path, fresh_volumes):
+    """--spacing 0.8,0.8,1.5 on 3 mm slices: the dataset is sliced on the resampled grid (19 axial slices
+    instead of 10), the run config records the spacing, predict writes the label NIfTI on the input's own
+    grid and affine, and evaluate scores on the input grid, a study slab mapped onto it."""
+    from labeldiff.evaluate.volume import run_evaluate_volumes
+
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    assert len(VolumeFolder(root).case_slices["train"]) == 20
+    ds = VolumeFolder(root, spacing=[0.8, 0.8, 1.5])
+    assert len(ds.case_slices["train"]) == 2 * 19 and ds.samples(["a_z0018"])[0].read_image(1).shape == (1, 20, 20)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "2",
+                 "--channels", "1", "--size", "16", "--mode", "resize", "--steps", "2", "--batch-size", "2",
+                 "--precision", "fp32", "--device", "cpu", "--unet-channels", "8,16", "--attention", "0,0",
+                 "--head-channels", "8", "--head-hidden", "8", "--spacing", "0.8,0.8,1.5"]) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["spacing"] == [0.8, 0.8, 1.5]
+    pred = tmp_path / "pred"
+    src = root / "imagesTs" / "t_0000.nii.gz"
+    assert main(["predict", "--model", str(out), "--input", str(src), "--out", str(pred), "--device", "cpu"]) == 0
+    got, ref = nib.load(str(pred / "t.nii.gz")), nib.load(str(src))
+    assert got.shape == ref.shape == (20, 16, 10) and np.allclose(got.affine, ref.affine)
+    m = run_evaluate_volumes(out, root, tmp_path / "ev", split="train", slabs={"a": (4, 9)}, device="cpu", quiet=True)
+    assert list(m["spacing"]) == [0.8, 0.8, 1.5] and m["scored_slabs"] == {"a": [2, 4]}  # 1.5 mm slices 4..9 = 3 mm 2..4
+
+
+def test_spacing_is_checked_before_a_run_folder(tmp_path, capsys):
+    root = make_volume_dataset(tmp_path / "Dataset010")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
+                 "--spacing", "1,0,2"]) == 2 and not out.exists()
+    assert "--spacing must be three positive sizes" in capsys.readouterr().err

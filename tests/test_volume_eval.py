@@ -247,3 +247,54 @@ def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeyp
         trained = torch.from_numpy(ds.samples([stem])[0].read_image(1))
         torch.testing.assert_close(image, trained)
     assert float(seen[0].min()) < -1.2  # z-scored: the padding is the volume's lowest value, not -1
+
+
+# --- optional resampling to a target spacing --------------------------------------------------------------------
+
+def test_resampling_keeps_every_voxel_centre_in_place_and_labels_come_back_exactly():
+    """MONAI's Spacing to half the voxel size (oblique, anisotropic): the geometry labeldiff computes from
+    the header alone is the one the resampler makes, an input voxel centre keeps its position in mm
+    (voxel i → 2i), and labels resampled (nearest) and put back give exactly the input."""
+    from labeldiff.data.nnunet import Volume, resample, resample_labels_to, resampled_geometry
+
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 4, (7, 5, 4)).astype(np.int16)
+    vol = Volume(lab, oblique_affine())
+    target = (0.4, 0.85, 1.5)  # half of (0.8, 1.7, 3.0)
+    fine = resample(vol, target, label=True)
+    assert fine.shape == (13, 9, 7) == resampled_geometry(vol.shape, vol.affine, target)[0]
+    np.testing.assert_allclose(fine.affine, resampled_geometry(vol.shape, vol.affine, target)[1], atol=1e-6)
+    np.testing.assert_allclose(fine.spacing, target, atol=1e-6)
+    np.testing.assert_allclose(fine.affine @ [6, 4, 2, 1], vol.affine @ [3, 2, 1, 1], atol=1e-6)
+    np.testing.assert_array_equal(fine.array[::2, ::2, ::2], lab)
+    np.testing.assert_array_equal(resample_labels_to(fine.array, fine.affine, vol.shape, vol.affine), lab)
+
+
+def test_slab_on_grid_by_hand():
+    """Slices 4..9 of a 1.5 mm grid span z ∈ [5.25, 14.25) mm from the first centre; the 3 mm slices
+    whose centres (0, 3, 6, ...) lie there are 2..4."""
+    from labeldiff.data.nnunet import slab_on_grid
+
+    fine, coarse = np.diag([1.0, 1.0, 1.5, 1.0]), np.diag([1.0, 1.0, 3.0, 1.0])
+    assert slab_on_grid(4, 9, 2, fine, coarse, 10) == (2, 4)
+    # and back: fine centres in [4.5, 13.5) mm, 3..8 (one on an edge belongs to the slice above it)
+    assert slab_on_grid(2, 4, 2, coarse, fine, 19) == (3, 8)
+
+
+def test_prediction_on_a_resampled_grid_comes_back_on_the_input_grid(tmp_path):
+    """predict_case with data.spacing: the volume is resampled (half the voxel size of an oblique,
+    anisotropic NIfTI), predicted there slice by slice, and the labels come back voxel for voxel on the
+    input's grid (a threshold net is exact: original centres are samples of the finer grid)."""
+    import nibabel as nib
+
+    from labeldiff.data.nnunet import Intensity, from_canonical
+    from labeldiff.evaluate.volume import predict_case
+
+    x = np.random.default_rng(1).normal(0, 1, (9, 6, 5)).astype(np.float32)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(x, oblique_affine()), str(src))
+    cfg = DataConfig(mode="resize", size=17, channels=1, spacing=[0.4, 0.85, 1.5])  # the 17 × 11 slices, padded
+    vols, labels, back, affine = predict_case(threshold_net(), cfg, [src], Intensity("none"), axis=2)
+    assert vols[0].shape == labels.shape == x.shape
+    np.testing.assert_array_equal(from_canonical(labels, back), (x > 0).astype(np.int16))
+    np.testing.assert_allclose(affine, oblique_affine())

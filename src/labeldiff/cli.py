@@ -42,6 +42,10 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(v) for v in s.split(","))
 
 
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",")]
+
+
 def _bools(s: str) -> tuple[bool, ...]:
     return tuple(v.strip().lower() in ("1", "true", "yes") for v in s.split(","))
 
@@ -64,6 +68,9 @@ DATA_OPTS = [
     ("--num-workers", "data.num_workers", int, "data-loading worker processes [0]"),
     ("--split-file", "data.split_file", str, "split JSON to use instead of DATA/split.json (e.g. from `labeldiff split`)"),
     ("--axis", "data.axis", int, "volume datasets (nnU-Net raw): the axis slices are cut along, 0, 1 or 2 (axial) [2]"),
+    ("--spacing", "data.spacing", _floats, "volume datasets: resample every volume to this voxel size in mm, x,y,z "
+                                           "of the RAS frame (e.g. 1.5,1.5,3) before slicing; predictions go back "
+                                           "to each input's grid [off: each volume's own grid]"),
 ]
 TRAIN_OPTS = [
     ("--steps", "train.steps", int, "optimisation steps"),
@@ -301,7 +308,7 @@ def cmd_split(args: argparse.Namespace) -> None:
         if args.slab_train is None:
             raise SystemExit("error: a volume dataset is split into slabs: give --slab-train FRACTION (e.g. 0.5) "
                              "and optionally --gap N slices [4]")
-        split = slab_split(VolumeFolder(args.data, axis=args.axis), args.slab_train, args.gap)
+        split = slab_split(VolumeFolder(args.data, axis=args.axis, spacing=args.spacing), args.slab_train, args.gap)
         atomic_write_text(Path(args.out), json.dumps(split, indent=1))
         print(f"wrote {args.out}: train {len(split['train'])} slices, test {len(split['test'])} slices "
               f"({split['note']}); pass it as --split-file")
@@ -454,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volume datasets: the fraction of each case's labeled slices (lowest first) that trains; "
                         "the rest, after --gap slices, tests")
     p.add_argument("--gap", type=NON_NEGATIVE, default=4, help="volume datasets: slices left out between the slabs [4]")
+    p.add_argument("--spacing", type=_floats, default=None,
+                   help="volume datasets: the --spacing the runs will resample to (slab stems count its slices) [off]")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="volume datasets: slice axis [2]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)

@@ -99,6 +99,9 @@ class DataConfig:
     # and probe sample; None: every value is a class
     ignore_index: int | None = None
     intensity: dict | None = None  # volume datasets: labeldiff.data.nnunet.Intensity as a dict (None: percentile)
+    # volume datasets: resample every volume to this voxel size (mm along x, y, z of the RAS frame) before
+    # slicing, predictions going back to the input's grid; None (the default): each volume's own grid
+    spacing: list[float] | None = None
 
 
 @dataclass
@@ -225,6 +228,9 @@ def check_ranges(cfg: "RunConfig") -> None:
             raise ValueError(f"{flag} must be {'≥' if lo_ok else '>'} {lo:g} (got {value:g})")
         if hi is not None and (value > hi or (value == hi and not hi_ok)):
             raise ValueError(f"{flag} must be {'≤' if hi_ok else '<'} {hi:g} (got {value:g})")
+    if cfg.data.spacing is not None and (len(cfg.data.spacing) != 3 or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") for t in cfg.data.spacing)):
+        raise ValueError(f"--spacing must be three positive sizes in mm, x,y,z (got {cfg.data.spacing})")
     if any(not isinstance(c, int) or c < 1 for c in cfg.model.channels):
         raise ValueError(f"--unet-channels must be positive integers (got {cfg.model.channels})")
     if cfg.transfer.t >= cfg.corruption.num_timesteps:

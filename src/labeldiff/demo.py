@@ -28,9 +28,11 @@ CLASS_NAMES = ["background/CSF", "grey matter", "white matter"]
 # wide (its two full-resolution 3×3 convs at the default 128 cost more than this backbone).
 DEMO_CHANNELS = (16, 32, 64)
 DEMO_HEAD_HIDDEN = 32
-DEMO_PRETRAIN_STEPS = 500
+DEMO_PRETRAIN_STEPS = 350
 DEMO_FINETUNE_STEPS = 150
+DEMO_FINETUNE_BATCH = 4  # k = 2 slices × 2 flips: a batch of 8 held each variant twice
 DEMO_SEEDS = 3
+DEMO_SIZE = 64
 
 
 def template_files() -> dict[str, Path]:
@@ -84,16 +86,16 @@ def test_slab(split: dict) -> tuple[int, int]:
     return min(idx), max(idx)
 
 
-def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[RunConfig, RunConfig]:
+def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int, size: int = DEMO_SIZE) -> tuple[RunConfig, RunConfig]:
     model = ModelConfig(in_channels=1, channels=DEMO_CHANNELS, num_res_blocks=1,
                         attention_levels=(False,) * len(DEMO_CHANNELS), norm_num_groups=8, num_head_channels=16)
-    dcfg = DataConfig(path=str(data), size=64, mode="resize", channels=1, axis=2,
+    dcfg = DataConfig(path=str(data), size=size, mode="resize", channels=1, axis=2,
                       intensity={"scheme": "percentile"})
     pre = RunConfig(kind="pretrain", model=model, data=dcfg,
                     train=TrainConfig(steps=pretrain_steps, batch_size=16, lr=1e-3, warmup_steps=100,
                                       ema_decay=0.999, checkpoint_every=500))
     ft = RunConfig(kind="segmentation", model=model, data=DataConfig(**{**dcfg.__dict__}),
-                   train=TrainConfig(steps=finetune_steps, batch_size=8, lr=2e-4, warmup_steps=20,
+                   train=TrainConfig(steps=finetune_steps, batch_size=DEMO_FINETUNE_BATCH, lr=2e-4, warmup_steps=20,
                                      ema_decay=0.0, checkpoint_every=finetune_steps),
                    # the demo's measured protocol (README): no augmentation levels yet — strong has not been
                    # measured on these brain slices
@@ -102,7 +104,8 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int) -> tuple[
 
 
 def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
-             seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto") -> dict:
+             seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto",
+             size: int = DEMO_SIZE) -> dict:
     from labeldiff.checkpoint import prepare_run_dir
     from labeldiff.data.datasets import VolumeFolder
     from labeldiff.evaluate.report import bar_chart
@@ -124,7 +127,7 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
     n_all = len(VolumeFolder(data, axis=2).stems(None))
     print(f"      {n_all} axial slices; labeled slices: train slab {len(splits['train'])}, test slab "
           f"{len(splits['test'])} (z = {slab[0]}–{slab[1]})")
-    pre_cfg, ft_cfg = demo_configs(data, pretrain_steps, finetune_steps)
+    pre_cfg, ft_cfg = demo_configs(data, pretrain_steps, finetune_steps, size)
     pre_cfg.train.precision = ft_cfg.train.precision = precision
     device = resolve_device(pre_cfg.train.device)
     used = precision_name(resolve_precision(precision, device))

@@ -24,9 +24,9 @@ from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import (IMAGE_SUFFIXES, DataError, check_decodes, check_mask_values, image_size, mask_values,
                                read_image, read_mask)
-from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, canonical,
-                                   fit_ct_percentile, Intensity, is_nnunet_raw, NnUNetRaw, read_slice_image,
-                                   read_slice_mask, read_volume, slice_stem, SliceRef, volume_shape)
+from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, check_spacing,
+                                   fit_ct_percentile, Intensity, is_nnunet_raw, load_canonical, NnUNetRaw,
+                                   read_slice_image, read_slice_mask, slice_stem, SliceRef, volume_shape)
 
 
 def list_images(folder: Path) -> dict[str, Path]:
@@ -75,7 +75,7 @@ class Sample:
     def size(self) -> tuple[int, int]:
         """(height, width) without decoding an image file (a volume slice: its display square)."""
         if self.ref is not None:
-            shape = volume_shape(Path(self.ref.images[0]))
+            shape = volume_shape(Path(self.ref.images[0]), self.ref.spacing)
             side = max(n for i, n in enumerate(shape) if i != self.ref.axis)
             return side, side
         return image_size(self.image)
@@ -158,8 +158,9 @@ class VolumeFolder:
     """
 
     def __init__(self, root: Path, split_file: str | Path | None = None, axis: int = 2,
-                 intensity: Intensity | None = None):
+                 intensity: Intensity | None = None, spacing=None):
         self.root = Path(root)
+        self.spacing = check_spacing(spacing)
         self.raw = NnUNetRaw(self.root)
         if axis not in (0, 1, 2):
             raise DataError(f"axis must be 0, 1 or 2 (got {axis})")
@@ -178,10 +179,12 @@ class VolumeFolder:
                     if volume_shape(extra) != shape:
                         raise DataError(f"{extra}: shape {volume_shape(extra)} differs from {case.images[0]} "
                                         f"{shape}; every channel and the label must share one grid")
+                shape = volume_shape(case.images[0], self.spacing)  # the grid slices are cut from
                 for i in range(shape[axis]):
                     stem = slice_stem(case.name, axis, i)
                     self.refs[stem] = SliceRef(tuple(str(p) for p in case.images),
-                                               str(case.label) if case.label is not None else None, axis, i)
+                                               str(case.label) if case.label is not None else None, axis, i,
+                                               self.spacing)
                     self.case_names[stem] = case.name
                     stems.append(stem)
             self.case_slices[split] = stems
@@ -198,7 +201,7 @@ class VolumeFolder:
             ref = self.refs[stem]
             if ref.label is None:
                 continue
-            lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE)
+            lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE, spacing=self.spacing)
             if float((np.take(lab.array, ref.index, axis=ref.axis) > 0).mean()) >= MIN_LABELED_FRACTION:
                 out.append(stem)
         return out
@@ -245,7 +248,7 @@ class VolumeFolder:
 
         def digest_of(ref: SliceRef) -> str:  # raw voxels (per-volume schemes would normalise copies apart)
             if ref.images[0] not in digests:  # one case at a time, freed after hashing: not held in memory
-                vol = canonical(read_volume(Path(ref.images[0])))[0].array
+                vol = load_canonical(Path(ref.images[0]), spacing=ref.spacing).array
                 digests[ref.images[0]] = [hashlib.sha1(np.ascontiguousarray(np.take(vol, i, axis=ref.axis)).tobytes())
                                           .hexdigest() for i in range(vol.shape[ref.axis])]
             return digests[ref.images[0]][ref.index]
@@ -308,7 +311,7 @@ def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: st
     """The labeled dataset at ``path`` (default ``cfg.path``): a :class:`VolumeFolder` for an nnU-Net
     raw dataset, else a :class:`LabeledFolder`."""
     root = Path(path or cfg.path)
-    ds = (VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root)) if is_nnunet_raw(root)
+    ds = (VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root), cfg.spacing) if is_nnunet_raw(root)
           else LabeledFolder(root, split_file))
     ds.ignore_index = cfg.ignore_index
     return ds
@@ -387,13 +390,13 @@ def dataset_root(path: Path) -> Path:
 
 
 def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset(),
-                      intensity: Intensity | None = None, axis: int = 2) -> list[Sample]:
+                      intensity: Intensity | None = None, axis: int = 2, spacing=None) -> list[Sample]:
     """Every image under ``path`` (a folder of images, or a dataset root with ``images/``) whose stem
     is not in ``exclude``; for a volume dataset every slice of its train and unlabeled cases (and of its
     test cases, unless excluded)."""
     path = Path(path)
     if is_nnunet_raw(path):
-        return VolumeFolder(path, axis=axis, intensity=intensity).unlabeled_samples(exclude)
+        return VolumeFolder(path, axis=axis, intensity=intensity, spacing=spacing).unlabeled_samples(exclude)
     folder = path / "images" if (path / "images").is_dir() else path
     samples = [Sample(stem, p) for stem, p in list_images(folder).items() if stem not in exclude]
     if not samples:
@@ -413,7 +416,7 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     """
     root = dataset_root(Path(cfg.path))
     if is_nnunet_raw(root):
-        ds = VolumeFolder(root, cfg.split_file, cfg.axis)
+        ds = VolumeFolder(root, cfg.split_file, cfg.axis, spacing=cfg.spacing)
         splits = {cfg.test_split: ds.stems(cfg.test_split)} if ds.has_split(cfg.test_split) else {}
     else:
         splits = read_splits(split_path(root, cfg.split_file))
@@ -435,7 +438,7 @@ def pretraining_samples(cfg: DataConfig) -> tuple[list[Sample], str]:
     excluded, why = pretraining_exclusions(cfg)
     root = Path(cfg.path)
     intensity = resolve_intensity(cfg, root) if is_nnunet_raw(root) else None
-    return unlabeled_samples(root, set(excluded), intensity, cfg.axis), why
+    return unlabeled_samples(root, set(excluded), intensity, cfg.axis, cfg.spacing), why
 
 
 def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train", unit: str = "images") -> list[str]:

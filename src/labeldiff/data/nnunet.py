@@ -80,6 +80,86 @@ def from_canonical(array: np.ndarray, back: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(o.apply_orientation(array, back))
 
 
+# --- optional resampling to a target spacing (off by default) ----------------------------------------------------
+
+def check_spacing(spacing) -> tuple[float, float, float] | None:
+    """A target spacing as 3 positive mm values (x, y, z of the RAS frame), or None (no resampling)."""
+    if spacing is None:
+        return None
+    try:
+        out = tuple(float(t) for t in spacing)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(t) and t > 0 for t in out):
+        raise DataError(f"spacing must be three positive sizes in mm (x, y, z), e.g. 1.5,1.5,3; got {spacing!r}")
+    return out  # type: ignore[return-value]
+
+
+def resampled_geometry(shape: tuple[int, ...], affine: np.ndarray, spacing) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of a canonical grid resampled to ``spacing`` mm, as MONAI's ``Spacing`` makes it:
+    the same first voxel centre and field of voxel centres, ``(n - 1)·s/t + 1`` voxels per axis."""
+    if spacing is None:
+        return tuple(shape), affine
+    from monai.data.utils import compute_shape_offset, zoom_affine
+
+    new = zoom_affine(np.asarray(affine), tuple(float(t) for t in spacing), diagonal=False)
+    out, offset = compute_shape_offset(tuple(shape), np.asarray(affine), new)
+    new[:3, 3] = offset
+    return tuple(int(n) for n in out), new
+
+
+def resample(vol: Volume, spacing, label: bool = False) -> Volume:
+    """``vol`` (RAS-canonical) resampled to ``spacing`` mm with MONAI's ``Spacing``: trilinear for
+    intensities, nearest for labels (nnU-Net's choice for segmentations); ``spacing=None`` returns it."""
+    if spacing is None:
+        return vol
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing as MonaiSpacing
+
+    x = MetaTensor(torch.from_numpy(vol.array.astype(np.float32))[None], affine=torch.from_numpy(vol.affine))
+    y = MonaiSpacing(pixdim=tuple(float(t) for t in spacing), mode="nearest" if label else "bilinear",
+                     padding_mode="border")(x)
+    array = y[0].numpy()
+    return Volume(np.ascontiguousarray(np.round(array) if label else array, dtype=vol.array.dtype),
+                  np.asarray(y.affine, dtype=np.float64))
+
+
+def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], dst_affine: np.ndarray) -> np.ndarray:
+    """A label volume on (``affine``) put on the grid (``shape``, ``dst_affine``) by nearest neighbour
+    (MONAI's ``SpatialResample``): a prediction made on a resampled grid, back on the input's."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    x = MetaTensor(torch.from_numpy(labels.astype(np.float32))[None], affine=torch.from_numpy(affine))
+    y = SpatialResample(mode="nearest", padding_mode="border")(x, dst_affine=torch.from_numpy(dst_affine),
+                                                               spatial_size=tuple(shape))
+    return np.ascontiguousarray(np.round(y[0].numpy()), dtype=labels.dtype)
+
+
+def slab_on_grid(first: int, last: int, axis: int, affine: np.ndarray, dst_affine: np.ndarray, dst_n: int) -> tuple[int, int]:
+    """The slices ``first..last`` along ``axis`` of one grid as the slices of another grid of the same
+    space whose centres lie inside them (their edges mapped through the affines)."""
+    edges = []
+    for j in (first - 0.5, last + 0.5):
+        point = np.zeros(4)
+        point[axis], point[3] = j, 1.0
+        edges.append(float((np.linalg.inv(dst_affine) @ affine @ point)[axis]))
+    lo, hi = sorted(edges)
+    a, b = max(0, math.ceil(lo - 1e-6)), min(dst_n - 1, math.ceil(hi - 1e-6) - 1)
+    if a > b:
+        raise ValueError(f"slices {first}..{last} cover no slice of the other grid")
+    return a, b
+
+
+def load_canonical(path: Path, dtype=np.float32, spacing=None, reader: "Callable[..., Volume] | None" = None) -> Volume:
+    """A volume file in the RAS frame (:func:`canonical`), resampled to ``spacing`` when given: what
+    every slice of a dataset is cut from."""
+    vol, _ = canonical((reader or read_volume)(Path(path), dtype))
+    return resample(vol, spacing, label=np.issubdtype(np.dtype(dtype), np.integer))
+
+
 def is_dicom_series(path: Path) -> bool:
     """A folder whose files are DICOM (the 128-byte preamble + ``DICM``)."""
     path = Path(path)
@@ -412,19 +492,20 @@ class VolumeCache:
     def __init__(self, max_mb: int = 1024, reader: Callable[..., Volume] = read_volume):
         self.max_bytes = max_mb * 2**20
         self.reader = reader
-        self.items: OrderedDict[tuple[str, str, str], Volume] = OrderedDict()
+        self.items: OrderedDict[tuple[str, str, str, str], Volume] = OrderedDict()
         self.bytes = 0
         self.reads: dict[str, int] = {}
 
-    def get(self, path: Path, dtype=np.float32, intensity: Intensity | None = None) -> Volume:
-        """The volume at ``path`` in the RAS-canonical frame (:func:`canonical`), normalised by
-        ``intensity`` when given (the cache holds that copy only: a volume is never held twice)."""
+    def get(self, path: Path, dtype=np.float32, intensity: Intensity | None = None, spacing=None) -> Volume:
+        """The volume at ``path`` in the RAS-canonical frame (:func:`canonical`), resampled to ``spacing``
+        mm when given, then normalised by ``intensity`` when given (the cache holds that copy only: a
+        volume is never held twice)."""
         norm = json.dumps(intensity.to_dict(), sort_keys=True) if intensity is not None else ""
-        key = (str(path), np.dtype(dtype).name, norm)
+        key = (str(path), np.dtype(dtype).name, norm, json.dumps(spacing))
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        vol, _ = canonical(self.reader(Path(path), dtype))
+        vol = load_canonical(Path(path), dtype, spacing, self.reader)
         if intensity is not None:
             vol = Volume(intensity.apply(vol.array), vol.affine)
         self.reads[str(path)] = self.reads.get(str(path), 0) + 1
@@ -452,6 +533,7 @@ class SliceRef:
     label: str | None
     axis: int
     index: int
+    spacing: tuple[float, float, float] | None = None  # the grid the slice is cut from (None: the file's own)
 
     @property
     def key(self) -> str:
@@ -480,14 +562,14 @@ def slice_image(volumes: list[Volume], axis: int, index: int, channels: int) -> 
 def read_slice_image(ref: SliceRef, channels: int, intensity: Intensity) -> np.ndarray:
     """The network input of a dataset slice: its channel volumes normalised by ``intensity`` (once,
     cached), then :func:`slice_image`."""
-    vols = [VOLUMES.get(Path(path), np.float32, intensity) for path in ref.images]
+    vols = [VOLUMES.get(Path(path), np.float32, intensity, ref.spacing) for path in ref.images]
     return slice_image(vols, ref.axis, ref.index, channels)
 
 
 def read_slice_mask(ref: SliceRef, num_classes: int | None = None, ignore_index: int | None = None) -> np.ndarray:
     if ref.label is None:
         raise DataError(f"{ref.images[0]}: this case has no label volume")
-    lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE)
+    lab = VOLUMES.get(Path(ref.label), LABEL_DTYPE, spacing=ref.spacing)
     m = to_display(np.take(lab.array, ref.index, axis=ref.axis), 0)
     labeled = m if ignore_index is None else m[m != ignore_index]
     if labeled.size and (labeled.min() < 0 or (num_classes is not None and labeled.max() >= num_classes)):
@@ -514,6 +596,7 @@ def canonical_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(out), affine @ o.inv_ornt_aff(to_ras, shape)
 
 
-def volume_shape(path: Path) -> tuple[int, ...]:
-    """A NIfTI volume's shape in the RAS-canonical frame, from its header."""
-    return canonical_geometry(path)[0]
+def volume_shape(path: Path, spacing=None) -> tuple[int, ...]:
+    """A NIfTI volume's shape in the RAS-canonical frame (resampled to ``spacing`` when given), from its header."""
+    shape, affine = canonical_geometry(path)
+    return resampled_geometry(shape, affine, spacing)[0]

@@ -104,15 +104,26 @@ def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "f
 
 def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str = "fp32", tta: bool = False,
                  desc: str | None = None):
-    """Read a case's channel files, bring them to the RAS frame the model trained in, normalise them and
-    predict: ``(normalised canonical channel volumes, canonical label volume, the orientation back to the
-    input's voxel order, the input's affine)``."""
-    from labeldiff.data.nnunet import Volume, canonical, read_volume
+    """Read a case's channel files, bring them to the RAS frame the model trained in (resampled to
+    ``cfg.spacing`` when the run resamples, as its training slices were), normalise them and predict:
+    ``(normalised canonical channel volumes, canonical label volume, the orientation back to the input's
+    voxel order, the input's affine)``. Volumes and labels lie on the input's own canonical grid: a
+    prediction made on a resampled grid is put back on it by nearest neighbour."""
+    from labeldiff.data.nnunet import Volume, canonical, read_volume, resample, resample_labels_to
 
-    inputs = [read_volume(p) for p in paths]
-    canon = [canonical(v) for v in inputs]
+    first = read_volume(paths[0])
+    affine = first.affine
+    canon = [canonical(first)] + [canonical(read_volume(p)) for p in paths[1:]]
+    back = canon[0][1]
+    spacing = getattr(cfg, "spacing", None)
+    grid = [resample(v, spacing) for v, _ in canon]  # the grid the model predicts on (training's)
+    labels = predict_volume(model, cfg, [Volume(intensity.apply(v.array), v.affine) for v in grid], axis,
+                            precision, tta, desc)
+    own = canon[0][0]
+    if spacing is not None:
+        labels = resample_labels_to(labels, grid[0].affine, own.shape, own.affine)
     vols = [Volume(intensity.apply(v.array), v.affine) for v, _ in canon]
-    return vols, predict_volume(model, cfg, vols, axis, precision, tta, desc), canon[0][1], inputs[0].affine
+    return vols, labels, back, affine
 
 
 def write_label_nifti(labels: np.ndarray, affine: np.ndarray, path, like=None):
@@ -238,8 +249,10 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     imagesTr + labelsTr; test: imagesTs + labelsTs), optionally only slices ``slab = (first, last)``
     along ``axis`` (a test slab of a volume whose other slab was labeled for training), and score it
     per volume and class in 3D. ``slabs`` (case → (first, last), :func:`split_slabs`) scores those
-    cases of any split, each on its own slab, instead. Writes ``metrics.json``, ``per_case.csv`` and
-    ``overlays/<case>.png``."""
+    cases of any split, each on its own slab, instead. Scores are always on each case's own grid and
+    spacing: ``slab`` counts its slices; ``slabs`` count the dataset's slices (on the resampled grid
+    when the run resamples: ``data.spacing``) and are mapped onto it. Writes ``metrics.json``,
+    ``per_case.csv`` and ``overlays/<case>.png``."""
     import csv
     import json
     from pathlib import Path
@@ -248,7 +261,8 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
 
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import LABEL_DTYPE, NnUNetRaw, canonical, read_volume
+    from labeldiff.data.nnunet import (LABEL_DTYPE, NnUNetRaw, canonical, canonical_geometry, read_volume,
+                                       resampled_geometry, slab_on_grid)
     from labeldiff.runs import open_segmenter
 
     raw = NnUNetRaw(data)
@@ -267,11 +281,15 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     names = raw.class_names
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, scored = [], {}
     for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case", disable=quiet):
         vols, pred, _, _ = predict_case(model, cfg.data, case.images, norm, axis, precision, tta, case.name)
         truth = canonical(read_volume(case.label, LABEL_DTYPE))[0].array  # the RAS frame: --slab counts along it
         case_slab = slabs[case.name] if slabs is not None else slab
+        if slabs is not None and cfg.data.spacing is not None:  # the dataset's slab, on the resampled grid
+            shape, own = canonical_geometry(case.images[0])
+            case_slab = slab_on_grid(*case_slab, axis, resampled_geometry(shape, own, cfg.data.spacing)[1], own,
+                                     shape[axis])
         if case_slab is not None:
             first, last = case_slab
             if not 0 <= first <= last < truth.shape[axis]:
@@ -279,6 +297,7 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
             keep = [slice(None)] * 3
             keep[axis] = slice(first, last + 1)
             pred, truth, image = pred[tuple(keep)], truth[tuple(keep)], vols[0].array[tuple(keep)]
+            scored[case.name] = [first, last]
         else:
             image = vols[0].array
         for r in volume_scores(pred, truth, raw.num_classes, vols[0].spacing, names, tolerance_mm):
@@ -288,8 +307,9 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
                       first=case_slab[0] if case_slab else 0)
     metrics = summarize_volumes(rows, names)
     metrics.update({"model": str(model_dir), "data": str(data), "split": split, "axis": axis, "slab": slab,
-                    "slabs": slabs,
-                    "intensity": norm.to_dict(), "nsd_tolerance_mm": tolerance_mm, "precision": precision,
+                    "slabs": slabs, "scored_slabs": scored,  # scored: on each case's own grid
+                    "intensity": norm.to_dict(), "spacing": cfg.data.spacing, "nsd_tolerance_mm": tolerance_mm,
+                    "precision": precision,
                     "cases": [c.name for c in cases]})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     with open(out / "per_case.csv", "w", newline="") as f:

@@ -38,8 +38,8 @@ def prepare_data(study: Study, out: Path) -> None:
         from labeldiff.data.datasets import VolumeFolder, slab_split
 
         s = study.data.split
-        split = slab_split(VolumeFolder(study.data.path, axis=int(study.data.options.get("axis", 2))),
-                           s.slab_train, s.gap)
+        split = slab_split(VolumeFolder(study.data.path, axis=int(study.data.options.get("axis", 2)),
+                                        spacing=study.data.options.get("spacing")), s.slab_train, s.gap)
         path = out / "data" / "split.json"
         write_json(path, split)
         study.data.split_file = path
