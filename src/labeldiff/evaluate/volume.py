@@ -111,19 +111,23 @@ def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str =
     prediction made on a resampled grid is put back on it by nearest neighbour."""
     from labeldiff.data.nnunet import Volume, canonical, read_volume, resample, resample_labels_to
 
-    first = read_volume(paths[0])
-    affine = first.affine
-    canon = [canonical(first)] + [canonical(read_volume(p)) for p in paths[1:]]
-    back = canon[0][1]
+    affine = None
+    canon = []
+    for p in paths:
+        vol = read_volume(p)
+        affine = vol.affine if affine is None else affine
+        canon.append(canonical(vol))
+    back, own = canon[0][1], canon[0][0]
     spacing = getattr(cfg, "spacing", None)
-    grid = [resample(v, spacing) for v, _ in canon]  # the grid the model predicts on (training's)
-    labels = predict_volume(model, cfg, [Volume(intensity.apply(v.array), v.affine) for v in grid], axis,
-                            precision, tta, desc)
-    own = canon[0][0]
-    if spacing is not None:
-        labels = resample_labels_to(labels, grid[0].affine, own.shape, own.affine)
-    vols = [Volume(intensity.apply(v.array), v.affine) for v, _ in canon]
-    return vols, labels, back, affine
+    if spacing is None:  # one normalised copy, predicted on and returned
+        vols = [Volume(intensity.apply(v.array), v.affine) for v, _ in canon]
+        return vols, predict_volume(model, cfg, vols, axis, precision, tta, desc), back, affine
+    # the grid training sliced (resampled, then normalised), predicted on and freed; labels back on the input's
+    grid = [Volume(intensity.apply(r.array), r.affine) for r in (resample(v, spacing) for v, _ in canon)]
+    labels = resample_labels_to(predict_volume(model, cfg, grid, axis, precision, tta, desc), grid[0].affine,
+                                own.shape, own.affine)
+    del grid
+    return [Volume(intensity.apply(v.array), v.affine) for v, _ in canon], labels, back, affine
 
 
 def write_label_nifti(labels: np.ndarray, affine: np.ndarray, path, like=None):
