@@ -219,17 +219,25 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Create ``run_dir``; refuse to touch an existing non-empty one unless told how."""
+    """Create ``run_dir``; refuse to touch an existing non-empty one unless told how. Under torchrun
+    every rank makes the same decision and only rank 0 changes the folder."""
+    from labeldiff import distributed
+
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    held = run_dir.exists() and any(run_dir.iterdir())
+    distributed.barrier()  # every rank has looked before rank 0 changes anything
+    if held:
         if resume:
             return run_dir
         if not overwrite:
             raise FileExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 f"or choose another --out")
-        shutil.rmtree(run_dir)
+        if distributed.is_main():
+            shutil.rmtree(run_dir)
     elif resume:
         raise FileNotFoundError(f"--resume: {run_dir} does not exist or is empty")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return run_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -539,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from labeldiff.data.io import DataError
 
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
@@ -559,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 4
+    finally:
+        if "labeldiff.distributed" in sys.modules:  # torchrun: leave the process group cleanly
+            sys.modules["labeldiff.distributed"].teardown()
     return 0
 
 

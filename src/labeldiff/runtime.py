@@ -70,22 +70,34 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=on).manual_seed(int(seed))
 
 
+SHARD = (0, 1)  # (rank, world size) inside labeldiff.distributed.sharded(); draws are then for the global batch
+
+
+def _draw(make, shape) -> torch.Tensor:
+    """``make(shape)``, or under a shard the rows of this rank from ``make`` of the global batch's shape."""
+    r, n = SHARD
+    shape = tuple(shape)
+    if n == 1 or not shape:
+        return make(shape)
+    return make((shape[0] * n, *shape[1:]))[r * shape[0]:(r + 1) * shape[0]]
+
+
 def randn(shape, g: torch.Generator, device: torch.device | str | None = None,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal numbers drawn by ``g`` (on its device), returned on ``device`` (default: ``g``'s)."""
-    x = torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype)
+    x = _draw(lambda s: torch.randn(s, generator=g, device=g.device, dtype=dtype), shape)
     return x if device is None else x.to(device)
 
 
 def rand(shape, g: torch.Generator, device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform [0, 1) numbers drawn by ``g``, returned on ``device``."""
-    x = torch.rand(tuple(shape), generator=g, device=g.device)
+    x = _draw(lambda s: torch.rand(s, generator=g, device=g.device), shape)
     return x if device is None else x.to(device)
 
 
 def randint(low: int, high: int, shape, g: torch.Generator, device: torch.device | str | None = None) -> torch.Tensor:
     """Integers in [low, high) drawn by ``g``, returned on ``device``."""
-    x = torch.randint(low, high, tuple(shape), generator=g, device=g.device)
+    x = _draw(lambda s: torch.randint(low, high, s, generator=g, device=g.device), shape)
     return x if device is None else x.to(device)
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from labeldiff import distributed
 from labeldiff.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.data.datasets import StepBatches, step_loader
@@ -130,10 +131,11 @@ def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
         print(f"extending {run_dir} from {was} to {steps} steps at step {start}: learning rate "
               f"×{before:.3f} → ×{after:.3f} of the base (the schedule is spread over {steps} steps)")
         weights = run_dir / "model.safetensors"
-        if weights.is_file():  # the shorter run's weights stay, under their step
+        distributed.barrier()  # every rank has read the saved config before rank 0 rewrites the folder
+        if weights.is_file() and distributed.is_main():  # the shorter run's weights stay, under their step
             os.replace(weights, run_dir / f"model-step{start}.safetensors")
     config.extended = extended or None
-    if steps != was:
+    if steps != was and distributed.is_main():
         config.save(run_dir / "config.json")
 
 
@@ -146,10 +148,16 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     statistics and dropout stay fixed. ``stop(step, loss)``, called after every step, may end the run
     early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. Returns
     ``{"step", "loss", "seconds", "stopped"}`` (``stopped``: True when ``stop`` ended it).
+
+    Under torchrun (:mod:`labeldiff.distributed`) each rank trains on its shard of the same global
+    batch through ``DistributedDataParallel``; only rank 0 writes into ``run_dir``.
     """
     cfg = config.train
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
+    distributed.check_batch(batches.batch_size)
+    main = distributed.is_main()
+    net = distributed.wrap(model, device)  # what the loss calls: gradients averaged over the ranks
     autocast_dtype = resolve_precision(cfg.precision, device)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
@@ -169,9 +177,10 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         if stop is not None and hasattr(stop, "load") and "stop" in ck["extra"]:
             stop.load(ck["extra"]["stop"])
         extend_config(run_dir, config, start)
-        trim_log(run_dir / "log.jsonl", start)
+        if main:
+            trim_log(run_dir / "log.jsonl", start)
         print(f"resuming {run_dir} at step {start}/{cfg.steps}")
-    else:
+    elif main:
         config.save(run_dir / "config.json")
 
     def set_train_mode() -> None:
@@ -183,11 +192,12 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         return {"loss": loss_value, **({"stop": stop.state()} if hasattr(stop, "state") else {})}
 
     set_train_mode()
-    log = open(run_dir / "log.jsonl", "a")
+    log = open(run_dir / "log.jsonl", "a") if main else open(os.devnull, "w")
     last_good = start
     loss_value = math.nan
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not main)
     tick, tick_step = time.time(), start
     step = start
     stopped = False
@@ -195,15 +205,16 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     try:
         interrupt.__enter__()
         for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in distributed.shard(batch).items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
             g = generator(cfg.seed * 7_919 + step, device)  # corruption noise, drawn on the model's device
-            with autocast(device, autocast_dtype):
-                loss = loss_fn(model, batch, g)
-            if not torch.isfinite(loss):
+            with autocast(device, autocast_dtype), distributed.sharded():  # the corruption's draws: the
+                loss = loss_fn(net, batch, g)                              # global batch's, this rank's rows
+            global_loss = distributed.mean_over_ranks(loss)  # the global batch's: every rank agrees on it
+            if not torch.isfinite(global_loss):
                 raise NonFiniteLossError(
-                    f"loss became {loss.item()} at step {step}; the last good checkpoint (step {last_good}) is in "
+                    f"loss became {global_loss.item()} at step {step}; the last good checkpoint (step {last_good}) is in "
                     f"{run_dir}. Lower --lr, raise warm-up, or use --precision fp32, then --resume or --overwrite")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,7 +223,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             optimizer.step()
             if ema is not None:
                 ema.update(model, step)
-            loss_value = float(loss.detach())
+            loss_value = float(global_loss)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.time()
@@ -230,13 +241,15 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 step = done
                 break
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
+                if main:
+                    save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
                 last_good = done
             step = done
-            interrupt.check()  # a Ctrl-C during this step stops here, with the state of step `done`
+            if distributed.any_rank(interrupt.hit, device):  # a Ctrl-C during this step (on any rank) stops here,
+                raise KeyboardInterrupt                       # with the state of step `done`
     except KeyboardInterrupt:
         bar.close()
-        if step > last_good:
+        if step > last_good and main:
             save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
         print(f"\ninterrupted: state of step {step} saved in {run_dir}; run the same command with --resume to continue")
         raise
@@ -244,7 +257,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         interrupt.__exit__()
         bar.close()
         log.close()
-    save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
-    final = ema.state if ema is not None else model.state_dict()
-    save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
+    if main:
+        save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
+        final = ema.state if ema is not None else model.state_dict()
+        save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
+    distributed.barrier()  # the run folder is whole before any rank returns
     return {"step": step, "loss": loss_value, "seconds": time.time() - t0, "stopped": stopped}

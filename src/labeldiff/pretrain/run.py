@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from labeldiff import distributed
 from labeldiff.checkpoint import prepare_run_dir
 from labeldiff.config import RunConfig, check_ranges
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
@@ -99,9 +100,9 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     check_size(cfg)
     samples, cfg.num_classes = training_samples(cfg, corruption)  # validates before anything is written
     corruption.check_input_size(cfg.data.size)
+    device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     model, frozen = build_pretrain_network(cfg, corruption)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from monai.losses import DiceCELoss, MaskedDiceLoss
 
+from labeldiff import distributed
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
 from labeldiff.config import RunConfig, check_ranges, check_transfer, replace
 from labeldiff.data.augment import Augment
@@ -202,17 +203,18 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     job = prepare_transfer(cfg, stems, explicit)
     check_keep_head(cfg, job.num_classes, job.pre)
     check_input_size(cfg.model, cfg.data.size)
+    device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)
     model.to(device)
     if report is not None:
         print(f"loaded {len(report['loaded'])} backbone tensors from {t.pretrained}; "
               f"skipped (pretext output layer): {', '.join(report['skipped']) or 'none'}; "
               f"new (random init): {', '.join(report['new']) or 'none (--keep-head)'}")
-    atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
-                                                         "seed": cfg.train.seed, "load_report": report}, indent=2))
+    if distributed.is_main():
+        atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
+                                                             "seed": cfg.train.seed, "load_report": report}, indent=2))
     batches = StepBatches(job.ds.samples(job.stems), cfg.data, cfg.train.batch_size, cfg.train.seed,
                           labeled=True, num_classes=job.num_classes, flips=t.flips,
                           augment=Augment(t.augment, cfg.data.size) if t.augment != "none" else None)
@@ -221,7 +223,9 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     if t.strategy == "lp-ft":
         lp = replace(cfg, transfer=replace(t, strategy="linear"), train=replace(cfg.train, steps=t.lp_steps))
         lp_dir = out / LP_DIR
-        lp_dir.mkdir(exist_ok=True)
+        if distributed.is_main():
+            lp_dir.mkdir(exist_ok=True)
+        distributed.barrier()
         if not (lp_dir / "model.safetensors").is_file():
             lp_resume = (lp_dir / "latest.json").is_file()
             _phase(lp, model, lp_dir, batches, resume=lp_resume, desc="lp-ft: linear probe")
