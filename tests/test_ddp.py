@@ -115,3 +115,14 @@ def test_a_shards_draws_are_its_rows_of_the_global_batchs(monkeypatch):
     from labeldiff import distributed
 
     assert distributed.shard({"image": torch.arange(4)})["image"].tolist() == [0, 1, 2, 3]  # one process: all
+
+
+def test_gradient_accumulation_computes_the_same_step(labeled_dataset, recipe, tmp_path, capsys):
+    """--grad-accum 2 computes each batch of 4 as 2 micro-batches of 2 (with their rows of the global
+    batch's noise): the losses and weights of one pass; a batch that does not split is refused."""
+    base = ["pretrain", "--data", str(labeled_dataset), "--recipe", str(recipe), *COMMON, "--steps", "4"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--grad-accum", "2", "--out", str(tmp_path / "acc")]) == 0
+    same_run(tmp_path / "one", tmp_path / "acc")
+    assert main([*base, "--grad-accum", "3", "--out", str(tmp_path / "odd")]) == 2
+    assert "does not split over 3 micro-batches" in capsys.readouterr().err and not (tmp_path / "odd").exists()

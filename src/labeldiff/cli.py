@@ -84,6 +84,8 @@ TRAIN_OPTS = [
     ("--grad-clip", "train.grad_clip", float, "gradient norm clip; 0 disables [1.0]"),
     ("--warmup-steps", "train.warmup_steps", int, "linear learning-rate warm-up steps [50]"),
     ("--checkpoint-every", "train.checkpoint_every", int, "write a resumable checkpoint every N steps [200]"),
+    ("--grad-accum", "train.grad_accum", int, "compute each step's batch in N micro-batches, gradients accumulated "
+                                              "(the same update in 1/N of the activation memory) [1]"),
 ]
 MODEL_OPTS = [
     ("--unet-channels", "model.channels", _ints, "UNet widths per level, e.g. 32,64,128"),

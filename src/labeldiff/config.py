@@ -118,6 +118,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16
     checkpoint_every: int = 200
+    # the batch of a step is computed in this many micro-batches (gradients accumulated): the same update
+    # as one pass over batch_size images, in 1/grad_accum of the activation memory
+    grad_accum: int = 1
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
@@ -193,6 +196,7 @@ RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
     "train.ema_decay": ("--ema-decay", 0, 1, True, False),
     "train.grad_clip": ("--grad-clip", 0, None, True, True),
     "train.checkpoint_every": ("--checkpoint-every", 1, None, True, True),
+    "train.grad_accum": ("--grad-accum", 1, None, True, True),
     "train.log_every": ("log_every", 1, None, True, True),
     "train.seed": ("--seed", 0, None, True, True),
     "model.num_res_blocks": ("--res-blocks", 1, None, True, True),

@@ -69,30 +69,40 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_batch(batch_size: int) -> None:
-    """The global batch must split evenly over the processes."""
-    n = world_size()
+def check_batch(batch_size: int, accum: int = 1) -> None:
+    """The global batch must split evenly over the processes and their micro-batches."""
+    n = world_size() * accum
     if batch_size % n:
-        raise ValueError(f"--batch-size {batch_size} does not split over {n} processes; the batch is global "
-                         f"(each process takes batch/{n}): use a multiple of {n}")
+        what = " × ".join(([f"{world_size()} processes"] if world_size() > 1 else []) +
+                          ([f"{accum} micro-batches"] if accum > 1 else []))
+        raise ValueError(f"--batch-size {batch_size} does not split over {what}; the batch is global "
+                         f"(each part takes batch/{n}): use a multiple of {n}")
 
 
-def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's slice of the global batch (the whole batch in one process)."""
-    n, r = world_size(), rank()
+def parts(accum: int = 1) -> list[tuple[int, int]]:
+    """``(index, count)`` of this rank's parts of the global batch, one per micro-batch: rank r of N with
+    A micro-batches computes parts r·A … r·A + A − 1 of N·A."""
+    n = world_size() * accum
+    return [(rank() * accum + j, n) for j in range(accum)]
+
+
+def shard(batch: dict[str, torch.Tensor], part: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Part ``(index, count)`` of the global batch, consecutive rows (default: this rank's share)."""
+    i, n = part if part is not None else (rank(), world_size())
     if n == 1:
         return batch
-    return {k: v[r * (len(v) // n):(r + 1) * (len(v) // n)] for k, v in batch.items()}
+    return {k: v[i * (len(v) // n):(i + 1) * (len(v) // n)] for k, v in batch.items()}
 
 
 @contextmanager
-def sharded():
+def sharded(part: tuple[int, int] | None = None):
     """Random draws with a batch as first axis (``labeldiff.runtime.randn`` / ``rand`` / ``randint``)
-    are made for the global batch and sliced to this rank's rows, inside this block."""
+    are made for the global batch and sliced to the rows of ``part`` (default: this rank's), inside
+    this block."""
     from labeldiff import runtime
 
     old = runtime.SHARD
-    runtime.SHARD = (rank(), world_size())
+    runtime.SHARD = part if part is not None else (rank(), world_size())
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -155,7 +156,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     cfg = config.train
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    distributed.check_batch(batches.batch_size)
+    distributed.check_batch(batches.batch_size, cfg.grad_accum)
     main = distributed.is_main()
     net = distributed.wrap(model, device)  # what the loss calls: gradients averaged over the ranks
     autocast_dtype = resolve_precision(cfg.precision, device)
@@ -205,19 +206,25 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     try:
         interrupt.__enter__()
         for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
-            batch = {k: v.to(device, non_blocking=True) for k, v in distributed.shard(batch).items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
-            g = generator(cfg.seed * 7_919 + step, device)  # corruption noise, drawn on the model's device
-            with autocast(device, autocast_dtype), distributed.sharded():  # the corruption's draws: the
-                loss = loss_fn(net, batch, g)                              # global batch's, this rank's rows
-            global_loss = distributed.mean_over_ranks(loss)  # the global batch's: every rank agrees on it
-            if not torch.isfinite(global_loss):
-                raise NonFiniteLossError(
-                    f"loss became {global_loss.item()} at step {step}; the last good checkpoint (step {last_good}) is in "
-                    f"{run_dir}. Lower --lr, raise warm-up, or use --precision fp32, then --resume or --overwrite")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            global_loss = 0.0
+            for j, part in enumerate(distributed.parts(cfg.grad_accum)):  # this rank's rows, in micro-batches
+                micro = {k: v.to(device, non_blocking=True) for k, v in distributed.shard(batch, part).items()}
+                g = generator(cfg.seed * 7_919 + step, device)  # corruption noise, drawn on the model's device
+                with autocast(device, autocast_dtype), distributed.sharded(part):  # the draws: the global
+                    loss = loss_fn(net, micro, g) / cfg.grad_accum                # batch's, these rows
+                part_loss = distributed.mean_over_ranks(loss)  # every rank agrees on it, before any backward
+                if not torch.isfinite(part_loss):
+                    raise NonFiniteLossError(
+                        f"loss became {part_loss.item() * cfg.grad_accum} at step {step}; the last good checkpoint "
+                        f"(step {last_good}) is in {run_dir}. Lower --lr, raise warm-up, or use --precision fp32, "
+                        f"then --resume or --overwrite")
+                global_loss = global_loss + part_loss
+                last = j == cfg.grad_accum - 1  # DDP averages the gradients over the ranks once, on the last
+                with (nullcontext() if last or net is model else net.no_sync()):
+                    loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

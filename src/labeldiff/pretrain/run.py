@@ -101,6 +101,7 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     samples, cfg.num_classes = training_samples(cfg, corruption)  # validates before anything is written
     corruption.check_input_size(cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
+    distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     model, frozen = build_pretrain_network(cfg, corruption)

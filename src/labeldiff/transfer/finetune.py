@@ -204,6 +204,7 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     check_keep_head(cfg, job.num_classes, job.pre)
     check_input_size(cfg.model, cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
+    distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)
