@@ -267,6 +267,10 @@ def test_resampling_keeps_every_voxel_centre_in_place_and_labels_come_back_exact
     np.testing.assert_allclose(fine.spacing, target, atol=1e-6)
     np.testing.assert_allclose(fine.affine @ [6, 4, 2, 1], vol.affine @ [3, 2, 1, 1], atol=1e-6)
     np.testing.assert_array_equal(fine.array[::2, ::2, ::2], lab)
+    # nearest, not interpolated-and-rounded: every new voxel takes the label of one of its coarse neighbours
+    idx = np.indices(fine.shape)
+    near = [lab[tuple((idx[d] + o[d]) // 2 for d in range(3))] for o in np.ndindex(2, 2, 2)]
+    assert (np.stack(near) == fine.array).any(axis=0).all()
     np.testing.assert_array_equal(resample_labels_to(fine.array, fine.affine, vol.shape, vol.affine), lab)
 
 
