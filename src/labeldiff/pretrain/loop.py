@@ -72,10 +72,6 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
         self.hit = True
 
-    def check(self) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
-
     def __exit__(self, *exc) -> None:
         import signal
 
