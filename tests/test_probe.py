@@ -18,7 +18,8 @@ from labeldiff.evaluate.metrics import confusion_stats, iou_from_stats
 from labeldiff.models.unet import build_unet
 from labeldiff.models.probe import (FeatureExtractor, FeatureSpec, PixelEnsemble, default_blocks, default_spec,
                                     hidden_sizes, load_probe, save_probe)
-from labeldiff.transfer.probe import PixelCache, fit_pixels, materialized_train_probe, predict_probe, train_probe
+from labeldiff.transfer.probe import (REF_WARMUP_EPOCHS, PixelCache, fit_pixels, materialized_train_probe,
+                                      predict_probe, train_probe)
 
 TINY_SPEC = FeatureSpec(blocks=(0, 1), timesteps=(0,))  # both up blocks of the tiny UNet: 16 + 8 features
 
@@ -222,3 +223,17 @@ def test_cache_epoch_yields_every_pixel_once_with_its_label(tmp_path):
         mixed = max(mixed, len(set(image.tolist())))
     assert sorted(seen) == [(i, p) for i, (h, w) in enumerate(sizes) for p in range(h * w)]
     assert mixed == 3
+
+
+def test_reference_iteration_rule_stops_after_the_warmup_epochs():
+    # unlearnable pixels (random labels): the epoch loss keeps wobbling, so with a huge epoch patience
+    # only the per-iteration rule can stop a member, and never before epoch REF_WARMUP_EPOCHS + 1
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4096, 8, generator=g), torch.randint(0, 2, (4096,), generator=g)
+    kwargs = dict(members=2, batch_pixels=64, max_epochs=20, patience=100, progress=False)
+    epochs_only = fit_pixels(x, y, 2, **kwargs)
+    assert [len(h) for h in epochs_only.history] == [20, 20]
+    eager = fit_pixels(x, y, 2, stop_iters=1, **kwargs)
+    assert [len(h) for h in eager.history] == [REF_WARMUP_EPOCHS + 1] * 2  # the first batch of epoch 5 not beating its predecessor
+    ref = fit_pixels(x, y, 2, stop_iters=10, **kwargs)
+    assert all(REF_WARMUP_EPOCHS + 1 <= len(h) < 20 for h in ref.history)

@@ -142,6 +142,9 @@ FINETUNE_OPTS = [
                                              "decoder blocks), auto (chosen by leave-one-image-out validation) or "
                                              "'blocks=1,2;t=50,150' [default]"),
     ("--members", "transfer.members", int, "probe: MLPs in the ensemble [10]"),
+    ("--probe-stop-iters", "transfer.probe_stop_iters", int, "probe: after 4 epochs, stop a member once this many "
+                                                             "batches in a row did not lower its best batch loss "
+                                                             "(the reference's rule); 0: epoch patience only [50]"),
     ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
                                                          "in front of the new head (1) or drop it (0) [0]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),

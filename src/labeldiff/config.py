@@ -145,6 +145,9 @@ class TransferConfig:
     ce_weight: float = 0.5
     features: str = "default"  # probe: "default" (per method), "auto" (chosen by validation) or "blocks=1,2;t=50,150"
     members: int = 10  # probe: MLPs in the ensemble (Baranchuk et al.: 10)
+    # probe: a member also stops once this many batches in a row (after 4 epochs) did not lower its best
+    # batch loss, the reference's rule (Baranchuk et al.: 50); 0: epoch patience only (README, "probe's time")
+    probe_stop_iters: int = 50
     # unet: keep the pretrained final GroupNorm + SiLU (out.0, out.1) in front of the new head. Measured
     # against dropping them (README, "Keeping the UNet's output norm"): +0.010 Dice on MoNuSeg k = 3
     # (CI includes 0), −0.047 on the demo's brain slices (one seed collapsed); so they are dropped.
@@ -213,6 +216,7 @@ RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
     "transfer.head_hidden": ("--head-hidden", 1, None, True, True),
     "transfer.head_lr_mult": ("head_lr_mult", 0, None, False, True),
     "transfer.members": ("--members", 1, None, True, True),
+    "transfer.probe_stop_iters": ("--probe-stop-iters", 0, None, True, True),
     "transfer.lp_steps": ("--lp-steps", 0, None, True, True),
     "transfer.ce_weight": ("ce_weight", 0, 1, True, True),
 }

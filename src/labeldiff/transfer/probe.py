@@ -32,13 +32,21 @@ SHUFFLE_CHUNKS, CHUNK_ROWS = 64, 256
 BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
+# the reference's stopping rule (ddpm-segmentation train_interpreter.py): after REF_WARMUP_EPOCHS epochs,
+# a member stops once `stop_iters` consecutive batches have not lowered its best batch loss
+REF_WARMUP_EPOCHS = 4
+
+
 def train_members(batches: BatchSource, num_features: int, num_classes: int, members: int, lr: float,
-                  max_epochs: int, patience: int, seed: int, progress: bool) -> PixelEnsemble:
+                  max_epochs: int, patience: int, seed: int, progress: bool, stop_iters: int = 0) -> PixelEnsemble:
     """Train each member in turn on the epochs ``batches(generator)`` yields (``x [b, F]``, ``y [b]``).
 
     Adam(lr), cross-entropy; a member stops when its mean epoch training loss has not improved for
     ``patience`` epochs (Baranchuk / MDM App. A.2 stop on the training loss) or after ``max_epochs``.
-    The per-member epoch losses are kept in ``ensemble.history``.
+    ``stop_iters > 0`` adds the reference's per-iteration rule: from epoch ``REF_WARMUP_EPOCHS + 1`` on,
+    stop once ``stop_iters`` batches in a row did not lower the best batch loss (on a few large images an
+    epoch is hundreds of batches, so the epoch rule alone runs to ``max_epochs``; issue 13).
+    The per-member epoch losses (a stopped epoch: its mean so far) are kept in ``ensemble.history``.
     """
     ensemble = PixelEnsemble(num_features, num_classes, members, seed)
     for m, net in enumerate(ensemble.members):
@@ -47,22 +55,29 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
         net.train()
         losses: list[float] = []
         best, stale = math.inf, 0
+        best_batch, stale_batches, stopped = math.inf, 0, False
         bar = tqdm(range(max_epochs), desc=f"probe member {m + 1}/{members}", disable=not progress, leave=False)
-        for _ in bar:
+        for epoch in bar:
             total, count = 0.0, 0
             for x, y in batches(g):
                 loss = F.cross_entropy(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total, count = total + loss.item() * len(y), count + len(y)
+                value = loss.item()
+                total, count = total + value * len(y), count + len(y)
+                if stop_iters > 0 and epoch >= REF_WARMUP_EPOCHS:
+                    best_batch, stale_batches = (value, 0) if value < best_batch else (best_batch, stale_batches + 1)
+                    if stale_batches >= stop_iters:
+                        stopped = True
+                        break
             losses.append(total / max(count, 1))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if losses[-1] < best:
                 best, stale = losses[-1], 0
             else:
                 stale += 1
-            if stale >= patience:
+            if stopped or stale >= patience:
                 break
         bar.close()
         net.eval()
@@ -83,10 +98,10 @@ def tensor_batches(features: torch.Tensor, labels: torch.Tensor, batch_pixels: i
 
 def fit_pixels(features: torch.Tensor, labels: torch.Tensor, num_classes: int, members: int = 10, lr: float = 1e-3,
                batch_pixels: int = 1024, max_epochs: int = 50, patience: int = 3, seed: int = 0,
-               progress: bool = True) -> PixelEnsemble:
+               progress: bool = True, stop_iters: int = 0) -> PixelEnsemble:
     """Train an ensemble on in-memory pixels: ``features [N, F]``, ``labels [N]`` (long)."""
     return train_members(tensor_batches(features, labels.long(), batch_pixels), features.shape[1], num_classes,
-                         members, lr, max_epochs, patience, seed, progress)
+                         members, lr, max_epochs, patience, seed, progress, stop_iters)
 
 
 class PixelCache:
@@ -178,7 +193,7 @@ def _image_features(extractor: FeatureExtractor, image: torch.Tensor, mask: torc
 def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                 num_classes: int, members: int = 10, lr: float = 1e-3, batch_pixels: int = 1024,
                 max_epochs: int = 50, patience: int = 3, seed: int = 0, cache_dir: Path | None = None,
-                progress: bool = True, ignore_index: int | None = None) -> PixelEnsemble:
+                progress: bool = True, ignore_index: int | None = None, stop_iters: int = 0) -> PixelEnsemble:
     """Train the probe without ever holding more than one image's features in RAM; pixels whose mask is
     ``ignore_index`` are not sampled.
 
@@ -187,7 +202,7 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
     (``cache_dir``, kept; default a temporary folder removed at the end) and dropped; every member
     then streams its epochs from that cache (:class:`PixelCache`). Disk use: N_pixels·(2F + 2) bytes.
     Defaults: Adam lr 1e-3 (MDM App. A.2); batch 1024 pixels, at most 50 epochs, patience 3 are
-    ours for CPU (MDM: batch 65536 on GPU; Baranchuk: 64).
+    ours for CPU (MDM: batch 65536 on GPU; Baranchuk: 64); ``stop_iters``: see :func:`train_members`.
     """
     _check_pairs(images, masks, num_classes)
     with tempfile.TemporaryDirectory(prefix="labeldiff-probe-") as tmp:
@@ -196,7 +211,7 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
         for i in tqdm(range(len(images)), desc="probe features → disk", disable=not progress, leave=False):
             cache.add(_image_features(extractor, images[i], masks[i], i, torch.float16), masks[i], g, ignore_index)
         return train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
-                             patience, seed, progress)
+                             patience, seed, progress, stop_iters)
 
 
 def materialized_train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor],

@@ -78,7 +78,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
           f"({extractor.num_features} per pixel, features {'chosen by validation' if selection else requested}), "
           f"{t.members} MLPs")
     ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed,
-                           ignore_index=cfg.data.ignore_index)
+                           ignore_index=cfg.data.ignore_index, stop_iters=t.probe_stop_iters)
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith(PRETEXT_OUTPUT)}
     save_weights(state, out / BACKBONE_FILE)
     save_probe(out, ensemble, spec, noise_seed=cfg.train.seed)
