@@ -144,7 +144,7 @@ FINETUNE_OPTS = [
     ("--members", "transfer.members", int, "probe: MLPs in the ensemble [10]"),
     ("--probe-stop-iters", "transfer.probe_stop_iters", int, "probe: after 4 epochs, stop a member once this many "
                                                              "batches in a row did not lower its best batch loss "
-                                                             "(the reference's rule); 0: epoch patience only [50]"),
+                                                             "(the reference's rule: 50); 0: epoch patience only [0]"),
     ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
                                                          "in front of the new head (1) or drop it (0) [0]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
