@@ -67,7 +67,10 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
                 value = loss.item()
                 total, count = total + value * len(y), count + len(y)
                 if stop_iters > 0 and epoch >= REF_WARMUP_EPOCHS:
-                    best_batch, stale_batches = (value, 0) if value < best_batch else (best_batch, stale_batches + 1)
+                    if value < best_batch:
+                        best_batch, stale_batches = value, 0
+                    else:
+                        stale_batches += 1
                     if stale_batches >= stop_iters:
                         stopped = True
                         break
