@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model, tiny_run, write_labeled_dataset
 
-from labeldiff.bench import LazyImages, bench_probe_memory, bench_probe_memory_cli
+from labeldiff.bench.probe_memory import LazyImages, bench_probe_memory, bench_probe_memory_cli
 from labeldiff.config import CorruptionConfig, DataConfig
 from labeldiff.corruption.gaussian import make_scheduler
 from labeldiff.data.datasets import LabeledFolder, ScaledImages
@@ -169,7 +169,7 @@ def test_streamed_memory_stays_flat(unet, tmp_path):
     """Each approach in its own process on 4 and on 32 labeled 64² images, 96 features per pixel
     (24 per timestep × 4 timesteps): the reference matrix grows by 28·64²·96·4 B = 42 MB, the
     streamed trainer's peak must not. Measured here: materialized +43 MB, streamed ±0.5 MB (peaks of
-    repeated runs agree to ~0.5 MB, see labeldiff.bench); an unbounded shuffle buffer would add ~8 MB."""
+    repeated runs agree to ~0.5 MB, see labeldiff.bench.probe_memory); an unbounded shuffle buffer would add ~8 MB."""
     root = write_labeled_dataset(tmp_path / "data", n=33, k=3, hw=(64, 64), n_train=32)
     ds = LabeledFolder(root)
     loader = ScaledImages(DataConfig(path=str(root), size=64, mode="resize", channels=3, cache_mb=0))

@@ -188,6 +188,21 @@ def test_volume_prediction_through_a_resize_stays_on_the_grid():
     assert (labels == (x > 0)).mean() > 0.97  # resized 40² → 16² → 40²: only boundary voxels may move
 
 
+def test_predicting_only_a_slab_gives_its_slices_and_leaves_the_rest_empty():
+    """only=(first, last): those slices exactly as a whole-volume prediction has them; every other slice 0."""
+    from labeldiff.config import DataConfig
+    from labeldiff.data.nnunet import Volume
+    from labeldiff.evaluate.volume import predict_volume
+
+    rng = np.random.default_rng(0)
+    vol = [Volume(rng.uniform(-1, 1, (9, 16, 7)).astype(np.float32), np.eye(4))]
+    cfg = DataConfig(mode="resize", size=16, channels=1)
+    whole = predict_volume(threshold_net(), cfg, vol, axis=0)
+    part = predict_volume(threshold_net(), cfg, vol, axis=0, only=(2, 5))
+    assert whole[2:6].any() and np.array_equal(part[2:6], whole[2:6])
+    assert not part[:2].any() and not part[6:].any()
+
+
 def test_prediction_sees_the_slices_training_saw(tmp_path):
     """predict_volume's input for a slice is the PNG volume_to_slices wrote for it, read as training
     reads it (up to 8-bit quantisation): same rotation, padding and intensities."""

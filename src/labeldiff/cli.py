@@ -346,13 +346,26 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from labeldiff.bench import bench_probe_memory_cli
-
     if args.what == "probe-memory":
+        from labeldiff.bench.probe_memory import bench_probe_memory_cli
+
         bench_probe_memory_cli(str(args.pretrained), str(args.data), labels=args.labels, seed=args.seed,
                                size=args.size, members=args.members, max_epochs=args.max_epochs,
                                patience=args.patience, threads=args.threads, train_split=args.train_split,
                                test_split=args.test_split)
+    elif args.what == "loop":
+        from labeldiff.bench.efficiency import bench_loop, format_loop
+        from labeldiff.config import default_pretrain_config
+
+        cfg, _ = _run_config(args, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS, default_pretrain_config())
+        result = bench_loop(cfg, steps=getattr(args, "train.steps") or 30, workers=args.workers)
+        print(format_loop(result, f"loop efficiency: {cfg.corruption.method} on {args.data} "
+                                  f"({args.recipe or 'default config'})"))
+    elif args.what == "predict":
+        from labeldiff.bench.efficiency import bench_predict, format_predict
+
+        result = bench_predict(args.model, args.input, sw_batch_size=args.sw_batch_size, repeats=args.repeats)
+        print(format_predict(result, f"predict efficiency: {args.model} on {args.input}"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -490,12 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "several studies (a screen and its confirmation) can share one")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("bench", help="benchmarks: probe-memory (streamed pixel-MLP probe vs the in-RAM reference)",
-                       description="probe-memory: train the pixel-MLP probe the reference way (all pixel features "
-                                   "in RAM) and the labeldiff way (float16 disk cache, streamed) on the same images, "
-                                   "features and seed, each in its own process; print peak RSS, their ratio, "
-                                   "wall time and test IoU of each.")
-    p.add_argument("what", choices=("probe-memory",), help="which benchmark")
+    bench = sub.add_parser("bench", help="benchmarks: probe-memory, loop (training-loop efficiency), predict "
+                                         "(prediction efficiency)",
+                           description="Measurements, not tests: run one and quote its table.")
+    bsub = bench.add_subparsers(dest="what", required=True, metavar="{probe-memory,loop,predict}")
+    p = bsub.add_parser("probe-memory", help="streamed pixel-MLP probe vs the in-RAM reference",
+                        description="Train the pixel-MLP probe the reference way (all pixel features in RAM) and "
+                                    "the labeldiff way (float16 disk cache, streamed) on the same images, features "
+                                    "and seed, each in its own process; print peak RSS, their ratio, wall time and "
+                                    "test IoU of each.")
     p.add_argument("--pretrained", required=True, type=Path, help="a `labeldiff pretrain` run (diffusion UNet)")
     p.add_argument("--data", required=True, type=Path, help="labeled dataset root (train and test splits)")
     p.add_argument("--labels", type=POSITIVE, default=3, help="labeled training images [3]")
@@ -508,6 +524,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train", help="split.json entry of the labeled images [train]")
     p.add_argument("--test-split", default="test", help="split.json entry evaluated [test]")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="labeled-image choice and MLP seeds [0]")
+    p.set_defaults(func=cmd_bench)
+
+    p = bsub.add_parser("loop", help="bare training step / step of the real pretrain loop",
+                        description="Loop efficiency: the bare forward + backward + optimizer step of the network, "
+                                    "batch and precision of a pretraining config, divided by a step of the real "
+                                    "`labeldiff pretrain` loop (data, corruption, EMA, logging, checkpoints "
+                                    "spread over --checkpoint-every), for each --workers count. Takes the pretrain "
+                                    "flags; --steps is the length of each timed run [30].")
+    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
+    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
+    p.add_argument("--workers", type=_ints, default=(0, 2), help="data-loading worker counts to measure [0,2]")
+    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
+    p.set_defaults(func=cmd_bench)
+
+    p = bsub.add_parser("predict", help="bare batched forward / `labeldiff predict`",
+                        description="Predict efficiency: a bare batched forward over the network inputs that "
+                                    "prediction evaluates for a folder of images (sliding-window tiles or whole "
+                                    "resized images), divided by `labeldiff predict` on that folder (reading, "
+                                    "sliding window, writing PNGs). CPU; the fastest of --repeats runs of each.")
+    p.add_argument("--model", required=True, type=Path, help="a segmenter run folder (finetune / probe)")
+    p.add_argument("--input", required=True, type=Path, help="folder of images (or a dataset root with images/)")
+    p.add_argument("--sw-batch-size", type=POSITIVE, default=8, help="inputs per forward, as predict's sliding "
+                                                                     "window uses [8]")
+    p.add_argument("--repeats", type=POSITIVE, default=1, help="timed runs of each side; the fastest counts [1]")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",

@@ -71,14 +71,15 @@ def volume_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, spacin
 # --- predicting a volume, slice by slice, back on the input grid ------------------------------------------------
 
 def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "fp32", tta: bool = False,
-                   desc: str | None = None) -> np.ndarray:
+                   desc: str | None = None, only: tuple[int, int] | None = None) -> np.ndarray:
     """Label volume of the input's shape from normalised channel :class:`~labeldiff.data.nnunet.Volume`s.
 
     Each slice along ``axis`` becomes the network input training builds for it
     (:func:`~labeldiff.data.nnunet.slice_image`: rotate, pad to a square), is predicted at that size by
     :func:`~labeldiff.evaluate.predict.predict_logits` (which resizes to the network and back), and is
     mapped back with :func:`~labeldiff.data.nnunet.from_display`, so every rotation, pad and resize is
-    undone and the result lies voxel for voxel on the input grid.
+    undone and the result lies voxel for voxel on the input grid. ``only = (first, last)`` predicts just
+    those slices (a scored slab); the others stay 0.
     """
     import torch
     from tqdm.auto import tqdm
@@ -93,7 +94,9 @@ def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "f
         raise ValueError(f"expected 3D volumes and an axis in 0..2, got shape {shape} and axis {axis}")
     out = np.zeros(shape, np.int16)
     plane = tuple(n for i, n in enumerate(shape) if i != axis)
-    for i in tqdm(range(shape[axis]), desc=desc or "predict slices", unit="slice", leave=False):
+    first, last = only if only is not None else (0, shape[axis] - 1)
+    for i in tqdm(range(max(first, 0), min(last, shape[axis] - 1) + 1), desc=desc or "predict slices", unit="slice",
+                  leave=False):
         image = torch.from_numpy(slice_image(volumes, axis, i, cfg.channels))
         logits = predict_logits(model, image, cfg, precision, tta=tta)
         index = [slice(None)] * 3
@@ -103,12 +106,13 @@ def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "f
 
 
 def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str = "fp32", tta: bool = False,
-                 desc: str | None = None):
+                 desc: str | None = None, only: tuple[int, int] | None = None):
     """Read a case's channel files, bring them to the RAS frame the model trained in (resampled to
     ``cfg.spacing`` when the run resamples, as its training slices were), normalise them and predict:
     ``(normalised canonical channel volumes, canonical label volume, the orientation back to the input's
     voxel order, the input's affine)``. Volumes and labels lie on the input's own canonical grid: a
-    prediction made on a resampled grid is put back on it by nearest neighbour."""
+    prediction made on a resampled grid is put back on it by nearest neighbour. ``only``: predict just
+    those slices of the input's grid (see :func:`predict_volume`); ignored when the run resamples."""
     from labeldiff.data.nnunet import Volume, canonical, read_volume, resample, resample_labels_to
 
     affine = None
@@ -121,7 +125,7 @@ def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str =
     spacing = getattr(cfg, "spacing", None)
     if spacing is None:  # one normalised copy, predicted on and returned
         vols = [Volume(intensity.apply(v.array), v.affine) for v, _ in canon]
-        return vols, predict_volume(model, cfg, vols, axis, precision, tta, desc), back, affine
+        return vols, predict_volume(model, cfg, vols, axis, precision, tta, desc, only), back, affine
     # the grid training sliced (resampled, then normalised), predicted on and freed; labels back on the input's
     grid = [Volume(intensity.apply(r.array), r.affine) for r in (resample(v, spacing) for v, _ in canon)]
     labels = resample_labels_to(predict_volume(model, cfg, grid, axis, precision, tta, desc), grid[0].affine,
@@ -287,13 +291,14 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows, scored = [], {}
     for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case", disable=quiet):
-        vols, pred, _, _ = predict_case(model, cfg.data, case.images, norm, axis, precision, tta, case.name)
-        truth = canonical(read_volume(case.label, LABEL_DTYPE))[0].array  # the RAS frame: --slab counts along it
         case_slab = slabs[case.name] if slabs is not None else slab
         if slabs is not None and cfg.data.spacing is not None:  # the dataset's slab, on the resampled grid
             shape, own = canonical_geometry(case.images[0])
             case_slab = slab_on_grid(*case_slab, axis, resampled_geometry(shape, own, cfg.data.spacing)[1], own,
                                      shape[axis])
+        vols, pred, _, _ = predict_case(model, cfg.data, case.images, norm, axis, precision, tta, case.name,
+                                        only=case_slab)  # the slices scored, no more
+        truth = canonical(read_volume(case.label, LABEL_DTYPE))[0].array  # the RAS frame: --slab counts along it
         if case_slab is not None:
             first, last = case_slab
             if not 0 <= first <= last < truth.shape[axis]:

@@ -6,7 +6,7 @@ every labeled image in RAM (~210 GB for 50 images of 256², per its README). :fu
 instead writes each image's features to an on-disk float16 cache as soon as they are computed and
 streams shuffled minibatches back with plain file reads, so peak RSS does not grow with the number
 of labeled images; :func:`materialized_train_probe` is the reference approach, kept for
-``labeldiff.bench``. The ensemble trains on the CPU, where the cache is.
+``labeldiff.bench.probe_memory``. The ensemble trains on the CPU, where the cache is.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def materialized_train_probe(extractor: FeatureExtractor, images: Sequence[torch
                              progress: bool = True) -> PixelEnsemble:
     """The reference approach (ddpm-segmentation ``prepare_data``): the full float32 ``[N_pixels, F]``
     matrix of all labeled images in RAM, then the same members, seeds and stopping rule.
-    RAM grows with N_pixels·F·4 bytes; used by ``labeldiff.bench`` to measure that."""
+    RAM grows with N_pixels·F·4 bytes; used by ``labeldiff.bench.probe_memory`` to measure that."""
     _check_pairs(images, masks, num_classes)
     sizes = [m.numel() for m in masks]
     features = torch.empty(sum(sizes), extractor.num_features, dtype=torch.float32)
