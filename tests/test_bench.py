@@ -12,7 +12,7 @@ from monai.inferers import sliding_window_inference
 
 from labeldiff.bench.efficiency import network_inputs, real_step_seconds
 from labeldiff.cli import main
-from labeldiff.config import DataConfig
+from labeldiff.config import DataConfig, RunConfig
 from labeldiff.data.datasets import network_hw, resize_image
 
 TINY = ["--size", "16", "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--channels", "3",
@@ -84,3 +84,36 @@ def test_bench_predict_times_both_sides_on_the_same_images(module_dataset, tiny_
     assert tiles >= n  # 40×48 images: 3×2 tiles of 16² each
     bare, real = (float(_row(out, side)[1].split()[0]) for side in ("bare batched forward", "`labeldiff predict`"))
     assert float(re.search(r"efficiency \*\*([\d.]+)", out).group(1)) == pytest.approx(bare / real, rel=0.02)
+
+
+def test_allreduce_under_torchrun_sums_and_is_timed():
+    """The all-reduce timer runs 2 gloo processes; each checks the sum (1 + 2 = 3 everywhere) before
+    rank 0 reports a median time."""
+    from labeldiff.bench.ddp import allreduce_seconds
+
+    assert 0 < allreduce_seconds(100_000, processes=2, repeats=3) < 5
+
+
+def test_step_cost_counts_flops_per_image_and_gradient_bytes(tiny_run_config, tmp_path):
+    from labeldiff.bench.ddp import step_cost
+
+    cfg = tiny_run_config(tmp_path)
+    one, four = step_cost(cfg), step_cost(RunConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"],
+                                                                                          "batch_size": 4}}))
+    from labeldiff.models.unet import build_network
+
+    params = sum(p.numel() for p in build_network(cfg.model, out_channels=3).parameters())
+    assert one["grad_bytes"] == four["grad_bytes"] == 4 * params
+    assert four["flops"] == 2 * one["flops"] > 0  # batch 2 → 4: twice the work
+
+
+def test_paper_estimate_by_hand():
+    from labeldiff.bench import ddp
+
+    cost = {"flops": 2e15, "grad_bytes": 8e8}
+    est = ddp.paper_estimate(cost, steps=3600, gpus=4)
+    one = 2e15 / (ddp.GPU_PEAK_TFLOPS * 1e12 * ddp.GPU_UTILISATION)
+    comm = 2 * 3 / 4 * 8e8 / (ddp.NVLINK_BUS_GBPS * 1e9)
+    assert est["one_gpu_s"] == pytest.approx(one) and est["allreduce_s"] == pytest.approx(comm)
+    assert est["step_s"] == pytest.approx((max(one / 4, comm), one / 4 + comm))
+    assert est["hours_one"] == pytest.approx(one) and est["speedup"][1] == pytest.approx(one / max(one / 4, comm))

@@ -361,11 +361,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
         result = bench_loop(cfg, steps=getattr(args, "train.steps") or 30, workers=args.workers)
         print(format_loop(result, f"loop efficiency: {cfg.corruption.method} on {args.data} "
                                   f"({args.recipe or 'default config'})"))
+    elif args.what == "ddp":
+        from labeldiff.bench.ddp import bench_ddp, format_ddp, format_estimate, paper_estimate, step_cost
+        from labeldiff.config import default_pretrain_config, load_recipe, merge_recipe
+
+        opts = DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS
+        cfg, _ = _run_config(args, opts, default_pretrain_config())
+        steps = getattr(args, "train.steps") or 30
+        given = [a for flag, dest, _, _ in opts if dest != "train.steps" and getattr(args, dest) is not None
+                 for a in (flag, _flag_text(getattr(args, dest)))]
+        recipe = ["--recipe", str(args.recipe)] if args.recipe else []
+        result = bench_ddp(cfg, ["--data", str(args.data), *recipe, *given], steps=steps)
+        print(format_ddp(result, f"ddp: labeldiff pretrain on {args.data} ({args.recipe or 'default config'}) under "
+                                 f"torchrun, gloo"))
+        if args.estimate_recipe:
+            big = merge_recipe(default_pretrain_config(), load_recipe(args.estimate_recipe))
+            cost = step_cost(big)
+            print("\n" + format_estimate(cost, paper_estimate(cost, big.train.steps, args.gpus), big.train.steps,
+                                         f"paper estimate: {args.estimate_recipe} on {args.gpus} GPUs"))
     elif args.what == "predict":
         from labeldiff.bench.efficiency import bench_predict, format_predict
 
         result = bench_predict(args.model, args.input, sw_batch_size=args.sw_batch_size, repeats=args.repeats)
         print(format_predict(result, f"predict efficiency: {args.model} on {args.input}"))
+
+
+def _flag_text(value) -> str:
+    """A parsed flag value written back as the command line spells it (tuples as ``a,b``)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(_flag_text(v) for v in value)
+    return str(int(value)) if isinstance(value, bool) else str(value)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -504,9 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmarks: probe-memory, loop (training-loop efficiency), predict "
-                                         "(prediction efficiency)",
+                                         "(prediction efficiency), ddp (torchrun processes, all-reduce)",
                            description="Measurements, not tests: run one and quote its table.")
-    bsub = bench.add_subparsers(dest="what", required=True, metavar="{probe-memory,loop,predict}")
+    bsub = bench.add_subparsers(dest="what", required=True, metavar="{probe-memory,loop,predict,ddp}")
     p = bsub.add_parser("probe-memory", help="streamed pixel-MLP probe vs the in-RAM reference",
                         description="Train the pixel-MLP probe the reference way (all pixel features in RAM) and "
                                     "the labeldiff way (float16 disk cache, streamed) on the same images, features "
@@ -535,6 +560,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
     p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
     p.add_argument("--workers", type=_ints, default=(0, 2), help="data-loading worker counts to measure [0,2]")
+    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
+    p.set_defaults(func=cmd_bench)
+
+    p = bsub.add_parser("ddp", help="1 vs 2 torchrun processes of pretrain, the all-reduce, an 8-GPU estimate",
+                        description="Throughput of `labeldiff pretrain` under torchrun with 1 and 2 processes (gloo, "
+                                    "1 thread each: on 2 cores not a speed-up test), the gloo all-reduce of the "
+                                    "model's gradient timed on its own, and with --estimate-recipe a paper estimate "
+                                    "of a recipe on --gpus GPUs from its counted FLOPs and gradient size (the GPU "
+                                    "throughput and bandwidth assumed are printed). Takes the pretrain flags; "
+                                    "--steps is the length of each timed run [30].")
+    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
+    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
+    p.add_argument("--estimate-recipe", type=Path, help="recipe to estimate on GPUs, e.g. recipes/ddpm.yaml (CT paper)")
+    p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs of the estimate [8]")
     _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
     p.set_defaults(func=cmd_bench)
 
