@@ -270,8 +270,9 @@ def test_resolve_precision(monkeypatch):
     monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("auto", torch.device("meta")) is None
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_precision("fp16", cpu)
+    assert resolve_precision("fp16", cpu) is torch.float16
+    with pytest.raises(ValueError, match="fp16"):  # the message lists the known names
+        resolve_precision("fp8", cpu)
 
 
 def test_cpu_bf16_is_read_from_the_cpu_flags():
@@ -280,3 +281,50 @@ def test_cpu_bf16_is_read_from_the_cpu_flags():
     assert cpu_has_bf16("flags : fpu sse avx2 avx512f avx512_bf16 amx_tile")
     assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile")
     assert not cpu_has_bf16("flags : fpu sse sse2 avx avx2 fma avx512f avx512bw")
+
+
+def test_fp16_scales_the_loss_and_resumes_with_its_scale(tmp_path, labeled_dataset, tiny_run_config, log_reader,
+                                                        monkeypatch):
+    """fp16 autocast (here on the CPU, as on a GPU without bf16) trains through a gradient scaler: the
+    checkpoint keeps its state, an interrupted run resumes with it to the uninterrupted losses and
+    weights, and a step whose scaled gradients overflow is skipped with the scale halved."""
+    cfg = dict(steps=6, checkpoint_every=3, log_every=1, ema_decay=0.0, warmup_steps=2, precision="fp16")
+    a, b = tmp_path / "A", tmp_path / "B"
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
+    scaler = load_checkpoint(a)["extra"]["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 6  # no overflow in 6 steps: grown 6 times
+    monkeypatch.setattr(pretrain_run, "pretext_loss", _interrupt_on_call(5))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
+    monkeypatch.undo()
+    assert load_checkpoint(b)["extra"]["scaler"]["_growth_tracker"] == 4
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b, resume=True)
+    assert [r["loss"] for r in log_reader(a).values()] == [r["loss"] for r in log_reader(b).values()]
+    assert load_checkpoint(b)["extra"]["scaler"] == scaler
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    c = tmp_path / "C"  # a scale so large that fp16 gradients overflow: the step is skipped, the scale halved
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", _huge_initial_scale(torch.amp.GradScaler.__init__))
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **{**cfg, "steps": 1}), c)
+    state = load_checkpoint(c)
+    assert state["extra"]["scaler"]["scale"] == 2.0**100 / 2
+    assert not state["optimizer"]["state"]  # the one step was skipped: Adam has no moments yet
+
+
+def _huge_initial_scale(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "init_scale": 2.0**100})
+    return wrapped
+
+
+def test_channels_last_trains_the_same_run(tmp_path, labeled_dataset, tiny_run_config, log_reader):
+    """NHWC weights and inputs change the memory layout, not the numbers (to float rounding)."""
+    cfg = dict(steps=3, log_every=1, ema_decay=0.9)
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), tmp_path / "nchw")
+    pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, channels_last=True, **cfg), tmp_path / "nhwc")
+    a, b = log_reader(tmp_path / "nchw"), log_reader(tmp_path / "nhwc")
+    assert [r["loss"] for r in b.values()] == pytest.approx([r["loss"] for r in a.values()], rel=1e-4)
+    wa, wb = load_weights(tmp_path / "nchw" / "model.safetensors"), load_weights(tmp_path / "nhwc" / "model.safetensors")
+    for k in wa:  # Adam turns rounding in near-zero gradients into steps of up to ~lr (1e-3) each
+        torch.testing.assert_close(wb[k], wa[k], atol=3e-3, rtol=0)

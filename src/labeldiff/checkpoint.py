@@ -84,7 +84,7 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
     for idx, st in sd["state"].items():
         for name, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
+                tensors[f"{idx}.{name}"] = value.contiguous()  # channels-last moments: packed for safetensors
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}

@@ -79,7 +79,12 @@ TRAIN_OPTS = [
     ("--lr", "train.lr", float, "base learning rate"),
     ("--seed", "train.seed", int, "random seed (subset choice, init, batches) [0]"),
     ("--device", "train.device", str, "auto (CUDA if present), cpu or cuda[:N] [auto]"),
-    ("--precision", "train.precision", str, "auto (bf16 where the CPU/GPU supports it), fp32 or bf16 [auto]"),
+    ("--precision", "train.precision", str, "auto (bf16 where the CPU/GPU supports it), fp32, bf16 or fp16 "
+                                            "(GPUs without bf16; with a gradient scaler) [auto]"),
+    ("--channels-last", "train.channels_last", _bool, "1: channels-last (NHWC) weights and inputs, faster "
+                                                      "convolutions on recent GPUs [0]"),
+    ("--compile", "train.compile", _bool, "1: torch.compile the network for training (minutes of compiling; "
+                                          "pays on GPUs, not on a few CPU cores) [0]"),
     ("--ema-decay", "train.ema_decay", float, "EMA rate of the weights; 0 disables EMA"),
     ("--grad-clip", "train.grad_clip", float, "gradient norm clip; 0 disables [1.0]"),
     ("--warmup-steps", "train.warmup_steps", int, "linear learning-rate warm-up steps [50]"),

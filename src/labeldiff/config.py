@@ -116,7 +116,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.999  # CT paper: 0.9999 over 300k steps; 0 disables EMA
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (with a gradient scaler)
+    channels_last: bool = False  # NHWC weights and inputs (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the network for training (minutes of compile; gains on GPUs)
     checkpoint_every: int = 200
     # the batch of a step is computed in this many micro-batches (gradients accumulated): the same update
     # as one pass over batch_size images, in 1/grad_accum of the activation memory

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_PRECISION = "fp32"  # evaluate / predict / study evaluation: the same numbers on every CPU
 
 
@@ -38,11 +38,14 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. ``auto``: bf16 on CUDA and on CPUs with AMX/AVX512-BF16."""
+    """Autocast dtype, or None for fp32. ``auto``: bf16 on CUDA and on CPUs with AMX/AVX512-BF16.
+    ``fp16`` is for GPUs without bf16 (V100, T4); training with it scales the loss (:func:`grad_scaler`)."""
     if name == "fp32":
         return None
     if name == "bf16":
         return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
     if name != "auto":
         raise ValueError(f"precision {name!r} is unknown; use {', '.join(PRECISIONS)}")
     if device.type == "cuda":
@@ -59,7 +62,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
-    return "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(dtype, "fp32")
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> "torch.amp.GradScaler":
+    """A gradient scaler, enabled for fp16 autocast only (fp16's range needs the loss scaled so small
+    gradients do not flush to zero; a step whose gradients overflow is skipped and the scale halved).
+    Disabled, it passes the loss and the optimizer step through unchanged."""
+    return torch.amp.GradScaler(device.type if device.type in ("cpu", "cuda") else "cpu",
+                                enabled=dtype == torch.float16)
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

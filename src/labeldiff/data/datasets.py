@@ -577,11 +577,12 @@ class StepBatches(torch.utils.data.Dataset):
         return out
 
 
-def step_loader(batches: StepBatches, start: int, stop: int, num_workers: int):
-    """Iterate ``batches[start:stop]``, optionally decoding in worker processes."""
+def step_loader(batches: StepBatches, start: int, stop: int, num_workers: int, pin_memory: bool = False):
+    """Iterate ``batches[start:stop]``, optionally decoding in worker processes (4 batches ahead each);
+    ``pin_memory`` (for CUDA) puts batches in page-locked memory so the copy to the GPU can overlap."""
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                        num_workers=num_workers, persistent_workers=False,
-                                       prefetch_factor=4 if num_workers else None)
+                                       prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
 
 
 def group_split(stems: list[str], groups: dict[str, object], test_fraction: float, seed: int) -> dict[str, list[str]]:

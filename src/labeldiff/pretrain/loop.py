@@ -1,7 +1,8 @@
 """The one training loop, shared by pretraining and transfer.
 
 AdamW/Adam with linear warm-up and linear decay, optional EMA of the weights, gradient
-clipping, optional bf16 autocast, a non-finite-loss guard, JSONL logging, atomic checkpoints
+clipping, optional bf16 or fp16 autocast (fp16 with a gradient scaler), channels-last and
+torch.compile as opt-ins, a non-finite-loss guard, JSONL logging, atomic checkpoints
 and exact resume (a batch depends only on (seed, step); see ``StepBatches``).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from labeldiff import distributed
 from labeldiff.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.data.datasets import StepBatches, step_loader
-from labeldiff.runtime import autocast, generator, resolve_precision
+from labeldiff.runtime import autocast, generator, grad_scaler, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
 
@@ -154,8 +155,13 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     device = next(model.parameters()).device
     distributed.check_batch(batches.batch_size, cfg.grad_accum)
     main = distributed.is_main()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, device)  # what the loss calls: gradients averaged over the ranks
+    if cfg.compile:
+        net = torch.compile(net)  # the weights stay model's: checkpoints need no prefix stripping
     autocast_dtype = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(device, autocast_dtype)  # fp16 only; otherwise a pass-through
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -173,6 +179,8 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         start = ck["step"]
         if stop is not None and hasattr(stop, "load") and "stop" in ck["extra"]:
             stop.load(ck["extra"]["stop"])
+        if scaler.is_enabled() and "scaler" in ck["extra"]:
+            scaler.load_state_dict(ck["extra"]["scaler"])
         extend_config(run_dir, config, start)
         if main:
             trim_log(run_dir / "log.jsonl", start)
@@ -185,8 +193,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         for m in frozen or []:
             m.eval()
 
-    def extra() -> dict:  # what a checkpoint records besides the tensors: the loss and the stop rule's state
-        return {"loss": loss_value, **({"stop": stop.state()} if hasattr(stop, "state") else {})}
+    def extra() -> dict:  # what a checkpoint records besides the tensors: the loss, the stop rule, the fp16 scale
+        return {"loss": loss_value, **({"stop": stop.state()} if hasattr(stop, "state") else {}),
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
 
     set_train_mode()
     log = open(run_dir / "log.jsonl", "a") if main else open(os.devnull, "w")
@@ -201,13 +210,16 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     interrupt = DeferredInterrupt()
     try:
         interrupt.__enter__()
-        for step, batch in zip(range(start, cfg.steps), step_loader(batches, start, cfg.steps, config.data.num_workers)):
+        loader = step_loader(batches, start, cfg.steps, config.data.num_workers, pin_memory=device.type == "cuda")
+        for step, batch in zip(range(start, cfg.steps), loader):
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
             optimizer.zero_grad(set_to_none=True)
             global_loss = 0.0
             for j, part in enumerate(distributed.parts(cfg.grad_accum)):  # this rank's rows, in micro-batches
                 micro = {k: v.to(device, non_blocking=True) for k, v in distributed.shard(batch, part).items()}
+                if cfg.channels_last and micro["image"].dim() == 4:
+                    micro["image"] = micro["image"].contiguous(memory_format=torch.channels_last)
                 g = generator(cfg.seed * 7_919 + step, device)  # corruption noise, drawn on the model's device
                 with autocast(device, autocast_dtype), distributed.sharded(part):  # the draws: the global
                     loss = loss_fn(net, micro, g) / cfg.grad_accum                # batch's, these rows
@@ -220,10 +232,12 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 global_loss = global_loss + part_loss
                 last = j == cfg.grad_accum - 1  # DDP averages the gradients over the ranks once, on the last
                 with (nullcontext() if last or net is model else net.no_sync()):
-                    loss.backward()
+                    scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale is halved
+            scaler.update()
             if ema is not None:
                 ema.update(model, step)
             loss_value = float(global_loss)
