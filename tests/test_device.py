@@ -67,6 +67,32 @@ def test_pretext_losses_stay_on_the_device(method):
     assert loss.device == META
 
 
+@pytest.mark.parametrize("method", ["ddpm", "mdm", "hybrid"])
+def test_the_ddp_path_stays_on_the_device(method, monkeypatch):
+    """What a rank of a torchrun run does on its device: its rows of the global batch (``shard``), the noise
+    drawn for the global batch and sliced to them (``sharded``), and the all-reduce of the loss, whose
+    tensor must be on the model's device (nccl takes CUDA tensors only)."""
+    from labeldiff import distributed
+
+    corruption = build_corruption(CorruptionConfig(method=method))
+    net = build_network(tiny_model(3), corruption.out_channels(3, 2)).to(META)
+    batch = {"image": torch.empty(4, 3, 16, 16, device=META), "mask": torch.zeros(4, 16, 16, dtype=torch.long,
+                                                                                  device=META)}
+    reduced = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: reduced.append(t.device))
+    with GeneratorDeviceCheck():
+        for part in distributed.parts(accum=2):  # rank 1 of 2, 2 micro-batches: parts 2 and 3 of 4
+            rows = distributed.shard(batch, part)
+            assert rows["image"].shape[0] == 1 and rows["image"].device == META
+            with distributed.sharded(part):
+                loss = pretext_loss(corruption)(net, rows, generator(0, META))
+            distributed.mean_over_ranks(loss)
+            loss.backward()
+    assert reduced == [META, META]  # (any_rank's flag is made on the device the loop passes it)
+
+
 def test_segmentation_loss_and_segmenters_stay_on_the_device():
     net = SegmentationNet(tiny_model(3), num_classes=3, keep_out_norm=True).to(META)
     batch = {"image": torch.empty(2, 3, 16, 16, device=META), "mask": torch.zeros(2, 16, 16, dtype=torch.long,
