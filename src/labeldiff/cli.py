@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KID: images per subset [min(1000, the smaller set)]")
     p.add_argument("--k", type=POSITIVE, default=3, help="precision/recall: the k-th neighbour radius [3]")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="KID subsets and real crops [0]")
-    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per Inception forward pass [32]")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="images per Inception forward pass [16]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
     p.add_argument("--out", type=Path, default=None, help="report JSON [SAMPLES/report.json]")
     p.set_defaults(func=cmd_evaluate_samples)

@@ -74,7 +74,7 @@ def tf_resize(x: torch.Tensor, hw: tuple[int, int] = (INCEPTION_SIZE, INCEPTION_
 
 
 @torch.inference_mode()
-def inception_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 32,
+def inception_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 16,
                        desc: str | None = None) -> np.ndarray:
     """``[N, C, H, W]`` images in [-1, 1] (C = 1 is replicated to 3 channels) → ``[N, 2048]`` float64
     pool features. Pixels map to the TF range [-1, 255/128 − 1] and are resized to 299² by
@@ -85,10 +85,12 @@ def inception_features(net: torch.nn.Module, images: torch.Tensor, batch_size: i
         raise ValueError(f"images must be [N, 1 or 3, H, W], got {list(images.shape)}")
     device = next(iter(net.parameters())).device
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
-        x = images[i:i + batch_size].to(device, torch.float32).clamp(-1, 1).expand(-1, 3, -1, -1)
-        x = (x + 1) * (255 / 256) - 1  # u = 127.5(x+1) ∈ [0, 255] → u/128 − 1, the TF graph's Sub/Mul
-        out.append(net(tf_resize(x)).double().cpu())
+    with tqdm(total=len(images), desc=desc, unit="image", disable=desc is None) as bar:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device, torch.float32).clamp(-1, 1).expand(-1, 3, -1, -1)
+            x = (x + 1) * (255 / 256) - 1  # u = 127.5(x+1) ∈ [0, 255] → u/128 − 1, the TF graph's Sub/Mul
+            out.append(net(tf_resize(x)).double().cpu())
+            bar.update(len(x))
     return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM))
 
 

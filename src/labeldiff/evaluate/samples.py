@@ -82,7 +82,7 @@ def read_real(samples: list[Sample], channels: int, hw: tuple[int, int], crops: 
 def evaluate_samples(samples_dir: Path, data: Path, split: str = "train", size: int | None = None,
                      n: int | None = None, inception: Path | None = None, kid_subsets: int = 100,
                      kid_subset_size: int | None = None, k: int = 3, crops: int = 0, scale: float = 1.0,
-                     seed: int = 0, device: str = "cpu", batch_size: int = 32) -> dict:
+                     seed: int = 0, device: str = "cpu", batch_size: int = 16) -> dict:
     """FID, KID ± s.e. and precision / recall (k) of the generated images against the real ones; a dict
     as written to ``report.json``. ``kid_subset_size`` defaults to min(1000, the smaller set)."""
     files = sample_files(samples_dir)[:n]
