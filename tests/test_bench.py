@@ -67,7 +67,8 @@ def test_bench_loop_runs_the_real_loop_and_the_bare_step(module_dataset, tiny_re
     out = capsys.readouterr().out
     bare, real, _ckpt, eff = _row(out, "0")[1:]
     bare_s, real_s = float(bare.split()[0]), float(real.split()[0])
-    assert 0 < bare_s and 0 < real_s
+    before, after = (float(v) for v in re.search(r"\((\d+), (\d+)\)", bare).groups())
+    assert 0 < bare_s and 0 < real_s and abs(bare_s - (before + after) / 2) <= 1  # ms, rounded
     assert float(eff.strip("*")) == pytest.approx(bare_s / real_s, rel=0.01)
     assert "20 steps of batch 2 at 16², fp32" in out
 

@@ -2,7 +2,8 @@
 
 ``bench loop``: the bare step (forward + backward + optimizer step of the same network on one fixed,
 already-corrupted batch, same precision) divided by a step of the real ``pretrain`` loop (batches
-decoded from disk, corruption drawn, EMA, logging, checkpoints). The real loop's step time is read
+decoded from disk, corruption drawn, gradient clipping, EMA, logging, checkpoints). Bare runs come
+before and after each real run, which is divided by their mean. The real loop's step time is read
 from its own ``log.jsonl`` (``images_per_s`` over each ``log_every`` window; the first window, with
 the start-up, is left out); checkpoints fall every ``checkpoint_every`` steps, more rarely than a short
 benchmark runs, so one is written and timed on its own and its time is spread over ``checkpoint_every``
@@ -67,14 +68,15 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
     """Loop efficiency of ``cfg`` (a pretraining config with its data path) for each worker count.
 
     Each real run trains ``steps`` steps (a multiple of ``cfg.train.log_every`` past the first window)
-    into a temporary folder; the bare side runs as many steps of the same network. Returns
-    ``{"rows": [{"workers", "bare_s", "real_s", "checkpoint_s", "efficiency"}], ...}``.
+    into a temporary folder; the bare side runs as many steps of the same network before the first and
+    after every real run. Returns ``{"rows": [{"workers", "bare_s", "bare_around_s", "real_s",
+    "checkpoint_s", "real_with_checkpoints_s", "efficiency"}], ...}``.
     """
     from labeldiff.checkpoint import save_checkpoint
     from labeldiff.corruption import build_corruption
     from labeldiff.data.datasets import StepBatches
     from labeldiff.pretrain.loop import EMA
-    from labeldiff.pretrain.run import build_pretrain_network, pretext_loss, run_pretrain, training_samples
+    from labeldiff.pretrain.run import build_pretrain_network, run_pretrain, training_samples
     from labeldiff.runtime import generator, precision_name, resolve_device, resolve_precision
 
     every = cfg.train.log_every
@@ -82,16 +84,7 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
         raise ValueError(f"--steps {steps}: give at least {2 * every} (two log windows of {every} steps; "
                          f"the first, with the start-up, is not counted)")
     steps = steps // every * every
-    rows = []
-    for n_workers in workers:
-        run_cfg = RunConfig.from_dict(cfg.to_dict())
-        run_cfg.train.steps, run_cfg.data.num_workers = steps, n_workers
-        with tempfile.TemporaryDirectory(prefix="labeldiff-bench-loop-") as tmp:
-            run_pretrain(run_cfg, Path(tmp) / "run")
-            real = real_step_seconds(Path(tmp) / "run" / "log.jsonl", run_cfg.train.batch_size)[1:]
-        rows.append({"workers": n_workers, "real_s": statistics.fmean(real)})
-
-    # the bare side: the network, optimizer and precision the real run used, one batch corrupted once
+    # the bare side: the network, optimizer and precision the real run uses, one batch corrupted once
     corruption = build_corruption(cfg.corruption)
     device = resolve_device(cfg.train.device)
     model, _frozen = build_pretrain_network(cfg, corruption)
@@ -104,16 +97,34 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
     c = corruption(batch["image"].to(device), generator(0, device),
                    batch["mask"].to(device) if "mask" in batch else None)
     dtype = resolve_precision(cfg.train.precision, device)
-    bare = statistics.fmean(bare_step_seconds(model, optimizer, lambda net: corruption.loss(net(c.input, c.t), c),
-                                              steps, dtype)[every:])
+
+    def bare() -> float:
+        return statistics.fmean(bare_step_seconds(model, optimizer, lambda net: corruption.loss(net(c.input, c.t), c),
+                                                  steps, dtype)[every:])
+
+    # bare, real, bare, real, …, bare: each real run is divided by the mean of the bare runs beside it, so
+    # a machine whose speed drifts (a shared VM: ±10 % over minutes here) biases neither side
+    bares, reals = [bare()], []
+    for n_workers in workers:
+        run_cfg = RunConfig.from_dict(cfg.to_dict())
+        run_cfg.train.steps, run_cfg.data.num_workers = steps, n_workers
+        with tempfile.TemporaryDirectory(prefix="labeldiff-bench-loop-") as tmp:
+            run_pretrain(run_cfg, Path(tmp) / "run")
+            reals.append(statistics.fmean(real_step_seconds(Path(tmp) / "run" / "log.jsonl",
+                                                            run_cfg.train.batch_size)[1:]))
+        bares.append(bare())
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     with tempfile.TemporaryDirectory(prefix="labeldiff-bench-ckpt-") as tmp:
         t0 = time.perf_counter()
         save_checkpoint(Path(tmp), steps, model, optimizer, ema.state if ema else None, {"loss": 0.0})
         checkpoint = time.perf_counter() - t0
-    for row in rows:
-        real = row["real_s"] + checkpoint / cfg.train.checkpoint_every
-        row.update(bare_s=bare, checkpoint_s=checkpoint, real_with_checkpoints_s=real, efficiency=bare / real)
+    rows = []
+    for i, n_workers in enumerate(workers):
+        real = reals[i] + checkpoint / cfg.train.checkpoint_every
+        ref = (bares[i] + bares[i + 1]) / 2
+        rows.append({"workers": n_workers, "bare_s": ref, "bare_around_s": (bares[i], bares[i + 1]),
+                     "real_s": reals[i], "checkpoint_s": checkpoint, "real_with_checkpoints_s": real,
+                     "efficiency": ref / real})
     return {"rows": rows, "steps": steps, "batch_size": cfg.train.batch_size, "size": cfg.data.size,
             "precision": precision_name(dtype), "device": str(device), "threads": torch.get_num_threads(),
             "checkpoint_every": cfg.train.checkpoint_every, "goal": LOOP_GOAL}
@@ -123,10 +134,13 @@ def format_loop(result: dict, title: str) -> str:
     lines = [title,
              f"{result['steps']} steps of batch {result['batch_size']} at {result['size']}², {result['precision']}, "
              f"{result['device']}, {result['threads']} threads; a checkpoint every {result['checkpoint_every']} steps",
-             "", "| data workers | bare step | real step | checkpoint (spread) | loop efficiency |", "|---|---|---|---|---|"]
+             "", "| data workers | bare step (before, after) | real step | checkpoint (spread) | loop efficiency |",
+             "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['workers']} | {1000 * r['bare_s']:.1f} ms | {1000 * r['real_with_checkpoints_s']:.1f} ms | "
-                     f"{r['checkpoint_s']:.2f} s / {result['checkpoint_every']} | **{r['efficiency']:.3f}** |")
+        before, after = r["bare_around_s"]
+        lines.append(f"| {r['workers']} | {1000 * r['bare_s']:.1f} ms ({1000 * before:.0f}, {1000 * after:.0f}) | "
+                     f"{1000 * r['real_with_checkpoints_s']:.1f} ms | {r['checkpoint_s']:.2f} s / "
+                     f"{result['checkpoint_every']} | **{r['efficiency']:.3f}** |")
     lines.append(f"\ngoal ≥ {result['goal']:.2f} (bare / real)")
     return "\n".join(lines)
 
