@@ -126,3 +126,23 @@ def test_gradient_accumulation_computes_the_same_step(labeled_dataset, recipe, t
     same_run(tmp_path / "one", tmp_path / "acc")
     assert main([*base, "--grad-accum", "3", "--out", str(tmp_path / "odd")]) == 2
     assert "does not split over 3 micro-batches" in capsys.readouterr().err and not (tmp_path / "odd").exists()
+
+
+def test_the_probe_under_two_processes_is_the_one_process_probe(labeled_dataset, recipe, tmp_path):
+    """finetune --strategy probe under torchrun: rank r computes the features of images r, r + 2, … and
+    trains members r, r + 2, …; the saved ensemble is the one-process ensemble, bit for bit (each image
+    and each member is computed by one process with one thread in both runs), and the shared cache is
+    gone from the run folder."""
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(labeled_dataset), "--recipe", str(recipe), *COMMON, "--steps", "2",
+                 "--out", str(pre)]) == 0
+    base = ["finetune", "--strategy", "probe", "--pretrained", str(pre), "--data", str(labeled_dataset),
+            "--labels", "3", "--members", "3", "--probe-stop-iters", "1", "--device", "cpu"]
+    torchrun(1, [*base, "--out", str(tmp_path / "one")])
+    torchrun(2, [*base, "--out", str(tmp_path / "two")])
+    one, two = load_weights(tmp_path / "one" / "probe.safetensors"), load_weights(tmp_path / "two" / "probe.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    labeled = [json.loads((tmp_path / r / "labeled.json").read_text()) for r in ("one", "two")]
+    assert labeled[0]["member_epochs"] == labeled[1]["member_epochs"] and all(labeled[0]["member_epochs"])
+    assert (tmp_path / "one" / "log.jsonl").read_text() == (tmp_path / "two" / "log.jsonl").read_text()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from labeldiff import distributed
 from labeldiff.models.probe import FeatureExtractor, PixelEnsemble, entropy, member_seed
 
 # streaming shuffle: groups of SHUFFLE_CHUNKS chunks of CHUNK_ROWS pixel rows, each chunk from a random
@@ -38,8 +39,11 @@ REF_WARMUP_EPOCHS = 4
 
 
 def train_members(batches: BatchSource, num_features: int, num_classes: int, members: int, lr: float,
-                  max_epochs: int, patience: int, seed: int, progress: bool, stop_iters: int = 0) -> PixelEnsemble:
-    """Train each member in turn on the epochs ``batches(generator)`` yields (``x [b, F]``, ``y [b]``).
+                  max_epochs: int, patience: int, seed: int, progress: bool, stop_iters: int = 0,
+                  which: Sequence[int] | None = None) -> PixelEnsemble:
+    """Train each member in turn on the epochs ``batches(generator)`` yields (``x [b, F]``, ``y [b]``);
+    ``which``: only these member indices (a torchrun rank's share; the others keep their init and an
+    empty history).
 
     Adam(lr), cross-entropy; a member stops when its mean epoch training loss has not improved for
     ``patience`` epochs (Baranchuk / MDM App. A.2 stop on the training loss) or after ``max_epochs``.
@@ -49,7 +53,10 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
     The per-member epoch losses (a stopped epoch: its mean so far) are kept in ``ensemble.history``.
     """
     ensemble = PixelEnsemble(num_features, num_classes, members, seed)
+    ensemble.history = [[] for _ in range(members)]
     for m, net in enumerate(ensemble.members):
+        if which is not None and m not in which:
+            continue
         g = torch.Generator().manual_seed(member_seed(seed, m))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         net.train()
@@ -84,7 +91,7 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
                 break
         bar.close()
         net.eval()
-        ensemble.history.append(losses)
+        ensemble.history[m] = losses
     return ensemble
 
 
@@ -126,19 +133,21 @@ class PixelCache:
     def paths(self, i: int) -> tuple[Path, Path]:
         return self.folder / f"{i:06d}.features.f16", self.folder / f"{i:06d}.labels.i16"
 
-    def add(self, features: torch.Tensor, mask: torch.Tensor, g: torch.Generator,
+    def add(self, features: torch.Tensor | None, mask: torch.Tensor, g: torch.Generator,
             ignore_index: int | None = None) -> None:
         """Append one image: ``features [F, H, W]``, ``mask [H, W]``; pixels whose mask is
-        ``ignore_index`` are no training sample."""
+        ``ignore_index`` are no training sample. ``features=None`` draws the image's pixel order and
+        records its size without writing it (another torchrun rank writes that image)."""
         order = torch.randperm(mask.numel(), generator=g)
         labels = mask.cpu().reshape(-1)[order]
         if ignore_index is not None:
             keep = labels != ignore_index
             order, labels = order[keep], labels[keep]
-        rows = features.to("cpu", torch.float16).reshape(self.num_features, -1).T[order]  # one float16 copy
-        fpath, lpath = self.paths(len(self.sizes))
-        rows.numpy().tofile(fpath)
-        labels.to(torch.int16).numpy().tofile(lpath)
+        if features is not None:
+            rows = features.to("cpu", torch.float16).reshape(self.num_features, -1).T[order]  # one float16 copy
+            fpath, lpath = self.paths(len(self.sizes))
+            rows.numpy().tofile(fpath)
+            labels.to(torch.int16).numpy().tofile(lpath)
         self.sizes.append(int(labels.numel()))
 
     @property
@@ -208,13 +217,47 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
     ours for CPU (MDM: batch 65536 on GPU; Baranchuk: 64); ``stop_iters``: see :func:`train_members`.
     """
     _check_pairs(images, masks, num_classes)
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and cache_dir is None:
+        raise ValueError("under torchrun the probe's ranks share their features through cache_dir: give a folder "
+                         "every rank can read (run_probe uses the run folder)")
     with tempfile.TemporaryDirectory(prefix="labeldiff-probe-") as tmp:
         cache = PixelCache(Path(cache_dir) if cache_dir else Path(tmp), extractor.num_features, batch_pixels)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # pixel orders drawn in image order on every rank
         for i in tqdm(range(len(images)), desc="probe features → disk", disable=not progress, leave=False):
-            cache.add(_image_features(extractor, images[i], masks[i], i, torch.float16), masks[i], g, ignore_index)
-        return train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
-                             patience, seed, progress, stop_iters)
+            mine = i % world == rank  # torchrun: rank r computes images r, r + N, …
+            feats = _image_features(extractor, images[i], masks[i], i, torch.float16) if mine else None
+            cache.add(feats, masks[i], g, ignore_index)
+        distributed.barrier()  # every image's features are on disk
+        which = range(rank, members, world)  # and rank r trains members r, r + N, …
+        ensemble = train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
+                                 patience, seed, progress and rank == 0, stop_iters, which=which)
+        if world > 1:
+            ensemble = gather_members(ensemble, cache.folder, world)
+        return ensemble
+
+
+def gather_members(ensemble: PixelEnsemble, folder: Path, world: int) -> PixelEnsemble:
+    """Under torchrun: every rank writes the members it trained (and their histories) to ``folder`` and
+    reads the others', so each rank ends with the ensemble one process would have trained."""
+    import json
+
+    from labeldiff.checkpoint import load_weights, save_weights
+
+    rank = distributed.rank()
+    mine = {k: v for k, v in ensemble.state_dict().items() if int(k.split(".")[1]) % world == rank}
+    save_weights(mine, folder / f"members-rank{rank}.safetensors")
+    (folder / f"members-rank{rank}.json").write_text(json.dumps({m: ensemble.history[m] for m in
+                                                                range(rank, len(ensemble.members), world)}))
+    distributed.barrier()
+    for r in range(world):
+        loaded = ensemble.load_state_dict(load_weights(folder / f"members-rank{r}.safetensors"), strict=False)
+        if loaded.unexpected_keys:
+            raise RuntimeError(f"rank {r}'s members file holds unknown tensors {loaded.unexpected_keys[:3]}")
+        for m, losses in json.loads((folder / f"members-rank{r}.json").read_text()).items():
+            ensemble.history[int(m)] = losses
+    distributed.barrier()  # every rank has read every file before rank 0 removes the folder
+    return ensemble
 
 
 def materialized_train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor],

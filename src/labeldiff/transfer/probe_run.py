@@ -11,14 +11,21 @@ Training images are the labeled images brought to the network's scale (``--scale
 ``--size``² in resize mode), whole, reflect-padded to a multiple of the UNet's downsampling factor;
 prediction sees whole images the same way (no sliding window: the features of a window would differ
 from those of the whole image the probe was trained on).
+
+Under ``torchrun --nproc-per-node N`` rank r computes the features of images r, r + N, … and trains
+members r, r + N, …; they meet in the run folder's ``probe-cache/`` and rank 0 writes the run. Each
+member is trained exactly as one process trains it (its seed, its batches), so the ensemble is the
+one-process ensemble.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from labeldiff import distributed
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, save_weights
 from labeldiff.config import RunConfig, check_ranges
 from labeldiff.data.datasets import ScaledImages
@@ -26,8 +33,11 @@ from labeldiff.models.probe import (PROBE_METHODS, PaddedExtractor, default_spec
                                     parse_spec, save_probe)
 from labeldiff.models.unet import PRETEXT_OUTPUT
 from labeldiff.runs import BACKBONE_FILE
+from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
 from labeldiff.transfer.probe import train_probe
+
+PROBE_CACHE = "probe-cache"  # under torchrun: the features and members the ranks share, removed at the end
 
 
 def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwrite: bool = False,
@@ -51,8 +61,10 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     if requested == "auto" and cfg.data.ignore_index is not None:
         raise ValueError("--features auto scores its candidates on every pixel; with --ignore-index give the "
                          "features (--features default, or 'blocks=…;t=…')")
-    unet = pre.backbone()
+    device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
+    unet = pre.backbone(device)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
+    main = distributed.is_main()
     loader = ScaledImages(cfg.data)
     samples = job.ds.samples(job.stems)
     images = [loader.image(s) for s in samples]
@@ -72,13 +84,23 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     else:
         spec = parse_spec(requested)
     t.features = format_spec(spec)
-    cfg.save(out / "config.json")
+    if main:
+        cfg.save(out / "config.json")
     extractor = PaddedExtractor(make_extractor(unet, pre.config, spec, noise_seed=cfg.train.seed))
     print(f"probe: {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, features {t.features} "
           f"({extractor.num_features} per pixel, features {'chosen by validation' if selection else requested}), "
           f"{t.members} MLPs")
+    # under torchrun the ranks split the images (features) and the members, and share them through a
+    # folder in the run folder; one process uses a temporary folder
+    cache = out / PROBE_CACHE if distributed.world_size() > 1 else None
     ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed,
-                           ignore_index=cfg.data.ignore_index, stop_iters=t.probe_stop_iters)
+                           ignore_index=cfg.data.ignore_index, stop_iters=t.probe_stop_iters, cache_dir=cache,
+                           progress=main)
+    if cache is not None and main:
+        shutil.rmtree(cache)
+    if not main:  # rank 0 writes the run folder
+        distributed.barrier()
+        return {"step": sum(len(h) for h in ensemble.history), "loss": float("nan"), "seconds": time.time() - t0}
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith(PRETEXT_OUTPUT)}
     save_weights(state, out / BACKBONE_FILE)
     save_probe(out, ensemble, spec, noise_seed=cfg.train.seed)
@@ -88,6 +110,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
         "member_epochs": [len(h) for h in ensemble.history]}, indent=2))
     atomic_write_text(out / "log.jsonl", "".join(json.dumps({"member": m, "epoch": e + 1, "loss": loss}) + "\n"
                                                  for m, h in enumerate(ensemble.history) for e, loss in enumerate(h)))
+    distributed.barrier()
     last = [h[-1] for h in ensemble.history if h]
     return {"step": sum(len(h) for h in ensemble.history), "loss": sum(last) / max(len(last), 1),
             "seconds": time.time() - t0}
