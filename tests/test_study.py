@@ -679,3 +679,25 @@ def test_a_study_killed_mid_cell_resumes_without_recomputing_finished_cells(file
     for p, (data, mtime) in finished.items():
         assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
     assert len(_metrics(out)) == 4 and len(report.read_csv(out / "results.csv")) == 4
+
+
+def test_cells_side_by_side_are_the_cells_of_one_process(files, tmp_path, monkeypatch):
+    """--workers 2: two `--shard i/2` processes (1 thread each) split the cells, each cell is computed once,
+    and the scores are those of a one-process study with one thread; a shard refuses to pretrain."""
+    import torch
+
+    path = write_study(files, base_study(), name="workers.yaml")
+    shared = tmp_path / "shared"
+    with pytest.raises(ValueError, match="--pretrain-only first"):
+        runner.run_study(path, tmp_path / "early", pretrain_dir=shared, shard=(0, 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = {r["cell"]: r["dice"] for r in runner.run_study(path, tmp_path / "one", pretrain_dir=shared)}
+    finally:
+        torch.set_num_threads(threads)
+    two = {r["cell"]: r["dice"] for r in runner.run_study(path, tmp_path / "two", pretrain_dir=shared, workers=2)}
+    assert len(one) == 4 and two == one
+    logs = [(tmp_path / "two" / "workers" / f"shard-{i}.log").read_text() for i in range(2)]
+    ran = [{c for c in one if f"→ {tmp_path / 'two' / 'cells' / c}" in log} for log in logs]
+    assert len(ran[0]) == len(ran[1]) == 2 and ran[0] | ran[1] == set(one)

@@ -362,7 +362,18 @@ def cmd_study(args: argparse.Namespace) -> None:
     from labeldiff.study import run_study
 
     run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only,
-              pretrain_only=args.pretrain_only, pretrain_dir=args.pretrain_dir)
+              pretrain_only=args.pretrain_only, pretrain_dir=args.pretrain_dir, workers=args.workers,
+              shard=args.shard)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must lie in 0..N-1")
+    return i, n
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -577,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-dir", type=Path, default=None,
                    help="cache of pretraining runs [OUT/pretrain]; runs are named by their config's hash, so "
                         "several studies (a screen and its confirmation) can share one")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="run the cells in N processes side by side after the pretraining (CPU threads split "
+                        "between them; one GPU each where there are GPUs); output in OUT/workers/ [1]")
+    p.add_argument("--shard", type=_shard, default=None,
+                   help="I/N: run only the I-th of every N unfinished cells, no pretraining, no reports (what "
+                        "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmarks: probe-memory, loop (training-loop efficiency), predict "

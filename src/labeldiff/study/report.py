@@ -337,7 +337,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
     extra = sorted({c for r in rows for c in r} - set(cols))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a killed study never leaves half a file
+    # written whole, then renamed: a killed study never leaves half a file (per process: --workers shards)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + extra)
         w.writeheader()

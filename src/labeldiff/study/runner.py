@@ -383,15 +383,20 @@ def _duration(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def todo_order(cells: list[Cell]) -> list[Cell]:
+    """The unfinished cells, seed by seed, each (k, protocol, select) with its scratch pair: a study
+    stopped early has whole paired seeds rather than one strategy's cells."""
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    return sorted((c for c in cells if not c.finished), key=lambda c: (seeds.index(c.seed), c.k, c.protocol, c.select))
+
+
 def run_cells(cells: list[Cell], fts: dict[str, RunConfig], target: Target, out: Path, explicit: set[str],
-              selector: Selector) -> int:
-    """Run the unfinished cells with progress and ETA; returns how many were computed."""
+              selector: Selector, todo: list[Cell] | None = None) -> int:
+    """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
+    were computed. ``results.csv`` lists every finished cell, whoever computed it."""
     done = [c for c in cells if c.finished]
     times = [s for s in (cell_row(c)["seconds"] for c in done) if s is not None]
-    # seed by seed, each (k, protocol, select) with its scratch pair: a study stopped early has whole
-    # paired seeds rather than one strategy's cells
-    seeds = list(dict.fromkeys(c.seed for c in cells))
-    todo = sorted((c for c in cells if not c.finished), key=lambda c: (seeds.index(c.seed), c.k, c.protocol, c.select))
+    todo = todo_order(cells) if todo is None else todo
     print(f"cells: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
     for i, cell in enumerate(todo):
         eta = sum(times) / len(times) * (len(todo) - i) if times else None
@@ -464,9 +469,49 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
                          class_names=dataset_class_names(target.ds.root))
 
 
+def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
+    """Run the cells in ``workers`` processes side by side (``labeldiff study --shard i/N``), each with an
+    equal share of the CPU threads and, where there are GPUs, GPU ``i mod #GPUs``; their output goes to
+    ``out/workers/shard-i.log``. Cells are independent, so this needs no communication; a cell is small
+    (k images, a batch of 8), so one per device beats one split over devices with DDP."""
+    import subprocess
+    import sys
+
+    import torch
+
+    logs = out / "workers"
+    logs.mkdir(exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    gpus = torch.cuda.device_count()
+    procs = []
+    for i in range(workers):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = open(logs / f"shard-{i}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "labeldiff.cli", "study", str(path), "--out", str(out),
+                                        "--pretrain-dir", str(pre_dir), "--shard", f"{i}/{workers}"],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    print(f"cells in {workers} processes side by side ({threads} thread{'s' if threads > 1 else ''} each"
+          f"{f', GPU i mod {gpus}' if gpus else ''}); their output: {logs}/shard-*.log")
+    failed = []
+    for i, (proc, log) in enumerate(procs):
+        if proc.wait() != 0:
+            failed.append(i)
+        log.close()
+    if failed:
+        raise RuntimeError(f"study worker(s) {failed} failed; see {logs}/shard-{failed[0]}.log. Finished cells are "
+                           f"kept: run the same command again to continue")
+
+
 def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False,
-              pretrain_only: bool = False, pretrain_dir: str | Path | None = None) -> list[dict]:
+              pretrain_only: bool = False, pretrain_dir: str | Path | None = None, workers: int = 1,
+              shard: tuple[int, int] | None = None) -> list[dict]:
     """Run the study in ``path`` into ``out`` (see the module docstring); returns the result rows.
+
+    ``workers``: run the cells in that many processes side by side (:func:`run_workers`), after the
+    pretraining; ``shard = (i, n)``: be one of them, running the i-th of every n cells to run, without
+    pretraining (it must be finished) or reports.
 
     ``dry_run``: print the plan (what is finished, what would run) and train nothing.
     ``report_only``: rewrite the reports from the finished cells and train nothing.
@@ -503,8 +548,20 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         pretrain(runs)
         print(f"pretraining done: {len(runs)} runs in {pre_dir}; run without --pretrain-only for the cells")
         return [cell_row(c) for c in cells if c.finished]
+    if shard is not None:
+        i, n = shard
+        unfinished = [r.name for r in runs if not r.finished]
+        if unfinished:
+            raise ValueError(f"--shard runs cells only, and pretraining {unfinished} is not finished: run the study "
+                             f"with --pretrain-only first (two shards would train the same run)")
+        mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
+        run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs), todo=mine)
+        return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
-        run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
+        if workers > 1:
+            run_workers(Path(study.file), out, pre_dir, workers)
+        else:
+            run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
     volume_evaluations(cells, target, ft.train.device)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)
