@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +319,30 @@ def save_probe(folder: Path, ensemble: PixelEnsemble, spec: FeatureSpec, noise_s
             "num_features": ensemble.num_features, "seed": ensemble.seed}
     atomic_write_text(folder / PROBE_JSON, json.dumps(meta, indent=2))
     return folder
+
+
+def save_members(ensemble: PixelEnsemble, members: Iterable[int], stem: Path) -> None:
+    """Some members of an ensemble (weights and loss histories) as ``stem.safetensors`` + ``stem.json``:
+    what a torchrun rank of the probe hands the others."""
+    members = list(members)
+    state = {k: v for k, v in ensemble.state_dict().items() if int(k.split(".")[1]) in members}
+    save_weights(state, Path(f"{stem}.safetensors"))
+    atomic_write_text(Path(f"{stem}.json"), json.dumps({str(m): ensemble.history[m] for m in members}))
+
+
+def load_members(ensemble: PixelEnsemble, stem: Path) -> None:
+    """Put the members :func:`save_members` wrote into ``ensemble``; every tensor must be one of its own,
+    with its shape, and every saved member whole."""
+    state, own = load_weights(Path(f"{stem}.safetensors")), ensemble.state_dict()
+    history = {int(m): losses for m, losses in json.loads(Path(f"{stem}.json").read_text()).items()}
+    expected = {k for k in own if int(k.split(".")[1]) in history}
+    bad = [k for k in state if k not in own or state[k].shape != own[k].shape]
+    if bad or set(state) != expected:
+        raise ValueError(f"{stem}.safetensors does not hold whole members {sorted(history)} of this ensemble "
+                         f"(unknown or misshaped: {bad[:3]}, missing: {sorted(expected - set(state))[:3]})")
+    ensemble.load_state_dict({**own, **state}, strict=True)
+    for m, losses in history.items():
+        ensemble.history[m] = losses
 
 
 def load_probe(folder: Path) -> tuple[PixelEnsemble, FeatureSpec, dict]:

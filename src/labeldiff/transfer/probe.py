@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labeldiff import distributed
-from labeldiff.models.probe import FeatureExtractor, PixelEnsemble, entropy, member_seed
+from labeldiff.models.probe import FeatureExtractor, PixelEnsemble, entropy, load_members, member_seed, save_members
 
 # streaming shuffle: groups of SHUFFLE_CHUNKS chunks of CHUNK_ROWS pixel rows, each chunk from a random
 # (image, offset), mixed in one buffer; a 1024-pixel batch then draws on up to 64 images
@@ -240,22 +240,11 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
 def gather_members(ensemble: PixelEnsemble, folder: Path, world: int) -> PixelEnsemble:
     """Under torchrun: every rank writes the members it trained (and their histories) to ``folder`` and
     reads the others', so each rank ends with the ensemble one process would have trained."""
-    import json
-
-    from labeldiff.checkpoint import load_weights, save_weights
-
     rank = distributed.rank()
-    mine = {k: v for k, v in ensemble.state_dict().items() if int(k.split(".")[1]) % world == rank}
-    save_weights(mine, folder / f"members-rank{rank}.safetensors")
-    (folder / f"members-rank{rank}.json").write_text(json.dumps({m: ensemble.history[m] for m in
-                                                                range(rank, len(ensemble.members), world)}))
+    save_members(ensemble, range(rank, len(ensemble.members), world), folder / f"members-rank{rank}")
     distributed.barrier()
     for r in range(world):
-        loaded = ensemble.load_state_dict(load_weights(folder / f"members-rank{r}.safetensors"), strict=False)
-        if loaded.unexpected_keys:
-            raise RuntimeError(f"rank {r}'s members file holds unknown tensors {loaded.unexpected_keys[:3]}")
-        for m, losses in json.loads((folder / f"members-rank{r}.json").read_text()).items():
-            ensemble.history[int(m)] = losses
+        load_members(ensemble, folder / f"members-rank{r}")
     distributed.barrier()  # every rank has read every file before rank 0 removes the folder
     return ensemble
 
