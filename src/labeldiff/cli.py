@@ -417,6 +417,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(format_predict(result, f"predict efficiency: {args.model} on {args.input}"))
 
 
+def _add_bench_pretrain(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that runs `labeldiff pretrain`: its data, recipe and flags."""
+    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
+    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
+    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
+    p.set_defaults(func=cmd_bench)
+
+
 def _flag_text(value) -> str:
     """A parsed flag value written back as the command line spells it (tuples as ``a,b``)."""
     if isinstance(value, (tuple, list)):
@@ -625,11 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "`labeldiff pretrain` loop (data, corruption, EMA, logging, checkpoints "
                                     "spread over --checkpoint-every), for each --workers count. Takes the pretrain "
                                     "flags; --steps is the length of each timed run [30].")
-    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
-    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
+    _add_bench_pretrain(p)
     p.add_argument("--workers", type=_ints, default=(0, 2), help="data-loading worker counts to measure [0,2]")
-    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
-    p.set_defaults(func=cmd_bench)
 
     p = bsub.add_parser("ddp", help="1 vs 2 torchrun processes of pretrain, the all-reduce, an 8-GPU estimate",
                         description="Throughput of `labeldiff pretrain` under torchrun with 1 and 2 processes (gloo, "
@@ -638,12 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "of a recipe on --gpus GPUs from its counted FLOPs and gradient size (the GPU "
                                     "throughput and bandwidth assumed are printed). Takes the pretrain flags; "
                                     "--steps is the length of each timed run [30].")
-    p.add_argument("--data", required=True, type=Path, help="folder of images, or a dataset root with images/")
-    p.add_argument("--recipe", type=Path, help="YAML of settings (see recipes/, e.g. recipes/ddpm-cpu.yaml)")
+    _add_bench_pretrain(p)
     p.add_argument("--estimate-recipe", type=Path, help="recipe to estimate on GPUs, e.g. recipes/ddpm.yaml (CT paper)")
     p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs of the estimate [8]")
-    _add(p, DATA_OPTS + TRAIN_OPTS + MODEL_OPTS + PRETRAIN_OPTS)
-    p.set_defaults(func=cmd_bench)
 
     p = bsub.add_parser("predict", help="bare batched forward / `labeldiff predict`",
                         description="Predict efficiency: a bare batched forward over the network inputs that "
