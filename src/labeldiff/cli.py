@@ -227,8 +227,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from labeldiff.data.nnunet import is_nnunet_raw
     from labeldiff.evaluate.run import run_evaluate
 
+    corruptions = severities = None
+    if args.corruptions:
+        from labeldiff.evaluate.corruptions import parse_corruptions, parse_severities
+
+        corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)  # ValueError: exit 2
     if args.data and is_nnunet_raw(Path(args.data)):
         from labeldiff.evaluate.volume import run_evaluate_volumes
+
+        if corruptions:
+            raise ValueError("--corruptions evaluates 2D image datasets only; volume datasets (nnU-Net raw) are not "
+                             "supported yet: evaluate the volumes without it")
 
         split = args.split or "test"
         run_evaluate_volumes(args.model, Path(args.data), args.out or Path(args.model) / f"eval_volumes_{split}",
@@ -239,7 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise SystemExit("error: --slab applies to volume datasets (an nnU-Net raw folder as --data)")
     run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
                  split=args.split, device=args.device, split_file=args.split_file, tta=args.tta,
-                 precision=args.precision)
+                 precision=args.precision, corruptions=corruptions, severities=severities,
+                 corruption_seed=args.corruption_seed)
 
 
 INTENSITY_HELP = ("volume datasets: percentile (each volume's 0.5/99.5 percentiles to [-1, 1], the CT paper's "
@@ -496,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="inference precision: fp32 (the same numbers on every CPU), bf16 autocast, or auto "
                         "(bf16 where the CPU/GPU has it) [fp32]")
+    p.add_argument("--corruptions", default=None, metavar="all|NAME,...",
+                   help="after the clean evaluation, score again under test-time corruptions: all, or a comma "
+                        "list of noise, blur, jpeg, contrast, brightness, bias_field (ImageNet-C levels, see "
+                        "README); writes robustness.json/.csv/.png (2D datasets only)")
+    p.add_argument("--severities", default="1,2,3,4,5", help="corruption severities, in 1..5 [1,2,3,4,5]")
+    p.add_argument("--corruption-seed", default=0, type=int, help="seed of the corruptions' random draws [0]")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a mask PNG (and an overlay) for every input image, or a label NIfTI "

@@ -50,3 +50,24 @@ def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, p
                  tta: bool = False) -> torch.Tensor:
     """``image [C, H, W]`` → integer mask ``[H, W]`` at the original size."""
     return predict_logits(model, image, cfg, precision, tta=tta).argmax(0)
+
+
+def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, num_classes: int,
+                      precision: str = INFERENCE_PRECISION, tta: bool = False, transform=None, desc: str = "evaluate"):
+    """Per labeled sample, in order: ``(sample, image [C, H, W], target [H, W], pred [H, W], stats [K, 3])``.
+
+    ``transform(image, i) -> image`` (the i-th sample's image, e.g. a corruption) is applied before
+    prediction; the mask stays as read. Ignored pixels (``cfg.ignore_index``) are left out of the stats.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from labeldiff.evaluate.metrics import confusion_stats
+
+    for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=transform is None)):
+        image = torch.from_numpy(s.read_image(cfg.channels))
+        if transform is not None:
+            image = transform(image, i)
+        target = s.read_mask(num_classes)
+        pred = predict_mask(model, image, cfg, precision, tta=tta).numpy()
+        yield s, image, target, pred, confusion_stats(pred, target, num_classes, cfg.ignore_index)

@@ -12,8 +12,8 @@ from labeldiff.checkpoint import atomic_write_text
 from labeldiff.data.datasets import list_images, open_labeled, validate_samples
 from labeldiff.data.io import check_decodes, read_image
 from labeldiff.data.nnunet import dataset_class_names
-from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats, iou_from_stats, summarize
-from labeldiff.evaluate.predict import predict_logits, predict_mask
+from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
+from labeldiff.evaluate.predict import predict_and_score, predict_logits
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
 from labeldiff.runs import open_segmenter
 from labeldiff.runtime import INFERENCE_PRECISION
@@ -21,11 +21,15 @@ from labeldiff.runtime import INFERENCE_PRECISION
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
                  device: str = "auto", max_overlays: int = 6, split_file: str | None = None, tta: bool = False,
-                 precision: str = INFERENCE_PRECISION) -> dict:
+                 precision: str = INFERENCE_PRECISION, corruptions: list[str] | None = None,
+                 severities: list[int] | None = None, corruption_seed: int = 0) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
     Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``. ``precision``:
     fp32 by default, whatever the run trained with, so the numbers do not depend on the CPU.
+    ``corruptions`` (names of :mod:`labeldiff.evaluate.corruptions`): then evaluate again on each
+    corrupted copy of the images at each of ``severities`` [1..5] and write ``robustness.json``,
+    ``robustness.csv`` and ``robustness.png``; their summary goes into ``metrics["robustness"]``.
     """
     model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
@@ -37,11 +41,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     all_stats, rows, grid = [], [], []
-    for s in tqdm(samples, desc=f"evaluate {split}", unit="img"):
-        image = torch.from_numpy(s.read_image(cfg.data.channels))
-        target = s.read_mask(k)
-        pred = predict_mask(model, image, cfg.data, precision, tta=tta).numpy()
-        stats = confusion_stats(pred, target, k, cfg.data.ignore_index)  # ignored pixels left out
+    for s, image, target, pred, stats in predict_and_score(model, cfg.data, samples, k, precision, tta,
+                                                            desc=f"evaluate {split}"):
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
         row = {"stem": s.stem}
@@ -61,6 +62,12 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                  f"mean foreground Dice {metrics['dice']['mean']:.3f}", class_names=names)
     print(f"{split}: {len(samples)} images, Dice {metrics['dice']['mean']:.4f} (foreground mean), "
           f"IoU {metrics['iou']['mean']:.4f}; wrote {out}/metrics.json, per_image.csv, overlays.png")
+    if corruptions:
+        from labeldiff.evaluate.robustness import run_robustness
+
+        metrics["robustness"] = run_robustness(model, cfg, samples, metrics, out, corruptions, severities,
+                                               seed=corruption_seed, precision=precision, tta=tta, class_names=names)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
