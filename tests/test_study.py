@@ -701,3 +701,37 @@ def test_cells_side_by_side_are_the_cells_of_one_process(files, tmp_path, monkey
     logs = [(tmp_path / "two" / "workers" / f"shard-{i}.log").read_text() for i in range(2)]
     ran = [{c for c in one if f"→ {tmp_path / 'two' / 'cells' / c}" in log} for log in logs]
     assert len(ran[0]) == len(ran[1]) == 2 and ran[0] | ran[1] == set(one)
+
+
+def test_robustness_option_adds_corrupted_dice_and_drop_columns(files, tmp_path, monkeypatch):
+    """``robustness:`` runs evaluate --corruptions for every cell once; the report gains dice_corrupted and
+    dice_drop (clean − corrupted) columns, tables and a paired drop table."""
+    study = base_study(strategies=["full", "scratch"], labels=[1],
+                       robustness={"corruptions": ["noise", "contrast"], "severities": [1, 5], "seed": 3})
+    path = write_study(files, study, name="robust.yaml")
+    assert load_study(path).robustness == {"corruptions": ["noise", "contrast"], "severities": [1, 5], "seed": 3}
+    Calls(monkeypatch)
+    out = tmp_path / "out"
+    rows = runner.run_study(path, out)
+    assert len(rows) == 2
+    for r in rows:
+        rob = json.loads((out / "cells" / r["cell"] / "eval" / "robustness" / "robustness.json").read_text())
+        assert len(rob["rows"]) == 4 and rob["seed"] == 3
+        assert r["dice_corrupted"] == rob["mean_dice"] and r["dice_drop"] == pytest.approx(r["dice"] - rob["mean_dice"])
+    assert "## Dice under corruptions" in (out / "results.md").read_text()
+    assert "Paired dice_drop difference" in (out / "paired.md").read_text()
+    assert "dice_drop" in (out / "results.csv").read_text().splitlines()[0]
+    stamp = {r["cell"]: (out / "cells" / r["cell"] / "eval" / "robustness" / "robustness.json").stat().st_mtime_ns
+             for r in rows}
+    runner.run_study(path, out, report_only=True)  # the same settings: scored once
+    assert stamp == {c: (out / "cells" / c / "eval" / "robustness" / "robustness.json").stat().st_mtime_ns
+                     for c in stamp}
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"corruptions": ["fog"]}, "robustness: --corruptions"), ({"severities": [0]}, "1..5"),
+    ({"sevs": [1]}, "sevs"), ("yes", "expected true or a mapping")])
+def test_robustness_option_errors(files, value, message):
+    with pytest.raises(StudyError, match=message):
+        parse_study(base_study(robustness=value), files / "study.yaml")
+    assert parse_study(base_study(robustness=True), files / "study.yaml").robustness["severities"] == [1, 2, 3, 4, 5]

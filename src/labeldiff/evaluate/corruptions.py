@@ -10,7 +10,7 @@ inhomogeneity model), whose levels are ours:
 name           parameter, severity 1..5             operation (u in [0, 1])           source
 =============  ===================================  ===============================  ============================
 noise          std 0.08, 0.12, 0.18, 0.26, 0.38     u + N(0, std²), clipped           ImageNet-C gaussian_noise
-blur           sigma 1, 2, 3, 4, 6 px (network px)  Gaussian, edge-replicated        ImageNet-C gaussian_blur
+blur           sigma 1, 2, 3, 4, 6 px               Gaussian, edge-replicated        ImageNet-C gaussian_blur
 jpeg           quality 25, 18, 15, 10, 7            PIL JPEG encode + decode          ImageNet-C jpeg_compression
 contrast       factor 0.4, 0.3, 0.2, 0.1, 0.05      (u - mean(u)) · factor + mean    ImageNet-C contrast
 brightness     shift 0.1, 0.2, 0.3, 0.4, 0.5        HSV value + shift, clipped        ImageNet-C brightness
@@ -20,9 +20,9 @@ bias_field     coefficients in [0, c], c = 0.1, …,  u · exp(degree-3 Legendre
 
 Severity 0 is the identity. Every corruption is deterministic given ``(seed, index)`` (the image's
 position in the split): its random draw does not depend on the severity, so a higher severity scales
-the same noise / the same field. ``blur``'s sigma is in pixels of the network input, as ImageNet-C's
-are in pixels of its 224² images: :func:`corrupt` multiplies it by ``scale`` (original pixels per
-network pixel) because evaluation corrupts the image at its original resolution.
+the same noise / the same field. Pixel sizes (blur's sigma, JPEG's 8×8 blocks, the noise's grain) are
+those of the image given; evaluation corrupts each image at the network's input size, as ImageNet-C
+corrupts its 224² images (``network_input`` of :func:`labeldiff.evaluate.predict.predict_logits`).
 """
 from __future__ import annotations
 
@@ -105,12 +105,10 @@ def bias_field(u: np.ndarray, c: float, seed: int) -> np.ndarray:
     return np.asarray(t(torch.from_numpy(u)))
 
 
-def corrupt(image: torch.Tensor, name: str, severity: int, seed: int = 0, index: int = 0,
-            scale: float = 1.0) -> torch.Tensor:
+def corrupt(image: torch.Tensor, name: str, severity: int, seed: int = 0, index: int = 0) -> torch.Tensor:
     """``image [C, H, W]`` in [-1, 1] → the same shape and range, corrupted at ``severity`` (0 = unchanged).
 
-    ``index``: the image's position in the split (one random draw per image); ``scale``: original pixels
-    per network-input pixel (multiplies ``blur``'s sigma).
+    ``index``: the image's position in the split (one random draw per image).
     """
     if name not in LEVELS:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(NAMES)}")
@@ -124,7 +122,7 @@ def corrupt(image: torch.Tensor, name: str, severity: int, seed: int = 0, index:
     if name == "noise":
         u = gaussian_noise(u, p, rng)
     elif name == "blur":
-        u = gaussian_blur(u, p * scale)
+        u = gaussian_blur(u, p)
     elif name == "jpeg":
         u = jpeg(u, int(p))
     elif name == "contrast":

@@ -21,18 +21,23 @@ from labeldiff.runtime import INFERENCE_PRECISION, autocast, resolve_precision
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
-                   overlap: float = 0.25, sw_batch_size: int = 8, tta: bool = False) -> torch.Tensor:
+                   overlap: float = 0.25, sw_batch_size: int = 8, tta: bool = False,
+                   network_input=None) -> torch.Tensor:
     """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size.
 
     ``tta``: mean of the logits of the image and of its horizontal flip (flipped back).
+    ``network_input(x [C, h, w]) -> x``: applied to the image once it is at the network's size (a test-time
+    corruption sees the pixels the network sees, as ImageNet-C corrupts its 224² images).
     """
     if tta:
-        plain = predict_logits(model, image, cfg, precision, overlap, sw_batch_size)
-        flipped = predict_logits(model, image.flip(-1), cfg, precision, overlap, sw_batch_size).flip(-1)
+        plain = predict_logits(model, image, cfg, precision, overlap, sw_batch_size, network_input=network_input)
+        flipped = predict_logits(model, image.flip(-1), cfg, precision, overlap, sw_batch_size,
+                                 network_input=network_input).flip(-1)
         return (plain + flipped) / 2
     device = next(model.parameters()).device
     hw = tuple(image.shape[-2:])
-    x = resize_image(image, network_hw(hw, cfg))[None].to(device)
+    x = resize_image(image, network_hw(hw, cfg))
+    x = (x if network_input is None else network_input(x))[None].to(device)
     dtype = resolve_precision(precision, device)
     with autocast(device, dtype):
         if cfg.mode == "resize" or getattr(model, "whole_image", False):
@@ -47,17 +52,18 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
 
 
 def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
-                 tta: bool = False) -> torch.Tensor:
+                 tta: bool = False, network_input=None) -> torch.Tensor:
     """``image [C, H, W]`` → integer mask ``[H, W]`` at the original size."""
-    return predict_logits(model, image, cfg, precision, tta=tta).argmax(0)
+    return predict_logits(model, image, cfg, precision, tta=tta, network_input=network_input).argmax(0)
 
 
 def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, num_classes: int,
                       precision: str = INFERENCE_PRECISION, tta: bool = False, transform=None, desc: str = "evaluate"):
     """Per labeled sample, in order: ``(sample, image [C, H, W], target [H, W], pred [H, W], stats [K, 3])``.
 
-    ``transform(image, i) -> image`` (the i-th sample's image, e.g. a corruption) is applied before
-    prediction; the mask stays as read. Ignored pixels (``cfg.ignore_index``) are left out of the stats.
+    ``transform(x, i) -> x`` (e.g. a corruption of the i-th sample) is applied to the image at the network's
+    size (``network_input`` of :func:`predict_logits`); the image yielded and the mask stay as read. Ignored
+    pixels (``cfg.ignore_index``) are left out of the stats.
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -66,8 +72,7 @@ def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, nu
 
     for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=transform is None)):
         image = torch.from_numpy(s.read_image(cfg.channels))
-        if transform is not None:
-            image = transform(image, i)
         target = s.read_mask(num_classes)
-        pred = predict_mask(model, image, cfg, precision, tta=tta).numpy()
+        at_net = None if transform is None else (lambda x, i=i: transform(x, i))
+        pred = predict_mask(model, image, cfg, precision, tta=tta, network_input=at_net).numpy()
         yield s, image, target, pred, confusion_stats(pred, target, num_classes, cfg.ignore_index)

@@ -2,8 +2,10 @@
 
 Each corruption × severity re-runs the clean evaluation's prediction and scoring
 (:func:`~labeldiff.evaluate.predict.predict_and_score`, :func:`~labeldiff.evaluate.metrics.summarize`)
-on corrupted copies of the same images, masks unchanged, and reports the same number as the clean
-evaluation: the foreground-mean Dice (per image, nanmean over images, then mean over classes).
+on corrupted copies of the same images, masks unchanged. Each image is corrupted at the size the network
+sees it (after the resize to ``network_hw``), as ImageNet-C corrupts its 224² network inputs: a 1000²
+MoNuSeg image at ``scale`` 0.25 gets 250²-pixel noise, blur and JPEG blocks, not 4×-finer ones that the
+downscale would average away. It reports the same number as the clean evaluation: the foreground-mean Dice (per image, nanmean over images, then mean over classes).
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.checkpoint import atomic_write_text
-from labeldiff.data.datasets import network_hw
 from labeldiff.evaluate.corruptions import LEVELS, SEVERITIES, SOURCES, corrupt
 from labeldiff.evaluate.metrics import summarize
 from labeldiff.evaluate.predict import predict_and_score
@@ -35,9 +36,8 @@ def run_robustness(model, cfg, samples: list, clean: dict, out: Path, corruption
     rows = []
     for name in corruptions:
         for sev in severities:
-            def transform(image, i, name=name, sev=sev):
-                scale = image.shape[-2] / network_hw(tuple(image.shape[-2:]), cfg.data)[0]  # blur in network px
-                return corrupt(image, name, sev, seed=seed, index=i, scale=scale)
+            def transform(x, i, name=name, sev=sev):  # x: the i-th image at the network's size
+                return corrupt(x, name, sev, seed=seed, index=i)
 
             stats = [r[-1] for r in predict_and_score(model, cfg.data, samples, k, precision, tta, transform,
                                                       desc=f"{name} {sev}")]

@@ -75,7 +75,7 @@ def summarize(rows: list[dict], metric: str = "dice") -> dict[tuple, dict[int, t
     return {g: {k: mean_std(v) for k, v in by_k.items()} for g, by_k in values.items()}
 
 
-LOWER_IS_BETTER = ("hd95_mm",)
+LOWER_IS_BETTER = ("hd95_mm", "dice_drop")
 
 
 def results_table(rows: list[dict], metric: str = "dice", digits: int = 3) -> str:
@@ -120,6 +120,12 @@ def results_markdown(rows: list[dict], metrics: list[str], title: str = "", clas
         parts.append("3D: the test slices of each case as one slab on the volume's own grid (MONAI's metrics), "
                      "mean over foreground classes (HD95 and NSD over the classes where they are defined), "
                      "then mean ± std over seeds.\n")
+    if any(r.get("dice_corrupted") not in (None, "") for r in rows):
+        for metric, name in (("dice_corrupted", "Dice under corruptions (mean over corruption × severity)"),
+                             ("dice_drop", "Dice drop under corruptions (clean − corrupted, lower is better)")):
+            parts.append(f"## {name}\n\n{results_table(rows, metric)}")
+        parts.append("Corruptions: `labeldiff evaluate --corruptions` on the test split (the study's `robustness:`), "
+                     "the same Dice reduction as the clean score; per cell in eval/robustness/robustness.csv.\n")
     return "\n".join(p for p in parts if p)
 
 

@@ -360,6 +360,31 @@ def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") 
         os.replace(tmp, cell.dir / "eval" / "volume")
 
 
+def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: RunConfig) -> None:
+    """``robustness:``: ``labeldiff evaluate --corruptions`` of every finished cell's model on the test split
+    into ``eval/robustness/``, once per setting (a cell scored under other settings is scored again)."""
+    if study.robustness is None:
+        return
+
+    def done(c: Cell) -> bool:
+        path = c.dir / "eval" / "robustness" / "robustness.json"
+        if not path.is_file():
+            return False
+        r = json.loads(path.read_text())
+        return {k: r.get(k) for k in study.robustness} == study.robustness
+
+    todo = [c for c in cells if c.finished and not done(c)]
+    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+    for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
+        tmp = cell.dir / "eval" / "robustness.tmp"
+        where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
+        run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp, split=ft.data.test_split,
+                     device=ft.train.device, max_overlays=1, corruptions=study.robustness["corruptions"],
+                     severities=study.robustness["severities"], corruption_seed=study.robustness["seed"], **where)
+        shutil.rmtree(cell.dir / "eval" / "robustness", ignore_errors=True)
+        os.replace(tmp, cell.dir / "eval" / "robustness")
+
+
 def cell_row(cell: Cell) -> dict:
     info = json.loads((cell.dir / "cell.json").read_text())
     m = json.loads((cell.dir / "eval" / "metrics.json").read_text())
@@ -369,6 +394,10 @@ def cell_row(cell: Cell) -> dict:
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
     row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    robust = cell.dir / "eval" / "robustness" / "robustness.json"
+    if robust.is_file():  # robustness: the mean Dice over corruption × severity, and clean − that
+        r = json.loads(robust.read_text())
+        row.update({"dice_corrupted": r["mean_dice"], "dice_drop": r["drop"]})
     volume = cell.dir / "eval" / "volume" / "metrics.json"
     if volume.is_file():  # metrics: volume
         v = json.loads(volume.read_text())
@@ -431,6 +460,8 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     paired = report.paired_markdown(rows)
     if any(r.get("dice_3d") is not None for r in rows):
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_3d") is not None], "dice_3d")
+    if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
+        paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
     (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
@@ -564,4 +595,5 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         else:
             run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
     volume_evaluations(cells, target, ft.train.device)
+    robustness_evaluations(cells, study, target, ft)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)

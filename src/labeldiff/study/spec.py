@@ -58,7 +58,8 @@ PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
-            "finetune", "protocols", "metrics")
+            "finetune", "protocols", "metrics", "robustness")
+ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
 DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
@@ -144,6 +145,7 @@ class Study:
     metrics: list[str] = field(default_factory=lambda: list(METRICS[:3]))
     prepare: str | None = None
     protocols: list[ProtocolSpec] = field(default_factory=lambda: [ProtocolSpec(DEFAULT_PROTOCOL)])
+    robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
 
 
 def _fail(file: Path, where: str, msg: str) -> StudyError:
@@ -324,6 +326,29 @@ def _protocols(raw: Any, file: Path) -> list[ProtocolSpec]:
     return out
 
 
+def _robustness(raw: Any, file: Path) -> dict | None:
+    """``robustness: true`` (every corruption, severities 1..5, seed 0) or a mapping of ``corruptions``
+    (``all``, a comma string or a list of names), ``severities`` (a list in 1..5) and ``seed``."""
+    from labeldiff.evaluate.corruptions import SEVERITIES, parse_corruptions, parse_severities
+
+    if raw is None or raw is False:
+        return None
+    raw = {} if raw is True else raw
+    if not isinstance(raw, dict):
+        raise _fail(file, "robustness", f"expected true or a mapping of {', '.join(ROBUSTNESS_KEYS)}, got {raw!r}")
+    _unknown(file, "robustness", raw, ROBUSTNESS_KEYS)
+    names, levels = raw.get("corruptions", "all"), raw.get("severities", list(SEVERITIES))
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(file, "robustness.seed", f"expected an integer, got {seed!r}")
+    try:
+        return {"corruptions": parse_corruptions(names if isinstance(names, str) else ",".join(map(str, names))),
+                "severities": parse_severities(",".join(map(str, levels if isinstance(levels, list) else [levels]))),
+                "seed": seed}
+    except ValueError as e:
+        raise _fail(file, "robustness", str(e)) from None
+
+
 def parse_study(raw: Any, file: Path) -> Study:
     """Validate the parsed YAML ``raw`` of ``file`` into a :class:`Study`."""
     file = Path(file).resolve()
@@ -361,7 +386,8 @@ def parse_study(raw: Any, file: Path) -> Study:
     metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS[:3]))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
     protocols = _protocols(raw.get("protocols"), file)
-    return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols)
+    return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
+                 _robustness(raw.get("robustness"), file))
 
 
 def load_study(path: str | Path) -> Study:
