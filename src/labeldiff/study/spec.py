@@ -40,6 +40,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
       - {name: none, overrides: {transfer.augment: none}}
       - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
     metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD)
+    robustness: {corruptions: all, severities: [1, 3, 5], seed: 0}   # or true (all, 1..5, seed 0):
+                                         #   evaluate --corruptions per cell; dice_corrupted, dice_drop columns
 """
 from __future__ import annotations
 
