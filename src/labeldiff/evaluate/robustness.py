@@ -85,6 +85,7 @@ def plot(rows: list[dict], clean_dice: float, path: Path) -> None:
         pts = [(r["severity"], r["dice"]) for r in rows if r["corruption"] == name]
         ax.plot(*zip(*pts), marker="o", label=name)
     ax.axhline(clean_dice, color="k", linestyle="--", linewidth=1, label="clean")
+    ax.set_xticks(sorted({r["severity"] for r in rows}))
     ax.set_xlabel("severity")
     ax.set_ylabel("foreground Dice")
     ax.set_ylim(0, 1)
