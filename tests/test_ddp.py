@@ -3,14 +3,13 @@ what 1 process trains, a 2-process run resumes on 1, and only rank 0 writes the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from labeldiff.bench.ddp import torchrun as launch
 from labeldiff.checkpoint import load_weights
 from labeldiff.cli import main
 
@@ -33,11 +32,8 @@ def recipe(tmp_path_factory) -> Path:
 
 
 def torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(n), "-m", "labeldiff.cli", *args], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    """``labeldiff ARGS`` under torchrun with n processes of 1 thread (the benchmark's launcher)."""
+    return launch(n, ["labeldiff.cli", *args])
 
 
 def losses(run: Path) -> list[tuple[int, float]]:

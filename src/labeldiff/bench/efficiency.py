@@ -33,15 +33,9 @@ LOOP_GOAL, PREDICT_GOAL = 0.90, 0.85  # issue 13
 # ---- loop ----------------------------------------------------------------------------------------
 
 def real_step_seconds(log_path: Path, batch_size: int) -> list[float]:
-    """Per-step seconds of each logged window of a run (``log_every · batch / images_per_s``), in order."""
-    steps, out = 0, []
-    for line in Path(log_path).read_text().splitlines():
-        rec = json.loads(line)
-        if "images_per_s" in rec and rec["images_per_s"] > 0:
-            window = rec["step"] - steps
-            out.append(window * batch_size / rec["images_per_s"] / window)
-            steps = rec["step"]
-    return out
+    """Per-step seconds of each logged window of a run (``batch / images_per_s``), in order."""
+    records = (json.loads(line) for line in Path(log_path).read_text().splitlines())
+    return [batch_size / r["images_per_s"] for r in records if r.get("images_per_s", 0) > 0]
 
 
 def bare_step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, steps: int,
