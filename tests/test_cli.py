@@ -470,7 +470,7 @@ def test_demo_end_to_end(tmp_path):
     """The demo runs with tiny step counts and writes the full report for pretrained and scratch."""
     from labeldiff.demo import run_demo
 
-    summary = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, seeds=2)
+    summary = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, seeds=2, size=32)
     report = tmp_path / "demo" / "report"
     for name in ("summary.md", "metrics.json", "dice.png", "overlays_pretrained.png", "overlays_scratch.png"):
         assert (report / name).is_file(), name
