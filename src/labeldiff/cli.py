@@ -153,6 +153,10 @@ FINETUNE_OPTS = [
                                                              "(the reference's rule: 50); 0: epoch patience only [0]"),
     ("--keep-out-norm", "transfer.keep_out_norm", _bool, "unet: keep the pretrained final GroupNorm + SiLU (out.0) "
                                                          "in front of the new head (1) or drop it (0) [0]"),
+    ("--synthetic", "transfer.synthetic", str, "RUN:N: add N (image, mask) pairs sampled from the hybrid run RUN "
+                                               "to the labeled images (cached in RUN/synthetic/) [none]"),
+    ("--synthetic-fraction", "transfer.synthetic_fraction", float, "with --synthetic: share of each batch that is "
+                                                                   "synthetic pairs [0.5]"),
     ("--labels", "transfer.labels", int, "number of labeled training images k, chosen with --seed [3]"),
     ("--label-unit", "transfer.label_unit", str, "volume datasets: --labels counts slices (k labeled slices) or "
                                                  "volumes (every labeled slice of k training cases) [slices]"),

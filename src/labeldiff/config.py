@@ -167,6 +167,10 @@ class TransferConfig:
     # what --labels k counts on a volume dataset: k labeled slices (the CT paper's 4 slices), or k whole
     # volumes (every labeled slice of k training cases); on a 2D dataset a slice is an image
     label_unit: str = "slices"
+    # "RUN:N": N (image, mask) pairs sampled from the hybrid run RUN join the k labeled images
+    # (labeldiff.sample.synthetic); each batch slot is a synthetic pair with probability synthetic_fraction
+    synthetic: str | None = None
+    synthetic_fraction: float = 0.5
 
 
 LABEL_UNITS = ("slices", "volumes")  # transfer.label_unit
@@ -257,6 +261,13 @@ def check_transfer(t: TransferConfig) -> None:
         raise ValueError(f"keep_head {t.keep_head!r}: use auto, true or false")
     if t.lp_steps < 1:
         raise ValueError(f"lp_steps must be ≥ 1 (the linear-probe phase of lp-ft), got {t.lp_steps}")
+    if not 0 < t.synthetic_fraction < 1:
+        raise ValueError(f"--synthetic-fraction must lie in (0, 1): the share of each batch that is synthetic pairs "
+                         f"(got {t.synthetic_fraction})")
+    if t.synthetic:
+        from labeldiff.sample.synthetic import parse_synthetic
+
+        parse_synthetic(t.synthetic)
 
 
 SECTIONS = {

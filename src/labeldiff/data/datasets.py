@@ -529,16 +529,25 @@ class StepBatches(torch.utils.data.Dataset):
     axes of ``flips`` with probability 0.5 each, and transformed by ``augment`` (a
     :class:`labeldiff.data.augment.Augment`; None: no transform). Because a batch depends only on
     the step, a resumed run sees exactly the batches an uninterrupted one would.
+
+    ``extra``: in-memory (images ``[N, C, S, S]``, masks ``[N, S, S]``) pairs, e.g. synthetic ones
+    (:mod:`labeldiff.sample.synthetic`); each batch slot is one of them with probability
+    ``extra_fraction`` and goes through the same crop, flips and augmentation. Without ``extra`` the
+    batches are the ones drawn before it existed.
     Returns ``{"image": [B, C, S, S] float32, "mask": [B, S, S] int64 (labeled only)}``.
     """
 
     def __init__(self, samples: list[Sample], cfg: DataConfig, batch_size: int, seed: int,
-                 labeled: bool, num_classes: int | None = None, flips: str = "h", augment=None):
+                 labeled: bool, num_classes: int | None = None, flips: str = "h", augment=None,
+                 extra: tuple[torch.Tensor, torch.Tensor] | None = None, extra_fraction: float = 0.0):
         if not samples:
             raise DataError("no training images")
         self.samples, self.cfg, self.batch_size, self.seed = samples, cfg, batch_size, seed
         self.labeled, self.num_classes, self.flips, self.augment = labeled, num_classes, flips, augment
         self.loader = ScaledImages(cfg)
+        self.extra, self.extra_fraction = extra, extra_fraction
+        if extra is not None and not (labeled and len(extra[0]) == len(extra[1]) > 0):
+            raise ValueError("extra pairs need a labeled StepBatches and as many masks as images (at least one)")
 
     def __len__(self) -> int:
         return 2**31 - 1
@@ -546,12 +555,18 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randint(len(self.samples), (self.batch_size,), generator=g)
+        if self.extra is not None:
+            from_extra = (torch.rand(self.batch_size, generator=g) < self.extra_fraction).tolist()
+            extra_idx = torch.randint(len(self.extra[0]), (self.batch_size,), generator=g).tolist()
         images, masks = [], []
         s = self.cfg.size
-        for i in idx.tolist():
-            sample = self.samples[i]
-            x = self.loader.image(sample)
-            m = self.loader.mask(sample, self.num_classes) if self.labeled else None
+        for slot, i in enumerate(idx.tolist()):
+            if self.extra is not None and from_extra[slot]:
+                x, m = self.extra[0][extra_idx[slot]], self.extra[1][extra_idx[slot]]
+            else:
+                sample = self.samples[i]
+                x = self.loader.image(sample)
+                m = self.loader.mask(sample, self.num_classes) if self.labeled else None
             h, w = x.shape[-2:]
             wh = self.augment.window(h) if self.augment else s
             ww = self.augment.window(w) if self.augment else s

@@ -257,6 +257,26 @@ def selection_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
     return out
 
 
+def protocol_differences(rows: list[dict], base: str, metric: str = "dice") -> list[dict]:
+    """``protocol − base`` for every other protocol, method × strategy × select and k, paired by seed
+    and labeled subset: the same cell but for the fine-tuning protocol (e.g. with and without
+    ``transfer.synthetic`` pairs)."""
+    def where(r: dict) -> tuple:
+        return r["method"], r["strategy"], axis(r, "select"), int(r["k"])
+
+    ref = {(*where(r), int(r["seed"])): r for r in rows if axis(r, "protocol") == base}
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        b = ref.get((*where(r), int(r["seed"])))
+        if axis(r, "protocol") != base and b is not None and b["stems"] == r["stems"]:
+            diffs[(axis(r, "protocol"), *where(r))].append(float(r[metric]) - float(b[metric]))
+    out = []
+    for key, d in diffs.items():
+        mean, low, high, n = paired_ci(d)
+        out.append(dict(zip(("protocol", "method", "strategy", "select", "k"), key), mean=mean, low=low, high=high, n=n))
+    return out
+
+
 def _ci(p: dict, digits: int) -> str:
     return f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
 
@@ -294,6 +314,15 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
         for p in sel:
             lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['k']} | {_mean(p, digits)} | {_ci(p, digits)} "
                          f"| {_excludes_zero(p)} | {p['n']} |")
+    protocols = list(dict.fromkeys(axis(r, "protocol") for r in rows))
+    diffs = protocol_differences(rows, protocols[0], metric) if len(protocols) > 1 else []
+    if diffs:
+        lines += [f"\n## each protocol − {protocols[0]} (the study's first protocol, {metric}), paired by seed and subset\n",
+                  "| protocol | method | strategy | select | k | mean Δ | 95 % CI | excludes 0 | pairs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in diffs:
+            lines.append(f"| {p['protocol']} | {p['method']} | {p['strategy']} | {p['select']} | {p['k']} | "
+                         f"{_mean(p, digits)} | {_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} |")
     return "\n".join(lines) + "\n"
 
 

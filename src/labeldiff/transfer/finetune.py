@@ -21,7 +21,9 @@ The new head reads the last decoder features; with ``transfer.keep_out_norm`` th
 GroupNorm + SiLU of the diffusion UNet (``out.0``) stay in front of it. With ``transfer.keep_head`` a
 hybrid or supervised source run keeps its own mask output instead of getting a new head (the classes
 must match). Every strategy, scratch included, trains on batches augmented by ``transfer.augment``
-and ``transfer.flips`` (:mod:`labeldiff.data.augment`) for the length ``transfer.steps_rule`` gives.
+and ``transfer.flips`` (:mod:`labeldiff.data.augment`) for the length ``transfer.steps_rule`` gives;
+with ``transfer.synthetic`` (``RUN:N``) those batches also draw from N pairs sampled from a hybrid run
+(:mod:`labeldiff.sample.synthetic`).
 
 Frozen modules have ``requires_grad=False``, are left out of the optimiser and are kept in
 ``eval()`` (BatchNorm statistics do not move).
@@ -205,6 +207,12 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     check_input_size(cfg.model, cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
+    synthetic = None
+    if t.synthetic:  # sampled (or read from the hybrid run's cache) before the run folder exists
+        from labeldiff.sample.synthetic import synthetic_pairs
+
+        images, masks, cache = synthetic_pairs(t.synthetic, cfg, job.num_classes, device)
+        synthetic = (images, masks)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)
@@ -215,11 +223,16 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
               f"new (random init): {', '.join(report['new']) or 'none (--keep-head)'}")
     if distributed.is_main():
         atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
-                                                             "seed": cfg.train.seed, "load_report": report}, indent=2))
+                                                             "seed": cfg.train.seed, "load_report": report,
+                                                             "synthetic": None if synthetic is None else {
+                                                                 "pairs": len(synthetic[0]), "cache": str(cache),
+                                                                 "fraction": t.synthetic_fraction}}, indent=2))
     batches = StepBatches(job.ds.samples(job.stems), cfg.data, cfg.train.batch_size, cfg.train.seed,
                           labeled=True, num_classes=job.num_classes, flips=t.flips,
-                          augment=Augment(t.augment, cfg.data.size) if t.augment != "none" else None)
-    print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, "
+                          augment=Augment(t.augment, cfg.data.size) if t.augment != "none" else None,
+                          extra=synthetic, extra_fraction=t.synthetic_fraction)
+    extra = f" + {len(synthetic[0])} synthetic pairs ({t.synthetic_fraction:.0%} of each batch)" if synthetic else ""
+    print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}{extra}, K={job.num_classes}, "
           f"augment {t.augment}, flips {t.flips}, {_length(cfg)} on {device}")
     if t.strategy == "lp-ft":
         lp = replace(cfg, transfer=replace(t, strategy="linear"), train=replace(cfg.train, steps=t.lp_steps))

@@ -28,6 +28,9 @@ def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, 
     if strategy == "probe":
         from labeldiff.transfer.probe_run import run_probe
 
+        if cfg.transfer.synthetic:
+            raise ValueError("--synthetic adds pairs to the batches of the fine-tuning loop; the probe trains on the "
+                             "pixels of the labeled images only: use --strategy full, decoder, lp-ft or scratch")
         if resume:
             raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
         return run_probe(cfg, out, stems, overwrite=overwrite, explicit=explicit)
