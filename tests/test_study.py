@@ -249,7 +249,7 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert math.isclose(pairs[("none", "random")]["mean"], 0.02)
     assert math.isclose(pairs[("strong", "random")]["mean"], 0.12)
     assert pairs[("strong", "random")]["low"] > 0 and pairs[("none", "random")]["n"] == 3
-    sel = {(p["strategy"], p["protocol"]): p for p in report.selection_differences(rows)}
+    sel = {(p["strategy"], p["protocol"]): p for p in report.axis_differences(rows, "select", "random")}
     # diverse − random for ddpm/full/strong: (0.75−0.70, 0.78−0.72, 0.81−0.74) → mean 0.06
     assert math.isclose(sel[("full", "strong")]["mean"], 0.06) and sel[("full", "strong")]["n"] == 3
     assert math.isclose(sel[("scratch", "strong")]["mean"], 0.05)
@@ -735,3 +735,33 @@ def test_robustness_option_errors(files, value, message):
     with pytest.raises(StudyError, match=message):
         parse_study(base_study(robustness=value), files / "study.yaml")
     assert parse_study(base_study(robustness=True), files / "study.yaml").robustness["severities"] == [1, 2, 3, 4, 5]
+
+
+def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files, tmp_path, monkeypatch):
+    """A protocol with transfer.synthetic: the study samples the hybrid run's pairs before the first cell
+    that needs them (once: later cells read the cache), and paired.md sets it against the first protocol."""
+    from conftest import tiny_model
+    from labeldiff.config import CorruptionConfig, RunConfig
+    from labeldiff.pretrain.run import run_pretrain
+    from labeldiff.sample import synthetic
+
+    hybrid = RunConfig(kind="pretrain", model=tiny_model(3), corruption=CorruptionConfig(method="hybrid"))
+    hybrid.data.path, hybrid.data.size, hybrid.data.channels = str(files / "data"), 16, 3
+    hybrid.train.steps, hybrid.train.batch_size, hybrid.train.precision, hybrid.train.device = 2, 2, "fp32", "cpu"
+    hybrid.train.warmup_steps = 1
+    run_pretrain(hybrid, tmp_path / "hybrid")
+    sampled = []
+    real = synthetic.sample_chunks
+    monkeypatch.setattr(synthetic, "sample_chunks", lambda src, which, *a: (sampled.append(which), real(src, which, *a)))
+    study = base_study(methods=[{"name": "none"}], strategies=["scratch"], labels=[1], seeds=[0, 1],
+                       protocols=[{"name": "plain"},
+                                  {"name": "synth", "overrides": {"transfer.synthetic": f"{tmp_path / 'hybrid'}:4"}}])
+    out = tmp_path / "out"
+    rows = runner.run_study(write_study(files, study, name="synthetic.yaml"), out)
+    assert sampled == [[0]]
+    for r in rows:
+        record = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["synthetic"]
+        assert (record is not None) == (r["protocol"] == "synth")
+    (diff,) = report.axis_differences(rows, "protocol", "plain", same_subset=True)
+    assert diff["protocol"] == "synth" and diff["n"] == 2
+    assert "| synth | none | scratch | random | 1 |" in (out / "paired.md").read_text()

@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_run
+from labeldiff.cli import main
 from labeldiff.config import CorruptionConfig, RunConfig
 from labeldiff.data.datasets import LabeledFolder, StepBatches
 from labeldiff.data.io import DataError
 from labeldiff.pretrain.run import run_pretrain
+from labeldiff.config import parse_synthetic
+from labeldiff.runs import RunFolder
 from labeldiff.sample import synthetic
-from labeldiff.sample.synthetic import parse_synthetic, synthetic_pairs
-from labeldiff.study.report import protocol_differences
+from labeldiff.sample.synthetic import ensure_synthetic
+from labeldiff.study.report import axis_differences
 from labeldiff.transfer.run import run_transfer
 
 
@@ -55,9 +58,18 @@ def test_extra_pairs_take_their_share_of_each_batch_aligned_with_their_masks(bin
     assert not (plain[0]["image"].abs() == 0.5).flatten(1).all(1).any()
 
 
+def synthetic_pairs(spec, target, num_classes):
+    """Sample what is missing, then read the cache, as `finetune --synthetic` does."""
+    cache = ensure_synthetic(spec)
+    run, n = parse_synthetic(spec)
+    return (*RunFolder.open(run).synthetic_pairs(n, target, num_classes), cache)
+
+
 def test_pairs_are_sampled_once_cached_by_chunk_and_prefix_stable(binary_dataset, tmp_path, monkeypatch):
     run = _pretrain(binary_dataset, tmp_path)
     target = tiny_run(binary_dataset)
+    with pytest.raises(FileNotFoundError, match="1 of 1 cache files are not sampled yet"):
+        RunFolder.open(run).synthetic_pairs(5, target, 2)  # reading never samples
     images, masks, cache = synthetic_pairs(f"{run}:5", target, 2)
     assert images.shape == (5, 3, 16, 16) and masks.shape == (5, 16, 16) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1 and set(masks.unique().tolist()) <= {0, 1}
@@ -79,13 +91,18 @@ def test_a_source_that_cannot_give_the_targets_pairs_is_refused(binary_dataset, 
         synthetic_pairs(f"{_pretrain(binary_dataset, tmp_path, size=32)}:4", target, 2)
 
 
-def test_finetune_with_synthetic_pairs_records_them_and_the_probe_refuses(binary_dataset, tmp_path):
+def test_finetune_cli_samples_the_pairs_records_them_and_the_probe_refuses(binary_dataset, tmp_path):
+    """`labeldiff finetune --synthetic RUN:8` samples the missing chunk into the hybrid run, then trains."""
     run = _pretrain(binary_dataset, tmp_path)
-    cfg = tiny_run(binary_dataset, steps=2)
-    cfg.transfer.strategy, cfg.transfer.labels, cfg.transfer.synthetic = "scratch", 2, f"{run}:8"
-    run_transfer(cfg, tmp_path / "ft")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")
+    assert main(["finetune", "--data", str(binary_dataset), "--out", str(tmp_path / "ft"), "--from-scratch",
+                 "--labels", "2", "--synthetic", f"{run}:8", "--head-hidden", "8", "--size", "16", "--steps", "2",
+                 "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--channels", "3",
+                 "--unet-channels", "8,16", "--attention", "0,0", "--recipe", str(recipe)]) == 0
     record = json.loads((tmp_path / "ft" / "labeled.json").read_text())["synthetic"]
     assert record == {"pairs": 8, "cache": str(run / "synthetic" / "ddim50"), "fraction": 0.5}
+    assert (run / "synthetic" / "ddim50" / "chunk_0000.safetensors").is_file()
     cfg = tiny_run(binary_dataset, steps=2)
     cfg.transfer.strategy, cfg.transfer.synthetic, cfg.transfer.pretrained = "probe", f"{run}:8", str(run)
     with pytest.raises(ValueError, match="the probe trains on the pixels of the labeled images only"):
@@ -100,7 +117,8 @@ def test_protocol_differences_pair_each_protocol_with_the_first_by_seed_and_subs
             rows.append({"method": "ddpm", "strategy": "full", "protocol": protocol, "k": 1, "seed": seed,
                          "select": "random", "stems": f"s{seed}", "dice": dice})
     rows.append({**rows[-1], "seed": 9, "stems": "other"})  # no "none" cell for seed 9: not paired
-    (d,) = protocol_differences(rows, "none")
+    rows.append({**rows[-1], "protocol": "synth", "seed": 0, "stems": "other"})  # another subset: not paired
+    (d,) = axis_differences(rows, "protocol", "none", same_subset=True)
     diffs = torch.tensor([0.10, 0.05, 0.04], dtype=torch.float64)
     half = 4.302652729911275 * float(diffs.std()) / 3 ** 0.5  # t(0.975, 2)
     assert d["protocol"] == "synth" and d["n"] == 3

@@ -219,6 +219,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         explicit.add("data.intensity")
     if args.from_scratch:
         cfg.transfer.strategy = "scratch"
+    if cfg.transfer.synthetic and cfg.transfer.strategy != "probe":  # the probe refuses it in run_transfer
+        from labeldiff.runtime import resolve_device
+        from labeldiff.sample.synthetic import ensure_synthetic
+
+        ensure_synthetic(cfg.transfer.synthetic, resolve_device(cfg.train.device))
     result = run_transfer(cfg, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit)
     if cfg.transfer.strategy == "probe":
         print(f"done: probe trained ({result['step']} member-epochs) in {result['seconds']:.0f} s; run folder {args.out}")

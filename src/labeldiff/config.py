@@ -168,7 +168,8 @@ class TransferConfig:
     # volumes (every labeled slice of k training cases); on a 2D dataset a slice is an image
     label_unit: str = "slices"
     # "RUN:N": N (image, mask) pairs sampled from the hybrid run RUN join the k labeled images
-    # (labeldiff.sample.synthetic); each batch slot is a synthetic pair with probability synthetic_fraction
+    # (sampled by labeldiff.sample.synthetic, read by RunFolder.synthetic_pairs); each batch slot is
+    # a synthetic pair with probability synthetic_fraction
     synthetic: str | None = None
     synthetic_fraction: float = 0.5
 
@@ -265,9 +266,16 @@ def check_transfer(t: TransferConfig) -> None:
         raise ValueError(f"--synthetic-fraction must lie in (0, 1): the share of each batch that is synthetic pairs "
                          f"(got {t.synthetic_fraction})")
     if t.synthetic:
-        from labeldiff.sample.synthetic import parse_synthetic
-
         parse_synthetic(t.synthetic)
+
+
+def parse_synthetic(spec: str) -> tuple[Path, int]:
+    """``transfer.synthetic`` ``"RUN:N"`` → (hybrid run folder, N ≥ 1), with an error that shows the form."""
+    run, sep, n = str(spec).rpartition(":")
+    if not sep or not run or not n.strip().isdigit() or int(n) < 1:
+        raise ValueError(f"--synthetic {spec!r}: give RUN:N, a hybrid run folder and how many pairs to add, "
+                         f"e.g. --synthetic runs/hybrid:100")
+    return Path(run), int(n)
 
 
 SECTIONS = {

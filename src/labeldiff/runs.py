@@ -27,12 +27,17 @@ from torch import nn
 from labeldiff.checkpoint import load_weights
 from labeldiff.config import RunConfig, replace
 from labeldiff.corruption import build_corruption
+from labeldiff.data.io import DataError
 
 BACKBONE_FILE = "backbone.safetensors"  # a probe run's frozen UNet
 DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
 # DataConfig fields a transfer shares with its pretraining (how images become network inputs)
 GEOMETRY = ("channels", "size", "mode", "scale", "axis", "intensity")
 KINDS = ("pretrain", "finetune", "probe")
+# a hybrid run's cache of sampled (image, mask) pairs: RUN/synthetic/ddim50/chunk_XXXX.safetensors,
+# SYNTHETIC_CHUNK pairs each, chunk c drawn with seed c (labeldiff.sample.synthetic writes them)
+SYNTHETIC_CHUNK = 16
+SYNTHETIC_SAMPLER, SYNTHETIC_STEPS = "ddim", 50  # the `labeldiff sample` default
 
 
 class RunFolder:
@@ -115,6 +120,41 @@ class RunFolder:
     def segmenter(self, device: torch.device | str = "cpu") -> nn.Module:
         """``model(x [B, C, H, W]) -> class scores [B, K, H, W]`` of any run that segments, in eval."""
         return SEGMENTERS[self.kind](self).to(device).eval()
+
+    # ---- synthetic (image, mask) pairs of a hybrid run ----------------------------------------
+
+    def require_hybrid(self, flag: str = "--synthetic") -> "RunFolder":
+        self.require_pretrain(flag)
+        if self.method != "hybrid":
+            raise ValueError(f"{flag} {self.path}: only hybrid runs sample (image, mask) pairs; this run was pretrained "
+                             f"with {self.method!r} (pretrain one with --method hybrid on a labeled set)")
+        return self
+
+    def synthetic_chunks(self, n: int) -> list[Path]:
+        """The cache files that hold the first ``n`` sampled pairs, present or not."""
+        cache = self.path / "synthetic" / f"{SYNTHETIC_SAMPLER}{SYNTHETIC_STEPS}"
+        return [cache / f"chunk_{c:04d}.safetensors" for c in range((n + SYNTHETIC_CHUNK - 1) // SYNTHETIC_CHUNK)]
+
+    def synthetic_pairs(self, n: int, target: RunConfig, num_classes: int, flag: str = "--synthetic"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` cached pairs: images ``[n, C, S, S]`` float32 in [-1, 1], masks ``[n, S, S]``
+        int64. The run must generate what ``target`` trains on (size, channels, classes), and the pairs
+        must have been sampled (:func:`labeldiff.sample.synthetic.ensure_synthetic`)."""
+        self.require_hybrid(flag)
+        got = (self.config.data.size, self.config.model.in_channels, self.config.num_classes)
+        want = (target.data.size, target.data.channels, num_classes)
+        if got != want:
+            raise DataError(f"{flag} {self.path} samples {got[0]}² images with {got[1]} channels and {got[2]} classes, "
+                            f"but this fine-tuning trains on {want[0]}² with {want[1]} channels and {want[2]} classes; "
+                            f"pretrain the hybrid run with the target's --size, --channels and classes")
+        chunks = self.synthetic_chunks(n)
+        missing = [p.name for p in chunks if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{flag} {self.path}:{n}: {len(missing)} of {len(chunks)} cache files are not "
+                                    f"sampled yet ({missing[0]} …); `labeldiff finetune --synthetic` and studies sample "
+                                    f"them first, from Python call labeldiff.sample.synthetic.ensure_synthetic")
+        parts = [load_weights(p) for p in chunks]
+        return torch.cat([p["images"] for p in parts])[:n].float(), torch.cat([p["masks"] for p in parts])[:n].long()
 
     # ---- what a transfer takes from it ---------------------------------------------------------
 

@@ -239,41 +239,34 @@ def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
     return out
 
 
-def selection_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
-    """``diverse − random`` for every method × strategy × protocol and k, paired by seed: the same
-    training seed, two ways of choosing the k images (each with its own variance when diverse is seeded)."""
-    def where(r: dict) -> tuple:
-        return r["method"], r["strategy"], axis(r, "protocol"), int(r["k"])
+PAIR_AXES = ("method", "strategy", "protocol", "select", "k")  # what a cell is, besides its seed
 
-    rand = {(*where(r), int(r["seed"])): r for r in rows if axis(r, "select") == "random"}
+
+def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice",
+                     same_subset: bool = False) -> list[dict]:
+    """``value − base`` along one axis, every other axis held: the same method, strategy, protocol,
+    select and k (minus the one that varies) and the same seed, and with ``same_subset`` the same
+    labeled images too. ``select`` with base ``random`` gives diverse − random (two ways of choosing
+    the k images, each with its own variance when diverse is seeded); ``protocol`` with the study's
+    first protocol gives each fine-tuning protocol's effect (e.g. with and without synthetic pairs).
+
+    Returns one dict per (value, other axes): the axes, ``mean``, ``low``, ``high`` (95 % CI of the
+    mean paired difference) and ``n`` pairs."""
+    def value(r: dict, a: str):
+        return int(r["k"]) if a == "k" else axis(r, a) if a in ("protocol", "select") else r[a]
+
+    others = [a for a in PAIR_AXES if a != name]
+    ref = {(*(value(r, a) for a in others), int(r["seed"])): r for r in rows if value(r, name) == base}
     diffs: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if axis(r, "select") == "diverse" and (*where(r), int(r["seed"])) in rand:
-            diffs[where(r)].append(float(r[metric]) - float(rand[(*where(r), int(r["seed"]))][metric]))
+        where = tuple(value(r, a) for a in others)
+        b = ref.get((*where, int(r["seed"])))
+        if value(r, name) != base and b is not None and (not same_subset or b["stems"] == r["stems"]):
+            diffs[(value(r, name), *where)].append(float(r[metric]) - float(b[metric]))
     out = []
     for key, d in diffs.items():
         mean, low, high, n = paired_ci(d)
-        out.append(dict(zip(("method", "strategy", "protocol", "k"), key), mean=mean, low=low, high=high, n=n))
-    return out
-
-
-def protocol_differences(rows: list[dict], base: str, metric: str = "dice") -> list[dict]:
-    """``protocol − base`` for every other protocol, method × strategy × select and k, paired by seed
-    and labeled subset: the same cell but for the fine-tuning protocol (e.g. with and without
-    ``transfer.synthetic`` pairs)."""
-    def where(r: dict) -> tuple:
-        return r["method"], r["strategy"], axis(r, "select"), int(r["k"])
-
-    ref = {(*where(r), int(r["seed"])): r for r in rows if axis(r, "protocol") == base}
-    diffs: dict[tuple, list[float]] = defaultdict(list)
-    for r in rows:
-        b = ref.get((*where(r), int(r["seed"])))
-        if axis(r, "protocol") != base and b is not None and b["stems"] == r["stems"]:
-            diffs[(axis(r, "protocol"), *where(r))].append(float(r[metric]) - float(b[metric]))
-    out = []
-    for key, d in diffs.items():
-        mean, low, high, n = paired_ci(d)
-        out.append(dict(zip(("protocol", "method", "strategy", "select", "k"), key), mean=mean, low=low, high=high, n=n))
+        out.append(dict(zip((name, *others), key), mean=mean, low=low, high=high, n=n))
     return out
 
 
@@ -291,6 +284,19 @@ def _excludes_zero(p: dict) -> str:
     return "yes (+)" if p["low"] > 0 else "yes (−)" if p["high"] < 0 else "no"
 
 
+def _axis_table(diffs: list[dict], name: str, digits: int, title: str) -> list[str]:
+    """The markdown lines of :func:`axis_differences` along ``name`` (none when there are no pairs)."""
+    if not diffs:
+        return []
+    cols = (name, *(a for a in PAIR_AXES if a != name))
+    lines = [f"\n## {title}\n", f"| {' | '.join(cols)} | mean Δ | 95 % CI | excludes 0 | pairs |",
+             "|" + "---|" * (len(cols) + 4)]
+    for p in diffs:
+        lines.append(f"| {' | '.join(str(p[c]) for c in cols)} | {_mean(p, digits)} | {_ci(p, digits)} | "
+                     f"{_excludes_zero(p)} | {p['n']} |")
+    return lines
+
+
 def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> str:
     pairs = paired_differences(rows, metric)
     lines = [f"# Paired {metric} difference vs scratch (method − scratch)\n",
@@ -306,23 +312,13 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
         lines.append("\n(no pairs: the study has no scratch cells, or none at the same k and seed)")
     if any(p["unpaired"] for p in pairs):
         lines.append("\nunpaired: cells whose subset differs from scratch's, left out of the mean.")
-    sel = selection_differences(rows, metric)
-    if sel:
-        lines += [f"\n## diverse − random selection ({metric}), paired by seed\n",
-                  "| method | strategy | protocol | k | mean Δ | 95 % CI | excludes 0 | pairs |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for p in sel:
-            lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['k']} | {_mean(p, digits)} | {_ci(p, digits)} "
-                         f"| {_excludes_zero(p)} | {p['n']} |")
+    lines += _axis_table(axis_differences(rows, "select", "random", metric), "select", digits,
+                         f"diverse − random selection ({metric}), paired by seed")
     protocols = list(dict.fromkeys(axis(r, "protocol") for r in rows))
-    diffs = protocol_differences(rows, protocols[0], metric) if len(protocols) > 1 else []
-    if diffs:
-        lines += [f"\n## each protocol − {protocols[0]} (the study's first protocol, {metric}), paired by seed and subset\n",
-                  "| protocol | method | strategy | select | k | mean Δ | 95 % CI | excludes 0 | pairs |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for p in diffs:
-            lines.append(f"| {p['protocol']} | {p['method']} | {p['strategy']} | {p['select']} | {p['k']} | "
-                         f"{_mean(p, digits)} | {_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} |")
+    if len(protocols) > 1:
+        lines += _axis_table(axis_differences(rows, "protocol", protocols[0], metric, same_subset=True), "protocol",
+                             digits, f"each protocol − {protocols[0]} (the study's first protocol, {metric}), "
+                                     f"paired by seed and subset")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +327,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
     there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
     diverse − random for that setting and for scratch."""
     pairs = paired_differences(rows, metric)
-    sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in selection_differences(rows, metric)}
+    sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in axis_differences(rows, "select", "random", metric)}
     stats = summarize(rows, metric)
     lines = [f"# Verdict: {title}\n",
              f"Per label budget k, the pretrained setting with the highest mean test {metric} (random selection "

@@ -41,6 +41,8 @@ from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes, split_slabs
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
+from labeldiff.runtime import resolve_device
+from labeldiff.sample.synthetic import ensure_synthetic
 from labeldiff.study import report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
@@ -323,6 +325,8 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, ft, target)
+    if cfg.transfer.synthetic:  # sampled once into the hybrid run's cache; later cells read it
+        ensure_synthetic(cfg.transfer.synthetic, resolve_device(cfg.train.device))
     run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
     tmp = cell.dir / "eval.tmp"
     run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)

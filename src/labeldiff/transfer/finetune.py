@@ -23,7 +23,7 @@ hybrid or supervised source run keeps its own mask output instead of getting a n
 must match). Every strategy, scratch included, trains on batches augmented by ``transfer.augment``
 and ``transfer.flips`` (:mod:`labeldiff.data.augment`) for the length ``transfer.steps_rule`` gives;
 with ``transfer.synthetic`` (``RUN:N``) those batches also draw from N pairs sampled from a hybrid run
-(:mod:`labeldiff.sample.synthetic`).
+(:mod:`labeldiff.sample.synthetic` samples them into the run's cache before; this reads the cache).
 
 Frozen modules have ``requires_grad=False``, are left out of the optimiser and are kept in
 ``eval()`` (BatchNorm statistics do not move).
@@ -40,7 +40,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 
 from labeldiff import distributed
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
-from labeldiff.config import RunConfig, check_ranges, check_transfer, replace
+from labeldiff.config import RunConfig, check_ranges, check_transfer, parse_synthetic, replace
 from labeldiff.data.augment import Augment
 from labeldiff.data.datasets import StepBatches
 from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, check_input_size, load_backbone_strict
@@ -208,11 +208,10 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
     synthetic = None
-    if t.synthetic:  # sampled (or read from the hybrid run's cache) before the run folder exists
-        from labeldiff.sample.synthetic import synthetic_pairs
-
-        images, masks, cache = synthetic_pairs(t.synthetic, cfg, job.num_classes, device)
-        synthetic = (images, masks)
+    if t.synthetic:  # read from the hybrid run's cache (sampled by the caller) before the run folder exists
+        run, n = parse_synthetic(t.synthetic)
+        source = RunFolder.open(run, flag="--synthetic")
+        synthetic, cache = source.synthetic_pairs(n, cfg, job.num_classes), source.synthetic_chunks(n)[0].parent
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
     torch.manual_seed(cfg.train.seed)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 15, synthetic pairs: the two hybrid runs, then the MoNuSeg and Kvasir → CVC studies (README,
+# "Synthetic (image, mask) pairs"). Resumable: rerun after an interruption.
+set -e
+cd "$(dirname "$0")/.."
+L=.venv/bin/labeldiff
+R=studies/runs/synthetic
+pre() {  # NAME DATA MODE-FLAGS…: 1000 hybrid steps, small network; resumes a partial run, skips a finished one
+  local name=$1 data=$2; shift 2
+  [ -f $R/$name/model.safetensors ] && return 0
+  local resume=""; [ -d $R/$name ] && resume="--resume"
+  $L pretrain --data $data --out $R/$name --recipe recipes/hybrid-cpu.yaml --steps 1000 --unet-channels 16,32,64 \
+      --ema-decay 0.995 --checkpoint-every 250 "$@" $resume
+}
+pre monuseg_hybrid ../shared/datasets/monuseg --scale 0.25
+pre kvasir_hybrid ../shared/datasets/kvasir_seg --mode resize
+$L study studies/synthetic_monuseg.yaml --out studies/runs/synthetic_monuseg
+$L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc
