@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15, synthetic pairs: the two hybrid runs, then the MoNuSeg and Kvasir → CVC studies (README,
-# "Synthetic (image, mask) pairs"). Resumable: rerun after an interruption.
+# Issue 15 (README, "Synthetic (image, mask) pairs"): the MoNuSeg hybrid run and its study, the Kvasir → CVC
+# study (its hybrid first), then FID vs length. Resumable: rerun after an interruption.
 set -e
 cd "$(dirname "$0")/.."
 L=.venv/bin/labeldiff
@@ -13,6 +13,7 @@ pre() {  # NAME DATA MODE-FLAGS…: 1000 hybrid steps, small network; resumes a 
       --ema-decay 0.995 --checkpoint-every 250 "$@" $resume
 }
 pre monuseg_hybrid ../shared/datasets/monuseg --scale 0.25
-pre kvasir_hybrid ../shared/datasets/kvasir_seg --mode resize
 $L study studies/synthetic_monuseg.yaml --out studies/runs/synthetic_monuseg
+$L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc --pretrain-only   # the hybrid on Kvasir-SEG
 $L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc
+bash experiments/fid_vs_length.sh

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 15, "FID vs pretraining length vs Dice" on MoNuSeg: the EMA weights of the 1000-step hybrid run of
+# experiments/synthetic_studies.sh at steps 250, 500, 750, 1000 (copied from its checkpoints while it ran,
+# into studies/runs/synthetic/ema_monuseg_hybrid/), each as a run folder (its config.json + those weights):
+# 64 DDIM-50 samples scored against 4 crops of each of the 30 train images at the run's scale (FID, KID,
+# precision/recall), and the same weights used as a segmenter on the 14 test images (the hybrid's own
+# mask channels at t = 0: Dice with no fine-tuning). Writes OUT/summary.tsv.
+set -e
+cd "$(dirname "$0")/.."
+L=.venv/bin/labeldiff
+D=../shared/datasets/monuseg
+R=studies/runs/synthetic
+OUT=${1:-$R/fid_vs_length}
+mkdir -p $OUT
+printf "step\tfid\tkid\tkid_se\tprecision\trecall\tdice\n" > $OUT/summary.tsv
+for w in $R/ema_monuseg_hybrid/step_*.safetensors; do
+  s=$(basename $w .safetensors); s=$((10#${s#step_}))
+  run=$OUT/step$s
+  mkdir -p $run && cp $R/monuseg_hybrid/config.json $run/ && cp $w $run/model.safetensors
+  [ -f $run/samples/report.json ] || { $L sample --model $run --n 64 --out $run/samples --device cpu > $run/sample.log 2>&1
+    $L evaluate-samples --samples $run/samples --data $D --split train --crops 4 --scale 0.25 --device cpu > $run/fid.log 2>&1; }
+  [ -f $run/eval/metrics.json ] || $L evaluate --model $run --data $D --split test --out $run/eval --device cpu > $run/eval.log 2>&1
+  .venv/bin/python - "$run" "$s" >> $OUT/summary.tsv <<'PY'
+import json, sys
+run, step = sys.argv[1], sys.argv[2]
+r = json.load(open(f"{run}/samples/report.json"))
+m = json.load(open(f"{run}/eval/metrics.json"))
+print(step, *(f"{r[k]:.4f}" for k in ("fid", "kid", "kid_se", "precision", "recall")), f"{m['dice']['mean']:.4f}", sep="\t")
+PY
+done
+cat $OUT/summary.tsv
