@@ -13,7 +13,7 @@ pre() {  # NAME DATA MODE-FLAGS…: 1000 hybrid steps, small network; resumes a 
       --ema-decay 0.995 --checkpoint-every 250 "$@" $resume
 }
 pre monuseg_hybrid ../shared/datasets/monuseg --scale 0.25
-$L study studies/synthetic_monuseg.yaml --out studies/runs/synthetic_monuseg
+$L study studies/synthetic_monuseg.yaml --out studies/runs/synthetic_monuseg --workers 2
 $L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc --pretrain-only   # the hybrid on Kvasir-SEG
-$L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc
+$L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc --workers 2
 bash experiments/fid_vs_length.sh

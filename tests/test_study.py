@@ -737,8 +737,8 @@ def test_robustness_option_errors(files, value, message):
 
 
 def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files, tmp_path, monkeypatch):
-    """A protocol with transfer.synthetic: the study samples the hybrid run's pairs before the first cell
-    that needs them (once: later cells read the cache), and paired.md sets it against the first protocol."""
+    """A protocol with transfer.synthetic: the study samples the hybrid run's pairs once, before the cells
+    (which read the cache, in this process or in workers), and paired.md sets it against the first protocol."""
     from conftest import tiny_model
     from labeldiff.config import CorruptionConfig, RunConfig
     from labeldiff.pretrain.run import run_pretrain
@@ -749,15 +749,15 @@ def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files
     hybrid.train.steps, hybrid.train.batch_size, hybrid.train.precision, hybrid.train.device = 2, 2, "fp32", "cpu"
     hybrid.train.warmup_steps = 1
     run_pretrain(hybrid, tmp_path / "hybrid")
-    sampled = []
+    sampled, out = [], tmp_path / "out"
     real = synthetic.sample_chunks
-    monkeypatch.setattr(synthetic, "sample_chunks", lambda src, which, *a: (sampled.append(which), real(src, which, *a)))
+    monkeypatch.setattr(synthetic, "sample_chunks", lambda src, which, *a: (
+        sampled.append((which, (out / "cells").exists())), real(src, which, *a)))
     study = base_study(methods=[{"name": "none"}], strategies=["scratch"], labels=[1], seeds=[0, 1],
                        protocols=[{"name": "plain"},
                                   {"name": "synth", "overrides": {"transfer.synthetic": f"{tmp_path / 'hybrid'}:4"}}])
-    out = tmp_path / "out"
     rows = runner.run_study(write_study(files, study, name="synthetic.yaml"), out)
-    assert sampled == [[0]]
+    assert sampled == [([0], False)]  # once, before any cell
     for r in rows:
         record = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["synthetic"]
         assert (record is not None) == (r["protocol"] == "synth")

@@ -539,6 +539,14 @@ def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
                            f"kept: run the same command again to continue")
 
 
+def synthetic_first(fts: dict[str, RunConfig]) -> None:
+    """Sample the synthetic pairs each protocol asks for (``transfer.synthetic``) before any cell, so that
+    cells in several worker processes read one cache instead of each sampling it."""
+    for ft in fts.values():
+        if ft.transfer.synthetic:
+            ensure_synthetic(ft.transfer.synthetic, resolve_device(ft.train.device))
+
+
 def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False,
               pretrain_only: bool = False, pretrain_dir: str | Path | None = None, workers: int = 1,
               shard: tuple[int, int] | None = None) -> list[dict]:
@@ -581,6 +589,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
         pretrain(runs)
+        synthetic_first(fts)
         print(f"pretraining done: {len(runs)} runs in {pre_dir}; run without --pretrain-only for the cells")
         return [cell_row(c) for c in cells if c.finished]
     if shard is not None:
@@ -594,6 +603,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
+        synthetic_first(fts)
         if workers > 1:
             run_workers(Path(study.file), out, pre_dir, workers)
         else:
