@@ -2,7 +2,7 @@
 # Issue 15, "FID vs pretraining length vs Dice" on MoNuSeg: the EMA weights of the 1000-step hybrid run of
 # experiments/synthetic_studies.sh at steps 250, 500, 750, 1000 (copied from its checkpoints while it ran,
 # into studies/runs/synthetic/ema_monuseg_hybrid/), each as a run folder (its config.json + those weights):
-# 64 DDIM-50 samples scored against 4 crops of each of the 30 train images at the run's scale (FID, KID,
+# 128 DDIM-50 samples scored against 4 crops of each of the 30 train images at the run's scale (FID, KID,
 # precision/recall), and the same weights used as a segmenter on the 14 test images (the hybrid's own
 # mask channels at t = 0: Dice with no fine-tuning). Writes OUT/summary.tsv.
 set -e
@@ -17,7 +17,7 @@ for w in $R/ema_monuseg_hybrid/step_*.safetensors; do
   s=$(basename $w .safetensors); s=$((10#${s#step_}))
   run=$OUT/step$s
   mkdir -p $run && cp $R/monuseg_hybrid/config.json $run/ && cp $w $run/model.safetensors
-  [ -f $run/samples/report.json ] || { $L sample --model $run --n 64 --out $run/samples --device cpu > $run/sample.log 2>&1
+  [ -f $run/samples/report.json ] || { $L sample --model $run --n 128 --out $run/samples --device cpu > $run/sample.log 2>&1
     $L evaluate-samples --samples $run/samples --data $D --split train --crops 4 --scale 0.25 --device cpu > $run/fid.log 2>&1; }
   [ -f $run/eval/metrics.json ] || $L evaluate --model $run --data $D --split test --out $run/eval --device cpu > $run/eval.log 2>&1
   .venv/bin/python - "$run" "$s" >> $OUT/summary.tsv <<'PY'
