@@ -309,7 +309,7 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
         lines.append(f"| {p['method']} | {p['strategy']} | {p['protocol']} | {p['select']} | {p['k']} | {_mean(p, digits)} | "
                      f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} | {p['unpaired']} |")
     if not pairs:
-        lines.append("\n(no pairs: the study has no scratch cells, or none at the same k and seed)")
+        lines.append("\n(no pairs: the study has no pretrained cells, or no scratch cell at their k and seed)")
     if any(p["unpaired"] for p in pairs):
         lines.append("\nunpaired: cells whose subset differs from scratch's, left out of the mean.")
     lines += _axis_table(axis_differences(rows, "select", "random", metric), "select", digits,
