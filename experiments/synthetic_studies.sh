@@ -17,3 +17,4 @@ $L study studies/synthetic_monuseg.yaml --out studies/runs/synthetic_monuseg --w
 $L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc --pretrain-only   # the hybrid on Kvasir-SEG
 $L study studies/synthetic_cvc.yaml --out studies/runs/synthetic_cvc --workers 2
 bash experiments/fid_vs_length.sh
+$L study studies/robustness_cvc.yaml --out studies/runs/robustness_cvc --pretrain-dir studies/runs/synthetic_cvc/pretrain --workers 2
