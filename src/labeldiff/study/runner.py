@@ -325,8 +325,6 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, ft, target)
-    if cfg.transfer.synthetic:  # sampled once into the hybrid run's cache; later cells read it
-        ensure_synthetic(cfg.transfer.synthetic, resolve_device(cfg.train.device))
     run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
     tmp = cell.dir / "eval.tmp"
     run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
@@ -599,6 +597,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
             raise ValueError(f"--shard runs cells only, and pretraining {unfinished} is not finished: run the study "
                              f"with --pretrain-only first (two shards would train the same run)")
         mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
+        synthetic_first(fts)  # a no-op under --workers (sampled before); shards started by hand sample what is missing
         run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs), todo=mine)
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
