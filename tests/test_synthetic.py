@@ -82,6 +82,17 @@ def test_pairs_are_sampled_once_cached_by_chunk_and_prefix_stable(binary_dataset
     assert torch.equal(again[:5], images) and torch.equal(again_masks[:5], masks) and len(again) == 20
 
 
+def test_under_torchrun_only_rank_0_samples(binary_dataset, tmp_path, monkeypatch):
+    """Before the process group forms, ranks > 0 return the cache folder without sampling (they wait for
+    rank 0 at the rendezvous); rank 0 samples what is missing."""
+    run = _pretrain(binary_dataset, tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    cache = ensure_synthetic(f"{run}:4")
+    assert cache == run / "synthetic" / "ddim50" and not cache.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert ensure_synthetic(f"{run}:4") == cache and (cache / "chunk_0000.safetensors").is_file()
+
+
 def test_a_source_that_cannot_give_the_targets_pairs_is_refused(binary_dataset, tmp_path):
     target = tiny_run(binary_dataset)
     with pytest.raises(ValueError, match="only hybrid runs"):

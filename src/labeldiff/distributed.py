@@ -40,6 +40,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's torchrun rank before the process group is joined (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched() -> bool:
     """Started by torchrun with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

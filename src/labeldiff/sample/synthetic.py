@@ -20,13 +20,13 @@ study call it before the fine-tuning, which reads the cache through
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from labeldiff.checkpoint import save_weights
 from labeldiff.config import parse_synthetic
+from labeldiff.distributed import launch_rank
 from labeldiff.runs import SYNTHETIC_CHUNK, SYNTHETIC_SAMPLER, SYNTHETIC_STEPS, RunFolder
 
 
@@ -39,7 +39,7 @@ def ensure_synthetic(spec: str, device: torch.device | str = "cpu") -> Path:
     source = RunFolder.open(run, flag="--synthetic").require_hybrid("--synthetic")
     chunks = source.synthetic_chunks(n)
     missing = [c for c, path in enumerate(chunks) if not path.is_file()]
-    if missing and int(os.environ.get("RANK", "0")) == 0:
+    if missing and launch_rank() == 0:
         sample_chunks(source, missing, chunks, device)
     return chunks[0].parent
 
