@@ -727,6 +727,26 @@ def test_robustness_option_adds_corrupted_dice_and_drop_columns(files, tmp_path,
                      for c in stamp}
 
 
+def test_a_shard_scores_its_own_cells_under_corruptions(files, tmp_path):
+    """Under --workers the corruption scores are computed side by side: each shard scores the cells it ran,
+    and the parent, finding them scored, does not score them again."""
+    study = base_study(strategies=["full", "scratch"], labels=[1],
+                       robustness={"corruptions": ["noise"], "severities": [2], "seed": 0})
+    path = write_study(files, study, name="robust_shard.yaml")
+    out, shared = tmp_path / "out", tmp_path / "shared"
+    runner.run_study(path, out, pretrain_dir=shared, pretrain_only=True)
+    runner.run_study(path, out, pretrain_dir=shared, shard=(0, 2))
+    scored = lambda: {c.name: (c / "eval" / "robustness" / "robustness.json").stat().st_mtime_ns
+                      for c in (out / "cells").iterdir() if (c / "eval" / "robustness" / "robustness.json").is_file()}
+    ran = [c.name for c in (out / "cells").iterdir() if (c / "eval" / "metrics.json").is_file()]
+    assert len(ran) == 1 and list(scored()) == ran  # shard 0 of 2: one cell, scored by the shard
+    runner.run_study(path, out, pretrain_dir=shared, shard=(0, 1))  # the other cell
+    first = scored()
+    assert len(first) == 2
+    rows = runner.run_study(path, out, pretrain_dir=shared)
+    assert scored() == first and all(r["dice_drop"] is not None for r in rows)
+
+
 @pytest.mark.parametrize("value, message", [
     ({"corruptions": ["fog"]}, "robustness: --corruptions"), ({"severities": [0]}, "1..5"),
     ({"sevs": [1]}, "sevs"), ("yes", "expected true or a mapping")])

@@ -551,8 +551,8 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     """Run the study in ``path`` into ``out`` (see the module docstring); returns the result rows.
 
     ``workers``: run the cells in that many processes side by side (:func:`run_workers`), after the
-    pretraining; ``shard = (i, n)``: be one of them, running the i-th of every n cells to run, without
-    pretraining (it must be finished) or reports.
+    pretraining; ``shard = (i, n)``: be one of them, running the i-th of every n cells to run and scoring
+    them (``robustness``, 3D slabs), without pretraining (it must be finished) or reports.
 
     ``dry_run``: print the plan (what is finished, what would run) and train nothing.
     ``report_only``: rewrite the reports from the finished cells and train nothing.
@@ -599,6 +599,8 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
         synthetic_first(fts)  # a no-op under --workers (sampled before); shards started by hand sample what is missing
         run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs), todo=mine)
+        volume_evaluations(mine, target, ft.train.device)  # scored side by side too; the parent finds them done
+        robustness_evaluations(mine, study, target, ft)
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
