@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 15 (README, "FID against pretraining length, and against transfer Dice"), on MoNuSeg or the brain
+# slices: the study studies/ddpm_lengths_DATASET.yaml (one unlabeled DDPM run stopped at 500, 1000, 2000
+# steps, each fine-tuned against scratch on the same labeled subsets, 5 seeds; MoNuSeg also scores every
+# cell under corruptions), then 128 samples of each length scored against the train images, next to a
+# floor: held-out real test images scored the same way (what a perfect generator would get with this few
+# images). Writes OUT/summary.tsv and OUT/fid_vs_transfer.png. Resumable: rerun after an interruption.
+#   bash experiments/ddpm_lengths.sh monuseg     # MoNuSeg, k = 4, 64² crops at scale 0.25
+#   bash experiments/ddpm_lengths.sh brain       # brain slices (MNI152, prepared by the study), k = 2
+set -e
+cd "$(dirname "$0")/.."
+L=.venv/bin/labeldiff
+NAME=${1:?give monuseg or brain}
+S=studies/runs/ddpm_lengths_$NAME
+OUT=${2:-$S/generative}
+case $NAME in
+  monuseg) D=../shared/datasets/monuseg; REAL="--crops 4 --scale 0.25"; FLOOR="crops=10, scale=0.25" ;;
+  brain)   D=$S/data/brain-demo; REAL=""; FLOOR="crops=0" ;;   # whole slices, resized like the run's
+  *) echo "give monuseg or brain" >&2; exit 2 ;;
+esac
+$L study studies/ddpm_lengths_$NAME.yaml --out $S --pretrain-only   # the runs first, then their samples
+mkdir -p $OUT
+score() {  # SAMPLES-DIR: FID, KID, precision/recall against the train images (MoNuSeg: 4 crops of each)
+  [ -f $1/report.json ] || $L evaluate-samples --samples $1 --data $D --split train $REAL --device cpu \
+      > $1.fid.log 2>&1
+}
+for run in $S/pretrain/ddpm@*; do
+  s=$(basename $run); s=${s#ddpm@}; s=${s%%-*}
+  [ -f $OUT/step$s/samples/grid.png ] || $L sample --model $run --n 128 --out $OUT/step$s/samples --device cpu \
+      > $OUT/step$s.sample.log 2>&1
+  score $OUT/step$s/samples
+done
+# the floor: up to 128 test images (MoNuSeg: crops of the 14; never in pretraining), written as sample PNGs
+if [ ! -f $OUT/real_test/samples/sample_000.png ]; then
+  .venv/bin/python - "$D" "$OUT/real_test/samples" "$FLOOR" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from labeldiff.evaluate.samples import read_real, real_samples
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+how = {k: float(v) if "." in v else int(v) for k, v in (kv.strip().split("=") for kv in sys.argv[3].split(","))}
+x = read_real(real_samples(data, "test"), 3, (64, 64), seed=1, **how)[:128]
+for i, img in enumerate(x.numpy()):
+    u8 = np.clip(np.round((img.transpose(1, 2, 0) + 1) * 127.5), 0, 255).astype(np.uint8)
+    Image.fromarray(u8).save(out / f"sample_{i:03d}.png")
+PY
+fi
+score $OUT/real_test/samples
+$L study studies/ddpm_lengths_$NAME.yaml --out $S --workers 2               # the cells
+.venv/bin/python - "$S" "$OUT" "$NAME" <<'PY'
+import json, sys
+from collections import defaultdict
+from pathlib import Path
+from labeldiff.study.report import paired_ci, read_csv
+study, out, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+rows = read_csv(study / "results.csv")
+scratch = {r["seed"]: r for r in rows if r["strategy"] == "scratch"}
+by_len = defaultdict(list)
+for r in rows:
+    if r["strategy"] == "full":
+        by_len[int(r["pretrain_steps"])].append(r)
+robust = bool(rows[0].get("dice_drop"))
+mean = lambda xs: sum(xs) / len(xs)
+cols = ["step", "fid", "kid", "kid_se", "precision", "recall", "full_dice", "scratch_dice", "delta_vs_scratch",
+        "ci_low", "ci_high", "n"] + (["drop_full", "drop_scratch", "drop_delta", "drop_ci_low", "drop_ci_high"]
+                                     if robust else [])
+lines, table = ["\t".join(cols)], []
+for step in sorted(by_len):
+    rep = json.load(open(out / f"step{step}" / "samples" / "report.json"))
+    cells = by_len[step]
+    twins = [scratch[r["seed"]] for r in cells]
+    d, lo, hi, n = paired_ci([float(r["dice"]) - float(t["dice"]) for r, t in zip(cells, twins)])
+    vals = [mean([float(r["dice"]) for r in cells]), mean([float(t["dice"]) for t in twins]), d, lo, hi]
+    line = [str(step)] + [f"{rep[k]:.4f}" for k in cols[1:6]] + [f"{v:.4f}" for v in vals] + [str(n)]
+    if robust:
+        dd = paired_ci([float(r["dice_drop"]) - float(t["dice_drop"]) for r, t in zip(cells, twins)])
+        line += [f"{v:.4f}" for v in (mean([float(r["dice_drop"]) for r in cells]),
+                                      mean([float(t["dice_drop"]) for t in twins]), *dd[:3])]
+    table.append((step, rep, d, lo, hi))
+    lines.append("\t".join(line))
+floor = json.load(open(out / "real_test" / "samples" / "report.json"))
+lines.append("\t".join(["real_test"] + [f"{floor[k]:.4f}" for k in cols[1:6]] + [""] * (len(cols) - 6)))
+(out / "summary.tsv").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+k = rows[0]["k"]
+steps = [t[0] for t in table]
+fig, ax = plt.subplots(1, 3, figsize=(11.5, 3.3))
+ax[0].plot(steps, [t[1]["fid"] for t in table], "o-", label="DDPM samples")
+ax[0].axhline(floor["fid"], color="grey", ls="--", label="held-out real test images")
+ax[0].set_title(f"FID ({floor['n_samples']} vs {floor['n_real']} train images)", fontsize=9)
+ax[1].plot(steps, [t[1]["kid"] for t in table], "o-")
+ax[1].axhline(floor["kid"], color="grey", ls="--")
+ax[1].set_title("KID", fontsize=9)
+ax[2].errorbar(steps, [t[2] for t in table], yerr=[[t[2] - t[3] for t in table], [t[4] - t[2] for t in table]],
+               fmt="o-", capsize=3)
+ax[2].axhline(0, color="grey", lw=0.8)
+ax[2].set_title(f"fine-tuned Dice − scratch, k = {k} (95 % CI, {len(scratch)} seeds)", fontsize=9)
+for a in ax:
+    a.set_xlabel("DDPM pretraining step"); a.grid(alpha=0.3)
+ax[0].legend(fontsize=8)
+data = {"monuseg": "MoNuSeg", "brain": "brain slices"}[name]
+fig.suptitle(f"{data}, unlabeled DDPM: sample quality and transfer against pretraining length", fontsize=10)
+fig.tight_layout()
+fig.savefig(out / "fid_vs_transfer.png", dpi=110)
+print(f"wrote {out / 'fid_vs_transfer.png'}")
+PY
