@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15 (README, "FID against pretraining length, and against transfer Dice"), on MoNuSeg or the brain
-# slices: the study studies/ddpm_lengths_DATASET.yaml (one unlabeled DDPM run stopped at 500, 1000, 2000
-# steps, each fine-tuned against scratch on the same labeled subsets, 5 seeds; MoNuSeg also scores every
-# cell under corruptions), then 128 samples of each length scored against the train images, next to a
-# floor: held-out real test images scored the same way (what a perfect generator would get with this few
-# images). Writes OUT/summary.tsv and OUT/fid_vs_transfer.png. Resumable: rerun after an interruption.
+# Issue 15 (README, "Unlabeled DDPM runs: FID against length, and against transfer Dice"), on MoNuSeg or the
+# brain slices, with the study studies/ddpm_lengths_DATASET.yaml (one unlabeled DDPM run stopped at 500,
+# 1000, 2000 steps, each fine-tuned against scratch on the same labeled subsets, 5 seeds; MoNuSeg also
+# scores every cell under corruptions). In order: the pretraining runs; 128 samples of each length scored
+# against the train images, next to a floor (real test images scored the same way); the cells; then
+# OUT/summary.tsv and OUT/fid_vs_transfer.png. Resumable: rerun after an interruption.
 #   bash experiments/ddpm_lengths.sh monuseg     # MoNuSeg, k = 4, 64² crops at scale 0.25
 #   bash experiments/ddpm_lengths.sh brain       # brain slices (MNI152, prepared by the study), k = 2
 set -e
@@ -53,32 +53,30 @@ $L study studies/ddpm_lengths_$NAME.yaml --out $S --workers 2               # th
 import json, sys
 from collections import defaultdict
 from pathlib import Path
-from labeldiff.study.report import paired_ci, read_csv
+from labeldiff.study.report import paired_differences, read_csv
 study, out, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 rows = read_csv(study / "results.csv")
-scratch = {r["seed"]: r for r in rows if r["strategy"] == "scratch"}
-by_len = defaultdict(list)
-for r in rows:
-    if r["strategy"] == "full":
-        by_len[int(r["pretrain_steps"])].append(r)
 robust = bool(rows[0].get("dice_drop"))
 mean = lambda xs: sum(xs) / len(xs)
+# the study's own pairing (network, protocol, k, seed, subset), one entry per length
+pairs = {m: {p["method"]: p for p in paired_differences(rows, m)} for m in (["dice", "dice_drop"] if robust else ["dice"])}
+scratch = [r for r in rows if r["strategy"] == "scratch"]
 cols = ["step", "fid", "kid", "kid_se", "precision", "recall", "full_dice", "scratch_dice", "delta_vs_scratch",
         "ci_low", "ci_high", "n"] + (["drop_full", "drop_scratch", "drop_delta", "drop_ci_low", "drop_ci_high"]
                                      if robust else [])
 lines, table = ["\t".join(cols)], []
-for step in sorted(by_len):
+for method, p in sorted(pairs["dice"].items(), key=lambda kv: int(kv[0].split("@")[1])):
+    step = int(method.split("@")[1])
     rep = json.load(open(out / f"step{step}" / "samples" / "report.json"))
-    cells = by_len[step]
-    twins = [scratch[r["seed"]] for r in cells]
-    d, lo, hi, n = paired_ci([float(r["dice"]) - float(t["dice"]) for r, t in zip(cells, twins)])
-    vals = [mean([float(r["dice"]) for r in cells]), mean([float(t["dice"]) for t in twins]), d, lo, hi]
-    line = [str(step)] + [f"{rep[k]:.4f}" for k in cols[1:6]] + [f"{v:.4f}" for v in vals] + [str(n)]
+    cells = [r for r in rows if r["method"] == method]
+    vals = [mean([float(r["dice"]) for r in cells]), mean([float(r["dice"]) for r in scratch]), p["mean"], p["low"],
+            p["high"]]
+    line = [str(step)] + [f"{rep[k]:.4f}" for k in cols[1:6]] + [f"{v:.4f}" for v in vals] + [str(p["n"])]
     if robust:
-        dd = paired_ci([float(r["dice_drop"]) - float(t["dice_drop"]) for r, t in zip(cells, twins)])
+        d = pairs["dice_drop"][method]
         line += [f"{v:.4f}" for v in (mean([float(r["dice_drop"]) for r in cells]),
-                                      mean([float(t["dice_drop"]) for t in twins]), *dd[:3])]
-    table.append((step, rep, d, lo, hi))
+                                      mean([float(r["dice_drop"]) for r in scratch]), d["mean"], d["low"], d["high"])]
+    table.append((step, rep, p["mean"], p["low"], p["high"]))
     lines.append("\t".join(line))
 floor = json.load(open(out / "real_test" / "samples" / "report.json"))
 lines.append("\t".join(["real_test"] + [f"{floor[k]:.4f}" for k in cols[1:6]] + [""] * (len(cols) - 6)))
