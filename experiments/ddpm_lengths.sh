@@ -90,7 +90,7 @@ steps = [t[0] for t in table]
 fig, ax = plt.subplots(1, 3, figsize=(11.5, 3.3))
 ax[0].plot(steps, [t[1]["fid"] for t in table], "o-", label="DDPM samples")
 ax[0].axhline(floor["fid"], color="grey", ls="--", label="held-out real test images")
-ax[0].set_title(f"FID ({floor['n_samples']} vs {floor['n_real']} train images)", fontsize=9)
+ax[0].set_title(f"FID ({table[0][1]['n_samples']} samples vs {floor['n_real']} train images)", fontsize=9)
 ax[1].plot(steps, [t[1]["kid"] for t in table], "o-")
 ax[1].axhline(floor["kid"], color="grey", ls="--")
 ax[1].set_title("KID", fontsize=9)
