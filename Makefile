@@ -25,5 +25,7 @@ install: $(BIN)/labeldiff
 demo: $(BIN)/labeldiff
 	$(BIN)/labeldiff demo --out labeldiff-demo --overwrite
 
+# The tests run one torch thread each (tests/conftest.py), so pytest-xdist runs one per core; idle workers
+# steal queued tests (a module fixture is built on each worker that runs tests of its file). README, Development.
 test: $(BIN)/labeldiff
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
