@@ -407,6 +407,7 @@ def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeyp
         labeled = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["stems"]
         assert ";".join(labeled) == r["stems"] and len(labeled) == int(r["k"])
     env = json.loads((out / "environment.json").read_text())
+    assert env["cpu"]["precision_auto"] == ("bf16" if env["cpu"]["bf16"] else "fp32")
     assert env["cpu"]["count"] and env["packages"]["torch"] and set(env["seconds_per_cell"]) == {r["cell"] for r in rows}
     from labeldiff.study.prepare import code_state  # the code at the start of the run, and per cell
     assert env["git"] == code_state()
