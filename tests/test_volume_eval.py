@@ -203,6 +203,41 @@ def test_predicting_only_a_slab_gives_its_slices_and_leaves_the_rest_empty():
     assert not part[:2].any() and not part[6:].any()
 
 
+def test_slices_predicted_in_batches_get_their_own_labels():
+    """A real UNet (GroupNorm, so a slice's output cannot depend on its batch) on 7 slices: batches of 3
+    (the last one short) and of 8 give each slice the labels it gets alone, and batched logits equal the
+    stacked logits of single slices; a per-image network_input is refused for a batch."""
+    import pytest
+    import torch
+
+    from conftest import tiny_model
+    from labeldiff.config import DataConfig
+    from labeldiff.data.nnunet import Volume
+    from labeldiff.evaluate.predict import predict_logits
+    from labeldiff.evaluate.volume import predict_volume
+    from labeldiff.models.unet import SegmentationNet
+
+    torch.manual_seed(0)
+    net = SegmentationNet(tiny_model(1), num_classes=3, head_hidden=8).eval()
+    with torch.no_grad():  # weights large enough that the argmax follows the image, not one class
+        for p in net.parameters():
+            p.normal_(0, 0.5)
+    zz, yy, xx = np.meshgrid(np.arange(7), np.arange(20), np.arange(24), indexing="ij")
+    x = np.sin(yy / 3.0 + zz) * np.cos(xx / 4.0 - zz)  # differs from slice to slice along axis 0
+    vol = [Volume(x.astype(np.float32), np.eye(4))]
+    cfg = DataConfig(mode="resize", size=16, channels=1)
+    alone = predict_volume(net, cfg, vol, axis=0, batch_size=1)
+    assert len(np.unique(alone)) > 1 and not all(np.array_equal(alone[0], alone[i]) for i in range(7))
+    for b in (3, 8):
+        assert np.array_equal(predict_volume(net, cfg, vol, axis=0, batch_size=b), alone), b
+    images = torch.from_numpy(x[:4, None].astype(np.float32))
+    singles = torch.stack([predict_logits(net, im, cfg) for im in images])
+    scale = float(singles.abs().max())  # float32 sums in another order for another batch size: ~1e-4 of it
+    torch.testing.assert_close(predict_logits(net, images, cfg), singles, atol=1e-3 * scale, rtol=2e-3)
+    with pytest.raises(ValueError, match="one image"):
+        predict_logits(net, images, cfg, network_input=lambda im: im)
+
+
 def test_prediction_sees_the_slices_training_saw(tmp_path):
     """predict_volume's input for a slice is the PNG volume_to_slices wrote for it, read as training
     reads it (up to 8-bit quantisation): same rotation, padding and intensities."""
@@ -252,7 +287,7 @@ def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeyp
     ds = VolumeFolder(root, axis=1, intensity=z)
     net = threshold_net()
     seen = []
-    net.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].clone()))
+    net.register_forward_pre_hook(lambda m, args: seen.extend(x.clone() for x in args[0]))  # a batch of slices
     side = ds.samples([next(iter(ds.refs))])[0].size()[0]  # the padded square: no resize
     predict_case(net, DataConfig(mode="resize", size=side, channels=1), [root / "imagesTr" / "c_0000.nii.gz"],
                  z, axis=1)

@@ -23,21 +23,25 @@ from labeldiff.runtime import INFERENCE_PRECISION, autocast, resolve_precision
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
                    overlap: float = 0.25, sw_batch_size: int = 8, tta: bool = False,
                    network_input=None) -> torch.Tensor:
-    """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size.
+    """``image [C, H, W]`` in [-1, 1] at original size → logits ``[K, H, W]`` at original size; a batch of
+    images of one size, ``[B, C, H, W]`` → ``[B, K, H, W]`` in one forward (the slices of a volume).
 
     ``tta``: mean of the logits of the image and of its horizontal flip (flipped back).
     ``network_input(x [C, h, w]) -> x``: applied to the image once it is at the network's size (a test-time
-    corruption sees the pixels the network sees, as ImageNet-C corrupts its 224² images).
+    corruption sees the pixels the network sees, as ImageNet-C corrupts its 224² images); single images only.
     """
     if tta:
         plain = predict_logits(model, image, cfg, precision, overlap, sw_batch_size, network_input=network_input)
         flipped = predict_logits(model, image.flip(-1), cfg, precision, overlap, sw_batch_size,
                                  network_input=network_input).flip(-1)
         return (plain + flipped) / 2
+    batched = image.dim() == 4
+    if batched and network_input is not None:
+        raise ValueError("network_input transforms one image; predict a batch without it")
     device = next(model.parameters()).device
     hw = tuple(image.shape[-2:])
     x = resize_image(image, network_hw(hw, cfg))
-    x = (x if network_input is None else network_input(x))[None].to(device)
+    x = (x if batched else (x if network_input is None else network_input(x))[None]).to(device)
     dtype = resolve_precision(precision, device)
     with autocast(device, dtype):
         if cfg.mode == "resize" or getattr(model, "whole_image", False):
@@ -48,7 +52,7 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
     logits = logits.float()
     if tuple(logits.shape[-2:]) != hw:
         logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-    return logits[0].cpu()
+    return (logits if batched else logits[0]).cpu()
 
 
 def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, precision: str = INFERENCE_PRECISION,
