@@ -41,7 +41,9 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig,
     device = next(model.parameters()).device
     hw = tuple(image.shape[-2:])
     x = resize_image(image, network_hw(hw, cfg))
-    x = (x if batched else (x if network_input is None else network_input(x))[None]).to(device)
+    if not batched:
+        x = (x if network_input is None else network_input(x))[None]
+    x = x.to(device)
     dtype = resolve_precision(precision, device)
     with autocast(device, dtype):
         if cfg.mode == "resize" or getattr(model, "whole_image", False):
