@@ -407,7 +407,6 @@ def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeyp
         labeled = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["stems"]
         assert ";".join(labeled) == r["stems"] and len(labeled) == int(r["k"])
     env = json.loads((out / "environment.json").read_text())
-    assert env["cpu"]["precision_auto"] == ("bf16" if env["cpu"]["bf16"] else "fp32")
     assert env["cpu"]["count"] and env["packages"]["torch"] and set(env["seconds_per_cell"]) == {r["cell"] for r in rows}
     from labeldiff.study.prepare import code_state  # the code at the start of the run, and per cell
     assert env["git"] == code_state()
@@ -785,3 +784,15 @@ def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files
     (diff,) = report.axis_differences(rows, "protocol", "plain", same_subset=True)
     assert diff["protocol"] == "synth" and diff["n"] == 2
     assert "| synth | none | scratch | random | 1 |" in (out / "paired.md").read_text()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_environment_says_what_precision_auto_trains_in(bf16, tmp_path, monkeypatch):
+    """environment.json's cpu.precision_auto is the runtime's own resolution of `auto` on this CPU."""
+    from types import SimpleNamespace
+
+    from labeldiff.study.prepare import write_environment
+
+    monkeypatch.setattr("labeldiff.runtime.cpu_has_bf16", lambda cpuinfo=None: bf16)
+    write_environment(tmp_path / "env.json", SimpleNamespace(file="s.yaml", seeds=[0]), [], {}, 1.0, None)
+    assert json.loads((tmp_path / "env.json").read_text())["cpu"]["precision_auto"] == ("bf16 autocast" if bf16 else "fp32")

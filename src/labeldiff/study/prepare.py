@@ -7,7 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from labeldiff.runtime import cpu_has_bf16
+from labeldiff import runtime
 from labeldiff.study.configs import write_json
 from labeldiff.study.spec import Study
 
@@ -179,8 +179,8 @@ def write_environment(path: Path, study: Study, rows: list[dict], pretrain_secon
         "packages": {name: _version(name) for name in ("torch", "monai", "numpy", "labeldiff")},
         "python": platform.python_version(),
         "git": git,
-        "cpu": {"model": cpu_model(), "count": os.cpu_count(), "bf16": cpu_has_bf16(),
-                "precision_auto": "bf16" if cpu_has_bf16() else "fp32"},  # what train.precision auto gives here
+        "cpu": {"model": cpu_model(), "count": os.cpu_count(),  # what train.precision auto trains in here:
+                "precision_auto": runtime.precision_name(runtime.resolve_precision("auto", runtime.resolve_device("cpu")))},
         "study": str(study.file),
         "seeds": study.seeds,
         "wall_seconds_this_invocation": round(wall_seconds, 1),
