@@ -13,7 +13,8 @@ from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import (Case, Intensity, NnUNetRaw, VolumeCache, fit_ct_percentile, is_dicom_series,
                                    read_volume)
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from conftest import DATASETS
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 

@@ -14,7 +14,8 @@ from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pre
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import VOLUMES, VolumeCache
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from conftest import DATASETS
+
 CT = DATASETS / "ct_abdomen"
 
 
