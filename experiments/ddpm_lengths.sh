@@ -10,6 +10,7 @@
 set -e
 cd "$(dirname "$0")/.."
 L=.venv/bin/labeldiff
+source experiments/samples.sh
 NAME=${1:?give monuseg or brain}
 S=studies/runs/ddpm_lengths_$NAME
 OUT=${2:-$S/generative}
@@ -20,15 +21,9 @@ case $NAME in
 esac
 $L study studies/ddpm_lengths_$NAME.yaml --out $S --pretrain-only   # the runs first, then their samples
 mkdir -p $OUT
-score() {  # SAMPLES-DIR: FID, KID, precision/recall against the train images (MoNuSeg: 4 crops of each)
-  [ -f $1/report.json ] || $L evaluate-samples --samples $1 --data $D --split train $REAL --device cpu \
-      > $1.fid.log 2>&1
-}
-for run in $S/pretrain/ddpm@*; do
+for run in $S/pretrain/ddpm@*; do  # scored against the train images (MoNuSeg: 4 crops of each)
   s=$(basename $run); s=${s#ddpm@}; s=${s%%-*}
-  [ -f $OUT/step$s/samples/grid.png ] || $L sample --model $run --n 128 --out $OUT/step$s/samples --device cpu \
-      > $OUT/step$s.sample.log 2>&1
-  score $OUT/step$s/samples
+  sample_and_score $run $OUT/step$s/samples $D $REAL
 done
 # the floor: up to 128 test images (MoNuSeg: crops of the 14; never in pretraining), written as sample PNGs
 if [ ! -f $OUT/real_test/samples/sample_000.png ]; then
@@ -47,7 +42,7 @@ for i, img in enumerate(x.numpy()):
     Image.fromarray(u8).save(out / f"sample_{i:03d}.png")
 PY
 fi
-score $OUT/real_test/samples
+score_samples $OUT/real_test/samples $D $REAL
 $L study studies/ddpm_lengths_$NAME.yaml --out $S --workers 2               # the cells
 .venv/bin/python - "$S" "$OUT" "$NAME" <<'PY'
 import json, sys

@@ -8,6 +8,7 @@
 set -e
 cd "$(dirname "$0")/.."
 L=.venv/bin/labeldiff
+source experiments/samples.sh
 D=../shared/datasets/monuseg
 R=studies/runs/synthetic
 OUT=${1:-$R/fid_vs_length}
@@ -17,8 +18,7 @@ for w in $R/ema_monuseg_hybrid/step_*.safetensors; do
   s=$(basename $w .safetensors); s=$((10#${s#step_}))
   run=$OUT/step$s
   mkdir -p $run && cp $R/monuseg_hybrid/config.json $run/ && cp $w $run/model.safetensors
-  [ -f $run/samples/report.json ] || { $L sample --model $run --n 128 --out $run/samples --device cpu > $run/sample.log 2>&1
-    $L evaluate-samples --samples $run/samples --data $D --split train --crops 4 --scale 0.25 --device cpu > $run/fid.log 2>&1; }
+  sample_and_score $run $run/samples $D --crops 4 --scale 0.25
   [ -f $run/eval/metrics.json ] || $L evaluate --model $run --data $D --split test --out $run/eval --device cpu > $run/eval.log 2>&1
   .venv/bin/python - "$run" "$s" >> $OUT/summary.tsv <<'PY'
 import json, sys
