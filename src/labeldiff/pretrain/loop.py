@@ -99,12 +99,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
+        """avg ← d·avg + (1 − d)·current for float tensors (in a few fused kernels: a GPU would otherwise
+        launch two per tensor), a copy for the others."""
         d = min(self.decay, (1 + step) / (10 + step))
+        floats, current = [], []
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.state[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+                floats.append(self.state[k])
+                current.append(v.detach().float())
             else:
                 self.state[k].copy_(v)
+        torch._foreach_mul_(floats, d)
+        torch._foreach_add_(floats, current, alpha=1 - d)
 
 
 def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
@@ -174,7 +180,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         model.load_state_dict(ck["model"], strict=True)
         optimizer.load_state_dict(ck["optimizer"])
         if ema is not None and ck["ema"] is not None:
-            ema.state = {k: v.clone() for k, v in ck["ema"].items()}
+            ema.state = {k: v.to(device) for k, v in ck["ema"].items()}  # read on the CPU; the model may not be
         torch.set_rng_state(ck["rng"]["torch_cpu"])
         start = ck["step"]
         if stop is not None and hasattr(stop, "load") and "stop" in ck["extra"]:
