@@ -13,8 +13,13 @@ from skimage.draw import disk, rectangle
 from labeldiff.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransferConfig
 
 def _datasets() -> Path:
-    """The shared benchmark data: next to the checkout (../shared/datasets), else the workplace's copy."""
-    for root in (Path(__file__).resolve().parents[2] / "shared" / "datasets", Path("/work/shared/datasets")):
+    """The shared benchmark data: ``$LABELDIFF_DATASETS`` where set (a machine with a copy elsewhere, such as
+    a GPU machine the checkout was sent to), else next to the checkout (../shared/datasets), else the
+    workplace's copy."""
+    import os
+
+    given = [Path(os.environ["LABELDIFF_DATASETS"])] if os.environ.get("LABELDIFF_DATASETS") else []
+    for root in (*given, Path(__file__).resolve().parents[2] / "shared" / "datasets", Path("/work/shared/datasets")):
         if root.is_dir():
             return root
     return Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -4,13 +4,13 @@ No GPU here, so the model goes to PyTorch's ``meta`` device: shapes without data
 meta tensor with a CPU tensor raises ("Tensor on device cpu is not on the expected device meta"),
 and so does a copy to the CPU ("Cannot copy out of meta tensor"), which is what a CUDA run would
 hit. CUDA also refuses a generator on another device than the tensor it fills, and meta does not,
-so :class:`GeneratorDeviceCheck` refuses it here. The CUDA test at the end runs where a GPU exists.
+so :class:`GeneratorDeviceCheck` refuses it here. The tests on a real GPU are in ``test_cuda.py``.
 """
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import tiny_model, tiny_run, write_labeled_dataset
+from conftest import tiny_model
 from labeldiff.config import CorruptionConfig, ModelConfig, RunConfig
 from labeldiff.corruption import build_corruption
 from labeldiff.models.probe import FeatureSpec, PixelEnsemble, ProbeSegmenter
@@ -131,29 +131,3 @@ def test_sampling_stays_on_the_device(sampler):
         images = sample(net, cfg, n=2, sampler=sampler, steps=3, batch_size=2)
         masks = sample_masks(net, cfg, images)
     assert images.device == masks.device == META and images.shape == (2, 3, 16, 16)
-
-
-# --- a real GPU, where there is one -----------------------------------------------------------------------------
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_end_to_end(tmp_path):
-    from labeldiff.evaluate.run import run_evaluate
-    from labeldiff.pretrain.run import run_pretrain
-    from labeldiff.runs import RunFolder
-    from labeldiff.transfer.run import run_transfer
-
-    data = write_labeled_dataset(tmp_path / "data", n=5, k=3, hw=(32, 32), n_train=3)
-    for method in ("ddpm", "mdm"):
-        cfg = tiny_run(data, steps=2, device="cuda", precision="auto")
-        cfg.corruption.method = method
-        run_pretrain(cfg, tmp_path / method)
-    for strategy in ("full", "probe"):
-        ft = tiny_run(data, kind="segmentation", steps=2, device="cuda")
-        ft.transfer.pretrained, ft.transfer.strategy, ft.transfer.labels, ft.transfer.members = (
-            str(tmp_path / "ddpm"), strategy, 2, 1)
-        run_transfer(ft, tmp_path / strategy)
-        metrics = run_evaluate(tmp_path / strategy, tmp_path / f"eval_{strategy}", split="test", device="cuda")
-        assert 0.0 <= metrics["dice"]["mean"] <= 1.0
-    net = RunFolder.open(tmp_path / "ddpm").pretext_network("cuda")
-    images = sample(net, RunFolder.open(tmp_path / "ddpm").config, n=2, sampler="ddpm", steps=3)
-    assert images.is_cuda and torch.isfinite(images).all()
