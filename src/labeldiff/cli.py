@@ -432,7 +432,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "predict":
         from labeldiff.bench.efficiency import bench_predict, format_predict
 
-        result = bench_predict(args.model, args.input, sw_batch_size=args.sw_batch_size, repeats=args.repeats)
+        result = bench_predict(args.model, args.input, sw_batch_size=args.sw_batch_size, repeats=args.repeats,
+                               device=args.device)
         print(format_predict(result, f"predict efficiency: {args.model} on {args.input}"))
 
 
@@ -676,12 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Predict efficiency: a bare batched forward over the network inputs that "
                                     "prediction evaluates for a folder of images (sliding-window tiles or whole "
                                     "resized images), divided by `labeldiff predict` on that folder (reading, "
-                                    "sliding window, writing PNGs). CPU; the fastest of --repeats runs of each.")
+                                    "sliding window, writing PNGs), on --device; the fastest of --repeats runs of "
+                                    "each.")
     p.add_argument("--model", required=True, type=Path, help="a segmenter run folder (finetune / probe)")
     p.add_argument("--input", required=True, type=Path, help="folder of images (or a dataset root with images/)")
     p.add_argument("--sw-batch-size", type=POSITIVE, default=8, help="inputs per forward, as predict's sliding "
                                                                      "window uses [8]")
     p.add_argument("--repeats", type=POSITIVE, default=1, help="timed runs of each side; the fastest counts [1]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no network needed)",

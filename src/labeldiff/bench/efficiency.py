@@ -90,6 +90,9 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
                         labeled=corruption.needs_labels, num_classes=num_classes)[0]
     c = corruption(batch["image"].to(device), generator(0, device),
                    batch["mask"].to(device) if "mask" in batch else None)
+    if cfg.train.channels_last:  # the layout the real loop trains in (NHWC weights and inputs)
+        model.to(memory_format=torch.channels_last)
+        c.input = c.input.contiguous(memory_format=torch.channels_last)
     dtype = resolve_precision(cfg.train.precision, device)
 
     def bare() -> float:
@@ -120,7 +123,8 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
                      "real_s": reals[i], "checkpoint_s": checkpoint, "real_with_checkpoints_s": real,
                      "efficiency": ref / real})
     return {"rows": rows, "steps": steps, "batch_size": cfg.train.batch_size, "size": cfg.data.size,
-            "precision": precision_name(dtype), "device": str(device), "threads": torch.get_num_threads(),
+            "precision": precision_name(dtype) + (", channels-last" if cfg.train.channels_last else ""),
+            "device": str(device), "threads": torch.get_num_threads(),
             "checkpoint_every": cfg.train.checkpoint_every, "goal": LOOP_GOAL}
 
 
@@ -163,18 +167,21 @@ def network_inputs(image: torch.Tensor, cfg, whole_image: bool, overlap: float =
     return [x[:, i:i + s, j:j + s] for i in window_starts(h, s, overlap) for j in window_starts(w, s, overlap)]
 
 
-def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats: int = 1) -> dict:
+def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats: int = 1,
+                  device: str = "cpu") -> dict:
     """Predict efficiency of a segmenter run on a folder of images: bare batched forward / ``predict``.
 
     The bare side stacks ``sw_batch_size`` inputs of one shape per forward (whole resized images too,
-    which ``predict`` runs one at a time); each side is timed ``repeats`` times and the fastest kept."""
+    which ``predict`` runs one at a time), copied to ``device`` as ``predict`` copies them; each side is
+    timed ``repeats`` times and the fastest kept. On a GPU the bare side waits for the device before its
+    clock stops (``predict`` waits anyway: it writes the masks)."""
     from labeldiff.data.datasets import list_images
     from labeldiff.data.io import read_image
     from labeldiff.evaluate.run import run_predict
     from labeldiff.runs import open_segmenter
     from labeldiff.runtime import INFERENCE_PRECISION, autocast, resolve_precision
 
-    model, cfg = open_segmenter(Path(model_dir), "cpu")
+    model, cfg = open_segmenter(Path(model_dir), device)
     inputs = Path(inputs)
     files = list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     if not files:
@@ -183,7 +190,7 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="labeldiff-bench-predict-") as tmp:
             t0 = time.perf_counter()
-            run_predict(Path(model_dir), inputs, Path(tmp), device="cpu")
+            run_predict(Path(model_dir), inputs, Path(tmp), device=device)
             real.append(time.perf_counter() - t0)
 
     whole = cfg.data.mode == "resize" or getattr(model, "whole_image", False)
@@ -202,10 +209,12 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
                 for s in range(0, len(same), sw_batch_size):
                     with autocast(device, dtype):
                         model(torch.stack(same[s:s + sw_batch_size]).to(device)).float()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             bare.append(time.perf_counter() - t0)
     real_s, bare_s = min(real), min(bare)
     return {"images": len(files), "network_inputs": len(tiles), "real_s": real_s, "bare_s": bare_s,
-            "efficiency": bare_s / real_s, "goal": PREDICT_GOAL, "threads": torch.get_num_threads(),
+            "efficiency": bare_s / real_s, "goal": PREDICT_GOAL, "threads": torch.get_num_threads(), "device": str(device),
             "mode": f"{'whole images' if whole else f'{cfg.data.size}² tiles'}, batch {sw_batch_size}"}
 
 
@@ -213,7 +222,7 @@ def format_predict(result: dict, title: str) -> str:
     n = result["images"]
     return "\n".join([
         title, f"{n} images, {result['network_inputs']} network inputs ({result['mode']}), "
-               f"{result['threads']} threads", "",
+               f"{result['device']}, {result['threads']} threads", "",
         "| | total | per image |", "|---|---|---|",
         f"| bare batched forward | {result['bare_s']:.3f} s | {result['bare_s'] / n:.4f} s |",
         f"| `labeldiff predict` | {result['real_s']:.3f} s | {result['real_s'] / n:.4f} s |",
