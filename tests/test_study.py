@@ -802,3 +802,16 @@ def test_environment_says_what_precision_auto_trains_in(bf16, tmp_path, monkeypa
     monkeypatch.setattr("labeldiff.runtime.cpu_has_bf16", lambda cpuinfo=None: bf16)
     write_environment(tmp_path / "env.json", SimpleNamespace(file="s.yaml", seeds=[0]), [], {}, 1.0, None)
     assert json.loads((tmp_path / "env.json").read_text())["cpu"]["precision_auto"] == ("bf16 autocast" if bf16 else "fp32")
+
+
+def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
+    """A worker that fails (here: a study file it cannot read) is reported with the end of its own log, so the
+    cause is on the screen, not only in OUT/workers/shard-i.log."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: nowhere}\n")  # no methods, no strategies
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError) as err:
+        runner.run_workers(bad, out, tmp_path / "pre", workers=1)
+    log = (out / "workers" / "shard-0.log").read_text()
+    assert log.strip() and log.strip().splitlines()[-1] in str(err.value)

@@ -533,8 +533,9 @@ def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
             failed.append(i)
         log.close()
     if failed:
-        raise RuntimeError(f"study worker(s) {failed} failed; see {logs}/shard-{failed[0]}.log. Finished cells are "
-                           f"kept: run the same command again to continue")
+        tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"study worker(s) {failed} failed; the end of {logs}/shard-{failed[0]}.log:\n{tail}\n"
+                           f"Finished cells are kept: run the same command again to continue")
 
 
 def synthetic_first(fts: dict[str, RunConfig]) -> None:
