@@ -118,3 +118,16 @@ def test_paper_estimate_by_hand():
     assert est["one_gpu_s"] == pytest.approx(one) and est["allreduce_s"] == pytest.approx(comm)
     assert est["step_s"] == pytest.approx((max(one / 4, comm), one / 4 + comm))
     assert est["hours_one"] == pytest.approx(one) and est["speedup"][1] == pytest.approx(one / max(one / 4, comm))
+
+
+def test_a_measured_gpu_step_replaces_the_assumed_utilisation():
+    from labeldiff.bench import ddp
+
+    cost = {"flops": 2e15, "grad_bytes": 8e8, "batch_size": 16, "size": 256}
+    est = ddp.paper_estimate(cost, steps=3600, gpus=4, one_gpu_s=10.0)
+    assert est["one_gpu_s"] == 10.0 and est["compute_s"] == 2.5 and est["hours_one"] == pytest.approx(10.0)
+    assert est["utilisation"] == pytest.approx(2e15 / 10.0 / (ddp.GPU_PEAK_TFLOPS * 1e12))
+    text = ddp.format_estimate(cost, est, 3600, "t")
+    assert "measured: 10000.0 ms" in text and "% utilisation" not in text
+    assumed = ddp.format_estimate(cost, ddp.paper_estimate(cost, steps=3600, gpus=4), 3600, "t")
+    assert "assumed: 989 TFLOP/s bf16 peak per GPU at 40 % utilisation" in assumed

@@ -427,7 +427,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if args.estimate_recipe:
             big = merge_recipe(default_pretrain_config(), load_recipe(args.estimate_recipe))
             cost = step_cost(big)
-            print("\n" + format_estimate(cost, paper_estimate(cost, big.train.steps, args.gpus), big.train.steps,
+            est = paper_estimate(cost, big.train.steps, args.gpus, one_gpu_s=args.gpu_step_seconds)
+            print("\n" + format_estimate(cost, est, big.train.steps,
                                          f"paper estimate: {args.estimate_recipe} on {args.gpus} GPUs"))
     elif args.what == "predict":
         from labeldiff.bench.efficiency import bench_predict, format_predict
@@ -672,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_pretrain(p)
     p.add_argument("--estimate-recipe", type=Path, help="recipe to estimate on GPUs, e.g. recipes/ddpm.yaml (CT paper)")
     p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs of the estimate [8]")
+    p.add_argument("--gpu-step-seconds", type=float, default=None,
+                   help="a step of --estimate-recipe measured on one GPU (`bench loop`'s bare step there); it "
+                        "replaces the assumed GPU utilisation [assumed]")
 
     p = bsub.add_parser("predict", help="bare batched forward / `labeldiff predict`",
                         description="Predict efficiency: a bare batched forward over the network inputs that "

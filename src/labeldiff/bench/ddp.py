@@ -9,7 +9,8 @@ buckets and overlaps them with the backward pass, so this is the unoverlapped co
 
 The 8-GPU estimate counts the floating-point operations of one training step of a config
 (``torch.utils.flop_counter`` on the meta device: nothing is computed) and its gradient bytes; the GPU
-throughput and interconnect bandwidth it divides by are assumptions, printed with it.
+throughput and interconnect bandwidth it divides by are assumptions, printed with it; a step measured on one
+GPU (``--gpu-step-seconds``) replaces the assumed throughput.
 """
 from __future__ import annotations
 
@@ -69,15 +70,17 @@ def step_cost(cfg: RunConfig) -> dict:
             "batch_size": b, "size": s}
 
 
-def paper_estimate(cost: dict, steps: int, gpus: int = 8) -> dict:
+def paper_estimate(cost: dict, steps: int, gpus: int = 8, one_gpu_s: float | None = None) -> dict:
     """Seconds per step on 1 and ``gpus`` GPUs of one node from a :func:`step_cost`, under the module's
     assumptions; the all-reduce is a ring (``2(n−1)/n`` of the gradient bytes through each link),
-    counted once unoverlapped (upper bound) and fully hidden behind the backward (lower bound)."""
-    flops_per_s = GPU_PEAK_TFLOPS * 1e12 * GPU_UTILISATION
-    one = cost["flops"] / flops_per_s
+    counted once unoverlapped (upper bound) and fully hidden behind the backward (lower bound).
+    ``one_gpu_s``: a step of the config measured on one GPU (``bench loop``'s bare step there), which
+    replaces the assumed utilisation; each of ``gpus`` GPUs is then taken to do 1/gpus of it."""
+    one = one_gpu_s if one_gpu_s is not None else cost["flops"] / (GPU_PEAK_TFLOPS * 1e12 * GPU_UTILISATION)
     compute = one / gpus
     comm = 2 * (gpus - 1) / gpus * cost["grad_bytes"] / (NVLINK_BUS_GBPS * 1e9)
-    return {"gpus": gpus, "one_gpu_s": one, "compute_s": compute, "allreduce_s": comm,
+    return {"gpus": gpus, "one_gpu_s": one, "measured": one_gpu_s is not None,
+            "utilisation": cost["flops"] / one / (GPU_PEAK_TFLOPS * 1e12), "compute_s": compute, "allreduce_s": comm,
             "step_s": (max(compute, comm), compute + comm),
             "speedup": (one / (compute + comm), one / max(compute, comm)),
             "hours_one": one * steps / 3600, "hours": ((max(compute, comm)) * steps / 3600, (compute + comm) * steps / 3600)}
@@ -123,8 +126,11 @@ def format_estimate(cost: dict, est: dict, steps: int, title: str) -> str:
         title,
         f"one step (batch {cost['batch_size']} at {cost['size']}², forward + backward): {cost['flops'] / 1e12:.2f} TFLOP "
         f"counted; gradient {cost['grad_bytes'] / 1e6:.0f} MB float32",
-        f"assumed: {GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak per GPU at {100 * GPU_UTILISATION:.0f} % utilisation, "
-        f"all-reduce bus bandwidth {NVLINK_BUS_GBPS:.0f} GB/s (NVLink, one node)",
+        (f"measured: {1000 * est['one_gpu_s']:.1f} ms for a step on one GPU, {100 * est['utilisation']:.1f} % of "
+         f"{GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16; assumed: each of {est['gpus']} GPUs does 1/{est['gpus']} of it, "
+         if est.get("measured") else
+         f"assumed: {GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak per GPU at {100 * GPU_UTILISATION:.0f} % utilisation, ")
+        + f"all-reduce bus bandwidth {NVLINK_BUS_GBPS:.0f} GB/s (NVLink, one node)",
         f"1 GPU: {1000 * est['one_gpu_s']:.1f} ms/step, {est['hours_one']:.1f} h for {steps} steps",
         f"{est['gpus']} GPUs (batch {cost['batch_size'] / est['gpus']:g} each): compute {1000 * est['compute_s']:.1f} ms + "
         f"all-reduce {1000 * est['allreduce_s']:.1f} ms → {1000 * lo:.1f}–{1000 * hi:.1f} ms/step "
