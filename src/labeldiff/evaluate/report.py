@@ -32,10 +32,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
+    """Write ``array`` as a PNG with zlib level 1. PNG is lossless at every level; level 1 wrote a 1000²
+    RGB overlay in 0.14 s against 0.65 s at Pillow's default 6 (2-core EPYC), for a 13 % larger file. On a
+    GPU, where ``labeldiff predict`` spent ~1 s of host work per 1000² image, that is much of it."""
     from PIL import Image
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, compress_level=1)
 
 
 def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
