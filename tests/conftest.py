@@ -174,3 +174,24 @@ def open_segmenter(run_dir, device="cpu"):
 
     run = RunFolder.open(run_dir)
     return run.segmenter(device), run.config
+
+
+def interrupt_on_call(n: int):
+    """A replacement for ``labeldiff.pretrain.run.pretext_loss`` whose loss function raises KeyboardInterrupt
+    on its ``n``-th call (a Ctrl-C in step n); monkeypatch it in, then ``monkeypatch.undo()``."""
+    import labeldiff.pretrain.run as pretrain_run
+
+    real = pretrain_run.pretext_loss
+
+    def factory(corruption):
+        fn, calls = real(corruption), [0]
+
+        def wrapped(model, batch, g):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            return fn(model, batch, g)
+
+        return wrapped
+
+    return factory

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import labeldiff.pretrain.run as pretrain_run
-from conftest import read_log, tiny_run, write_labeled_dataset
+from conftest import interrupt_on_call, read_log, tiny_run, write_labeled_dataset
 from labeldiff.checkpoint import load_checkpoint, load_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,23 +29,6 @@ WEIGHT_TOL = 1e-3
 
 def losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_log(run).values()]
-
-
-def interrupt_on_call(n: int, real=pretrain_run.pretext_loss):
-    """``pretext_loss`` whose loss function raises KeyboardInterrupt on its ``n``-th call."""
-
-    def factory(corruption):
-        fn, calls = real(corruption), [0]
-
-        def wrapped(model, batch, g):
-            calls[0] += 1
-            if calls[0] == n:
-                raise KeyboardInterrupt
-            return fn(model, batch, g)
-
-        return wrapped
-
-    return factory
 
 
 def same_weights(a: Path, b: Path, atol: float = WEIGHT_TOL) -> None:

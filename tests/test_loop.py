@@ -18,23 +18,7 @@ from labeldiff.pretrain.loop import EMA, NonFiniteLossError, lr_factor, train
 from labeldiff.runtime import resolve_precision
 from labeldiff.transfer.finetune import run_finetune
 
-
-def _interrupt_on_call(n: int, real=pretrain_run.pretext_loss):
-    """A replacement for ``pretext_loss`` whose loss function raises KeyboardInterrupt on call ``n``."""
-
-    def factory(corruption):
-        fn = real(corruption)
-        calls = [0]
-
-        def wrapped(model, batch, g):
-            calls[0] += 1
-            if calls[0] == n:
-                raise KeyboardInterrupt
-            return fn(model, batch, g)
-
-        return wrapped
-
-    return factory
+from conftest import interrupt_on_call
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run_config, log_reader, monkeypatch):
@@ -43,7 +27,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run
     a, b = tmp_path / "A", tmp_path / "B"
     pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
 
-    monkeypatch.setattr(pretrain_run, "pretext_loss", _interrupt_on_call(5))
+    monkeypatch.setattr(pretrain_run, "pretext_loss", interrupt_on_call(5))
     with pytest.raises(KeyboardInterrupt):
         pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
     monkeypatch.undo()
@@ -111,7 +95,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, la
     cfg = dict(steps=6, checkpoint_every=2, log_every=1, ema_decay=0.9, warmup_steps=2)
     a, b = tmp_path / "A", tmp_path / "B"
     pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
-    monkeypatch.setattr(pretrain_run, "pretext_loss", _interrupt_on_call(6))  # stops in step 6: checkpoints 2, 4, 5
+    monkeypatch.setattr(pretrain_run, "pretext_loss", interrupt_on_call(6))  # stops in step 6: checkpoints 2, 4, 5
     with pytest.raises(KeyboardInterrupt):
         pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
     monkeypatch.undo()
@@ -293,7 +277,7 @@ def test_fp16_scales_the_loss_and_resumes_with_its_scale(tmp_path, labeled_datas
     pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), a)
     scaler = load_checkpoint(a)["extra"]["scaler"]
     assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 6  # no overflow in 6 steps: grown 6 times
-    monkeypatch.setattr(pretrain_run, "pretext_loss", _interrupt_on_call(5))
+    monkeypatch.setattr(pretrain_run, "pretext_loss", interrupt_on_call(5))
     with pytest.raises(KeyboardInterrupt):
         pretrain_run.run_pretrain(tiny_run_config(labeled_dataset, **cfg), b)
     monkeypatch.undo()

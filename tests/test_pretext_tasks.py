@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from labeldiff.config import CorruptionConfig, ModelConfig, RunConfig
 from labeldiff.corruption import build_corruption
-from labeldiff.corruption.labeled import HybridDiffusion
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
 from labeldiff.models.effunet import EfficientNetUNet, decoder_widths, init_encoder
 from labeldiff.models.efficientnet import efficientnet_lite0

@@ -12,7 +12,7 @@ from labeldiff.cli import main
 from labeldiff.config import DataConfig
 from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import VOLUMES, VolumeCache
+from labeldiff.data.nnunet import VolumeCache
 
 from conftest import DATASETS
 

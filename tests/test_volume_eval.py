@@ -269,7 +269,7 @@ def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeyp
 
     from labeldiff.config import DataConfig
     from labeldiff.data.datasets import VolumeFolder
-    from labeldiff.data.nnunet import Intensity, VolumeCache, read_volume
+    from labeldiff.data.nnunet import Intensity, VolumeCache
     from labeldiff.evaluate.volume import predict_case
 
     cache = VolumeCache(max_mb=64)

@@ -71,7 +71,6 @@ def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, nu
     size (``network_input`` of :func:`predict_logits`); the image yielded and the mask stay as read. Ignored
     pixels (``cfg.ignore_index``) are left out of the stats.
     """
-    import numpy as np
     from tqdm.auto import tqdm
 
     from labeldiff.evaluate.metrics import confusion_stats

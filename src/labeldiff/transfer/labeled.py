@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from labeldiff.config import LABEL_UNITS, RunConfig
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, select_subset, validate_samples
