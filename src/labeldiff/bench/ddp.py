@@ -122,15 +122,17 @@ def format_ddp(result: dict, title: str) -> str:
 
 def format_estimate(cost: dict, est: dict, steps: int, title: str) -> str:
     lo, hi = est["step_s"]
+    if est.get("measured"):
+        basis = (f"measured: {1000 * est['one_gpu_s']:.1f} ms for a step on one GPU, {100 * est['utilisation']:.1f} % "
+                 f"of {GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16; assumed: each of {est['gpus']} GPUs does 1/{est['gpus']} "
+                 f"of it, ")
+    else:
+        basis = f"assumed: {GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak per GPU at {100 * GPU_UTILISATION:.0f} % utilisation, "
     return "\n".join([
         title,
         f"one step (batch {cost['batch_size']} at {cost['size']}², forward + backward): {cost['flops'] / 1e12:.2f} TFLOP "
         f"counted; gradient {cost['grad_bytes'] / 1e6:.0f} MB float32",
-        (f"measured: {1000 * est['one_gpu_s']:.1f} ms for a step on one GPU, {100 * est['utilisation']:.1f} % of "
-         f"{GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16; assumed: each of {est['gpus']} GPUs does 1/{est['gpus']} of it, "
-         if est.get("measured") else
-         f"assumed: {GPU_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak per GPU at {100 * GPU_UTILISATION:.0f} % utilisation, ")
-        + f"all-reduce bus bandwidth {NVLINK_BUS_GBPS:.0f} GB/s (NVLink, one node)",
+        basis + f"all-reduce bus bandwidth {NVLINK_BUS_GBPS:.0f} GB/s (NVLink, one node)",
         f"1 GPU: {1000 * est['one_gpu_s']:.1f} ms/step, {est['hours_one']:.1f} h for {steps} steps",
         f"{est['gpus']} GPUs (batch {cost['batch_size'] / est['gpus']:g} each): compute {1000 * est['compute_s']:.1f} ms + "
         f"all-reduce {1000 * est['allreduce_s']:.1f} ms → {1000 * lo:.1f}–{1000 * hi:.1f} ms/step "
