@@ -804,6 +804,25 @@ def test_environment_says_what_precision_auto_trains_in(bf16, tmp_path, monkeypa
     assert json.loads((tmp_path / "env.json").read_text())["cpu"]["precision_auto"] == ("bf16 autocast" if bf16 else "fp32")
 
 
+def test_environment_names_the_gpus_a_study_ran_on(tmp_path, monkeypatch):
+    """environment.json names the CUDA GPUs a study's cells could use, and none without CUDA."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from labeldiff.study.prepare import write_environment
+
+    args = (SimpleNamespace(file="s.yaml", seeds=[0]), [], {}, 1.0, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    write_environment(tmp_path / "none.json", *args)
+    assert json.loads((tmp_path / "none.json").read_text())["gpus"] == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    write_environment(tmp_path / "two.json", *args)
+    assert json.loads((tmp_path / "two.json").read_text())["gpus"] == ["GPU 0", "GPU 1"]
+
+
 def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
     """A worker that fails (here: a study file it cannot read) is reported with the end of its own log, so the
     cause is on the screen, not only in OUT/workers/shard-i.log."""

@@ -165,6 +165,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_names() -> list[str]:
+    """The CUDA GPUs this process sees, by name ([] without CUDA)."""
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
 def code_state() -> dict | None:
     """The git state of the labeldiff checkout that is running (None outside a checkout)."""
     import labeldiff
@@ -181,6 +188,7 @@ def write_environment(path: Path, study: Study, rows: list[dict], pretrain_secon
         "git": git,
         "cpu": {"model": cpu_model(), "count": os.cpu_count(),  # what train.precision auto trains in here:
                 "precision_auto": runtime.precision_name(runtime.resolve_precision("auto", runtime.resolve_device("cpu")))},
+        "gpus": gpu_names(),  # where device auto trains when there are any (cuda:0; --workers: one each)
         "study": str(study.file),
         "seeds": study.seeds,
         "wall_seconds_this_invocation": round(wall_seconds, 1),
