@@ -261,6 +261,11 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert cols[8].startswith("+0.060") and cols[9].startswith("+0.050")
     table = report.results_table(rows, "dice")
     assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
+    # a study of diverse cells only names its selection in the verdict
+    only = [r for r in rows if r["select"] == "diverse"]
+    line = next(l for l in report.verdict_markdown(only, "hand").splitlines() if l.startswith("| 2 |"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    assert cols[1] == "ddpm / full / strong / diverse" and cols[2] == "0.780" and cols[4] == "+0.130"
 
 
 def test_t_quantile_matches_tables():

@@ -357,6 +357,8 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         def fmt_sel(p: dict | None) -> str:
             return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
         name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
+        if best["select"] != "random":  # a study that ran no random cells (a replication of a diverse setting)
+            name += f" / {best['select']}"
         lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
                      f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} |")
