@@ -259,6 +259,8 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert cols[1] == "ddpm / full / strong" and cols[2] == "0.720" and cols[3] == "0.600"
     assert cols[4] == "+0.120" and cols[6] == "yes (+)" and cols[7] == "met"
     assert cols[8].startswith("+0.060") and cols[9].startswith("+0.050")
+    # gains 0.10, 0.12, 0.14: sd 0.02, so +0.05 needs few seeds (pairs_for_power(0.02, 0.05))
+    assert cols[10] == str(report.pairs_for_power(0.02, 0.05)) and 2 <= int(cols[10]) <= 5
     table = report.results_table(rows, "dice")
     assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
     # a study of diverse cells only names its selection in the verdict
@@ -266,6 +268,19 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     line = next(l for l in report.verdict_markdown(only, "hand").splitlines() if l.startswith("| 2 |"))
     cols = [c.strip() for c in line.strip("|").split("|")]
     assert cols[1] == "ddpm / full / strong / diverse" and cols[2] == "0.780" and cols[4] == "+0.130"
+
+
+def test_pairs_for_power_matches_the_paired_t_test():
+    """Seeds for 80 % power, two-sided 5 %: the exact power of the paired t-test (noncentral t, checked
+    with scipy.stats.nct) first reaches 0.8 at 10 pairs for effect = sd (0.748 at 9) and at 34 for
+    effect = sd / 2 (0.795 at 33); the t approximation gives the same counts."""
+    assert report.pairs_for_power(0.04, 0.04) == 10
+    assert report.pairs_for_power(0.10, 0.05) == 34
+    assert report.pairs_for_power(0.0, 0.05) == 2 and report.pairs_for_power(1.0, 0.01) is None
+    # the spread is recovered from a CI: 10 differences with sd 0.03 about +0.01
+    d = 0.01 + 0.03 * np.array([1, -1, 1, -1, 1, -1, 1, -1, 1, -1]) * math.sqrt(9 / 10)
+    mean, low, high, n = report.paired_ci(list(d))
+    assert math.isclose(report.paired_sd(dict(low=low, high=high, n=n)), float(d.std(ddof=1)), rel_tol=1e-6)
 
 
 def test_t_quantile_matches_tables():

@@ -205,6 +205,24 @@ def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, fl
     return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half, n
 
 
+def pairs_for_power(sd: float, effect: float, power: float = 0.8, level: float = 0.95, most: int = 1000) -> int | None:
+    """Seeds (pairs) a paired study needs to detect a true mean difference ``effect`` with probability
+    ``power`` at the two-sided ``level``, when paired differences spread by ``sd``: the smallest n with
+    (t_{(1+level)/2, n−1} + t_{power, n−1})·sd/√n ≤ effect (the usual t approximation; 10 pairs for
+    effect = sd, 34 for effect = sd / 2). None when more than ``most`` would be needed."""
+    if not sd > 0:
+        return 2
+    for n in range(2, most + 1):
+        if (t_quantile(level, n - 1) + t_quantile(2 * power - 1, n - 1)) * sd / math.sqrt(n) <= effect:
+            return n
+    return None
+
+
+def paired_sd(p: dict) -> float:
+    """Sample std of the paired differences behind a :func:`paired_differences` entry (from its CI)."""
+    return (p["high"] - p["low"]) / 2 * math.sqrt(p["n"]) / t_quantile(0.95, p["n"] - 1)
+
+
 def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
     """Every method × strategy × protocol × select vs scratch of the same network, protocol, k, seed and subset.
 
@@ -325,7 +343,8 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
 def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05) -> str:
     """Per k: the best pretrained method × strategy × protocol (highest mean, random selection where
     there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
-    diverse − random for that setting and for scratch."""
+    diverse − random for that setting and for scratch, and the seeds a study of that setting needs for
+    80 % power at +``goal`` (:func:`pairs_for_power`)."""
     pairs = paired_differences(rows, metric)
     sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in axis_differences(rows, "select", "random", metric)}
     stats = summarize(rows, metric)
@@ -336,8 +355,9 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
              f"+{goal:.2f} with the CI above 0. Choosing the best of several settings on the same seeds "
              f"flatters it; a confirmation study on fresh seeds removes that bias.\n",
              f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 | "
-             f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) | "
+             f"seeds for 80 % power at +{goal:.2f} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in label_sizes(rows):
         cands = [p for p in pairs if p["k"] == k and p["n"] > 0]
         random_only = [p for p in cands if p["select"] == "random"]
@@ -354,6 +374,11 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         s_best = sel.get((best["method"], best["strategy"], best["protocol"], k))
         s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
                      None)
+        def seeds_needed(p: dict) -> str:
+            if p["n"] < 2:
+                return "n/a"
+            n = pairs_for_power(paired_sd(p), goal)
+            return "> 1000" if n is None else str(n)
         def fmt_sel(p: dict | None) -> str:
             return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
         name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
@@ -361,7 +386,13 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
             name += f" / {best['select']}"
         lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
-                     f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} |")
+                     f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} | "
+                     f"{seeds_needed(best)} |")
+    lines.append(f"\nSeeds for 80 % power: how many seeds (pairs) a study of this setting needs to find a true gain of "
+                 f"+{goal:.2f} with its 95 % CI above 0 four times in five, at the spread of the paired differences "
+                 f"measured here (an estimate itself: with 5 pairs the true spread may be half or twice it). A "
+                 f"study with at least that many seeds whose CI still contains 0 speaks against a gain of that "
+                 f"size; one with fewer cannot tell.")
     return "\n".join(lines) + "\n"
 
 
