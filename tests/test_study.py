@@ -259,8 +259,8 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert cols[1] == "ddpm / full / strong" and cols[2] == "0.720" and cols[3] == "0.600"
     assert cols[4] == "+0.120" and cols[6] == "yes (+)" and cols[7] == "met"
     assert cols[8].startswith("+0.060") and cols[9].startswith("+0.050")
-    # gains 0.10, 0.12, 0.14: sd 0.02, so +0.05 needs few seeds (pairs_for_power(0.02, 0.05))
-    assert cols[10] == str(report.pairs_for_power(0.02, 0.05)) and 2 <= int(cols[10]) <= 5
+    # gains 0.10, 0.12, 0.14: sd 0.02; n = 4 is the first with (t₀.₉₇₅,₃ + t₀.₈,₃)·0.02/√4 = 0.042 ≤ 0.05 (n = 3: 0.062)
+    assert cols[10] == "4"
     table = report.results_table(rows, "dice")
     assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
     # a study of diverse cells only names its selection in the verdict
@@ -277,10 +277,15 @@ def test_pairs_for_power_matches_the_paired_t_test():
     assert report.pairs_for_power(0.04, 0.04) == 10
     assert report.pairs_for_power(0.10, 0.05) == 34
     assert report.pairs_for_power(0.0, 0.05) == 2 and report.pairs_for_power(1.0, 0.01) is None
-    # the spread is recovered from a CI: 10 differences with sd 0.03 about +0.01
-    d = 0.01 + 0.03 * np.array([1, -1, 1, -1, 1, -1, 1, -1, 1, -1]) * math.sqrt(9 / 10)
-    mean, low, high, n = report.paired_ci(list(d))
-    assert math.isclose(report.paired_sd(dict(low=low, high=high, n=n)), float(d.std(ddof=1)), rel_tol=1e-6)
+    # the smallest such n: one pair fewer is not enough
+    for sd, effect in [(0.04, 0.04), (0.10, 0.05), (0.03, 0.05), (0.2, 0.05)]:
+        n = report.pairs_for_power(sd, effect)
+        gap = [(report.t_quantile(0.95, m - 1) + report.t_quantile(0.6, m - 1)) * sd / math.sqrt(m) - effect
+               for m in (n - 1, n)]
+        assert gap[0] > 0 >= gap[1] or n == 2
+    # paired_ci reports the sample std of the finite differences
+    d = [0.04, -0.02, 0.04, -0.02, math.nan]
+    assert math.isclose(report.paired_ci(d)[4], float(np.std([0.04, -0.02, 0.04, -0.02], ddof=1)))
 
 
 def test_t_quantile_matches_tables():

@@ -193,16 +193,18 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, int]:
-    """``(mean, low, high, n)``: mean ± t_{(1+level)/2, n−1}·sd/√n; low/high NaN for n < 2."""
+def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, int, float]:
+    """``(mean, low, high, n, sd)``: mean ± t_{(1+level)/2, n−1}·sd/√n, sd the sample std of the
+    finite differences; low, high and sd NaN for n < 2."""
     d = np.array([x for x in diffs if math.isfinite(x)], dtype=float)
     n = len(d)
     if n == 0:
-        return math.nan, math.nan, math.nan, 0
+        return math.nan, math.nan, math.nan, 0, math.nan
     if n < 2:
-        return float(d[0]), math.nan, math.nan, 1
-    half = t_quantile(level, n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
-    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half, n
+        return float(d[0]), math.nan, math.nan, 1, math.nan
+    sd = float(d.std(ddof=1))
+    half = t_quantile(level, n - 1) * sd / math.sqrt(n)
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half, n, sd
 
 
 def pairs_for_power(sd: float, effect: float, power: float = 0.8, level: float = 0.95, most: int = 1000) -> int | None:
@@ -210,17 +212,18 @@ def pairs_for_power(sd: float, effect: float, power: float = 0.8, level: float =
     ``power`` at the two-sided ``level``, when paired differences spread by ``sd``: the smallest n with
     (t_{(1+level)/2, n−1} + t_{power, n−1})·sd/√n ≤ effect (the usual t approximation; 10 pairs for
     effect = sd, 34 for effect = sd / 2). None when more than ``most`` would be needed."""
+    def enough(n: int) -> bool:  # the left side falls as n grows, so bisect on n
+        return (t_quantile(level, n - 1) + t_quantile(2 * power - 1, n - 1)) * sd / math.sqrt(n) <= effect
+
     if not sd > 0:
         return 2
-    for n in range(2, most + 1):
-        if (t_quantile(level, n - 1) + t_quantile(2 * power - 1, n - 1)) * sd / math.sqrt(n) <= effect:
-            return n
-    return None
-
-
-def paired_sd(p: dict) -> float:
-    """Sample std of the paired differences behind a :func:`paired_differences` entry (from its CI)."""
-    return (p["high"] - p["low"]) / 2 * math.sqrt(p["n"]) / t_quantile(0.95, p["n"] - 1)
+    if not enough(most):
+        return None
+    lo, hi = 1, most  # enough(hi) holds; lo is below every n that might
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
@@ -251,9 +254,9 @@ def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
             unpaired[key] += 1
     out = []
     for key in order:
-        mean, low, high, n = paired_ci(diffs[key])
+        mean, low, high, n, sd = paired_ci(diffs[key])
         out.append(dict(zip(("method", "strategy", "protocol", "select", "k"), key), mean=mean, low=low, high=high,
-                        n=n, unpaired=unpaired[key]))
+                        n=n, sd=sd, unpaired=unpaired[key]))
     return out
 
 
@@ -283,8 +286,8 @@ def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice
             diffs[(value(r, name), *where)].append(float(r[metric]) - float(b[metric]))
     out = []
     for key, d in diffs.items():
-        mean, low, high, n = paired_ci(d)
-        out.append(dict(zip((name, *others), key), mean=mean, low=low, high=high, n=n))
+        mean, low, high, n, sd = paired_ci(d)
+        out.append(dict(zip((name, *others), key), mean=mean, low=low, high=high, n=n, sd=sd))
     return out
 
 
@@ -294,6 +297,13 @@ def _ci(p: dict, digits: int) -> str:
 
 def _mean(p: dict, digits: int) -> str:
     return "–" if p["n"] == 0 else f"{p['mean']:+.{digits}f}"
+
+
+def _seeds_for_power(p: dict, effect: float) -> str:
+    if p["n"] < 2:
+        return "n/a"
+    n = pairs_for_power(p["sd"], effect)
+    return "> 1000" if n is None else str(n)
 
 
 def _excludes_zero(p: dict) -> str:
@@ -374,11 +384,6 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         s_best = sel.get((best["method"], best["strategy"], best["protocol"], k))
         s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
                      None)
-        def seeds_needed(p: dict) -> str:
-            if p["n"] < 2:
-                return "n/a"
-            n = pairs_for_power(paired_sd(p), goal)
-            return "> 1000" if n is None else str(n)
         def fmt_sel(p: dict | None) -> str:
             return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
         name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
@@ -387,7 +392,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
                      f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} | "
-                     f"{seeds_needed(best)} |")
+                     f"{_seeds_for_power(best, goal)} |")
     lines.append(f"\nSeeds for 80 % power: how many seeds (pairs) a study of this setting needs to find a true gain of "
                  f"+{goal:.2f} with its 95 % CI above 0 four times in five, at the spread of the paired differences "
                  f"measured here (an estimate itself: with 5 pairs the true spread may be half or twice it). A "
