@@ -381,12 +381,101 @@ def test_shipped_studies_parse(name, monkeypatch, tmp_path):
         (tmp_path / "repo" / sub).symlink_to(REPO / sub, target_is_directory=True)
     monkeypatch.chdir(tmp_path / "repo")
     raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
+    while "extends" in raw:  # the data block may come from the study this one extends
+        raw = {**yaml.safe_load((REPO / "studies" / raw.pop("extends")).read_text()), **raw}
     data = (raw.get("data") or {})
     for key in ("path", "source"):
         if key in data and not Path(data[key]).exists():
             pytest.skip(f"dataset {data[key]} not available")
     s = load_study(Path("studies") / f"{name}.yaml")
     assert s.methods and s.strategies and s.labels
+
+
+def test_extends_takes_the_parent_and_replaces_whole_keys(files):
+    parent = write_study(files, base_study(data={"path": "data", "size": 16, "channels": 3, "mode": "crop"},
+                                           seeds=[0, 1]), name="parent.yaml")
+    child = write_study(files, {"extends": parent.name, "labels": [2], "data": {"path": "data", "size": 16,
+                                                                               "channels": 3}}, name="child.yaml")
+    s, p = load_study(child), load_study(parent)
+    assert s.labels == [2] and p.labels == [1, 2]  # replaced
+    assert s.seeds == [0, 1] and s.strategies == p.strategies and s.methods[0].recipe.path == files / "pre.yaml"
+    assert s.data.options.get("mode") is None and p.data.options["mode"] == "crop"  # data replaced whole, not merged
+    assert s.extends == parent and s.looks == [[0, 1]]  # more than seeds changed: a new study, one look
+    assert "extends" not in s.merged and s.merged["labels"] == [2] and s.merged["seeds"] == [0, 1]
+
+
+def test_extends_with_only_more_seeds_is_another_look(files):
+    first = write_study(files, base_study(seeds=[0, 1]), name="look1.yaml")
+    second = write_study(files, {"extends": "look1.yaml", "seeds": [0, 1, 2, 3]}, name="look2.yaml")
+    third = write_study(files, {"extends": "look2.yaml", "seeds": [0, 1, 2, 3, 4]}, name="look3.yaml")
+    assert load_study(first).looks == [[0, 1]]
+    assert load_study(second).looks == [[0, 1], [2, 3]]
+    assert load_study(third).looks == [[0, 1], [2, 3], [4]]
+    other = write_study(files, {"extends": "look1.yaml", "seeds": [5, 6]}, name="fresh.yaml")
+    assert load_study(other).looks == [[5, 6]]  # fresh seeds only: a replication, not a second look
+    changed = write_study(files, {"extends": "look1.yaml", "seeds": [0, 1, 2], "labels": [2]}, name="changed.yaml")
+    assert load_study(changed).looks == [[0, 1, 2]]  # another k: a different comparison, one look
+
+
+def test_extends_errors(files):
+    write_study(files, {"extends": "loop_b.yaml", "seeds": [1]}, name="loop_a.yaml")
+    write_study(files, {"extends": "loop_a.yaml", "seeds": [2]}, name="loop_b.yaml")
+    with pytest.raises(StudyError, match=r"extend each other in a loop \(loop_a.yaml → loop_b.yaml → loop_a.yaml\)"):
+        load_study(files / "loop_a.yaml")
+    write_study(files, {"extends": "nowhere.yaml"}, name="orphan.yaml")
+    with pytest.raises(StudyError, match="extends: nowhere.yaml does not exist"):
+        load_study(files / "orphan.yaml")
+    write_study(files, {"extend": "look1.yaml"}, name="typo.yaml")
+    with pytest.raises(StudyError, match=r"unknown key 'extend' \(did you mean 'extends'\?\)"):
+        load_study(files / "typo.yaml")
+
+
+def test_verdict_of_a_second_look_judges_the_goal_on_the_split_alpha():
+    """Seeds 0–2 gain 0.06, 0.08, 0.10 and seeds 3–5 gain 0.05, 0.07, 0.09: over all six, mean 0.075 and
+    sd 0.0187; the 95 % CI is 0.075 ± 2.571·0.0187/√6 = [0.055, 0.095] and the 97.5 % one (two looks)
+    0.075 ± 3.163·0.0187/√6 = [0.051, 0.099], both above 0: met. A gain at the edge is not: with the
+    same spread around 0.02, the 95 % CI [0.000, 0.040] shifted by 0.0004 clears 0, the 97.5 % one does not."""
+    def rows_of(gains, base=0.5):
+        out = []
+        for seed, g in enumerate(gains):
+            out += [_row("ddpm", "full", 2, seed, base + g, stems=f"s{seed}"), _row("none", "scratch", 2, seed, base,
+                                                                                  stems=f"s{seed}")]
+        return out
+
+    def cols(verdict):
+        line = next(l for l in verdict.splitlines() if l.startswith("| 2 |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    rows = rows_of([0.06, 0.08, 0.10, 0.05, 0.07, 0.09])
+    one = report.verdict_markdown(rows, "one look")
+    assert "look 2 of 2" not in one and len(cols(one)) == 11
+    two = report.verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
+    c = cols(two)
+    assert len(c) == 12 and c[5] == "[+0.055, +0.095]" and c[7] == "[+0.051, +0.099] (yes (+))" and c[8] == "met"
+    assert "97.5 % CI (2 looks)" in two and "look 2 of 2" in two
+    alone = [l for l in two.splitlines() if l.startswith("| 1 | 0–2 |") or l.startswith("| 2 | 3–5 |")]
+    assert [l.split("|")[5].strip() for l in alone] == ["+0.080", "+0.070"]
+
+    edge = rows_of([0.0204 + g - 0.075 for g in (0.06, 0.08, 0.10, 0.05, 0.07, 0.09)])
+    c1, c2 = cols(report.verdict_markdown(edge, "e")), cols(report.verdict_markdown(edge, "e", goal=0.02,
+                                                                                     looks=[[0, 1, 2], [3, 4, 5]]))
+    assert c1[6] == "yes (+)" and c2[6] == "yes (+)" and c2[7].endswith("(no)") and c2[8].startswith("not met")
+
+
+def test_a_study_that_extends_another_reuses_its_cells(files, tmp_path, monkeypatch):
+    first = write_study(files, base_study(labels=[1], seeds=[0]), name="ext1.yaml")
+    second = write_study(files, {"extends": "ext1.yaml", "seeds": [0, 1]}, name="ext2.yaml")
+    out = tmp_path / "out"
+    Calls(monkeypatch)
+    runner.run_study(first, out)
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(second, out)
+    assert calls.pretrain == [] and len(calls.finetune) == 2 and all("-s1-" in c for c in calls.finetune)
+    assert len(rows) == 4
+    recorded = (out / "study.yaml").read_text()
+    assert recorded.startswith("# ext2.yaml, which extends ext1.yaml")
+    assert yaml.safe_load(recorded)["seeds"] == [0, 1] and yaml.safe_load(recorded)["labels"] == [1]
+    assert "look 2 of 2" in (out / "verdict.md").read_text()
 
 
 def test_split_block_writes_a_group_split(files, tmp_path):

@@ -226,11 +226,11 @@ def pairs_for_power(sd: float, effect: float, power: float = 0.8, level: float =
     return hi
 
 
-def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
+def paired_differences(rows: list[dict], metric: str = "dice", level: float = 0.95) -> list[dict]:
     """Every method × strategy × protocol × select vs scratch of the same network, protocol, k, seed and subset.
 
-    Returns one dict per (method, strategy, protocol, select, k): ``mean``, ``low``, ``high`` (95 % CI
-    of the mean paired difference, method − scratch), ``n`` pairs, and ``unpaired``: cells whose
+    Returns one dict per (method, strategy, protocol, select, k): ``mean``, ``low``, ``high`` (``level``
+    CI of the mean paired difference, method − scratch), ``n`` pairs, and ``unpaired``: cells whose
     scratch counterpart trained on a different subset, left out.
     """
     def where(r: dict) -> tuple:
@@ -254,7 +254,7 @@ def paired_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
             unpaired[key] += 1
     out = []
     for key in order:
-        mean, low, high, n, sd = paired_ci(diffs[key])
+        mean, low, high, n, sd = paired_ci(diffs[key], level)
         out.append(dict(zip(("method", "strategy", "protocol", "select", "k"), key), mean=mean, low=low, high=high,
                         n=n, sd=sd, unpaired=unpaired[key]))
     return out
@@ -350,24 +350,47 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
     return "\n".join(lines) + "\n"
 
 
-def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05) -> str:
+def _seed_range(seeds: list[int]) -> str:
+    s = sorted(seeds)
+    return f"{s[0]}–{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 2 else ", ".join(map(str, s))
+
+
+def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05,
+                     looks: list[list[int]] | None = None) -> str:
     """Per k: the best pretrained method × strategy × protocol (highest mean, random selection where
     there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
     diverse − random for that setting and for scratch, and the seeds a study of that setting needs for
-    80 % power at +``goal`` (:func:`pairs_for_power`)."""
+    80 % power at +``goal`` (:func:`pairs_for_power`).
+
+    ``looks``: the seeds of each look when a study was extended with more seeds after an earlier
+    verdict (:attr:`labeldiff.study.spec.Study.looks`). With more than one, the goal is judged on the
+    CI at level 1 − 0.05 / looks (Bonferroni over the looks) and each look's seeds are also reported
+    alone."""
+    looks = [list(look) for look in looks or [] if look]
+    level = 1 - 0.05 / max(1, len(looks))
     pairs = paired_differences(rows, metric)
+    adjusted = {_pair_key(p): p for p in paired_differences(rows, metric, level)}
     sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in axis_differences(rows, "select", "random", metric)}
     stats = summarize(rows, metric)
+    several = len(looks) > 1
+    lv = f"{100 * level:g} %"
     lines = [f"# Verdict: {title}\n",
              f"Per label budget k, the pretrained setting with the highest mean test {metric} (random selection "
              f"where both were run), its mean paired difference to scratch (same network, protocol, k, seed and "
              f"subset) with the 95 % CI, and whether that CI excludes 0. The goal is a gain of ≥ "
              f"+{goal:.2f} with the CI above 0. Choosing the best of several settings on the same seeds "
-             f"flatters it; a confirmation study on fresh seeds removes that bias.\n",
-             f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 | "
-             f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) | "
-             f"seeds for 80 % power at +{goal:.2f} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"flatters it; a confirmation study on fresh seeds removes that bias.\n"]
+    if several:
+        lines.append(f"This study is look {len(looks)} of {len(looks)} at the same comparison: it extends an earlier "
+                     f"study with more seeds. Looking again after a verdict raises the chance of a false gain, so "
+                     f"the goal is judged on the {lv} CI (α = 0.05 split over {len(looks)} looks, Bonferroni), "
+                     f"and each look's seeds are reported alone below.\n")
+    adj_head, adj_rule = (f" {lv} CI ({len(looks)} looks) |", "---|") if several else ("", "")
+    lines += [f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 |{adj_head} "
+              f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) | "
+              f"seeds for 80 % power at +{goal:.2f} |",
+              "|---|---|---|---|---|---|---|" + adj_rule + "---|---|---|---|"]
+    bests = []
     for k in label_sizes(rows):
         cands = [p for p in pairs if p["k"] == k and p["n"] > 0]
         random_only = [p for p in cands if p["select"] == "random"]
@@ -377,28 +400,49 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         def score(p: dict) -> float:
             return stats[(p["method"], p["strategy"], p["protocol"], p["select"])][k][0]
         best = max(cands, key=score)
+        bests.append(best)
+        judged = adjusted[_pair_key(best)]
         scratch = next((v[k] for g, v in stats.items() if g[1] == BASELINE and g[2] == best["protocol"]
                         and g[3] == best["select"] and k in v), None)
-        met = best["n"] >= 2 and best["low"] > 0 and best["mean"] >= goal
+        met = judged["n"] >= 2 and judged["low"] > 0 and judged["mean"] >= goal
         short = "met" if met else (f"not met (Δ {best['mean']:+.{digits}f})" if best["n"] >= 2 else "n/a")
         s_best = sel.get((best["method"], best["strategy"], best["protocol"], k))
         s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
                      None)
         def fmt_sel(p: dict | None) -> str:
             return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
-        name = f"{best['method']} / {best['strategy']} / {best['protocol']}"
-        if best["select"] != "random":  # a study that ran no random cells (a replication of a diverse setting)
-            name += f" / {best['select']}"
-        lines.append(f"| {k} | {name} | {score(best):.{digits}f} | "
+        adj = f" {_ci(judged, digits)} ({_excludes_zero(judged)}) |" if several else ""
+        lines.append(f"| {k} | {_setting(best)} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "
-                     f"{_ci(best, digits)} | {_excludes_zero(best)} | {short} | {fmt_sel(s_best)} | {fmt_sel(s_scr)} | "
-                     f"{_seeds_for_power(best, goal)} |")
+                     f"{_ci(best, digits)} | {_excludes_zero(best)} |{adj} {short} | {fmt_sel(s_best)} | "
+                     f"{fmt_sel(s_scr)} | {_seeds_for_power(best, goal)} |")
     lines.append(f"\nSeeds for 80 % power: how many seeds (pairs) a study of this setting needs to find a true gain of "
                  f"+{goal:.2f} with its 95 % CI above 0 four times in five, at the spread of the paired differences "
                  f"measured here (an estimate itself: with 5 pairs the true spread may be half or twice it). A "
                  f"study with at least that many seeds whose CI still contains 0 speaks against a gain of that "
                  f"size; one with fewer cannot tell.")
+    if several:
+        lines += ["\n## Each look alone\n", "| look | seeds | k | setting | Δ vs scratch | 95 % CI | excludes 0 | pairs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, look in enumerate(looks, 1):
+            alone = {_pair_key(p): p for p in paired_differences([r for r in rows if int(r["seed"]) in set(look)], metric)}
+            for best in bests:
+                p = alone.get(_pair_key(best))
+                if p is not None:
+                    lines.append(f"| {i} | {_seed_range(look)} | {best['k']} | {_setting(best)} | {_mean(p, digits)} | "
+                                 f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} |")
     return "\n".join(lines) + "\n"
+
+
+def _pair_key(p: dict) -> tuple:
+    return p["method"], p["strategy"], p["protocol"], p["select"], p["k"]
+
+
+def _setting(p: dict) -> str:
+    name = f"{p['method']} / {p['strategy']} / {p['protocol']}"
+    if p["select"] != "random":  # a study that ran no random cells (a replication of a diverse setting)
+        name += f" / {p['select']}"
+    return name
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -444,6 +444,17 @@ def run_cells(cells: list[Cell], fts: dict[str, RunConfig], target: Target, out:
     return len(todo)
 
 
+def write_study_file(study: Study, path: Path) -> None:
+    """Copy the study file to ``path``; one that ``extends`` another is written whole (both files merged)."""
+    if study.extends is None:
+        shutil.copyfile(study.file, path)
+        return
+    import yaml
+
+    head = f"# {study.file.name}, which extends {study.extends.name}: the two merged\n"
+    path.write_text(head + yaml.safe_dump(study.merged, sort_keys=False, allow_unicode=True))
+
+
 def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pre_seconds: dict, t0: float,
                   git: dict | None = None) -> list[dict]:
     rows = [cell_row(c) for c in cells if c.finished]
@@ -465,7 +476,7 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
-    (out / "verdict.md").write_text(report.verdict_markdown(rows, title))
+    (out / "verdict.md").write_text(report.verdict_markdown(rows, title, looks=study.looks))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
@@ -565,7 +576,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     study = load_study(path)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(study.file, out / "study.yaml")
+    write_study_file(study, out / "study.yaml")
     prepare_data(study, out)
     fts = {p.name: finetune_config(study, p) for p in study.protocols}
     ft = next(iter(fts.values()))

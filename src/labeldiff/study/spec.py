@@ -42,6 +42,15 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
     metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD)
     robustness: {corruptions: all, severities: [1, 3, 5], seed: 0}   # or true (all, 1..5, seed 0):
                                          #   evaluate --corruptions per cell; dice_corrupted, dice_drop columns
+    extends: cvc_confirm.yaml            # take every key of that study file; the keys given here replace
+                                         #   its keys whole (``data`` too, not merged). Its relative paths are
+                                         #   read as if written here: keep both files in one folder.
+
+A study that ``extends`` another and only adds seeds to it (its seeds include all of the other's and
+more) is another *look* at the same comparison: :attr:`Study.looks` lists the seeds of each look, and
+the verdict judges the goal with the confidence level split over the looks (Bonferroni), because
+adding seeds after seeing a verdict and stopping when it turns favourable would find gains that are
+not there more often than 5 % of the time.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
-            "finetune", "protocols", "metrics", "robustness")
+            "finetune", "protocols", "metrics", "robustness", "extends")
 ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
@@ -148,6 +157,13 @@ class Study:
     prepare: str | None = None
     protocols: list[ProtocolSpec] = field(default_factory=lambda: [ProtocolSpec(DEFAULT_PROTOCOL)])
     robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
+    looks: list[list[int]] = field(default_factory=list)  # seeds of each look (see the module docstring); [] = one
+    extends: Path | None = None  # the study file this one extends
+    merged: dict = field(default_factory=dict)  # the mapping after ``extends`` (OUT/study.yaml records it)
+
+    def __post_init__(self):
+        if not self.looks:
+            self.looks = [list(self.seeds)]
 
 
 def _fail(file: Path, where: str, msg: str) -> StudyError:
@@ -392,12 +408,39 @@ def parse_study(raw: Any, file: Path) -> Study:
                  _robustness(raw.get("robustness"), file))
 
 
-def load_study(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist; see studies/ for examples")
+def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Path | None, set]:
+    """The mapping of the study file ``path`` after ``extends`` (recursively), the file it extends and
+    the keys ``path`` itself sets."""
     try:
         raw = read_yaml(path)
     except ValueError as e:
         raise StudyError(str(e)) from None
-    return parse_study(raw, path)
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw, None, set(raw) if isinstance(raw, dict) else set()
+    raw = dict(raw)
+    parent = resolve_path(raw.pop("extends"), path, "extends")
+    if parent in chain + (path,):
+        cycle = " → ".join(p.name for p in chain + (path, parent))
+        raise StudyError(f"{path}: extends: the files extend each other in a loop ({cycle}); remove one extends")
+    base, _, _ = _read(parent, chain + (path,))
+    if not isinstance(base, dict):
+        raise StudyError(f"{path}: extends: {parent} is not a study mapping")
+    return {**base, **raw}, parent, set(raw)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file, following ``extends``; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist; see studies/ for examples")
+    path = path.resolve()
+    raw, parent, own = _read(path, ())
+    study = parse_study(raw, path)
+    study.extends, study.merged = parent, raw
+    if parent is not None and own <= {"seeds"}:  # only seeds added: the same comparison, looked at again
+        base = load_study(parent)
+        earlier = [s for look in base.looks for s in look]
+        new = [s for s in study.seeds if s not in earlier]
+        if new and set(earlier) <= set(study.seeds):
+            study.looks = base.looks + [new]
+    return study
