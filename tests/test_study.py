@@ -462,6 +462,21 @@ def test_verdict_of_a_second_look_judges_the_goal_on_the_split_alpha():
     assert c1[6] == "yes (+)" and c2[6] == "yes (+)" and c2[7].endswith("(no)") and c2[8].startswith("not met")
 
 
+def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
+    rows = []
+    for seed, (g1, g4) in enumerate([(0.02, -0.01), (0.04, 0.01), (0.09, 0.03)]):
+        for k, g in ((1, g1), (4, g4)):
+            rows += [_row("ddpm", "full", k, seed, 0.5 + g, stems=f"{k}-{seed}"),
+                     _row("none", "scratch", k, seed, 0.5, stems=f"{k}-{seed}")]
+    drawn = report.plot_paired(rows, tmp_path / "paired.png", title="hand")
+    assert [(p["k"], p["n"]) for p in drawn] == [(1, 3), (4, 3)]
+    assert np.allclose(drawn[0]["diffs"], [0.02, 0.04, 0.09]) and np.allclose(drawn[1]["diffs"], [-0.01, 0.01, 0.03])
+    assert math.isclose(drawn[0]["mean"], 0.05) and drawn[0]["low"] < 0.05 < drawn[0]["high"]
+    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scratch_only = [r for r in rows if r["strategy"] == "scratch"]
+    assert report.plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
 def test_a_study_that_extends_another_reuses_its_cells(files, tmp_path, monkeypatch):
     first = write_study(files, base_study(labels=[1], seeds=[0]), name="ext1.yaml")
     second = write_study(files, {"extends": "ext1.yaml", "seeds": [0, 1]}, name="ext2.yaml")
@@ -517,8 +532,8 @@ def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeyp
     assert partial[0].name in calls.finetune and not (partial[0] / "run" / "half_written").exists()
     assert len(rows) == 4 and {(r["strategy"], r["k"]) for r in rows} == {(s, k) for s in ("full", "scratch")
                                                                            for k in (1, 2)}
-    for name in ("results.csv", "results.md", "per_class.md", "paired.md", "dice_vs_labels.png", "overlays.png",
-                 "environment.json", "plan.json"):
+    for name in ("results.csv", "results.md", "per_class.md", "paired.md", "dice_vs_labels.png", "paired.png",
+                 "overlays.png", "environment.json", "plan.json"):
         assert (out / name).is_file(), name
     csv_rows = report.read_csv(out / "results.csv")
     assert len(csv_rows) == 4 and {"dice_0", "dice_1", "dice_2", "stems", "seconds"} <= set(csv_rows[0])

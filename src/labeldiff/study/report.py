@@ -230,8 +230,9 @@ def paired_differences(rows: list[dict], metric: str = "dice", level: float = 0.
     """Every method × strategy × protocol × select vs scratch of the same network, protocol, k, seed and subset.
 
     Returns one dict per (method, strategy, protocol, select, k): ``mean``, ``low``, ``high`` (``level``
-    CI of the mean paired difference, method − scratch), ``n`` pairs, and ``unpaired``: cells whose
-    scratch counterpart trained on a different subset, left out.
+    CI of the mean paired difference, method − scratch), ``n`` pairs, ``diffs`` (the differences, in
+    seed order of the rows) and ``unpaired``: cells whose scratch counterpart trained on a different
+    subset, left out.
     """
     def where(r: dict) -> tuple:
         return r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")
@@ -256,7 +257,7 @@ def paired_differences(rows: list[dict], metric: str = "dice", level: float = 0.
     for key in order:
         mean, low, high, n, sd = paired_ci(diffs[key], level)
         out.append(dict(zip(("method", "strategy", "protocol", "select", "k"), key), mean=mean, low=low, high=high,
-                        n=n, sd=sd, unpaired=unpaired[key]))
+                        n=n, sd=sd, unpaired=unpaired[key], diffs=diffs[key]))
     return out
 
 
@@ -498,6 +499,47 @@ def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", titl
     if title:
         ax.set_title(title, fontsize=10)
     _save(fig, path, dpi=100)
+
+
+def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str = "", goal: float = 0.05) -> list[dict]:
+    """A forest plot of :func:`paired_differences`: one row per pretrained setting × k, each seed's
+    difference to scratch as a dot, the mean as a bar with its 95 % CI, lines at 0 and at +``goal``.
+    Returns the pairs it drew (none: no file)."""
+    pairs = [p for p in paired_differences(rows, metric) if p["n"] > 0]
+    if not pairs:
+        return pairs
+    plt = _pyplot()
+    shown = [a for a in ("method", "strategy", "protocol", "select") if len({p[a] for p in pairs}) > 1] or ["method"]
+    fig, ax = plt.subplots(figsize=(7.5, 2.4 + 0.45 * len(pairs)))
+    rng = np.random.default_rng(0)  # vertical jitter of the dots only
+    for i, p in enumerate(pairs):
+        y = len(pairs) - 1 - i
+        ax.scatter(p["diffs"], y + rng.uniform(-0.15, 0.15, len(p["diffs"])), s=12, color="0.55", zorder=2)
+        if p["n"] >= 2:
+            ax.errorbar([p["mean"]], [y], xerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]], fmt="o",
+                        color="tab:red" if p["low"] > 0 else "tab:blue" if p["high"] < 0 else "black",
+                        capsize=4, zorder=3)
+        else:
+            ax.plot([p["mean"]], [y], "o", color="black", zorder=3)
+    ax.axvline(0, color="0.3", linewidth=1)
+    ax.axvline(goal, color="tab:green", linestyle="--", linewidth=1, label=f"goal +{goal:.2f}")
+    ax.set_yticks(range(len(pairs)))
+    ax.set_yticklabels([" / ".join(str(p[a]) for a in shown) + f"  k={p['k']}  (n={p['n']})" for p in reversed(pairs)],
+                       fontsize=8)
+    ax.set_xlabel(f"pretrained − scratch, paired {metric} (dots: seeds; bar: mean and 95 % CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(-0.6, len(pairs) - 0.4)
+    dots = [d for p in pairs for d in p["diffs"]] + [0.0, goal]
+    lo, hi = min(dots), max(dots)
+    lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
+    ax.set_xlim(lo, hi)  # the dots decide the scale: a CI from 2 seeds can span ±1
+    if any(p["n"] >= 2 and (p["low"] < lo or p["high"] > hi) for p in pairs):
+        ax.set_xlabel(ax.get_xlabel() + "\nCIs wider than the dots run off the edges")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path, dpi=100)
+    return pairs
 
 
 def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "",

@@ -10,7 +10,7 @@ Layout of DIR::
     cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
                                      timing.json; volume/ with ``metrics: volume``: the 3D slab scores)
-    results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png overlays.png environment.json
+    results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png paired.png overlays.png environment.json
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
 weights is resumed (``run_pretrain(..., resume=True)``); anything else in its folder is replaced.
@@ -478,9 +478,10 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     (out / "paired.md").write_text(paired)
     (out / "verdict.md").write_text(report.verdict_markdown(rows, title, looks=study.looks))
     report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
+    report.plot_paired(rows, out / "paired.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
-          f"verdict.md, dice_vs_labels.png, overlays.png, environment.json")
+          f"verdict.md, dice_vs_labels.png, paired.png, overlays.png, environment.json")
     return rows
 
 
