@@ -516,6 +516,33 @@ def _metrics(out: Path) -> list[Path]:
     return sorted(out.glob("cells/*/eval/metrics.json"))
 
 
+def _dry_run_labels(capsys, path: Path, out: Path) -> dict[str, str]:
+    """cell id → what ``--dry-run`` prints after "labels: "."""
+    capsys.readouterr()
+    runner.run_study(path, out, dry_run=True)
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  done") or ln.startswith("  todo")]
+    return {parts[1]: " ".join(parts[3:]) for parts in lines}
+
+
+def test_dry_run_shows_the_images_each_cell_will_label_and_then_did(files, tmp_path, capsys):
+    path = write_study(files, base_study(labels=[2], seeds=[0, 1], select=["random", "diverse"]), name="dry.yaml")
+    out = tmp_path / "out"
+    before = _dry_run_labels(capsys, path, out)
+    assert len(before) == 8 and not (out / "cells").exists() and not (out / "pretrain").exists()  # nothing trained
+    train = LabeledFolder(files / "data").stems("train")
+    for cell, labels in before.items():
+        if "-random-" in cell:  # the draw the cell will make, shown before it runs
+            seed = int(cell.split("-s")[-1].split("-")[0])
+            assert labels == ", ".join(random_subset(train, 2, seed)), cell
+        else:
+            assert labels.startswith("picked when it runs"), (cell, labels)
+    runner.run_study(path, out)
+    after = _dry_run_labels(capsys, path, out)
+    rows = {r["cell"]: r["stems"] for r in report.read_csv(out / "results.csv")}
+    assert after.keys() == rows.keys() and all(after[c] == rows[c].replace(";", ", ") for c in rows)
+    assert all(after[c] == before[c] for c in before if "-random-" in c)
+
+
 def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeypatch):
     path = write_study(files, base_study(), name="resume.yaml")
     out = tmp_path / "out"

@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "overlays.png and environment.json. Resumable: finished cells are never recomputed.")
     p.add_argument("study", type=Path, help="study YAML (see studies/)")
     p.add_argument("--out", required=True, type=Path, help="study folder (cached pretraining, cells, reports)")
-    p.add_argument("--dry-run", action="store_true", help="list pretraining runs and cells (done/todo); train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list pretraining runs and cells (done/todo) with the images each cell labels (a random "
+                        "draw is shown before it runs; a diverse pick is made when it runs); train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the reports from finished cells; train nothing")
     p.add_argument("--pretrain-only", action="store_true",
                    help="train or resume the pretraining runs, then stop (the cells run on the next call)")

@@ -241,6 +241,24 @@ class Selector:
         return diverse_subset(t.train, self.features, cell.k, cell.seed, t.classes, t.num_classes)
 
 
+def planned_stems(cell: Cell, selector: Selector, show: int = 6) -> str:
+    """What ``--dry-run`` says a cell labels, without training: the images a finished cell trained on
+    (its cell.json), the random draw a cell will make (drawn now, the same draw), or, for ``diverse``,
+    that the pick is made when it runs (it needs the pretrained features)."""
+    if cell.finished:
+        stems = json.loads((cell.dir / "cell.json").read_text())["stems"]
+    elif cell.strategy == "source":
+        return "labels: none (the source model as it is)"
+    elif cell.select == "random":
+        stems = selector.stems(cell)
+    else:
+        return f"labels: picked when it runs (k-center greedy on {selector.describe()})"
+    if not stems:
+        return "labels: none (the source model as it is)"
+    more = f", … (+{len(stems) - show})" if len(stems) > show else ""
+    return "labels: " + ", ".join(stems[:show]) + more
+
+
 TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
 
 
@@ -595,8 +613,9 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
           f"{len(target.train)} train / {len(target.test)} test images"
           + (f"; {len(stale)} cell folders of earlier versions of the study are kept, not reported" if stale else ""))
     if dry_run:
+        selector = Selector(target, ft, runs)
         for c in cells:
-            print(f"  {'done' if c.finished else 'todo'}  {c.id}")
+            print(f"  {'done' if c.finished else 'todo'}  {c.id}  {planned_stems(c, selector)}")
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
         pretrain(runs)
