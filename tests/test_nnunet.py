@@ -68,7 +68,6 @@ def test_unreadable_and_missing_volumes_name_the_file(tmp_path):
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing=(0.8, 0.6), dz=2.5, origin=(10.0, -20.0, 100.0),
                        slope=1.0, intercept=-1024.0, uid="1.2.3.4") -> list[Path]:
     """Write ``hu[z, row, col]`` as a DICOM CT series (LPS positions, z descending), files in scrambled order."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
