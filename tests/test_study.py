@@ -587,6 +587,21 @@ def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeyp
     assert calls.pretrain == [(pre.name, True)] and calls.finetune == []
 
 
+def test_data_prepared_inside_the_study_folder_shares_pretraining_across_folders(files, tmp_path):
+    study = load_study(write_study(files, base_study(), name="shared.yaml"))
+    keys = {}
+    for name in ("a", "b"):  # what prepare: does — the same data written into each study's own folder
+        out = tmp_path / name
+        shutil.copytree(files / "data", out / "data" / "prepared")
+        study.data.path = out / "data" / "prepared"
+        keys[name] = runner.plan_pretraining(study, tmp_path / "pre", out)[0].key
+        keys[name + " without out"] = runner.plan_pretraining(study, tmp_path / "pre")[0].key
+    assert keys["a"] == keys["b"]  # --pretrain-dir finds the run the other study trained
+    assert keys["a without out"] != keys["b without out"]  # named by the absolute path, as before
+    study.data.path = files / "data"  # a dataset outside the study folder keeps its own name
+    assert runner.plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
+
+
 def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path, monkeypatch):
     methods = [{"name": "ddpm", "recipe": "pre.yaml"},
                {"name": "mdm", "recipe": "pre.yaml", "overrides": {"corruption.method": "mdm", "corruption.patch_size": 4}}]

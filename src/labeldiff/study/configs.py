@@ -84,14 +84,22 @@ def pretrain_config(study: Study, method: MethodSpec, steps: int | None, pool: P
     return cfg
 
 
-def pretrain_key(cfg: RunConfig, continues: str | None = None) -> str:
+def pretrain_key(cfg: RunConfig, continues: str | None = None, out: Path | None = None) -> str:
     """The hash naming a pretraining run's folder: its identity, the test images it leaves out, and the
-    key of the shorter run it continues (a ``pretrain_steps`` sweep)."""
+    key of the shorter run it continues (a ``pretrain_steps`` sweep).
+
+    ``out``: the study folder. Data a study prepared inside it (``prepare``: ``OUT/data/…``) is named
+    by its place there, so two studies with different ``--out`` that prepare the same data share the
+    run through ``--pretrain-dir`` instead of each training its own."""
     from labeldiff.data.datasets import pretraining_exclusions
 
     d = identity(cfg)
     for unread in ("transfer", "inherited", "extended"):  # pretraining reads none of these
         d.pop(unread, None)
+    if out is not None and d["data"].get("path"):
+        path, out = Path(d["data"]["path"]).resolve(), Path(out).resolve()
+        if path.is_relative_to(out):
+            d["data"]["path"] = "OUT/" + path.relative_to(out).as_posix()
     extra = {"continues": continues} if continues else {}
     return digest({**d, "excluded": pretraining_exclusions(cfg.data)[0], **extra})
 

@@ -136,16 +136,17 @@ class Cell:
         return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
 
 
-def plan_pretraining(study: Study, folder: Path) -> list[Pretraining]:
+def plan_pretraining(study: Study, folder: Path, out: Path | None = None) -> list[Pretraining]:
     """One run per (method, length); in a ``pretrain_steps`` sweep each length continues the one before
-    it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`)."""
+    it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`). ``out``: the
+    study folder, where prepared data lives (:func:`~labeldiff.study.configs.pretrain_key`)."""
     runs: list[Pretraining] = []
     pool = build_pool(study, folder) if study.data.pool and any(
         m.pretrains and m.pretrain_on == "unlabeled" for m in study.methods) else None
     for name, method, steps in pretrain_runs(study):
         cfg = pretrain_config(study, method, steps, pool)
         prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
-        key = pretrain_key(cfg, prev.key if prev else None)
+        key = pretrain_key(cfg, prev.key if prev else None, out)
         runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev))
     return runs
 
@@ -601,7 +602,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     ft = next(iter(fts.values()))
     target = Target.load(study, ft)
     pre_dir = Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain"
-    runs = plan_pretraining(study, pre_dir)
+    runs = plan_pretraining(study, pre_dir, out)
     cells = plan_cells(study, runs, target, fts, out)
     write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
                                    "train": len(target.train), "test": len(target.test), "K": target.num_classes,
