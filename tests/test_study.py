@@ -15,6 +15,7 @@ import labeldiff.study.runner as runner
 from labeldiff.data.datasets import LabeledFolder, select_subset
 from labeldiff.data.io import DataError
 from labeldiff.study import report
+from labeldiff.study.configs import pretrain_key
 from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset,
                                     unet_features)
 from labeldiff.study.spec import StudyError, load_study, parse_study
@@ -594,10 +595,10 @@ def test_data_prepared_inside_the_study_folder_shares_pretraining_across_folders
         out = tmp_path / name
         shutil.copytree(files / "data", out / "data" / "prepared")
         study.data.path = out / "data" / "prepared"
-        keys[name] = runner.plan_pretraining(study, tmp_path / "pre", out)[0].key
-        keys[name + " without out"] = runner.plan_pretraining(study, tmp_path / "pre")[0].key
+        run = runner.plan_pretraining(study, tmp_path / "pre", out)[0]
+        keys[name], keys[name + " by path"] = run.key, pretrain_key(run.cfg)
     assert keys["a"] == keys["b"]  # --pretrain-dir finds the run the other study trained
-    assert keys["a without out"] != keys["b without out"]  # named by the absolute path, as before
+    assert keys["a by path"] != keys["b by path"]  # named by the absolute path, the two would differ
     study.data.path = files / "data"  # a dataset outside the study folder keeps its own name
     assert runner.plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
 

@@ -136,7 +136,7 @@ class Cell:
         return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
 
 
-def plan_pretraining(study: Study, folder: Path, out: Path | None = None) -> list[Pretraining]:
+def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]:
     """One run per (method, length); in a ``pretrain_steps`` sweep each length continues the one before
     it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`). ``out``: the
     study folder, where prepared data lives (:func:`~labeldiff.study.configs.pretrain_key`)."""
@@ -246,16 +246,14 @@ def planned_stems(cell: Cell, selector: Selector, show: int = 6) -> str:
     """What ``--dry-run`` says a cell labels, without training: the images a finished cell trained on
     (its cell.json), the random draw a cell will make (drawn now, the same draw), or, for ``diverse``,
     that the pick is made when it runs (it needs the pretrained features)."""
+    if cell.strategy == "source":
+        return "labels: none (the source model as it is)"
     if cell.finished:
         stems = json.loads((cell.dir / "cell.json").read_text())["stems"]
-    elif cell.strategy == "source":
-        return "labels: none (the source model as it is)"
     elif cell.select == "random":
         stems = selector.stems(cell)
     else:
         return f"labels: picked when it runs (k-center greedy on {selector.describe()})"
-    if not stems:
-        return "labels: none (the source model as it is)"
     more = f", … (+{len(stems) - show})" if len(stems) > show else ""
     return "labels: " + ", ".join(stems[:show]) + more
 
