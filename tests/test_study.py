@@ -271,6 +271,28 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert cols[1] == "ddpm / full / strong / diverse" and cols[2] == "0.780" and cols[4] == "+0.130"
 
 
+def test_length_differences_pair_each_length_with_the_shortest_of_its_run():
+    """ddpm@10000 − ddpm@2000 by seed and subset; a run with one length, scratch and a cell on another subset
+    give no length pair."""
+    rows = []
+    for seed, (short, long) in enumerate([(0.60, 0.70), (0.62, 0.66), (0.64, 0.74)]):
+        rows += [_row("ddpm@2000", "full", 4, seed, short, stems=f"s{seed}"),
+                 _row("ddpm@10000", "full", 4, seed, long, stems=f"s{seed}"),
+                 _row("mae@2000", "full", 4, seed, 0.5, stems=f"s{seed}"),
+                 _row("none", "scratch", 4, seed, 0.55, stems=f"s{seed}")]
+    rows.append(_row("ddpm@10000", "full", 4, 3, 0.9, stems="other"))
+    rows.append(_row("ddpm@2000", "full", 4, 3, 0.1, stems="s3"))
+    (d,) = report.length_differences(rows)
+    # differences 0.10, 0.04, 0.10 (seed 3 trained on another subset): mean 0.08, sd 0.034641, t(0.975, 2) = 4.302653
+    half = 4.302652729911275 * 0.034641016 / math.sqrt(3)
+    assert (d["method"], d["base"], d["strategy"], d["k"], d["n"]) == ("ddpm@10000", "ddpm@2000", "full", 4, 3)
+    assert math.isclose(d["mean"], 0.08) and math.isclose(d["high"], 0.08 + half, rel_tol=1e-6)
+    md = report.paired_markdown(rows)
+    assert "each pretraining length − the shortest of its run" in md
+    assert "| ddpm@10000 | full | default | random | 4 | +0.080 |" in md
+    assert "each pretraining length" not in report.paired_markdown(HAND_ROWS)
+
+
 def test_pairs_for_power_matches_the_paired_t_test():
     """Seeds for 80 % power, two-sided 5 %: the exact power of the paired t-test (noncentral t, checked
     with scipy.stats.nct) first reaches 0.8 at 10 pairs for effect = sd (0.748 at 9) and at 34 for

@@ -292,6 +292,23 @@ def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice
     return out
 
 
+def length_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
+    """Each pretraining length − the shortest of the same run: ``ddpm@10000 − ddpm@2000`` with the strategy,
+    protocol, selection, k, seed and labeled subset held (:func:`axis_differences` along ``method`` within
+    one method's lengths; runs are named ``name@steps``). Each dict also has ``base``, the shortest run."""
+    lengths: dict[str, set[int]] = defaultdict(set)
+    for r in rows:
+        name, _, steps = r["method"].partition("@")
+        if steps and r["strategy"] != BASELINE:
+            lengths[name].add(int(steps))
+    out = []
+    for name, steps in lengths.items():  # a run with one length has no pair
+        base = f"{name}@{min(steps)}"
+        same = [r for r in rows if r["method"].partition("@")[0] == name]
+        out += [dict(p, base=base) for p in axis_differences(same, "method", base, metric, same_subset=True)]
+    return out
+
+
 def _ci(p: dict, digits: int) -> str:
     return f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
 
@@ -343,6 +360,8 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
         lines.append("\nunpaired: cells whose subset differs from scratch's, left out of the mean.")
     lines += _axis_table(axis_differences(rows, "select", "random", metric), "select", digits,
                          f"diverse − random selection ({metric}), paired by seed")
+    lines += _axis_table(length_differences(rows, metric), "method", digits,
+                         f"each pretraining length − the shortest of its run ({metric}), paired by seed and subset")
     protocols = list(dict.fromkeys(axis(r, "protocol") for r in rows))
     if len(protocols) > 1:
         lines += _axis_table(axis_differences(rows, "protocol", protocols[0], metric, same_subset=True), "protocol",
