@@ -150,11 +150,47 @@ def test_diverse_features_of_a_pretrained_unet(files, tmp_path, tiny_run_config)
     run_pretrain(cfg, tmp_path / "pre")
     ds = LabeledFolder(files / "data")
     train = ds.stems("train")
-    feats = unet_features(tmp_path / "pre", ds, train, cfg.data)
+    feats = unet_features(tmp_path / "pre", ds.samples(train), cfg.data)
     assert feats.shape[0] == 4 and feats.ndim == 2 and np.isfinite(feats).all()
     pix = pixel_features(ds, train, cfg.data)
     assert pix.shape == (4, 3 * 16 * 16)
     assert diverse_subset(train, feats, 2, 0) == diverse_subset(train, feats, 2, 0)
+
+
+def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run_config, capsys):
+    """`labeldiff select`: k images of a plain folder, never two copies of one image (k-center greedy
+    puts the second pick as far from the first as it can), the same pick for the same seed, and
+    clear errors for a k the folder cannot give and for a run that is not a pretraining run."""
+    from PIL import Image
+
+    from labeldiff.cli import main
+    from labeldiff.pretrain.run import run_pretrain
+
+    run_pretrain(tiny_run_config(files / "data", steps=2), tmp_path / "pre")
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # 4 different images, each twice under two names
+        img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        img.save(folder / f"img{i}_a.png")
+        img.save(folder / f"img{i}_b.png")
+    picks = {}
+    for seed in range(10):
+        out = tmp_path / f"picks{seed}.txt"
+        assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+                     "--seed", str(seed), "--out", str(out)]) == 0
+        lines = [line.split("\t") for line in out.read_text().splitlines()]
+        assert len(lines) == 2 and all(Path(f).is_file() and Path(f).stem == stem for stem, f in lines)
+        picks[seed] = sorted(stem for stem, _ in lines)
+        assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
+    assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
+    main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed", "3",
+          "--out", str(tmp_path / "again.txt")])
+    assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
+    capsys.readouterr()
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "9"]) == 2
+    assert "has 8 images; choose k from 1 to 8" in capsys.readouterr().err
+    assert main(["select", "--pretrained", str(folder), "--images", str(folder), "--k", "2"]) == 2
 
 
 def test_diverse_subset_depends_on_the_seed_and_stays_diverse():

@@ -339,6 +339,19 @@ def cmd_evaluate_samples(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_select(args: argparse.Namespace) -> None:
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.study.select import images_to_label
+
+    picks = images_to_label(args.pretrained, args.images, args.k, args.seed)
+    lines = [f"{s.stem}\t{s.image}" for s in picks]
+    print(f"label these {len(picks)} (diverse on the decoder features of {args.pretrained}, seed {args.seed}):")
+    print("\n".join(f"  {line}" for line in lines))
+    if args.out:
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+        print(f"wrote {args.out} (stem, tab, file per line)")
+
+
 def cmd_split(args: argparse.Namespace) -> None:
     import json
 
@@ -607,6 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="volume datasets: slice axis [2]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("select", help="which k images to label first: a diverse pick on a pretrained run's features",
+                       description="Choose the k images (or volume slices) to label first: k-center greedy on the "
+                                   "decoder features of a pretrained run, from a seeded random half of the images, "
+                                   "the pick a study's `select: diverse` makes. Label those, then finetune with "
+                                   "--labels k.")
+    p.add_argument("--pretrained", required=True, type=Path, help="pretraining run folder (ddpm, mdm, mae, ...)")
+    p.add_argument("--images", required=True, type=Path,
+                   help="folder of images, a dataset root with images/, or an nnU-Net raw volume dataset")
+    p.add_argument("--k", required=True, type=POSITIVE, help="how many to label")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which random half the pick is made from [0]")
+    p.add_argument("--out", type=Path, default=None, help="also write the picks here, one 'stem<TAB>file' per line")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("study", help="the label-efficiency table on your data: methods × strategies × k × seeds "
                                       "from one YAML",

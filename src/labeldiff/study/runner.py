@@ -237,7 +237,7 @@ class Selector:
             return random_subset(t.train, cell.k, cell.seed, t.classes, t.num_classes)
         if self.features is None:
             print(f"diverse selection: k-center greedy on {self.describe()}, seeded candidate pools")
-            self.features = (unet_features(self.source.dir, t.ds, t.train, self.ft.data) if self.source
+            self.features = (unet_features(self.source.dir, t.ds.samples(t.train), self.ft.data) if self.source
                              else pixel_features(t.ds, t.train, self.ft.data))
         return diverse_subset(t.train, self.features, cell.k, cell.seed, t.classes, t.num_classes)
 

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from labeldiff.data.datasets import LabeledFolder, select_subset
 from labeldiff.data.io import DataError
@@ -122,8 +123,9 @@ def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
                      for s in ds.samples(stems)])
 
 
-def unet_features(pre_dir: Path, ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
-    """``[N, F]``: the probe's default decoder features of the pretrained UNet, mean-pooled per image.
+def unet_features(pre_dir: Path, samples: list, data_cfg) -> np.ndarray:
+    """``[N, F]``: the probe's default decoder features of the pretrained UNet, mean-pooled per image
+    (one row per :class:`~labeldiff.data.datasets.Sample`).
 
     Images are brought to the network's scale (``data.scale`` in crop mode, ``size``² in resize mode)
     and fed whole, as the probe does.
@@ -141,6 +143,28 @@ def unet_features(pre_dir: Path, ds: LabeledFolder, stems: list[str], data_cfg) 
     loader = ScaledImages(replace(data_cfg, channels=pre.data.channels))
     feats = []
     with torch.no_grad():
-        for s in ds.samples(stems):
+        for s in tqdm(samples, desc="decoder features", unit="image", leave=False, disable=len(samples) < 50):
             feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].cpu().numpy())
     return np.stack(feats)
+
+
+def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list:
+    """The ``k`` images under ``images`` (a folder of images, a dataset root with ``images/``, or an
+    nnU-Net raw dataset, whose slices along the run's axis are the candidates) to label first: the pick
+    a study's ``select: diverse`` makes (k-center greedy on a seeded random half), on the decoder
+    features of the pretrained run ``pre_dir``. Returns the picked samples."""
+    from labeldiff.data.datasets import dataset_root, resolve_intensity, unlabeled_samples
+    from labeldiff.data.nnunet import is_nnunet_raw
+    from labeldiff.runs import RunFolder
+
+    pre = RunFolder.open(pre_dir, flag="--pretrained").require_pretrain().config
+    root = dataset_root(Path(images))
+    volumes = is_nnunet_raw(root)
+    samples = unlabeled_samples(root, intensity=resolve_intensity(pre.data, root) if volumes else None,
+                                axis=pre.data.axis)
+    if not 1 <= k <= len(samples):
+        raise DataError(f"--k {k}: {images} has {len(samples)} {'slices' if volumes else 'images'}; choose k "
+                        f"from 1 to {len(samples)}")
+    stems = [s.stem for s in samples]
+    picks = set(diverse_subset(stems, unet_features(pre_dir, samples, pre.data), k, seed))
+    return [s for s in samples if s.stem in picks]
