@@ -250,3 +250,21 @@ def test_spacing_is_checked_before_a_run_folder(tmp_path, capsys):
     assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
                  "--spacing", "1,0,2"]) == 2 and not out.exists()
     assert "--spacing must be three positive sizes" in capsys.readouterr().err
+
+
+def test_select_picks_slices_on_the_pretrained_runs_grid(tmp_path, fresh_volumes, capsys):
+    """`labeldiff select` on an nnU-Net dataset: the candidates are the slices of every case on the grid
+    the run was pretrained on (--spacing 0.8,0.8,1.5: 19 axial slices per case instead of 10)."""
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(root), "--out", str(pre), "--channels", "1", "--size", "16", "--mode",
+                 "resize", "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
+                 "--unet-channels", "8,16", "--attention", "0,0", "--head-channels", "8",
+                 "--spacing", "0.8,0.8,1.5"]) == 0
+    capsys.readouterr()
+    assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "500"]) == 2
+    assert "has 76 slices; choose k from 1 to 76" in capsys.readouterr().err  # 4 cases × 19 resampled slices
+    out = tmp_path / "picks.txt"
+    assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "3", "--out", str(out)]) == 0
+    stems = [line.split("\t")[0] for line in out.read_text().splitlines()]
+    assert len(set(stems)) == 3 and all(s.split("_z")[0] in {"a", "b", "t", "u"} for s in stems)

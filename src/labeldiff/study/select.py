@@ -161,7 +161,7 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list:
     root = dataset_root(Path(images))
     volumes = is_nnunet_raw(root)
     samples = unlabeled_samples(root, intensity=resolve_intensity(pre.data, root) if volumes else None,
-                                axis=pre.data.axis)
+                                axis=pre.data.axis, spacing=pre.data.spacing)
     if not 1 <= k <= len(samples):
         raise DataError(f"--k {k}: {images} has {len(samples)} {'slices' if volumes else 'images'}; choose k "
                         f"from 1 to {len(samples)}")
