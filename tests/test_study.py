@@ -184,13 +184,14 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
         picks[seed] = sorted(stem for stem, _ in lines)
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
-    main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed", "3",
-          "--out", str(tmp_path / "again.txt")])
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed",
+                 "3", "--out", str(tmp_path / "again.txt")]) == 0
     assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
     capsys.readouterr()
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "9"]) == 2
     assert "has 8 images; choose k from 1 to 8" in capsys.readouterr().err
     assert main(["select", "--pretrained", str(folder), "--images", str(folder), "--k", "2"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
 
 
 def test_diverse_subset_depends_on_the_seed_and_stays_diverse():

@@ -348,7 +348,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     print(f"label these {len(picks)} (diverse on the decoder features of {args.pretrained}, seed {args.seed}):")
     print("\n".join(f"  {line}" for line in lines))
     if args.out:
-        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {args.out} (stem, tab, file per line)")
 
 

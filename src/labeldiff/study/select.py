@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from labeldiff.data.datasets import LabeledFolder, select_subset
+from labeldiff.data.datasets import LabeledFolder, Sample, select_subset
 from labeldiff.data.io import DataError
 
 MAX_TRIES = 1000
@@ -123,9 +123,9 @@ def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
                      for s in ds.samples(stems)])
 
 
-def unet_features(pre_dir: Path, samples: list, data_cfg) -> np.ndarray:
+def unet_features(pre_dir: Path, samples: list[Sample], data_cfg) -> np.ndarray:
     """``[N, F]``: the probe's default decoder features of the pretrained UNet, mean-pooled per image
-    (one row per :class:`~labeldiff.data.datasets.Sample`).
+    (one row per sample).
 
     Images are brought to the network's scale (``data.scale`` in crop mode, ``size``² in resize mode)
     and fed whole, as the probe does.
@@ -148,7 +148,7 @@ def unet_features(pre_dir: Path, samples: list, data_cfg) -> np.ndarray:
     return np.stack(feats)
 
 
-def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list:
+def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[Sample]:
     """The ``k`` images under ``images`` (a folder of images, a dataset root with ``images/``, or an
     nnU-Net raw dataset, whose slices along the run's axis are the candidates) to label first: the pick
     a study's ``select: diverse`` makes (k-center greedy on a seeded random half), on the decoder
