@@ -160,7 +160,8 @@ def test_diverse_features_of_a_pretrained_unet(files, tmp_path, tiny_run_config)
 def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run_config, capsys):
     """`labeldiff select`: k images of a plain folder, never two copies of one image (k-center greedy
     puts the second pick as far from the first as it can), the same pick for the same seed, and
-    clear errors for a k the folder cannot give and for a run that is not a pretraining run."""
+    clear errors for a k the folder cannot give and for a run that is not a pretraining run; a dataset
+    root's test split is never picked."""
     from PIL import Image
 
     from labeldiff.cli import main
@@ -192,6 +193,14 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
     assert "has 8 images; choose k from 1 to 8" in capsys.readouterr().err
     assert main(["select", "--pretrained", str(folder), "--images", str(folder), "--k", "2"]) == 2
     assert "no config.json there" in capsys.readouterr().err
+    # a dataset root: its test split (img_04, img_05) is scored later, so it is never a pick
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "4",
+                 "--out", str(tmp_path / "root.txt")]) == 0
+    picked = sorted(line.split("\t")[0] for line in (tmp_path / "root.txt").read_text().splitlines())
+    assert picked == ["img_00", "img_01", "img_02", "img_03"]
+    assert "leaving out the 2 images of" in capsys.readouterr().out
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "5"]) == 2
+    assert "has 4 images; choose k from 1 to 4" in capsys.readouterr().err
 
 
 def test_diverse_subset_depends_on_the_seed_and_stays_diverse():

@@ -254,7 +254,8 @@ def test_spacing_is_checked_before_a_run_folder(tmp_path, capsys):
 
 def test_select_picks_slices_on_the_pretrained_runs_grid(tmp_path, fresh_volumes, capsys):
     """`labeldiff select` on an nnU-Net dataset: the candidates are the slices of every case on the grid
-    the run was pretrained on (--spacing 0.8,0.8,1.5: 19 axial slices per case instead of 10)."""
+    the run was pretrained on (--spacing 0.8,0.8,1.5: 19 axial slices per case instead of 10), the test
+    split's slices left out."""
     root = make_volume_dataset(tmp_path / "Dataset009")
     pre = tmp_path / "pre"
     assert main(["pretrain", "--data", str(root), "--out", str(pre), "--channels", "1", "--size", "16", "--mode",
@@ -263,7 +264,8 @@ def test_select_picks_slices_on_the_pretrained_runs_grid(tmp_path, fresh_volumes
                  "--spacing", "0.8,0.8,1.5"]) == 0
     capsys.readouterr()
     assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "500"]) == 2
-    assert "has 76 slices; choose k from 1 to 76" in capsys.readouterr().err  # 4 cases × 19 resampled slices
+    # 4 cases × 19 resampled slices, less the test case's 11 labeled ones (left out as pretraining leaves them)
+    assert "has 65 slices; choose k from 1 to 65" in capsys.readouterr().err
     out = tmp_path / "picks.txt"
     assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "3", "--out", str(out)]) == 0
     stems = [line.split("\t")[0] for line in out.read_text().splitlines()]

@@ -152,15 +152,23 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[
     """The ``k`` images under ``images`` (a folder of images, a dataset root with ``images/``, or an
     nnU-Net raw dataset, whose slices along the run's axis are the candidates) to label first: the pick
     a study's ``select: diverse`` makes (k-center greedy on a seeded random half), on the decoder
-    features of the pretrained run ``pre_dir``. Returns the picked samples."""
-    from labeldiff.data.datasets import dataset_root, resolve_intensity, unlabeled_samples
+    features of the pretrained run ``pre_dir``. A dataset root's test split (the run's ``test_split`` of
+    its ``split.json``, or the nnU-Net test cases) is left out, as pretraining leaves it out: an image
+    scored later is never one to label. Returns the picked samples."""
+    from dataclasses import replace
+
+    from labeldiff.data.datasets import dataset_root, pretraining_exclusions, resolve_intensity, unlabeled_samples
     from labeldiff.data.nnunet import is_nnunet_raw
     from labeldiff.runs import RunFolder
 
     pre = RunFolder.open(pre_dir, flag="--pretrained").require_pretrain().config
     root = dataset_root(Path(images))
     volumes = is_nnunet_raw(root)
-    samples = unlabeled_samples(root, intensity=resolve_intensity(pre.data, root) if volumes else None,
+    test, _ = pretraining_exclusions(replace(pre.data, path=str(root), split_file=None, include_test=False))
+    if test:
+        print(f"leaving out the {len(test)} {'slices' if volumes else 'images'} of {root}'s split "
+              f"{pre.data.test_split!r}: they are scored, not labeled")
+    samples = unlabeled_samples(root, set(test), intensity=resolve_intensity(pre.data, root) if volumes else None,
                                 axis=pre.data.axis, spacing=pre.data.spacing)
     if not 1 <= k <= len(samples):
         raise DataError(f"--k {k}: {images} has {len(samples)} {'slices' if volumes else 'images'}; choose k "
