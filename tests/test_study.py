@@ -778,6 +778,42 @@ def test_unlabeled_pool_of_folders_and_the_target_without_its_test_images(files,
     assert calls.pretrain == []  # the second study finds the same pool and run
 
 
+def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path):
+    """data.pool_size N: a random N of the pool's 7 images (the folder's 3 + the target's 4 train images),
+    the same N for the same pool_seed, another draw for another seed; its own pool folder (so its own
+    pretraining run); clear errors for a size the pool cannot give and for a size without a pool."""
+    from labeldiff.study.prepare import build_pool
+
+    extra = tmp_path / "extra"
+    write_labeled_dataset(extra, n=3, k=3)
+    test = json.loads((files / "data" / "split.json").read_text())["test"]
+
+    def pool(**data):
+        study = base_study(labels=[1])
+        study["data"].update(unlabeled=[str(extra), "target"], **data)
+        images = build_pool(parse_study(study, files / "study.yaml"), tmp_path / "shared")
+        return images, sorted(p.name for p in images.iterdir())
+
+    full, all_names = pool()
+    drawn = {seed: pool(pool_size=4, pool_seed=seed) for seed in range(6)}
+    for images, names in drawn.values():
+        assert len(names) == 4 and set(names) <= set(all_names) and images != full
+        assert not any(n.startswith("target__" + t) for t in test for n in names)
+        info = json.loads((images.parent / "pool.json").read_text())
+        assert info["images"] == 4 and sum(info["sources"].values()) == 4 and info["drawn"].startswith("4 of 7")
+    assert pool(pool_size=4, pool_seed=2) == drawn[2]  # the same seed draws the same images, the same folder
+    assert len({tuple(names) for _, names in drawn.values()}) > 1
+    assert pool(pool_size=7)[1] == all_names
+    with pytest.raises(DataError, match="data.pool_size 8: the pool has only 7 images"):
+        pool(pool_size=8)
+    with pytest.raises(StudyError, match="subsamples a pool"):
+        parse_study(base_study(data={"path": "data", "pool_size": 4}), files / "study.yaml")
+    for bad in (0, "10", True):
+        with pytest.raises(StudyError, match="is not a number of images"):
+            parse_study(base_study(data={"path": "data", "unlabeled": ["target"], "pool_size": bad}),
+                        files / "study.yaml")
+
+
 def test_volume_slabs_prepare_slices_one_nnunet_case_into_disjoint_slabs(files, tmp_path):
     import nibabel as nib
 

@@ -95,9 +95,13 @@ def build_pool(study: Study, folder: Path) -> Path:
     target's images outside its test split (the study's split). Links are named
     ``<source>__<stem>`` so stems stay unique; the folder is ``folder/pools/pool-<hash of the
     linked files>/images`` (the hash names the pretraining runs too) with ``pool.json`` listing what
-    came from where. Returns the ``images`` folder.
+    came from where. With ``data.pool_size`` N the pool is a random N of those images, drawn with
+    ``data.pool_seed``. Returns the ``images`` folder.
     """
+    import numpy as np
+
     from labeldiff.data.datasets import LabeledFolder, unlabeled_samples
+    from labeldiff.data.io import DataError
     from labeldiff.study.configs import digest
     from labeldiff.study.spec import POOL_TARGET
 
@@ -114,7 +118,17 @@ def build_pool(study: Study, folder: Path) -> Path:
             chosen = [(f"{Path(entry).name}__{s.stem}", s.image) for s in unlabeled_samples(Path(entry))]
             name = str(entry)
         counts[name] = len(chosen)
-        files += chosen
+        files += [(stem, path, name) for stem, path in chosen]
+    note = {}
+    if study.data.pool_size is not None:
+        if study.data.pool_size > len(files):
+            raise DataError(f"data.pool_size {study.data.pool_size}: the pool has only {len(files)} images "
+                            f"({'; '.join(f'{n}: {c}' for n, c in counts.items())}); give at most {len(files)}")
+        keep = np.random.default_rng(study.data.pool_seed).choice(len(files), study.data.pool_size, replace=False)
+        note = {"drawn": f"{study.data.pool_size} of {len(files)} (pool_seed {study.data.pool_seed})"}
+        files = [files[i] for i in sorted(keep)]
+        counts = {n: sum(src == n for _, _, src in files) for n in counts}
+    files = [(stem, path) for stem, path, _ in files]
     key = digest(sorted(str(Path(p).resolve()) for _, p in files))
     images = Path(folder) / "pools" / f"pool-{key}" / "images"
     if not images.is_dir():
@@ -126,9 +140,11 @@ def build_pool(study: Study, folder: Path) -> Path:
         (tmp / "images").mkdir(parents=True)
         for stem, path in files:
             os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
-        write_json(tmp / "pool.json", {"images": len(files), "sources": counts})
+        write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
         os.replace(tmp, images.parent)
-    print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}) → {images}")
+    drawn = f", a random {note['drawn']}" if note else ""
+    print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{drawn}) "
+          f"→ {images}")
     return images
 
 

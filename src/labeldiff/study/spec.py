@@ -15,6 +15,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
       unlabeled: null                    # pretraining images [path/images], or a pool: a list of
                                          #   image folders / dataset roots and `target` (the target's
                                          #   images outside its test split), e.g. [../kvasir_seg, target]
+      pool_size: null                    # with a pool: pretrain on a seeded random N of its images
+      pool_seed: 0                       #   (the pool-size question: does a gain need many images?)
       source: null                       # labeled source dataset (hybrid / supervised pretraining)
       source_split: train                # split of the source used for labeled pretraining
       size: 64                           # + any DataConfig field: mode, scale, channels, num_classes,
@@ -74,6 +76,7 @@ ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
 DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
+POOL_KEYS = ("pool_size", "pool_seed")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -102,6 +105,8 @@ class DataSpec:
     split: SplitSpec | None = None
     unlabeled: Path | None = None
     pool: list[Path | str] | None = None  # unlabeled as a list: folders and/or POOL_TARGET
+    pool_size: int | None = None  # a seeded random subset of the pool of this many images (None: all)
+    pool_seed: int = 0
     source: Path | None = None
     source_split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)  # DataConfig fields
@@ -254,7 +259,7 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise _fail(file, "data", "expected a mapping with path: DATASET_ROOT and data options (size, scale, …)")
-    _unknown(file, "data", raw, DATA_PATH_KEYS + DATA_OPTION_KEYS)
+    _unknown(file, "data", raw, DATA_PATH_KEYS + POOL_KEYS + DATA_OPTION_KEYS)
     spec = DataSpec(options={k: raw[k] for k in DATA_OPTION_KEYS if k in raw})
     if raw.get("path"):
         spec.path = resolve_path(raw["path"], file, "data.path")
@@ -280,6 +285,16 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
                      for i, v in enumerate(raw["unlabeled"])]
         if not spec.pool:
             raise _fail(file, "data.unlabeled", "an empty list; name image folders and/or target")
+    if any(k in raw for k in POOL_KEYS):
+        if not spec.pool:
+            raise _fail(file, "data.pool_size", "subsamples a pool; give data.unlabeled as a list of image folders "
+                                                "and/or target")
+        size, seed = raw.get("pool_size"), raw.get("pool_seed", 0)
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise _fail(file, "data.pool_size", f"{size!r} is not a number of images ≥ 1")
+        if not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise _fail(file, "data.pool_seed", f"{seed!r} is not an integer seed")
+        spec.pool_size, spec.pool_seed = size, seed
     for key in ("unlabeled", "source"):
         if raw.get(key) and not (key == "unlabeled" and spec.pool):
             setattr(spec, key, resolve_path(raw[key], file, f"data.{key}"))
