@@ -804,6 +804,7 @@ def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path
     assert pool(pool_size=4, pool_seed=2) == drawn[2]  # the same seed draws the same images, the same folder
     assert len({tuple(names) for _, names in drawn.values()}) > 1
     assert pool(pool_size=7)[1] == all_names
+    assert pool(pool_size=None)[0] == full  # null (the schema's default) is the whole pool
     with pytest.raises(DataError, match="data.pool_size 8: the pool has only 7 images"):
         pool(pool_size=8)
     with pytest.raises(StudyError, match="subsamples a pool"):

@@ -285,7 +285,7 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
                      for i, v in enumerate(raw["unlabeled"])]
         if not spec.pool:
             raise _fail(file, "data.unlabeled", "an empty list; name image folders and/or target")
-    if any(k in raw for k in POOL_KEYS):
+    if raw.get("pool_size") is not None:  # null: the whole pool
         if not spec.pool:
             raise _fail(file, "data.pool_size", "subsamples a pool; give data.unlabeled as a list of image folders "
                                                 "and/or target")
