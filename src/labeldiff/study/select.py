@@ -157,19 +157,16 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[
     scored later is never one to label. Returns the picked samples."""
     from dataclasses import replace
 
-    from labeldiff.data.datasets import dataset_root, pretraining_exclusions, resolve_intensity, unlabeled_samples
+    from labeldiff.data.datasets import dataset_root, pretraining_samples
     from labeldiff.data.nnunet import is_nnunet_raw
     from labeldiff.runs import RunFolder
 
     pre = RunFolder.open(pre_dir, flag="--pretrained").require_pretrain().config
     root = dataset_root(Path(images))
     volumes = is_nnunet_raw(root)
-    test, _ = pretraining_exclusions(replace(pre.data, path=str(root), split_file=None, include_test=False))
-    if test:
-        print(f"leaving out the {len(test)} {'slices' if volumes else 'images'} of {root}'s split "
-              f"{pre.data.test_split!r}: they are scored, not labeled")
-    samples = unlabeled_samples(root, set(test), intensity=resolve_intensity(pre.data, root) if volumes else None,
-                                axis=pre.data.axis, spacing=pre.data.spacing)
+    # the candidates are what pretraining on ``root`` would read: never its test split
+    samples, why = pretraining_samples(replace(pre.data, path=str(root), split_file=None, include_test=False))
+    print(f"candidates: {why.split(' (--include-test')[0].replace('pretraining ', '', 1)}")
     if not 1 <= k <= len(samples):
         raise DataError(f"--k {k}: {images} has {len(samples)} {'slices' if volumes else 'images'}; choose k "
                         f"from 1 to {len(samples)}")
