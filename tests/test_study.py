@@ -198,7 +198,7 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
                  "--out", str(tmp_path / "root.txt")]) == 0
     picked = sorted(line.split("\t")[0] for line in (tmp_path / "root.txt").read_text().splitlines())
     assert picked == ["img_00", "img_01", "img_02", "img_03"]
-    assert "candidates: leaves out the 2 images of split 'test'" in capsys.readouterr().out
+    assert "candidates: 4 images; the 2 images of split 'test' are left out" in capsys.readouterr().out
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "5"]) == 2
     assert "has 4 images; choose k from 1 to 4" in capsys.readouterr().err
 

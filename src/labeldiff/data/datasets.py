@@ -432,13 +432,14 @@ def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
                   f"transductive protocol)")
 
 
-def pretraining_samples(cfg: DataConfig) -> tuple[list[Sample], str]:
+def pretraining_samples(cfg: DataConfig) -> tuple[list[Sample], list[str], str]:
     """What unlabeled pretraining reads — every image (every slice of a volume dataset, normalised by its
-    resolved intensity scheme) outside :func:`pretraining_exclusions` — and the sentence saying why."""
+    resolved intensity scheme) outside :func:`pretraining_exclusions` — the stems left out, and the
+    sentence saying why."""
     excluded, why = pretraining_exclusions(cfg)
     root = Path(cfg.path)
     intensity = resolve_intensity(cfg, root) if is_nnunet_raw(root) else None
-    return unlabeled_samples(root, set(excluded), intensity, cfg.axis, cfg.spacing), why
+    return unlabeled_samples(root, set(excluded), intensity, cfg.axis, cfg.spacing), excluded, why
 
 
 def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train", unit: str = "images") -> list[str]:

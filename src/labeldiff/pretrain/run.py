@@ -50,7 +50,7 @@ def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:
 def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
     """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K)."""
     if not corruption.needs_labels:
-        samples, why = pretraining_samples(cfg.data)
+        samples, _, why = pretraining_samples(cfg.data)
         print(why)
         return samples, None
     if cfg.data.ignore_index is not None:

@@ -165,11 +165,14 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[
     root = dataset_root(Path(images))
     volumes = is_nnunet_raw(root)
     # the candidates are what pretraining on ``root`` would read: never its test split
-    samples, why = pretraining_samples(replace(pre.data, path=str(root), split_file=None, include_test=False))
-    print(f"candidates: {why.split(' (--include-test')[0].replace('pretraining ', '', 1)}")
+    data = replace(pre.data, path=str(root), split_file=None, include_test=False)
+    samples, excluded, _ = pretraining_samples(data)
+    unit = "slices" if volumes else "images"
+    left_out = (f"; the {len(excluded)} {unit} of split {data.test_split!r} are left out (scored later, never "
+                f"labeled)" if excluded else "")
+    print(f"candidates: {len(samples)} {unit}{left_out}")
     if not 1 <= k <= len(samples):
-        raise DataError(f"--k {k}: {images} has {len(samples)} {'slices' if volumes else 'images'}; choose k "
-                        f"from 1 to {len(samples)}")
+        raise DataError(f"--k {k}: {images} has {len(samples)} {unit}; choose k from 1 to {len(samples)}")
     stems = [s.stem for s in samples]
     picks = set(diverse_subset(stems, unet_features(pre_dir, samples, pre.data), k, seed))
     return [s for s in samples if s.stem in picks]
