@@ -626,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decoder features of a pretrained run, from a seeded random half of the images, "
                                    "the pick a study's `select: diverse` makes. Label those, then finetune with "
                                    "--labels k. Measured: it protected against a bad random draw at k = 1-2 (brain "
-                                   "slices, Colin27), but at k = 4 on Kvasir -> CVC with a 10 000-step DDPM run "
-                                   "random frames were 9 Dice points better (README, 'Which images to label').")
+                                   "slices, Colin27), but at k = 4 with 10 000-step DDPM runs random picks were "
+                                   "better: 9 Dice points on Kvasir -> CVC, 7 on Colin27 (README, 'Which images "
+                                   "to label').")
     p.add_argument("--pretrained", required=True, type=Path, help="pretraining run folder (ddpm, mdm, mae, ...)")
     p.add_argument("--images", required=True, type=Path,
                    help="folder of images, a dataset root with images/, or an nnU-Net raw volume dataset")
