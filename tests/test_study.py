@@ -16,8 +16,8 @@ from labeldiff.data.datasets import LabeledFolder, select_subset
 from labeldiff.data.io import DataError
 from labeldiff.study import report
 from labeldiff.study.configs import pretrain_key
-from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset,
-                                    unet_features)
+from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset, typical_picks,
+                                    typical_subset, typicality, unet_features)
 from labeldiff.study.spec import StudyError, load_study, parse_study
 
 from conftest import DATASETS, write_labeled_dataset
@@ -185,6 +185,12 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
         picks[seed] = sorted(stem for stem, _ in lines)
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
+    # --rule typical: one typical image from each of 2 k-means clusters (copies share a cluster)
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--rule",
+                 "typical", "--out", str(tmp_path / "typical.txt")]) == 0
+    typical = [line.split("\t")[0] for line in (tmp_path / "typical.txt").read_text().splitlines()]
+    assert len(typical) == 2 and typical[0].split("_")[0] != typical[1].split("_")[0], typical
+    assert "(typical on the decoder features of" in capsys.readouterr().out
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed",
                  "3", "--out", str(tmp_path / "again.txt")]) == 0
     assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
@@ -220,6 +226,57 @@ def test_diverse_subset_depends_on_the_seed_and_stays_diverse():
     for seed in range(5):
         assert "s05" in diverse_subset(stems, x, 2, seed, classes, num_classes=3)
 
+
+
+def _two_clusters_and_an_outlier(rng):
+    """A: 30 points at (0, 0); B: 20 points at (10, 0); one outlier at (5, 20) (index 50)."""
+    return np.concatenate([rng.normal(0, 0.5, (30, 2)), rng.normal((10, 0), 0.5, (20, 2)), [[5.0, 20.0]]])
+
+
+def test_typical_picks_skip_the_outlier_that_k_center_greedy_takes():
+    """TypiClust picks one typical image per k-means cluster; k-center greedy's second pick is the
+    farthest point, here the outlier."""
+    x = _two_clusters_and_an_outlier(np.random.default_rng(0))
+    assert 50 in k_center_greedy(x, 2)
+    picks = typical_picks(x, 2, seed=0)
+    assert 50 not in picks and sorted(i >= 30 for i in picks) == [False, True]  # one of A, one of B
+    a = next(i for i in picks if i < 30)  # the A pick is A's densest point: its 15 nearest A-mates are closest
+    assert a == int(np.argmax(typicality(x[:30], 15)))
+    assert typical_picks(x, 2, seed=0) == picks  # deterministic for a seed
+    # k = 1: the most typical image of the whole pool, which lies in the bigger cluster A
+    assert typical_picks(x, 1, seed=0)[0] < 30
+    # a cluster of fewer than MIN_CLUSTER_SIZE images is passed over while bigger ones remain: with an
+    # outlier far away, k = 3 makes it a cluster of its own, and the third pick goes to the biggest cluster
+    far = np.concatenate([x[:50], [[200.0, 200.0]]])
+    three = typical_picks(far, 3, seed=0)
+    assert 50 not in three and sum(i < 30 for i in three) == 2 and sum(30 <= i < 50 for i in three) == 1
+    # class coverage: class 2 only in one image of B → the picks must include it
+    classes = [frozenset({0, 1})] * len(x)
+    classes[40] = frozenset({0, 2})
+    assert 40 in typical_picks(x, 2, 0, classes, num_classes=3)
+    with pytest.raises(DataError, match="must be between 1 and the 51 train images"):
+        typical_picks(x, 52, 0)
+
+
+def test_typicality_is_higher_where_neighbours_are_close():
+    x = np.array([[0.0], [0.1], [0.2], [5.0]])
+    t = typicality(x, 2)
+    assert t.argmax() == 1 and t.argmin() == 3
+    assert math.isclose(t[1], 1 / (0.1 + 1e-5), rel_tol=1e-6)  # both nearest mates 0.1 away
+    assert typicality(np.zeros((1, 3)), 20).tolist() == [1.0]
+
+
+def test_typical_subset_depends_on_the_seed_and_covers_classes():
+    rng = np.random.default_rng(1)
+    stems = [f"s{i:02d}" for i in range(51)]
+    x = _two_clusters_and_an_outlier(rng)
+    subsets = {tuple(typical_subset(stems, x, 2, seed)) for seed in range(8)}
+    assert len(subsets) > 1  # the seed draws the candidate half
+    assert all("s50" not in sub for sub in subsets)
+    classes = {s: frozenset({0, 1}) for s in stems}
+    classes["s05"] = frozenset({0, 2})
+    for seed in range(4):
+        assert "s05" in typical_subset(stems, x, 2, seed, classes, num_classes=3)
 
 # --- aggregation on hand-written rows -------------------------------------------------------------------------
 
@@ -291,12 +348,14 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
         return out
 
     rows = (rows_of("none", [0.01, 0.02, 0.03]) + rows_of("strong", [0.10, 0.12, 0.14], base=0.6)
-            + rows_of("strong", [0.10, 0.13, 0.16], base=0.6, select="diverse", shift=0.05))
+            + rows_of("strong", [0.10, 0.13, 0.16], base=0.6, select="diverse", shift=0.05)
+            + rows_of("strong", [0.10, 0.12, 0.14], base=0.6, select="typical", shift=-0.02))
     pairs = {(p["protocol"], p["select"]): p for p in report.paired_differences(rows)}
     assert math.isclose(pairs[("none", "random")]["mean"], 0.02)
     assert math.isclose(pairs[("strong", "random")]["mean"], 0.12)
     assert pairs[("strong", "random")]["low"] > 0 and pairs[("none", "random")]["n"] == 3
-    sel = {(p["strategy"], p["protocol"]): p for p in report.axis_differences(rows, "select", "random")}
+    sel = {(p["strategy"], p["protocol"]): p for p in report.axis_differences(rows, "select", "random")
+           if p["select"] == "diverse"}
     # diverse − random for ddpm/full/strong: (0.75−0.70, 0.78−0.72, 0.81−0.74) → mean 0.06
     assert math.isclose(sel[("full", "strong")]["mean"], 0.06) and sel[("full", "strong")]["n"] == 3
     assert math.isclose(sel[("scratch", "strong")]["mean"], 0.05)
@@ -305,13 +364,14 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     cols = [c.strip() for c in line.strip("|").split("|")]
     assert cols[1] == "ddpm / full / strong" and cols[2] == "0.720" and cols[3] == "0.600"
     assert cols[4] == "+0.120" and cols[6] == "yes (+)" and cols[7] == "met"
-    assert cols[8].startswith("+0.060") and cols[9].startswith("+0.050")
+    assert cols[8].startswith("diverse: +0.060") and cols[9].startswith("diverse: +0.050")
+    assert "; typical: -0.020" in cols[8] and "; typical: -0.020" in cols[9]
     # gains 0.10, 0.12, 0.14: sd 0.02; n = 4 is the first with (t₀.₉₇₅,₃ + t₀.₈,₃)·0.02/√4 = 0.042 ≤ 0.05 (n = 3: 0.062)
     assert cols[10] == "4"
     table = report.results_table(rows, "dice")
     assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
     # a study of diverse cells only names its selection in the verdict
-    only = [r for r in rows if r["select"] == "diverse"]
+    only = [r for r in rows if r["select"] == "diverse"]  # (typical's best is lower)
     line = next(l for l in report.verdict_markdown(only, "hand").splitlines() if l.startswith("| 2 |"))
     cols = [c.strip() for c in line.strip("|").split("|")]
     assert cols[1] == "ddpm / full / strong / diverse" and cols[2] == "0.780" and cols[4] == "+0.130"
@@ -694,7 +754,7 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     """pretrain_steps [2, 3]: the 3-step run resumes the 2-step run's checkpoint; every protocol gets
     its own scratch; diverse subsets are shared by pretrained and scratch cells; verdict.md is written."""
     study = base_study(methods=[{"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [3, 2]}],
-                       strategies=["lp-ft", "scratch"], labels=[2], select=["random", "diverse"],
+                       strategies=["lp-ft", "scratch"], labels=[2], select=["random", "diverse", "typical"],
                        protocols=[{"name": "plain"},
                                   {"name": "strong", "overrides": {"transfer.augment": "strong", "transfer.flips": "hv",
                                                                    "transfer.lp_steps": 1}}])
@@ -707,19 +767,19 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     cfg = json.loads((long / "config.json").read_text())
     assert cfg["train"]["steps"] == 3 and cfg["extended"] == [{"at_step": 2, "from_steps": 2, "to_steps": 3}]
     assert (long / "model.safetensors").is_file() and not (out / "pretrain").exists()
-    # 2 lengths × lp-ft + scratch, × 2 protocols × 2 selections
-    assert len(rows) == (2 + 1) * 2 * 2
+    # 2 lengths × lp-ft + scratch, × 2 protocols × 3 selections
+    assert len(rows) == (2 + 1) * 2 * 3
     assert {r["protocol"] for r in rows} == {"plain", "strong"}
     strong = [r for r in rows if r["protocol"] == "strong" and r["strategy"] == "lp-ft"]
     assert all((out / "cells" / r["cell"] / "run" / "lp" / "model.safetensors").is_file() for r in strong)
     run_cfg = json.loads((out / "cells" / strong[0]["cell"] / "run" / "config.json").read_text())
     assert run_cfg["transfer"]["augment"] == "strong" and run_cfg["transfer"]["strategy"] == "lp-ft"
-    for select in ("random", "diverse"):  # one subset per (k, seed, select), shared by every cell
+    for select in ("random", "diverse", "typical"):  # one subset per (k, seed, select), shared by every cell
         assert len({r["stems"] for r in rows if r["select"] == select}) == 1
     pairs = report.paired_differences(rows)
-    assert len(pairs) == 2 * 2 * 2 and all(p["n"] == 1 and p["unpaired"] == 0 for p in pairs)
+    assert len(pairs) == 2 * 2 * 3 and all(p["n"] == 1 and p["unpaired"] == 0 for p in pairs)
     verdict = (out / "verdict.md").read_text()
-    assert "| 2 | ddpm@" in verdict and "diverse − random" in verdict
+    assert "| 2 | ddpm@" in verdict and "selection − random" in verdict
     assert "| protocol |" in (out / "results.md").read_text()
 
 

@@ -343,9 +343,9 @@ def cmd_select(args: argparse.Namespace) -> None:
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.study.select import images_to_label
 
-    picks = images_to_label(args.pretrained, args.images, args.k, args.seed)
+    picks = images_to_label(args.pretrained, args.images, args.k, args.seed, args.rule)
     lines = [f"{s.stem}\t{s.image}" for s in picks]
-    print(f"label these {len(picks)} (diverse on the decoder features of {args.pretrained}, seed {args.seed}):")
+    print(f"label these {len(picks)} ({args.rule} on the decoder features of {args.pretrained}, seed {args.seed}):")
     print("\n".join(f"  {line}" for line in lines))
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
@@ -634,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images, a dataset root with images/, or an nnU-Net raw volume dataset")
     p.add_argument("--k", required=True, type=POSITIVE, help="how many to label")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which random half the pick is made from [0]")
+    p.add_argument("--rule", choices=("diverse", "typical"), default="diverse",
+                   help="diverse: k-center greedy (the farthest images); typical: TypiClust (the most typical "
+                        "image of each of k k-means clusters, made for budgets of a few labels) [diverse]")
     p.add_argument("--out", type=Path, default=None, help="also write the picks here, one 'stem<TAB>file' per line")
     p.set_defaults(func=cmd_select)
 

@@ -1,6 +1,6 @@
 """``labeldiff study``: the papers' label-efficiency tables on your own data, from one YAML file.
 
-spec.py (YAML → dataclasses), configs.py (run configs and their hashes), select.py (random / diverse
+spec.py (YAML → dataclasses), configs.py (run configs and their hashes), select.py (random / diverse / typical
 subsets, class coverage), runner.py (cached pretraining, cells, resume, progress), report.py (tables,
 paired differences, plots as pure functions on rows), prepare.py (data hooks, environment.json).
 """

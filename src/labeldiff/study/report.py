@@ -268,8 +268,8 @@ def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice
                      same_subset: bool = False) -> list[dict]:
     """``value − base`` along one axis, every other axis held: the same method, strategy, protocol,
     select and k (minus the one that varies) and the same seed, and with ``same_subset`` the same
-    labeled images too. ``select`` with base ``random`` gives diverse − random (two ways of choosing
-    the k images, each with its own variance when diverse is seeded); ``protocol`` with the study's
+    labeled images too. ``select`` with base ``random`` gives diverse − random and typical − random
+    (ways of choosing the k images, each with its own variance as they are seeded); ``protocol`` with the study's
     first protocol gives each fine-tuning protocol's effect (e.g. with and without synthetic pairs).
 
     Returns one dict per (value, other axes): the axes, ``mean``, ``low``, ``high`` (95 % CI of the
@@ -359,7 +359,7 @@ def paired_markdown(rows: list[dict], metric: str = "dice", digits: int = 3) -> 
     if any(p["unpaired"] for p in pairs):
         lines.append("\nunpaired: cells whose subset differs from scratch's, left out of the mean.")
     lines += _axis_table(axis_differences(rows, "select", "random", metric), "select", digits,
-                         f"diverse − random selection ({metric}), paired by seed")
+                         f"each selection − random ({metric}), paired by seed")
     lines += _axis_table(length_differences(rows, metric), "method", digits,
                          f"each pretraining length − the shortest of its run ({metric}), paired by seed and subset")
     protocols = list(dict.fromkeys(axis(r, "protocol") for r in rows))
@@ -379,7 +379,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                      looks: list[list[int]] | None = None) -> str:
     """Per k: the best pretrained method × strategy × protocol (highest mean, random selection where
     there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
-    diverse − random for that setting and for scratch, and the seeds a study of that setting needs for
+    each selection − random (diverse, typical) for that setting and for scratch, and the seeds a study of that setting needs for
     80 % power at +``goal`` (:func:`pairs_for_power`).
 
     ``looks``: the seeds of each look when a study was extended with more seeds after an earlier
@@ -390,7 +390,9 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
     level = 1 - 0.05 / max(1, len(looks))
     pairs = paired_differences(rows, metric)
     adjusted = {_pair_key(p): p for p in paired_differences(rows, metric, level)}
-    sel = {(p["method"], p["strategy"], p["protocol"], p["k"]): p for p in axis_differences(rows, "select", "random", metric)}
+    sel: dict[tuple, list[dict]] = defaultdict(list)
+    for p in axis_differences(rows, "select", "random", metric):
+        sel[(p["method"], p["strategy"], p["protocol"], p["k"])].append(p)
     stats = summarize(rows, metric)
     several = len(looks) > 1
     lv = f"{100 * level:g} %"
@@ -407,7 +409,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                      f"and each look's seeds are reported alone below.\n")
     adj_head, adj_rule = (f" {lv} CI ({len(looks)} looks) |", "---|") if several else ("", "")
     lines += [f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 |{adj_head} "
-              f"goal (≥ +{goal:.2f}, CI > 0) | diverse − random (this setting) | diverse − random (scratch) | "
+              f"goal (≥ +{goal:.2f}, CI > 0) | selection − random (this setting) | selection − random (scratch) | "
               f"seeds for 80 % power at +{goal:.2f} |",
               "|---|---|---|---|---|---|---|" + adj_rule + "---|---|---|---|"]
     bests = []
@@ -426,11 +428,12 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                         and g[3] == best["select"] and k in v), None)
         met = judged["n"] >= 2 and judged["low"] > 0 and judged["mean"] >= goal
         short = "met" if met else (f"not met (Δ {best['mean']:+.{digits}f})" if best["n"] >= 2 else "n/a")
-        s_best = sel.get((best["method"], best["strategy"], best["protocol"], k))
-        s_scr = next((p for (m, st, pr, kk), p in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
-                     None)
-        def fmt_sel(p: dict | None) -> str:
-            return "–" if p is None or p["n"] == 0 else f"{_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})"
+        s_best = sel.get((best["method"], best["strategy"], best["protocol"], k), [])
+        s_scr = next((ps for (m, st, pr, kk), ps in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
+                     [])
+        def fmt_sel(ps: list[dict]) -> str:
+            shown = [f"{p['select']}: {_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})" for p in ps if p["n"]]
+            return "; ".join(shown) or "–"
         adj = f" {_ci(judged, digits)} ({_excludes_zero(judged)}) |" if several else ""
         lines.append(f"| {k} | {_setting(best)} | {score(best):.{digits}f} | "
                      f"{'–' if scratch is None else f'{scratch[0]:.{digits}f}'} | {best['mean']:+.{digits}f} | "

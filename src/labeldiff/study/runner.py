@@ -47,7 +47,7 @@ from labeldiff.study import report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import build_pool, code_state, prepare_data, write_environment
-from labeldiff.study.select import class_sets, diverse_subset, pixel_features, random_subset, unet_features
+from labeldiff.study.select import PICKERS, class_sets, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
 from labeldiff.transfer.run import run_transfer
 
@@ -217,7 +217,7 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
 class Selector:
     """The labeled subset of a cell (see :mod:`labeldiff.study.select`).
 
-    ``diverse`` picks with one set of features for the whole study, computed once: those of the
+    ``diverse`` and ``typical`` pick with one set of features for the whole study, computed once: those of the
     first pretrained diffusion UNet, or the images themselves when there is none. Every cell at a
     (k, seed), scratch included, then trains on the same subset, so every pretrained cell has a
     scratch pair.
@@ -236,16 +236,16 @@ class Selector:
         if cell.select == "random":
             return random_subset(t.train, cell.k, cell.seed, t.classes, t.num_classes)
         if self.features is None:
-            print(f"diverse selection: k-center greedy on {self.describe()}, seeded candidate pools")
+            print(f"{cell.select} selection: features are {self.describe()}, seeded candidate pools")
             self.features = (unet_features(self.source.dir, t.ds.samples(t.train), self.ft.data) if self.source
                              else pixel_features(t.ds, t.train, self.ft.data))
-        return diverse_subset(t.train, self.features, cell.k, cell.seed, t.classes, t.num_classes)
+        return PICKERS[cell.select](t.train, self.features, cell.k, cell.seed, t.classes, t.num_classes)
 
 
 def planned_stems(cell: Cell, selector: Selector, show: int = 6) -> str:
     """What ``--dry-run`` says a cell labels, without training: the images a finished cell trained on
-    (its cell.json), the random draw a cell will make (drawn now, the same draw), or, for ``diverse``,
-    that the pick is made when it runs (it needs the pretrained features)."""
+    (its cell.json), the random draw a cell will make (drawn now, the same draw), or, for ``diverse`` and
+    ``typical``, that the pick is made when it runs (it needs the pretrained features)."""
     if cell.strategy == "source":
         return "labels: none (the source model as it is)"
     if cell.finished:
@@ -253,7 +253,8 @@ def planned_stems(cell: Cell, selector: Selector, show: int = 6) -> str:
     elif cell.select == "random":
         stems = selector.stems(cell)
     else:
-        return f"labels: picked when it runs (k-center greedy on {selector.describe()})"
+        rule = "k-center greedy" if cell.select == "diverse" else "TypiClust"
+        return f"labels: picked when it runs ({rule} on {selector.describe()})"
     more = f", … (+{len(stems) - show})" if len(stems) > show else ""
     return "labels: " + ", ".join(stems[:show]) + more
 

@@ -1,4 +1,4 @@
-"""Which k labeled images a cell trains on: random or diverse, optionally covering every class.
+"""Which k labeled images a cell trains on: random, diverse or typical, optionally covering every class.
 
 - ``random``: :func:`labeldiff.data.datasets.select_subset` (the subset ``labeldiff finetune --labels k
   --seed s`` would pick). With ``require_all_classes`` the subset is redrawn deterministically
@@ -15,6 +15,14 @@
   diverse − random compares two ways of choosing with their variance included. With
   ``require_all_classes``, once the remaining picks are no more than the missing classes, only
   images that add a missing class are candidates.
+- ``typical``: TypiClust (Hacohen, Dekel & Weinshall 2022, "Active learning on a budget"), made for
+  budgets of a few labels, where k-center greedy's farthest points are the pool's outliers. The same
+  features and the same seeded candidate pool as ``diverse``; k-means (seeded) splits the pool into k
+  clusters, and each pick is the most *typical* image (highest 1 / mean distance to its nearest
+  :data:`TYPICAL_NEIGHBOURS` cluster-mates, at most half the cluster) of the cluster with the fewest
+  picks so far, the largest first; clusters under :data:`MIN_CLUSTER_SIZE` images (in a pool too
+  small for that, under half the mean cluster size) are passed over while bigger ones remain. With ``require_all_classes`` the same rule as ``diverse`` applies: once
+  the remaining picks are no more than the missing classes, only images that add one are candidates.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from labeldiff.data.io import DataError
 MAX_TRIES = 1000
 POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
 PIXEL_SIDE = 16
+TYPICAL_NEIGHBOURS = 20  # typical: TypiClust's K nearest neighbours for the density
+MIN_CLUSTER_SIZE = 5  # typical: TypiClust passes over smaller clusters
 
 
 def class_sets(ds: LabeledFolder, stems: list[str], num_classes: int) -> dict[str, frozenset[int]]:
@@ -100,18 +110,92 @@ def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] 
     return chosen
 
 
-def diverse_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
-                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
-    """The stems :func:`k_center_greedy` picks from the seed's candidate pool (sorted, like
-    :func:`select_subset`); ``features`` has one row per stem."""
+def candidate_pool(stems: list[str], k: int, seed: int, classes: dict[str, frozenset[int]] | None = None,
+                   num_classes: int = 0) -> list[int]:
+    """Indices into ``stems`` of the seed's candidate pool for ``diverse`` and ``typical``: a random
+    :data:`POOL_FRACTION` of the images (at least k; with ``classes``, one containing every class)."""
     if classes is not None:
         check_coverable({s: classes[s] for s in stems}, num_classes)
     size = min(len(stems), max(k, math.ceil(len(stems) * POOL_FRACTION)))
     pool = set(random_subset(stems, size, seed, classes, num_classes))
-    index = [i for i, s in enumerate(stems) if s in pool]
+    return [i for i, s in enumerate(stems) if s in pool]
+
+
+def diverse_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
+                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
+    """The stems :func:`k_center_greedy` picks from the seed's candidate pool (sorted, like
+    :func:`select_subset`); ``features`` has one row per stem."""
+    index = candidate_pool(stems, k, seed, classes, num_classes)
     sets = [classes[stems[i]] for i in index] if classes is not None else None
     picks = k_center_greedy(np.asarray(features)[index], k, sets, num_classes)
     return sorted(stems[index[i]] for i in picks)
+
+
+def typicality(x: np.ndarray, neighbours: int) -> np.ndarray:
+    """Per row of ``x [N, F]``: 1 / (mean Euclidean distance to its ``neighbours`` nearest other rows
+    + 1e-5), TypiClust's density. A single row has typicality 1."""
+    n = len(x)
+    if n == 1:
+        return np.ones(1)
+    sq = (x * x).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0))
+    np.fill_diagonal(d, np.inf)
+    m = max(1, min(neighbours, n - 1))
+    return 1 / (np.sort(d, axis=1)[:, :m].mean(1) + 1e-5)
+
+
+def typical_picks(features: np.ndarray, k: int, seed: int, classes: list[frozenset[int]] | None = None,
+                  num_classes: int = 0) -> list[int]:
+    """Indices of ``k`` rows of ``features [N, F]`` in pick order, by TypiClust (module docstring)."""
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    n = len(x)
+    if not 1 <= k <= n:
+        raise DataError(f"labels k={k} must be between 1 and the {n} train images")
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x) if k > 1 else np.zeros(n, int)
+    members = [np.flatnonzero(labels == c) for c in range(k)]
+    typical = np.zeros(n)
+    for idx in members:
+        typical[idx] = typicality(x[idx], min(TYPICAL_NEIGHBOURS, len(idx) // 2))
+    big = min(MIN_CLUSTER_SIZE, max(1, n // (2 * k)))  # a tiny pool: half the mean cluster size
+    chosen: list[int] = []
+    covered: set[int] = set()
+    need = set(range(num_classes)) if classes is not None else set()
+    picks_in = [0] * k
+    while len(chosen) < k:
+        ok = np.ones(n, dtype=bool)
+        ok[chosen] = False
+        missing = need - covered
+        if missing and k - len(chosen) <= len(missing):
+            ok &= np.array([bool(classes[i] & missing) for i in range(n)])
+        open_ = [c for c in range(k) if ok[members[c]].any()]
+        if not open_:
+            break
+        sized = [c for c in open_ if len(members[c]) >= big] or open_
+        c = min(sized, key=lambda c: (picks_in[c], -len(members[c]), c))
+        idx = members[c][ok[members[c]]]
+        i = int(idx[np.argmax(typical[idx])])
+        chosen.append(i)
+        picks_in[c] += 1
+        if classes is not None:
+            covered |= classes[i]
+    if need - covered:
+        raise DataError(f"require_all_classes: k={k} typical picks cannot cover classes "
+                        f"{sorted(need - covered)}; raise k or set require_all_classes: false")
+    return chosen
+
+
+def typical_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
+                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
+    """The stems :func:`typical_picks` picks from the seed's candidate pool (sorted)."""
+    index = candidate_pool(stems, k, seed, classes, num_classes)
+    sets = [classes[stems[i]] for i in index] if classes is not None else None
+    picks = typical_picks(np.asarray(features)[index], k, seed, sets, num_classes)
+    return sorted(stems[index[i]] for i in picks)
+
+
+PICKERS = {"diverse": diverse_subset, "typical": typical_subset}  # the feature-based selections
 
 
 def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
@@ -148,11 +232,11 @@ def unet_features(pre_dir: Path, samples: list[Sample], data_cfg) -> np.ndarray:
     return np.stack(feats)
 
 
-def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[Sample]:
+def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0, rule: str = "diverse") -> list[Sample]:
     """The ``k`` images under ``images`` (a folder of images, a dataset root with ``images/``, or an
     nnU-Net raw dataset, whose slices along the run's axis are the candidates) to label first: the pick
-    a study's ``select: diverse`` makes (k-center greedy on a seeded random half), on the decoder
-    features of the pretrained run ``pre_dir``. A dataset root's test split (the run's ``test_split`` of
+    a study's ``select: diverse`` (k-center greedy) or ``select: typical`` (TypiClust) makes from a
+    seeded random half, on the decoder features of the pretrained run ``pre_dir``. A dataset root's test split (the run's ``test_split`` of
     its ``split.json``, or the nnU-Net test cases) is left out, as pretraining leaves it out: an image
     scored later is never one to label. Returns the picked samples."""
     from dataclasses import replace
@@ -174,5 +258,7 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0) -> list[
     if not 1 <= k <= len(samples):
         raise DataError(f"--k {k}: {images} has {len(samples)} {unit}; choose k from 1 to {len(samples)}")
     stems = [s.stem for s in samples]
-    picks = set(diverse_subset(stems, unet_features(pre_dir, samples, pre.data), k, seed))
+    if rule not in PICKERS:
+        raise DataError(f"selection {rule!r}: choose one of {', '.join(PICKERS)}")
+    picks = set(PICKERS[rule](stems, unet_features(pre_dir, samples, pre.data), k, seed))
     return [s for s in samples if s.stem in picks]

@@ -35,7 +35,7 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
                                          #   it is, no target label (its zero-label score)
     labels: [1, 3, all]
     seeds: [0, 1, 2]
-    select: random                       # random | diverse, or [random, diverse] as an axis
+    select: random                       # random | diverse | typical, or a list as an axis ([random, diverse])
     require_all_classes: false
     finetune: {recipe: recipes/finetune-cpu.yaml, overrides: {train.steps: 300}}
     protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
@@ -65,7 +65,7 @@ from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, 
                               merge_recipe, read_yaml)
 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
-SELECTS = ("random", "diverse")
+SELECTS = ("random", "diverse", "typical")
 METRICS = ("dice", "iou", "per-class", "volume")  # volume: the test slab of each case in 3D (volume datasets)
 PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
