@@ -875,6 +875,45 @@ def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path
                         files / "study.yaml")
 
 
+
+def test_pool_by_groups_draws_whole_groups_of_the_target(files, tmp_path):
+    """data.pool_by groups: the N pool images are whole groups (videos) of the target's train split, in a
+    seeded order, the last group cut to fit; every image of a plain folder is a group of its own."""
+    from labeldiff.study.prepare import build_pool, prepare_data
+
+    data = write_labeled_dataset(tmp_path / "videos", n=16, k=2)
+    (data / "split.json").unlink()
+    group = {f"img_{i:02d}": f"v{i // 4}" for i in range(16)}  # 4 videos of 4 frames
+    (data / "groups.json").write_text(json.dumps(group))
+
+    def pool(**extra):
+        study = base_study(data={"path": str(data), "split": {"groups": "groups.json", "test_fraction": 0.25},
+                                 "unlabeled": ["target"], "pool_size": 6, **extra})
+        s = parse_study(study, files / "study.yaml")
+        prepare_data(s, tmp_path / "out")
+        images = build_pool(s, tmp_path / "shared")
+        return images, [group[p.stem.removeprefix("target__")] for p in sorted(images.iterdir())]
+
+    for seed in range(4):
+        images, videos = pool(pool_by="groups", pool_seed=seed)
+        counts = sorted(videos.count(v) for v in set(videos))
+        assert counts == [2, 4], videos  # one whole video and the first 2 frames of another
+        info = json.loads((images.parent / "pool.json").read_text())
+        assert info["drawn"].startswith("6 of 12 in 2 whole groups") and len(info["groups"]) == 2
+        split = json.loads((tmp_path / "out" / "data" / "split.json").read_text())
+        assert not {group[t] for t in split["test"]} & set(videos)  # the test video never enters
+    by_seed = {tuple(pool(pool_by="groups", pool_seed=seed)[1]) for seed in range(6)}
+    assert len(by_seed) > 1  # the seed orders the groups
+    assert pool(pool_by="groups", pool_seed=1) == pool(pool_by="groups", pool_seed=1)
+    with pytest.raises(StudyError, match="data.pool_by: 'videos'; choose images or groups"):
+        pool(pool_by="videos")
+    with pytest.raises(StudyError, match="groups draws whole groups of the target; give data.split"):
+        parse_study(base_study(data={"path": "data", "unlabeled": ["target"], "pool_size": 2, "pool_by": "groups"}),
+                    files / "study.yaml")
+    with pytest.raises(StudyError, match="give data.pool_size too"):
+        parse_study(base_study(data={"path": "data", "unlabeled": ["target"], "pool_by": "groups"}),
+                    files / "study.yaml")
+
 def test_volume_slabs_prepare_slices_one_nnunet_case_into_disjoint_slabs(files, tmp_path):
     import nibabel as nib
 

@@ -96,7 +96,10 @@ def build_pool(study: Study, folder: Path) -> Path:
     ``<source>__<stem>`` so stems stay unique; the folder is ``folder/pools/pool-<hash of the
     linked files>/images`` (the hash names the pretraining runs too) with ``pool.json`` listing what
     came from where. With ``data.pool_size`` N the pool is a random N of those images, drawn with
-    ``data.pool_seed``. Returns the ``images`` folder.
+    ``data.pool_seed``; with ``data.pool_by: groups`` the N are whole groups of the target (its
+    ``data.split.groups``, e.g. the frames of one video), drawn in a seeded order until N images are
+    in (the last group cut to its first images in name order), every other image a group of its own — a
+    pool of near-duplicates the size of a random draw. Returns the ``images`` folder.
     """
     import numpy as np
 
@@ -107,12 +110,17 @@ def build_pool(study: Study, folder: Path) -> Path:
 
     files: list[tuple[str, Path]] = []
     counts: dict[str, int] = {}
+    group: dict[str, str] = {}  # pool_by groups: pool name → its group (else its own name)
     for entry in study.data.pool or []:
         if entry == POOL_TARGET:
             ds = LabeledFolder(study.data.path, study.data.split_file)
             split = study.data.options.get("test_split", "test")
             test = set(ds.stems(split)) if split in ds.splits else set()
-            chosen = [(f"target__{stem}", path) for stem, path in sorted(ds.images.items()) if stem not in test]
+            kept = [stem for stem in sorted(ds.images) if stem not in test]
+            chosen = [(f"target__{stem}", ds.images[stem]) for stem in kept]
+            if study.data.pool_by == "groups":
+                groups = json.loads(Path(study.data.split.groups).read_text())
+                group.update({f"target__{stem}": f"target group {groups[stem]}" for stem in kept if stem in groups})
             name = f"target ({Path(study.data.path).name}, without its {len(test)} test images)"
         else:
             chosen = [(f"{Path(entry).name}__{s.stem}", s.image) for s in unlabeled_samples(Path(entry))]
@@ -124,8 +132,14 @@ def build_pool(study: Study, folder: Path) -> Path:
         if study.data.pool_size > len(files):
             raise DataError(f"data.pool_size {study.data.pool_size}: the pool has only {len(files)} images "
                             f"({'; '.join(f'{n}: {c}' for n, c in counts.items())}); give at most {len(files)}")
-        keep = np.random.default_rng(study.data.pool_seed).choice(len(files), study.data.pool_size, replace=False)
-        note = {"drawn": f"{study.data.pool_size} of {len(files)} (pool_seed {study.data.pool_seed})"}
+        rng = np.random.default_rng(study.data.pool_seed)
+        if study.data.pool_by == "groups":
+            keep, drawn = _whole_groups([group.get(stem, stem) for stem, _, _ in files], study.data.pool_size, rng)
+            note = {"drawn": f"{study.data.pool_size} of {len(files)} in {len(drawn)} whole groups (pool_seed "
+                             f"{study.data.pool_seed})", "groups": drawn}
+        else:
+            keep = rng.choice(len(files), study.data.pool_size, replace=False)
+            note = {"drawn": f"{study.data.pool_size} of {len(files)} (pool_seed {study.data.pool_seed})"}
         files = [files[i] for i in sorted(keep)]
         counts = {n: sum(src == n for _, _, src in files) for n in counts}
     files = [(stem, path) for stem, path, _ in files]
@@ -142,10 +156,25 @@ def build_pool(study: Study, folder: Path) -> Path:
             os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
         write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
         os.replace(tmp, images.parent)
-    drawn = f", a random {note['drawn']}" if note else ""
+    drawn = "" if not note else f", {note['drawn']}" if "groups" in note else f", a random {note['drawn']}"
     print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{drawn}) "
           f"→ {images}")
     return images
+
+
+def _whole_groups(groups: list[str], n: int, rng) -> tuple[list[int], list[str]]:
+    """Indices of ``n`` items taken group by group in a random order of the groups (a group's items in
+    list order, the last group cut to fit), and the groups taken."""
+    order = sorted(set(groups))
+    keep: list[int] = []
+    taken: list[str] = []
+    for i in rng.permutation(len(order)):
+        members = [j for j, g in enumerate(groups) if g == order[i]]
+        keep += members[:n - len(keep)]
+        taken.append(order[i])
+        if len(keep) == n:
+            break
+    return keep, taken
 
 
 def _version(name: str) -> str | None:

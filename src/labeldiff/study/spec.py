@@ -17,6 +17,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
                                          #   images outside its test split), e.g. [../kvasir_seg, target]
       pool_size: null                    # with a pool: pretrain on a seeded random N of its images
       pool_seed: 0                       #   (the pool-size question: does a gain need many images?)
+      pool_by: images                    # images | groups: draw the N as whole groups of data.split.groups
+                                         #   (videos), a near-duplicate pool of the same size
       source: null                       # labeled source dataset (hybrid / supervised pretraining)
       source_split: train                # split of the source used for labeled pretraining
       size: 64                           # + any DataConfig field: mode, scale, channels, num_classes,
@@ -76,7 +78,8 @@ ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
 DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_split")
-POOL_KEYS = ("pool_size", "pool_seed")
+POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
+POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -107,6 +110,7 @@ class DataSpec:
     pool: list[Path | str] | None = None  # unlabeled as a list: folders and/or POOL_TARGET
     pool_size: int | None = None  # a seeded random subset of the pool of this many images (None: all)
     pool_seed: int = 0
+    pool_by: str = "images"  # "groups": the N drawn as whole groups of split.groups (a near-duplicate pool)
     source: Path | None = None
     source_split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)  # DataConfig fields
@@ -295,6 +299,14 @@ def _data(raw: Any, file: Path, prepare: str | None) -> DataSpec:
         if not (isinstance(seed, int) and not isinstance(seed, bool)):
             raise _fail(file, "data.pool_seed", f"{seed!r} is not an integer seed")
         spec.pool_size, spec.pool_seed = size, seed
+        spec.pool_by = str(raw.get("pool_by", "images"))
+        if spec.pool_by not in POOL_BY:
+            raise _fail(file, "data.pool_by", f"{spec.pool_by!r}; choose images or groups")
+        if spec.pool_by == "groups" and (spec.split is None or spec.split.groups is None):
+            raise _fail(file, "data.pool_by", "groups draws whole groups of the target; give data.split: {groups: "
+                                              "GROUPS.json, ...} (image stem → group, e.g. the video of each frame)")
+    elif raw.get("pool_by", "images") != "images":
+        raise _fail(file, "data.pool_by", "draws data.pool_size images; give data.pool_size too")
     for key in ("unlabeled", "source"):
         if raw.get(key) and not (key == "unlabeled" and spec.pool):
             setattr(spec, key, resolve_path(raw[key], file, f"data.{key}"))
