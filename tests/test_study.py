@@ -124,6 +124,8 @@ def test_class_coverage_impossible_errors():
     x = np.array([[0.0], [1.0], [2.0], [3.0]])  # the pool covers, but k = 1 picks cannot
     with pytest.raises(DataError, match=r"cannot cover classes \[2\]"):
         diverse_subset(["a", "b", "c", "d"], x, 1, 0, {**split, "c": frozenset({0}), "d": frozenset({0})}, 3)
+    with pytest.raises(DataError, match=r"typical picks cannot cover classes \[2\]"):
+        typical_subset(["a", "b", "c", "d"], x, 1, 0, {**split, "c": frozenset({0}), "d": frozenset({0})}, 3)
 
 
 def test_k_center_greedy_spreads_over_clusters():

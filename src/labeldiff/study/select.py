@@ -76,6 +76,22 @@ def random_subset(stems: list[str], k: int, seed: int, classes: dict[str, frozen
                     f"(seed {seed}) contains every class 0..{num_classes - 1}; raise k or set require_all_classes: false")
 
 
+def _allowed(n: int, chosen: list[int], k: int, classes: list[frozenset[int]] | None, missing: set[int]) -> np.ndarray:
+    """Which of ``n`` rows may be the next pick: not chosen yet, and once the picks left are no more
+    than the ``missing`` classes, only rows that add one of them."""
+    ok = np.ones(n, dtype=bool)
+    ok[chosen] = False
+    if missing and k - len(chosen) <= len(missing):
+        ok &= np.array([bool(classes[i] & missing) for i in range(n)])
+    return ok
+
+
+def _check_covered(need: set[int], covered: set[int], k: int, rule: str) -> None:
+    if need - covered:
+        raise DataError(f"require_all_classes: k={k} {rule} picks cannot cover classes "
+                        f"{sorted(need - covered)}; raise k or set require_all_classes: false")
+
+
 def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] | None = None,
                     num_classes: int = 0) -> list[int]:
     """Indices of ``k`` rows of ``features [N, F]`` in pick order (see the module docstring).
@@ -91,22 +107,16 @@ def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] 
     need = set(range(num_classes)) if classes is not None else set()
     score = -np.linalg.norm(x - x.mean(0), axis=1)  # first pick: closest to the mean
     while len(chosen) < k:
-        ok = np.ones(n, dtype=bool)
-        ok[chosen] = False
-        missing = need - covered
-        if missing and k - len(chosen) <= len(missing):
-            ok &= np.array([bool(classes[i] & missing) for i in range(n)])
-            if not ok.any():
-                break
+        ok = _allowed(n, chosen, k, classes, need - covered)
+        if not ok.any():
+            break
         i = int(np.flatnonzero(ok)[np.argmax(score[ok])])
         chosen.append(i)
         if classes is not None:
             covered |= classes[i]
         dist = np.linalg.norm(x - x[i], axis=1)
         score = dist if len(chosen) == 1 else np.minimum(score, dist)
-    if need - covered:
-        raise DataError(f"require_all_classes: k={k} diverse picks cannot cover classes "
-                        f"{sorted(need - covered)}; raise k or set require_all_classes: false")
+    _check_covered(need, covered, k, "diverse")
     return chosen
 
 
@@ -164,11 +174,7 @@ def typical_picks(features: np.ndarray, k: int, seed: int, classes: list[frozens
     need = set(range(num_classes)) if classes is not None else set()
     picks_in = [0] * k
     while len(chosen) < k:
-        ok = np.ones(n, dtype=bool)
-        ok[chosen] = False
-        missing = need - covered
-        if missing and k - len(chosen) <= len(missing):
-            ok &= np.array([bool(classes[i] & missing) for i in range(n)])
+        ok = _allowed(n, chosen, k, classes, need - covered)
         open_ = [c for c in range(k) if ok[members[c]].any()]
         if not open_:
             break
@@ -180,9 +186,7 @@ def typical_picks(features: np.ndarray, k: int, seed: int, classes: list[frozens
         picks_in[c] += 1
         if classes is not None:
             covered |= classes[i]
-    if need - covered:
-        raise DataError(f"require_all_classes: k={k} typical picks cannot cover classes "
-                        f"{sorted(need - covered)}; raise k or set require_all_classes: false")
+    _check_covered(need, covered, k, "typical")
     return chosen
 
 
