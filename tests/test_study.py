@@ -656,17 +656,19 @@ def _dry_run_labels(capsys, path: Path, out: Path) -> dict[str, str]:
 
 
 def test_dry_run_shows_the_images_each_cell_will_label_and_then_did(files, tmp_path, capsys):
-    path = write_study(files, base_study(labels=[2], seeds=[0, 1], select=["random", "diverse"]), name="dry.yaml")
+    path = write_study(files, base_study(labels=[2], seeds=[0, 1], select=["random", "diverse", "typical"]),
+                       name="dry.yaml")
     out = tmp_path / "out"
     before = _dry_run_labels(capsys, path, out)
-    assert len(before) == 8 and not (out / "cells").exists() and not (out / "pretrain").exists()  # nothing trained
+    assert len(before) == 12 and not (out / "cells").exists() and not (out / "pretrain").exists()  # nothing trained
     train = LabeledFolder(files / "data").stems("train")
     for cell, labels in before.items():
         if "-random-" in cell:  # the draw the cell will make, shown before it runs
             seed = int(cell.split("-s")[-1].split("-")[0])
             assert labels == ", ".join(random_subset(train, 2, seed)), cell
-        else:
-            assert labels.startswith("picked when it runs"), (cell, labels)
+        else:  # the rule that will pick, named
+            rule = "k-center greedy" if "-diverse-" in cell else "TypiClust"
+            assert labels.startswith(f"picked when it runs ({rule} on"), (cell, labels)
     runner.run_study(path, out)
     after = _dry_run_labels(capsys, path, out)
     rows = {r["cell"]: r["stems"] for r in report.read_csv(out / "results.csv")}
@@ -840,7 +842,7 @@ def test_unlabeled_pool_of_folders_and_the_target_without_its_test_images(files,
     assert calls.pretrain == []  # the second study finds the same pool and run
 
 
-def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path):
+def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path, capsys):
     """data.pool_size N: a random N of the pool's 7 images (the folder's 3 + the target's 4 train images),
     the same N for the same pool_seed, another draw for another seed; its own pool folder (so its own
     pretraining run); clear errors for a size the pool cannot give and for a size without a pool."""
@@ -863,6 +865,9 @@ def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path
         assert not any(n.startswith("target__" + t) for t in test for n in names)
         info = json.loads((images.parent / "pool.json").read_text())
         assert info["images"] == 4 and sum(info["sources"].values()) == 4 and info["drawn"].startswith("4 of 7")
+    capsys.readouterr()
+    pool(pool_size=4, pool_seed=0)
+    assert ", a random 4 of 7 (pool_seed 0)) →" in capsys.readouterr().out  # how the draw is said
     assert pool(pool_size=4, pool_seed=2) == drawn[2]  # the same seed draws the same images, the same folder
     assert len({tuple(names) for _, names in drawn.values()}) > 1
     assert pool(pool_size=7)[1] == all_names
@@ -878,7 +883,7 @@ def test_pool_size_pretrains_on_a_seeded_random_part_of_the_pool(files, tmp_path
 
 
 
-def test_pool_by_groups_draws_whole_groups_of_the_target(files, tmp_path):
+def test_pool_by_groups_draws_whole_groups_of_the_target(files, tmp_path, capsys):
     """data.pool_by groups: the N pool images are whole groups (videos) of the target's train split, in a
     seeded order, the last group cut to fit; every image of a plain folder is a group of its own."""
     from labeldiff.study.prepare import build_pool, prepare_data
@@ -902,6 +907,7 @@ def test_pool_by_groups_draws_whole_groups_of_the_target(files, tmp_path):
         assert counts == [2, 4], videos  # one whole video and the first 2 frames of another
         info = json.loads((images.parent / "pool.json").read_text())
         assert info["drawn"].startswith("6 of 12 in 2 whole groups") and len(info["groups"]) == 2
+        assert ", 6 of 12 in 2 whole groups (pool_seed " in capsys.readouterr().out
         split = json.loads((tmp_path / "out" / "data" / "split.json").read_text())
         assert not {group[t] for t in split["test"]} & set(videos)  # the test video never enters
     by_seed = {tuple(pool(pool_by="groups", pool_seed=seed)[1]) for seed in range(6)}

@@ -127,7 +127,7 @@ def build_pool(study: Study, folder: Path) -> Path:
             name = str(entry)
         counts[name] = len(chosen)
         files += [(stem, path, name) for stem, path in chosen]
-    note = {}
+    note, said = {}, ""
     if study.data.pool_size is not None:
         if study.data.pool_size > len(files):
             raise DataError(f"data.pool_size {study.data.pool_size}: the pool has only {len(files)} images "
@@ -137,9 +137,11 @@ def build_pool(study: Study, folder: Path) -> Path:
             keep, drawn = _whole_groups([group.get(stem, stem) for stem, _, _ in files], study.data.pool_size, rng)
             note = {"drawn": f"{study.data.pool_size} of {len(files)} in {len(drawn)} whole groups (pool_seed "
                              f"{study.data.pool_seed})", "groups": drawn}
+            said = f", {note['drawn']}"
         else:
             keep = rng.choice(len(files), study.data.pool_size, replace=False)
             note = {"drawn": f"{study.data.pool_size} of {len(files)} (pool_seed {study.data.pool_seed})"}
+            said = f", a random {note['drawn']}"
         files = [files[i] for i in sorted(keep)]
         counts = {n: sum(src == n for _, _, src in files) for n in counts}
     files = [(stem, path) for stem, path, _ in files]
@@ -156,8 +158,7 @@ def build_pool(study: Study, folder: Path) -> Path:
             os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
         write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
         os.replace(tmp, images.parent)
-    drawn = "" if not note else f", {note['drawn']}" if "groups" in note else f", a random {note['drawn']}"
-    print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{drawn}) "
+    print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{said}) "
           f"→ {images}")
     return images
 

@@ -47,7 +47,7 @@ from labeldiff.study import report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import build_pool, code_state, prepare_data, write_environment
-from labeldiff.study.select import PICKERS, class_sets, pixel_features, random_subset, unet_features
+from labeldiff.study.select import PICKERS, RULES, class_sets, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
 from labeldiff.transfer.run import run_transfer
 
@@ -253,8 +253,7 @@ def planned_stems(cell: Cell, selector: Selector, show: int = 6) -> str:
     elif cell.select == "random":
         stems = selector.stems(cell)
     else:
-        rule = "k-center greedy" if cell.select == "diverse" else "TypiClust"
-        return f"labels: picked when it runs ({rule} on {selector.describe()})"
+        return f"labels: picked when it runs ({RULES[cell.select]} on {selector.describe()})"
     more = f", … (+{len(stems) - show})" if len(stems) > show else ""
     return "labels: " + ", ".join(stems[:show]) + more
 

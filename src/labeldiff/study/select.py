@@ -21,8 +21,9 @@
   clusters, and each pick is the most *typical* image (highest 1 / mean distance to its nearest
   :data:`TYPICAL_NEIGHBOURS` cluster-mates, at most half the cluster) of the cluster with the fewest
   picks so far, the largest first; clusters under :data:`MIN_CLUSTER_SIZE` images (in a pool too
-  small for that, under half the mean cluster size) are passed over while bigger ones remain. With ``require_all_classes`` the same rule as ``diverse`` applies: once
-  the remaining picks are no more than the missing classes, only images that add one are candidates.
+  small for that, under half the mean cluster size) are passed over while bigger ones remain. With
+  ``require_all_classes`` the same rule as ``diverse`` applies: once the remaining picks are no more
+  than the missing classes, only images that add one are candidates.
 """
 from __future__ import annotations
 
@@ -76,6 +77,14 @@ def random_subset(stems: list[str], k: int, seed: int, classes: dict[str, frozen
                     f"(seed {seed}) contains every class 0..{num_classes - 1}; raise k or set require_all_classes: false")
 
 
+def _as_rows(features: np.ndarray, k: int) -> np.ndarray:
+    """``features`` as float64 rows ``[N, F]``, checking that k of them can be picked."""
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    if not 1 <= k <= len(x):
+        raise DataError(f"labels k={k} must be between 1 and the {len(x)} train images")
+    return x
+
+
 def _allowed(n: int, chosen: list[int], k: int, classes: list[frozenset[int]] | None, missing: set[int]) -> np.ndarray:
     """Which of ``n`` rows may be the next pick: not chosen yet, and once the picks left are no more
     than the ``missing`` classes, only rows that add one of them."""
@@ -98,10 +107,8 @@ def k_center_greedy(features: np.ndarray, k: int, classes: list[frozenset[int]] 
 
     Ties go to the lower index, so the result is deterministic.
     """
-    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    x = _as_rows(features, k)
     n = len(x)
-    if not 1 <= k <= n:
-        raise DataError(f"labels k={k} must be between 1 and the {n} train images")
     chosen: list[int] = []
     covered: set[int] = set()
     need = set(range(num_classes)) if classes is not None else set()
@@ -131,14 +138,20 @@ def candidate_pool(stems: list[str], k: int, seed: int, classes: dict[str, froze
     return [i for i, s in enumerate(stems) if s in pool]
 
 
-def diverse_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
-                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
-    """The stems :func:`k_center_greedy` picks from the seed's candidate pool (sorted, like
-    :func:`select_subset`); ``features`` has one row per stem."""
+def _from_pool(pick, stems: list[str], features: np.ndarray, k: int, seed: int,
+               classes: dict[str, frozenset[int]] | None, num_classes: int) -> list[str]:
+    """The stems ``pick(pool features, pool class sets)`` chooses from the seed's candidate pool,
+    sorted like :func:`select_subset`; ``features`` has one row per stem."""
     index = candidate_pool(stems, k, seed, classes, num_classes)
     sets = [classes[stems[i]] for i in index] if classes is not None else None
-    picks = k_center_greedy(np.asarray(features)[index], k, sets, num_classes)
-    return sorted(stems[index[i]] for i in picks)
+    return sorted(stems[index[i]] for i in pick(np.asarray(features)[index], sets))
+
+
+def diverse_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
+                   classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
+    """The stems :func:`k_center_greedy` picks from the seed's candidate pool."""
+    return _from_pool(lambda x, sets: k_center_greedy(x, k, sets, num_classes), stems, features, k, seed, classes,
+                      num_classes)
 
 
 def typicality(x: np.ndarray, neighbours: int) -> np.ndarray:
@@ -159,10 +172,8 @@ def typical_picks(features: np.ndarray, k: int, seed: int, classes: list[frozens
     """Indices of ``k`` rows of ``features [N, F]`` in pick order, by TypiClust (module docstring)."""
     from sklearn.cluster import KMeans
 
-    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    x = _as_rows(features, k)
     n = len(x)
-    if not 1 <= k <= n:
-        raise DataError(f"labels k={k} must be between 1 and the {n} train images")
     labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x) if k > 1 else np.zeros(n, int)
     members = [np.flatnonzero(labels == c) for c in range(k)]
     typical = np.zeros(n)
@@ -192,14 +203,13 @@ def typical_picks(features: np.ndarray, k: int, seed: int, classes: list[frozens
 
 def typical_subset(stems: list[str], features: np.ndarray, k: int, seed: int,
                    classes: dict[str, frozenset[int]] | None = None, num_classes: int = 0) -> list[str]:
-    """The stems :func:`typical_picks` picks from the seed's candidate pool (sorted)."""
-    index = candidate_pool(stems, k, seed, classes, num_classes)
-    sets = [classes[stems[i]] for i in index] if classes is not None else None
-    picks = typical_picks(np.asarray(features)[index], k, seed, sets, num_classes)
-    return sorted(stems[index[i]] for i in picks)
+    """The stems :func:`typical_picks` picks from the seed's candidate pool."""
+    return _from_pool(lambda x, sets: typical_picks(x, k, seed, sets, num_classes), stems, features, k, seed,
+                      classes, num_classes)
 
 
 PICKERS = {"diverse": diverse_subset, "typical": typical_subset}  # the feature-based selections
+RULES = {"diverse": "k-center greedy", "typical": "TypiClust"}  # what each is, for messages
 
 
 def pixel_features(ds: LabeledFolder, stems: list[str], data_cfg) -> np.ndarray:
