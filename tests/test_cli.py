@@ -650,3 +650,28 @@ def test_a_read_only_or_full_out_folder_is_one_line(module_dataset, tmp_path, mo
     assert main(["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]) == 4
     line = _error_line(capsys)
     assert f"cannot write {out}" in line and os.strerror(code) in line and fix in line
+
+
+def test_compare_cli_pairs_two_studies_and_says_how_to_fix_a_missing_file(tmp_path, capsys):
+    from labeldiff.study.report import write_csv
+
+    def row(cell, dice, stems="a;b"):
+        return {"cell": cell, "method": "ddpm@10000", "pretrain_steps": 10000, "arch": "A", "strategy": "full",
+                "protocol": "default", "k": 2, "seed": int(cell[-1]), "select": "random", "stems": stems,
+                "dice": dice, "iou": dice / 2, "seconds": 1.0}
+
+    write_csv([row("a0", 0.70), row("a1", 0.80), row("a2", 0.60)], tmp_path / "videos" / "results.csv")
+    write_csv([row("b0", 0.50), row("b1", 0.70), row("b2", 0.60, stems="c;d")], tmp_path / "random" / "results.csv")
+    out = tmp_path / "compare.md"
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "random" / "results.csv"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # seeds 0, 1: +0.2, +0.1 (seed 2 labeled other images in random: unpaired)
+    assert "| ddpm@10000 | full | default | random | 2 | 0.750 | 0.600 | +0.150 |" in text
+    assert "| no | 2 | 1 |" in text and out.read_text() in text
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "random"), "--names", "v,r",
+                 "--metric", "iou"]) == 0
+    assert "| v | r | mean Δ |" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no results.csv there" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "random"), "--metric", "dice_7"]) == 2
+    assert "no column dice_7" in capsys.readouterr().err

@@ -337,6 +337,34 @@ def test_paired_ci_against_hand_calculation():
     assert (p3["n"], p3["unpaired"]) == (0, 1)
 
 
+def test_two_studies_pair_cell_by_cell_by_hand():
+    """A − B pairs method, strategy, k and seed with the same labeled images; scratch cells copied into both
+    are one cell (Δ = 0 by construction) and are named, not tabled; a seed whose images differ is unpaired."""
+    scratch = [_row("none", "scratch", 4, s, 0.5, stems=f"x{s}") for s in range(3)]
+    a = scratch + [_row("ddpm", "full", 4, s, d, stems=f"x{s}") for s, d in enumerate([0.7, 0.8, 0.9])]
+    b = scratch + [dict(_row("ddpm", "full", 4, s, d, stems=f"x{s}"), cell=f"b{s}")
+                   for s, d in enumerate([0.6, 0.6, 0.7, 0.9])]
+    b[4] = dict(b[4], stems="other")  # seed 1 labeled other images in B
+    by = {p["strategy"]: p for p in report.study_differences(a, b)}
+    # seeds 0 and 2: 0.7 − 0.6, 0.9 − 0.7 → mean 0.15, sd 0.0707107, t(0.975, 1) = 12.706205
+    half = 12.706204736174707 * math.sqrt(0.005) / math.sqrt(2)
+    full = by["full"]
+    assert (full["n"], full["unpaired"], full["shared"]) == (2, 1, 0)
+    assert math.isclose(full["mean"], 0.15) and math.isclose(full["high"], 0.15 + half, rel_tol=1e-6)
+    assert math.isclose(full["a"], 0.8) and math.isclose(full["b"], 0.65)
+    assert (by["scratch"]["n"], by["scratch"]["shared"]) == (3, 3)
+    md = report.compare_markdown(a, b, ("videos", "random"))
+    assert "| method | strategy | protocol | select | k | videos | random | mean Δ |" in md
+    assert f"| ddpm | full | default | random | 4 | 0.800 | 0.650 | +0.150 | [{0.15 - half:+.3f}, {0.15 + half:+.3f}] | " \
+           f"no | 2 | 1 |" in md
+    assert "| none | scratch |" not in md and "none / scratch / k = 4 (3 cells)" in md
+    assert "unpaired: the seed is in both" in md
+    b_other = [dict(r, stems="other") for r in b]  # no seed with the same images: no means either
+    assert "| ddpm | full | default | random | 4 | – | – | – | n/a | n/a | 0 | 3 |" in \
+        report.compare_markdown(a, b_other, ("a", "b"))
+    assert "no pairs" in report.compare_markdown(a, [_row("mae", "full", 4, 0, 0.5)], ("a", "b"))
+
+
 def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     """Scratch of protocol p is the pair of a pretrained cell of protocol p only; the verdict names the
     best pretrained setting per k with its CI, and diverse − random is paired by seed."""

@@ -398,6 +398,41 @@ def cmd_study(args: argparse.Namespace) -> None:
               shard=args.shard)
 
 
+def _results_csv(path: Path) -> Path:
+    csv = path / "results.csv" if path.is_dir() else path
+    if not csv.is_file():
+        raise FileNotFoundError(f"{path}: no results.csv there; give a study folder (--out of `labeldiff study`) or its "
+                         f"results.csv (`labeldiff study STUDY.yaml --out {path} --report-only` writes it from the "
+                         f"finished cells)")
+    return csv
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.study.report import compare_markdown, read_csv
+
+    names = args.names or (args.a.name if args.a.is_dir() else args.a.parent.name,
+                           args.b.name if args.b.is_dir() else args.b.parent.name)
+    rows = [read_csv(_results_csv(p)) for p in (args.a, args.b)]
+    missing = [c for c in ("cell", "method", "strategy", "k", "seed", "stems", args.metric)
+               if rows[0] and rows[1] and not (c in rows[0][0] and c in rows[1][0])]
+    if missing:
+        raise ValueError(f"the results.csv files have no column {', '.join(missing)} (--metric: dice, iou, or a "
+                         f"dice_<class> column)")
+    text = compare_markdown(rows[0], rows[1], tuple(names), metric=args.metric)
+    print(text, end="")
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+
+
+def _names(text: str) -> tuple[str, str]:
+    names = tuple(n.strip() for n in text.split(","))
+    if len(names) != 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give two names, e.g. videos,random")
+    return names
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
@@ -665,6 +700,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="I/N: run only the I-th of every N unfinished cells, no pretraining, no reports (what "
                         "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95% CIs (two studies that differ "
+                                        "outside their cells, e.g. the pretraining pool)",
+                       description="Pair the finished cells of two studies: the same method name, strategy, protocol, "
+                                   "selection, k, seed and labeled images. Prints (and with --out writes) the mean "
+                                   "of each study, the mean paired difference A − B and its 95% t-interval per "
+                                   "setting. Cells that are one cell in both (copied scratch cells) are named, not "
+                                   "tabled.")
+    p.add_argument("a", type=Path, help="study folder (or its results.csv)")
+    p.add_argument("b", type=Path, help="study folder (or its results.csv) to subtract")
+    p.add_argument("--names", type=_names, default=None, help="A,B: the studies' names in the table [folder names]")
+    p.add_argument("--metric", default="dice", help="results.csv column: dice, iou, dice_<class> [dice]")
+    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    p.set_defaults(func=cmd_compare)
 
     bench = sub.add_parser("bench", help="benchmarks: probe-memory, loop (training-loop efficiency), predict "
                                          "(prediction efficiency), ddp (torchrun processes, all-reduce)",

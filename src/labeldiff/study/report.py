@@ -309,6 +309,73 @@ def length_differences(rows: list[dict], metric: str = "dice") -> list[dict]:
     return out
 
 
+def study_differences(a: list[dict], b: list[dict], metric: str = "dice", level: float = 0.95) -> list[dict]:
+    """Study ``a`` − study ``b``, cell by cell: the same method name, strategy, protocol, select, k and seed,
+    and the same labeled images (two studies that differ in one thing outside the cells, e.g. the pretraining
+    pool). One dict per (method, strategy, protocol, select, k) found in both: ``mean``, ``low``, ``high``
+    (``level`` CI of the mean paired difference), ``n``, ``sd``, ``a`` and ``b`` (the paired cells' means),
+    ``unpaired`` (the seed is in both but the labeled images differ: left out) and ``shared`` (pairs that are
+    one cell, the same cell key in both studies, e.g. scratch cells copied into both: Δ = 0 by construction)."""
+    def where(r: dict) -> tuple:
+        return r["method"], r["strategy"], axis(r, "protocol"), axis(r, "select"), int(r["k"])
+
+    ref = {(*where(r), int(r["seed"])): r for r in b}
+    found: dict[tuple, dict] = {}
+    for r in a:
+        o = ref.get((*where(r), int(r["seed"])))
+        if o is None:
+            continue
+        f = found.setdefault(where(r), {"diffs": [], "a": [], "b": [], "unpaired": 0, "shared": 0})
+        if o["stems"] != r["stems"]:
+            f["unpaired"] += 1
+            continue
+        f["diffs"].append(float(r[metric]) - float(o[metric]))
+        f["a"].append(float(r[metric]))
+        f["b"].append(float(o[metric]))
+        f["shared"] += int(r["cell"] == o["cell"])
+    out = []
+    for key, f in found.items():
+        mean, low, high, n, sd = paired_ci(f["diffs"], level)
+        out.append(dict(zip(PAIR_AXES, key), mean=mean, low=low, high=high, n=n, sd=sd,
+                        a=float(np.mean(f["a"])) if f["a"] else math.nan,
+                        b=float(np.mean(f["b"])) if f["b"] else math.nan,
+                        unpaired=f["unpaired"], shared=f["shared"], diffs=f["diffs"]))
+    return out
+
+
+def compare_markdown(a: list[dict], b: list[dict], names: tuple[str, str], metric: str = "dice",
+                     digits: int = 3) -> str:
+    """The table of :func:`study_differences`, ``names`` the two studies as the reader knows them."""
+    na, nb = names
+    diffs = study_differences(a, b, metric)
+    lines = [f"# {na} − {nb} ({metric}), paired by cell\n",
+             f"Pairs: the same method name, strategy, protocol, selection, k and seed in both studies, and the same "
+             f"labeled images. 95 % confidence interval of the mean paired difference from the t-distribution "
+             f"(n − 1 degrees of freedom); n/a with fewer than 2 pairs.\n",
+             f"| method | strategy | protocol | select | k | {na} | {nb} | mean Δ | 95 % CI | excludes 0 | pairs | "
+             f"unpaired |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    shared = []
+    for p in diffs:
+        if p["n"] and p["shared"] == p["n"]:
+            shared.append(p)
+            continue
+        a_b = " | ".join("–" if p["n"] == 0 else f"{p[s]:.{digits}f}" for s in ("a", "b"))
+        lines.append(f"| {' | '.join(str(p[c]) for c in PAIR_AXES)} | {a_b} | "
+                     f"{_mean(p, digits)} | {_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} | {p['unpaired']} |")
+    if not diffs:
+        lines.append(f"\n(no pairs: no cell of {na} has the method, strategy, protocol, selection, k and seed of a "
+                     f"cell of {nb})")
+    if shared:
+        lines.append("\nThe same cells in both studies (Δ = 0 by construction, left out of the table): " +
+                     "; ".join(f"{p['method']} / {p['strategy']} / k = {p['k']} ({p['n']} cells)" for p in shared))
+    if any(p["shared"] and p["shared"] < p["n"] for p in diffs):
+        lines.append("\nSome rows pair a shared cell with itself among their pairs (Δ = 0 for those seeds).")
+    if any(p["unpaired"] for p in diffs):
+        lines.append("\nunpaired: the seed is in both studies but the labeled images differ; left out of the mean.")
+    return "\n".join(lines) + "\n"
+
+
 def _ci(p: dict, digits: int) -> str:
     return f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]" if p["n"] >= 2 else "n/a"
 
