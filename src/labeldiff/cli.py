@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "slices, Colin27), but at k = 4 with 10 000-step DDPM runs random picks were "
                                    "better: 9 Dice points on Kvasir -> CVC, 7 on Colin27, a tie on Kvasir-SEG. --rule "
                                    "typical (TypiClust) beat random picks on Colin27 at k = 4 by 4 points and tied "
-                                   "with them on CVC (README, 'Which images to label').")
+                                   "with them on CVC and Kvasir-SEG (README, 'Which images to label').")
     p.add_argument("--pretrained", required=True, type=Path, help="pretraining run folder (ddpm, mdm, mae, ...)")
     p.add_argument("--images", required=True, type=Path,
                    help="folder of images, a dataset root with images/, or an nnU-Net raw volume dataset")
