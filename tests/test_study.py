@@ -181,20 +181,20 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
     for seed in range(10):
         out = tmp_path / f"picks{seed}.txt"
         assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
-                     "--seed", str(seed), "--out", str(out)]) == 0
+                     "--rule", "diverse", "--seed", str(seed), "--out", str(out)]) == 0
         lines = [line.split("\t") for line in out.read_text().splitlines()]
         assert len(lines) == 2 and all(Path(f).is_file() and Path(f).stem == stem for stem, f in lines)
         picks[seed] = sorted(stem for stem, _ in lines)
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
-    # --rule typical: one typical image from each of 2 k-means clusters (copies share a cluster)
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--rule",
-                 "typical", "--out", str(tmp_path / "typical.txt")]) == 0
+    # the default rule, typical: one typical image from each of 2 k-means clusters (copies share a cluster)
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+                 "--out", str(tmp_path / "typical.txt")]) == 0
     typical = [line.split("\t")[0] for line in (tmp_path / "typical.txt").read_text().splitlines()]
     assert len(typical) == 2 and typical[0].split("_")[0] != typical[1].split("_")[0], typical
     assert "(typical on the decoder features of" in capsys.readouterr().out
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed",
-                 "3", "--out", str(tmp_path / "again.txt")]) == 0
+                 "3", "--rule", "diverse", "--out", str(tmp_path / "again.txt")]) == 0
     assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
     capsys.readouterr()
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "9"]) == 2

@@ -656,23 +656,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("select", help="which k images to label first: a diverse pick on a pretrained run's features",
-                       description="Choose the k images (or volume slices) to label first: k-center greedy on the "
-                                   "decoder features of a pretrained run, from a seeded random half of the images, "
-                                   "the pick a study's `select: diverse` makes. Label those, then finetune with "
-                                   "--labels k. Measured: it protected against a bad random draw at k = 1-2 (brain "
-                                   "slices, Colin27), but at k = 4 with 10 000-step DDPM runs random picks were "
-                                   "better: 9 Dice points on Kvasir -> CVC, 7 on Colin27, a tie on Kvasir-SEG. --rule "
-                                   "typical (TypiClust) beat random picks on Colin27 at k = 4 by 4 points and tied "
-                                   "with them on CVC and Kvasir-SEG (README, 'Which images to label').")
+    p = sub.add_parser("select", help="which k images to label first: the most typical images of k clusters of a "
+                                       "pretrained run's features",
+                       description="Choose the k images (or volume slices) to label first, on the decoder features "
+                                   "of a pretrained run, from a seeded random half of the images: the pick a study's "
+                                   "`select: typical` or `select: diverse` makes. Label those, then finetune with "
+                                   "--labels k. Measured at k = 4 with 10 000-step DDPM runs, against a random draw: "
+                                   "typical (TypiClust, the default) +4 Dice points on Colin27 (CI above 0), level "
+                                   "on Kvasir -> CVC and Kvasir-SEG (+2), steadier over seeds; diverse (k-center "
+                                   "greedy) -9 points on CVC, -7 on Colin27, level on Kvasir-SEG. At k = 1-2 diverse "
+                                   "protected against a bad random draw (brain slices, Colin27); typical was not "
+                                   "measured there (README, 'Which images to label').")
     p.add_argument("--pretrained", required=True, type=Path, help="pretraining run folder (ddpm, mdm, mae, ...)")
     p.add_argument("--images", required=True, type=Path,
                    help="folder of images, a dataset root with images/, or an nnU-Net raw volume dataset")
     p.add_argument("--k", required=True, type=POSITIVE, help="how many to label")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which random half the pick is made from [0]")
-    p.add_argument("--rule", choices=("diverse", "typical"), default="diverse",
-                   help="diverse: k-center greedy (the farthest images); typical: TypiClust (the most typical "
-                        "image of each of k k-means clusters, made for budgets of a few labels) [diverse]")
+    p.add_argument("--rule", choices=("typical", "diverse"), default="typical",
+                   help="typical: TypiClust (the most typical image of each of k k-means clusters, made for "
+                        "budgets of a few labels); diverse: k-center greedy (the farthest images) [typical]")
     p.add_argument("--out", type=Path, default=None, help="also write the picks here, one 'stem<TAB>file' per line")
     p.set_defaults(func=cmd_select)
 
@@ -701,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95% CIs (two studies that differ "
+    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95%% CIs (two studies that differ "
                                         "outside their cells, e.g. the pretraining pool)",
                        description="Pair the finished cells of two studies: the same method name, strategy, protocol, "
                                    "selection, k, seed and labeled images. Prints (and with --out writes) the mean "

@@ -246,7 +246,7 @@ def unet_features(pre_dir: Path, samples: list[Sample], data_cfg) -> np.ndarray:
     return np.stack(feats)
 
 
-def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0, rule: str = "diverse") -> list[Sample]:
+def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0, rule: str = "typical") -> list[Sample]:
     """The ``k`` images under ``images`` (a folder of images, a dataset root with ``images/``, or an
     nnU-Net raw dataset, whose slices along the run's axis are the candidates) to label first: the pick
     a study's ``select: diverse`` (k-center greedy) or ``select: typical`` (TypiClust) makes from a
