@@ -621,6 +621,26 @@ def test_verdict_of_a_second_look_judges_the_goal_on_the_split_alpha():
     assert c1[6] == "yes (+)" and c2[6] == "yes (+)" and c2[7].endswith("(no)") and c2[8].startswith("not met")
 
 
+def test_verdict_of_a_second_look_gives_selection_its_split_alpha_too():
+    """Typical − random for DDPM gains 0.06, 0.08, 0.10, 0.05, 0.07, 0.09 over seeds 0–5 (the numbers of the
+    test above): 95 % CI [0.055, 0.095]; with two looks the selection column adds the 97.5 % CI [0.051, 0.099]."""
+    rows = []
+    for seed, g in enumerate([0.06, 0.08, 0.10, 0.05, 0.07, 0.09]):
+        rows += [_row("ddpm", "full", 2, seed, 0.6, stems=f"r{seed}"),
+                 _row("none", "scratch", 2, seed, 0.5, stems=f"r{seed}"),
+                 _row("ddpm", "full", 2, seed, 0.6 + g, stems=f"t{seed}", select="typical"),
+                 _row("none", "scratch", 2, seed, 0.5 + g / 2, stems=f"t{seed}", select="typical")]
+
+    def selection(verdict):
+        line = next(l for l in verdict.splitlines() if l.startswith("| 2 |"))
+        return [c.strip() for c in line.strip("|").split("|")][-3]
+
+    assert selection(report.verdict_markdown(rows, "one look")) == "typical: +0.075 [+0.055, +0.095] (yes (+))"
+    two = report.verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
+    assert selection(two) == "typical: +0.075 [+0.055, +0.095] (yes (+), 97.5 %: [+0.051, +0.099] (yes (+)))"
+    assert "each selection − random is given with its 97.5 % CI as well" in two
+
+
 def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
     rows = []
     for seed, (g1, g4) in enumerate([(0.02, -0.01), (0.04, 0.01), (0.09, 0.03)]):

@@ -265,14 +265,14 @@ PAIR_AXES = ("method", "strategy", "protocol", "select", "k")  # what a cell is,
 
 
 def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice",
-                     same_subset: bool = False) -> list[dict]:
+                     same_subset: bool = False, level: float = 0.95) -> list[dict]:
     """``value − base`` along one axis, every other axis held: the same method, strategy, protocol,
     select and k (minus the one that varies) and the same seed, and with ``same_subset`` the same
     labeled images too. ``select`` with base ``random`` gives diverse − random and typical − random
     (ways of choosing the k images, each with its own variance as they are seeded); ``protocol`` with the study's
     first protocol gives each fine-tuning protocol's effect (e.g. with and without synthetic pairs).
 
-    Returns one dict per (value, other axes): the axes, ``mean``, ``low``, ``high`` (95 % CI of the
+    Returns one dict per (value, other axes): the axes, ``mean``, ``low``, ``high`` (``level`` CI of the
     mean paired difference) and ``n`` pairs."""
     def value(r: dict, a: str):
         return int(r["k"]) if a == "k" else axis(r, a) if a in ("protocol", "select") else r[a]
@@ -287,7 +287,7 @@ def axis_differences(rows: list[dict], name: str, base: str, metric: str = "dice
             diffs[(value(r, name), *where)].append(float(r[metric]) - float(b[metric]))
     out = []
     for key, d in diffs.items():
-        mean, low, high, n, sd = paired_ci(d)
+        mean, low, high, n, sd = paired_ci(d, level)
         out.append(dict(zip((name, *others), key), mean=mean, low=low, high=high, n=n, sd=sd))
     return out
 
@@ -451,13 +451,15 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
 
     ``looks``: the seeds of each look when a study was extended with more seeds after an earlier
     verdict (:attr:`labeldiff.study.spec.Study.looks`). With more than one, the goal is judged on the
-    CI at level 1 − 0.05 / looks (Bonferroni over the looks) and each look's seeds are also reported
-    alone."""
+    CI at level 1 − 0.05 / looks (Bonferroni over the looks), each selection − random shows that CI
+    too, and each look's seeds are also reported alone."""
     looks = [list(look) for look in looks or [] if look]
     level = 1 - 0.05 / max(1, len(looks))
     pairs = paired_differences(rows, metric)
     adjusted = {_pair_key(p): p for p in paired_differences(rows, metric, level)}
     sel: dict[tuple, list[dict]] = defaultdict(list)
+    sel_adjusted = {(p["select"], p["method"], p["strategy"], p["protocol"], p["k"]): p
+                    for p in axis_differences(rows, "select", "random", metric, level=level)}
     for p in axis_differences(rows, "select", "random", metric):
         sel[(p["method"], p["strategy"], p["protocol"], p["k"])].append(p)
     stats = summarize(rows, metric)
@@ -473,7 +475,8 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         lines.append(f"This study is look {len(looks)} of {len(looks)} at the same comparison: it extends an earlier "
                      f"study with more seeds. Looking again after a verdict raises the chance of a false gain, so "
                      f"the goal is judged on the {lv} CI (α = 0.05 split over {len(looks)} looks, Bonferroni), "
-                     f"and each look's seeds are reported alone below.\n")
+                     f"each selection − random is given with its {lv} CI as well, and each look's seeds are "
+                     f"reported alone below.\n")
     adj_head, adj_rule = (f" {lv} CI ({len(looks)} looks) |", "---|") if several else ("", "")
     lines += [f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 |{adj_head} "
               f"goal (≥ +{goal:.2f}, CI > 0) | selection − random (this setting) | selection − random (scratch) | "
@@ -499,7 +502,11 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
         s_scr = next((ps for (m, st, pr, kk), ps in sel.items() if st == BASELINE and pr == best["protocol"] and kk == k),
                      [])
         def fmt_sel(ps: list[dict]) -> str:
-            shown = [f"{p['select']}: {_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)})" for p in ps if p["n"]]
+            def adjusted_ci(p: dict) -> str:
+                a = sel_adjusted[(p["select"], p["method"], p["strategy"], p["protocol"], p["k"])]
+                return f", {lv}: {_ci(a, digits)} ({_excludes_zero(a)})" if several else ""
+            shown = [f"{p['select']}: {_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)}{adjusted_ci(p)})"
+                     for p in ps if p["n"]]
             return "; ".join(shown) or "–"
         adj = f" {_ci(judged, digits)} ({_excludes_zero(judged)}) |" if several else ""
         lines.append(f"| {k} | {_setting(best)} | {score(best):.{digits}f} | "
