@@ -673,5 +673,10 @@ def test_compare_cli_pairs_two_studies_and_says_how_to_fix_a_missing_file(tmp_pa
     assert "| v | r | mean Δ |" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no results.csv there" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "gone" / "results.csv")]) == 2
+    assert f"--out {tmp_path / 'gone'} --report-only" in capsys.readouterr().err
+    write_csv([row("c0", 0.4)], tmp_path / "other" / "videos" / "results.csv")  # two folders named videos
+    assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "other" / "videos")]) == 0
+    assert "| videos (A) | videos (B) | mean Δ |" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "random"), "--metric", "dice_7"]) == 2
-    assert "no column dice_7" in capsys.readouterr().err
+    assert "videos/results.csv has no column dice_7 (--metric:" in capsys.readouterr().err

@@ -363,6 +363,15 @@ def test_two_studies_pair_cell_by_cell_by_hand():
     assert "| ddpm | full | default | random | 4 | – | – | – | n/a | n/a | 0 | 3 |" in \
         report.compare_markdown(a, b_other, ("a", "b"))
     assert "no pairs" in report.compare_markdown(a, [_row("mae", "full", 4, 0, 0.5)], ("a", "b"))
+    # a cell with no finite score pairs with nothing (the means are over the scored pairs); a cell of the same key
+    # scored differently (rerun, not copied) is a real pair; a row can mix shared and unshared pairs
+    a2 = [dict(a[3], dice="nan"), a[4], dict(a[0], dice=0.55), *a[1:3]]
+    by2 = {p["strategy"]: p for p in report.study_differences(a2, b)}
+    assert (by2["full"]["n"], by2["full"]["unscored"], by2["full"]["unpaired"]) == (0, 1, 1)
+    assert math.isnan(by2["full"]["a"]) and (by2["scratch"]["n"], by2["scratch"]["shared"]) == (3, 2)
+    md2 = report.compare_markdown(a2, b, ("a", "b"))
+    assert "| none | scratch | default | random | 4 | 0.517 | 0.500 | +0.017 |" in md2
+    assert "Some rows pair a shared cell with itself" in md2 and "1 pair(s) left out because a cell has no" in md2
 
 
 def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
@@ -639,6 +648,9 @@ def test_verdict_of_a_second_look_gives_selection_its_split_alpha_too():
     two = report.verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
     assert selection(two) == "typical: +0.075 [+0.055, +0.095] (yes (+), 97.5 %: [+0.051, +0.099] (yes (+)))"
     assert "each selection − random is given with its 97.5 % CI as well" in two
+    alone = [l for l in two.splitlines() if "typical − random" in l]
+    assert [l.split("|")[1].strip() + ":" + l.split("|")[6].strip() for l in alone] == \
+        ["1:+0.080", "1:+0.040", "2:+0.070", "2:+0.035"]  # DDPM and scratch (which gains half), each look alone
 
 
 def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):

@@ -401,9 +401,10 @@ def cmd_study(args: argparse.Namespace) -> None:
 def _results_csv(path: Path) -> Path:
     csv = path / "results.csv" if path.is_dir() else path
     if not csv.is_file():
-        raise FileNotFoundError(f"{path}: no results.csv there; give a study folder (--out of `labeldiff study`) or its "
-                         f"results.csv (`labeldiff study STUDY.yaml --out {path} --report-only` writes it from the "
-                         f"finished cells)")
+        out = path.parent if path.suffix == ".csv" else path
+        raise FileNotFoundError(f"{path}: no results.csv there; give a study folder (--out of `labeldiff study`) or "
+                                f"its results.csv (`labeldiff study STUDY.yaml --out {out} --report-only` writes it "
+                                f"from the finished cells)")
     return csv
 
 
@@ -411,14 +412,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.study.report import compare_markdown, read_csv
 
-    names = args.names or (args.a.name if args.a.is_dir() else args.a.parent.name,
-                           args.b.name if args.b.is_dir() else args.b.parent.name)
-    rows = [read_csv(_results_csv(p)) for p in (args.a, args.b)]
-    missing = [c for c in ("cell", "method", "strategy", "k", "seed", "stems", args.metric)
-               if rows[0] and rows[1] and not (c in rows[0][0] and c in rows[1][0])]
-    if missing:
-        raise ValueError(f"the results.csv files have no column {', '.join(missing)} (--metric: dice, iou, or a "
-                         f"dice_<class> column)")
+    csvs = [_results_csv(p) for p in (args.a, args.b)]
+    names = args.names or tuple(c.resolve().parent.name for c in csvs)
+    if names[0] == names[1]:  # two folders of one name: say which is which
+        names = (f"{names[0]} (A)", f"{names[1]} (B)")
+    rows = [read_csv(c) for c in csvs]
+    for c, r in zip(csvs, rows):
+        missing = [col for col in ("cell", "method", "strategy", "k", "seed", "stems", args.metric)
+                   if r and col not in r[0]]
+        if missing:
+            hint = (" (--metric: dice, iou, or a dice_<class> column)" if args.metric in missing else
+                    " (written by an older labeldiff? `labeldiff study STUDY.yaml --out FOLDER --report-only` "
+                    "rewrites it)")
+            raise ValueError(f"{c} has no column {', '.join(missing)}{hint}")
     text = compare_markdown(rows[0], rows[1], tuple(names), metric=args.metric)
     print(text, end="")
     if args.out:
@@ -661,9 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Choose the k images (or volume slices) to label first, on the decoder features "
                                    "of a pretrained run, from a seeded random half of the images: the pick a study's "
                                    "`select: typical` or `select: diverse` makes. Label those, then finetune with "
-                                   "--labels k. Measured at k = 4 with 10 000-step DDPM runs, against a random draw: "
+                                   "--labels k. Measured at k = 4, fine-tuning 10 000-step DDPM runs, against a random draw: "
                                    "typical (TypiClust, the default) +4 Dice points on Colin27 (CI above 0), level "
-                                   "on Kvasir -> CVC and Kvasir-SEG (+2), steadier over seeds; diverse (k-center "
+                                   "on Kvasir -> CVC and Kvasir-SEG (+2); diverse (k-center "
                                    "greedy) -9 points on CVC, -7 on Colin27, level on Kvasir-SEG. At k = 1-2 diverse "
                                    "protected against a bad random draw (brain slices, Colin27); typical was not "
                                    "measured there (README, 'Which images to label').")

@@ -314,8 +314,10 @@ def study_differences(a: list[dict], b: list[dict], metric: str = "dice", level:
     and the same labeled images (two studies that differ in one thing outside the cells, e.g. the pretraining
     pool). One dict per (method, strategy, protocol, select, k) found in both: ``mean``, ``low``, ``high``
     (``level`` CI of the mean paired difference), ``n``, ``sd``, ``a`` and ``b`` (the paired cells' means),
-    ``unpaired`` (the seed is in both but the labeled images differ: left out) and ``shared`` (pairs that are
-    one cell, the same cell key in both studies, e.g. scratch cells copied into both: Δ = 0 by construction)."""
+    ``unpaired`` (the seed is in both but the labeled images differ: left out), ``unscored`` (pairs where
+    either cell has no finite score, e.g. a class absent from the test images: left out) and ``shared`` (pairs
+    that are one cell, the same cell key and score in both studies, e.g. scratch cells copied into both: Δ = 0
+    by construction)."""
     def where(r: dict) -> tuple:
         return r["method"], r["strategy"], axis(r, "protocol"), axis(r, "select"), int(r["k"])
 
@@ -325,21 +327,25 @@ def study_differences(a: list[dict], b: list[dict], metric: str = "dice", level:
         o = ref.get((*where(r), int(r["seed"])))
         if o is None:
             continue
-        f = found.setdefault(where(r), {"diffs": [], "a": [], "b": [], "unpaired": 0, "shared": 0})
+        f = found.setdefault(where(r), {"diffs": [], "a": [], "b": [], "unpaired": 0, "unscored": 0, "shared": 0})
         if o["stems"] != r["stems"]:
             f["unpaired"] += 1
             continue
-        f["diffs"].append(float(r[metric]) - float(o[metric]))
-        f["a"].append(float(r[metric]))
-        f["b"].append(float(o[metric]))
-        f["shared"] += int(r["cell"] == o["cell"])
+        va, vb = _float(r[metric]), _float(o[metric])
+        if not (math.isfinite(va) and math.isfinite(vb)):
+            f["unscored"] += 1
+            continue
+        f["diffs"].append(va - vb)
+        f["a"].append(va)
+        f["b"].append(vb)
+        f["shared"] += int(r["cell"] == o["cell"] and va == vb)
     out = []
     for key, f in found.items():
         mean, low, high, n, sd = paired_ci(f["diffs"], level)
         out.append(dict(zip(PAIR_AXES, key), mean=mean, low=low, high=high, n=n, sd=sd,
                         a=float(np.mean(f["a"])) if f["a"] else math.nan,
                         b=float(np.mean(f["b"])) if f["b"] else math.nan,
-                        unpaired=f["unpaired"], shared=f["shared"], diffs=f["diffs"]))
+                        unpaired=f["unpaired"], unscored=f["unscored"], shared=f["shared"], diffs=f["diffs"]))
     return out
 
 
@@ -373,6 +379,10 @@ def compare_markdown(a: list[dict], b: list[dict], names: tuple[str, str], metri
         lines.append("\nSome rows pair a shared cell with itself among their pairs (Δ = 0 for those seeds).")
     if any(p["unpaired"] for p in diffs):
         lines.append("\nunpaired: the seed is in both studies but the labeled images differ; left out of the mean.")
+    unscored = sum(p["unscored"] for p in diffs)
+    if unscored:
+        lines.append(f"\n{unscored} pair(s) left out because a cell has no finite {metric} (e.g. a class absent from "
+                     f"the test images).")
     return "\n".join(lines) + "\n"
 
 
@@ -528,6 +538,19 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                 if p is not None:
                     lines.append(f"| {i} | {_seed_range(look)} | {best['k']} | {_setting(best)} | {_mean(p, digits)} | "
                                  f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} |")
+        settings = {(b["method"], b["strategy"], b["protocol"], b["k"]) for b in bests}
+        alone_sel = []
+        for i, look in enumerate(looks, 1):
+            for p in axis_differences([r for r in rows if int(r["seed"]) in set(look)], "select", "random", metric):
+                if p["n"] and ((p["method"], p["strategy"], p["protocol"], p["k"]) in settings
+                               or p["strategy"] == BASELINE):
+                    alone_sel.append(f"| {i} | {_seed_range(look)} | {p['k']} | {p['method']} / {p['strategy']} / "
+                                     f"{p['protocol']} | {p['select']} − random | {_mean(p, digits)} | "
+                                     f"{_ci(p, digits)} | {_excludes_zero(p)} | {p['n']} |")
+        if alone_sel:
+            lines += ["\n### Each selection − random, each look alone\n",
+                      "| look | seeds | k | setting | selection | Δ | 95 % CI | excludes 0 | pairs |",
+                      "|---|---|---|---|---|---|---|---|---|", *alone_sel]
     return "\n".join(lines) + "\n"
 
 
