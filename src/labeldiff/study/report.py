@@ -468,12 +468,12 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
     pairs = paired_differences(rows, metric)
     adjusted = {_pair_key(p): p for p in paired_differences(rows, metric, level)}
     sel: dict[tuple, list[dict]] = defaultdict(list)
-    sel_adjusted = {(p["select"], p["method"], p["strategy"], p["protocol"], p["k"]): p
-                    for p in axis_differences(rows, "select", "random", metric, level=level)}
     for p in axis_differences(rows, "select", "random", metric):
         sel[(p["method"], p["strategy"], p["protocol"], p["k"])].append(p)
     stats = summarize(rows, metric)
     several = len(looks) > 1
+    sel_adjusted = {(p["select"], p["method"], p["strategy"], p["protocol"], p["k"]): p  # one look: the 95 % CI above
+                    for p in axis_differences(rows, "select", "random", metric, level=level)} if several else {}
     lv = f"{100 * level:g} %"
     lines = [f"# Verdict: {title}\n",
              f"Per label budget k, the pretrained setting with the highest mean test {metric} (random selection "
@@ -513,8 +513,10 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                      [])
         def fmt_sel(ps: list[dict]) -> str:
             def adjusted_ci(p: dict) -> str:
+                if not several:
+                    return ""
                 a = sel_adjusted[(p["select"], p["method"], p["strategy"], p["protocol"], p["k"])]
-                return f", {lv}: {_ci(a, digits)} ({_excludes_zero(a)})" if several else ""
+                return f", {lv}: {_ci(a, digits)} ({_excludes_zero(a)})"
             shown = [f"{p['select']}: {_mean(p, digits)} {_ci(p, digits)} ({_excludes_zero(p)}{adjusted_ci(p)})"
                      for p in ps if p["n"]]
             return "; ".join(shown) or "–"
