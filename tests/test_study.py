@@ -518,6 +518,8 @@ BAD = [
     (dict(data={"path": "data", "sise": 16}), "unknown key 'sise' \\(did you mean 'size'\\?\\)"),
     (dict(data={"size": 16}), "data.path: missing"),
     (dict(require_all_classes="yes"), "require_all_classes: expected true or false"),
+    (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [2, 3], "finetune_at": [4]}]),
+     r"methods\[0\] \(ddpm\).finetune_at: \[4\] must be lengths listed in pretrain_steps \(\[2, 3\]\)"),
 ]
 
 
@@ -845,6 +847,22 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     verdict = (out / "verdict.md").read_text()
     assert "| 2 | ddpm@" in verdict and "selection − random" in verdict
     assert "| protocol |" in (out / "results.md").read_text()
+
+
+def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(files, tmp_path, monkeypatch):
+    """finetune_at [3] in a [2, 3] sweep: the 2-step run is still trained (the 3-step run continues it, so
+    it keeps the key of a plain [2, 3] sweep), but only ddpm@3 and scratch get cells."""
+    def methods(**extra):
+        return [{"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [2, 3], **extra}]
+    path = write_study(files, base_study(methods=methods(finetune_at=[3]), labels=[1]), name="at.yaml")
+    out = tmp_path / "out"
+    calls = Calls(monkeypatch)
+    rows = runner.run_study(path, out)
+    assert [n.split("-")[0] for n, _ in calls.pretrain] == ["ddpm@2", "ddpm@3"]
+    assert sorted(r["method"] for r in rows) == ["ddpm@3", "none"]
+    plain = parse_study(base_study(methods=methods(), labels=[1]), files / "plain.yaml")
+    planned = runner.plan_pretraining(plain, out / "pretrain", out)
+    assert all(r.finished for r in planned)  # the same runs: nothing to train for the plain sweep
 
 
 def test_source_rows_and_keep_head_protocol(files, tmp_path, monkeypatch):

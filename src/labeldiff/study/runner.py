@@ -97,6 +97,7 @@ class Pretraining:
     dir: Path
     model: ModelConfig  # the network run_pretrain builds
     continues: "Pretraining | None" = None  # the shorter run of a pretrain_steps sweep this one extends
+    fine_tuned: bool = True  # False: a length the method's finetune_at leaves out (trained, no cells)
 
     @property
     def finished(self) -> bool:
@@ -147,7 +148,8 @@ def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]
         cfg = pretrain_config(study, method, steps, pool)
         prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
         key = pretrain_key(cfg, prev.key if prev else None, out)
-        runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev))
+        runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev,
+                                method.fine_tunes(steps)))
     return runs
 
 
@@ -199,7 +201,7 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
                         cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model,
                                           protocol))
 
-    for run in runs:
+    for run in (r for r in runs if r.fine_tuned):
         for strategy in (s for s in study.strategies if s != "scratch"):
             if strategy == "probe" and (run.model.arch != "unet" or run.cfg.corruption.method not in PROBE_METHODS):
                 print(f"note: skipping probe for {run.name}: the probe reads the decoder of a diffusion UNet")

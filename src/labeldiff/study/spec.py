@@ -31,6 +31,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
         overrides: {train.steps: 800}    # section.field: value, applied after the recipe
         pretrain_steps: [200, 800]       # optional sweep: one run per length ("ddpm@200"), each longer
                                          #   one continuing the one before it (resumed with more steps)
+        finetune_at: [800]               # optional: the sweep's lengths that get cells (default: all); the
+                                         #   others are still trained, as the runs the longer ones continue
         pretrain_on: unlabeled           # unlabeled | source [source for hybrid/supervised]
       - name: none                       # no pretraining: only the scratch strategy
     strategies: [probe, linear, decoder, full, lp-ft, scratch]   # + source: a hybrid / supervised run as
@@ -81,7 +83,7 @@ DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_
 POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
 POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
-METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "pretrain_on")
+METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -145,6 +147,10 @@ class MethodSpec:
     pretrain_steps: list[int] | None = None  # None: the recipe's train.steps, no name suffix
     pretrain_on: str = "unlabeled"  # unlabeled | source
     pretext: str = "ddpm"  # corruption.method after recipe + overrides
+    finetune_at: list[int] | None = None  # the pretrain_steps that get cells; None: every length
+
+    def fine_tunes(self, steps: int | None) -> bool:
+        return self.finetune_at is None or steps in self.finetune_at
 
     @property
     def pretrains(self) -> bool:
@@ -335,6 +341,10 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     steps = sorted(_ints(raw.get("pretrain_steps"), file, f"{where}.pretrain_steps", 1)) or None
     if steps and name == NONE_METHOD:
         raise _fail(file, where, "method none has no pretraining; drop pretrain_steps")
+    finetune_at = sorted(_ints(raw.get("finetune_at"), file, f"{where}.finetune_at", 1)) or None
+    if finetune_at and not set(finetune_at) <= set(steps or []):
+        raise _fail(file, f"{where}.finetune_at", f"{finetune_at} must be lengths listed in pretrain_steps "
+                    f"({steps or 'none listed'}): the lengths of the sweep that get fine-tuned cells")
     pretext = recipe.apply(RunConfig()).corruption.method
     default_on = "source" if pretext in LABELED_METHODS else "unlabeled"
     on = raw.get("pretrain_on", default_on)
@@ -346,7 +356,7 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
         raise _fail(file, where, f"{why}; name a labeled source dataset in data.source")
     if pretext in LABELED_METHODS and on != "source" and name != NONE_METHOD:
         raise _fail(file, where, f"pretext {pretext!r} needs labels; it can only pretrain on data.source")
-    return MethodSpec(name, recipe, steps, on, pretext)
+    return MethodSpec(name, recipe, steps, on, pretext, finetune_at)
 
 
 def _protocols(raw: Any, file: Path) -> list[ProtocolSpec]:
