@@ -849,7 +849,7 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     assert "| protocol |" in (out / "results.md").read_text()
 
 
-def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(files, tmp_path, monkeypatch):
+def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(files, tmp_path, monkeypatch, capsys):
     """finetune_at [3] in a [2, 3] sweep: the 2-step run is still trained (the 3-step run continues it, so
     it keeps the key of a plain [2, 3] sweep), but only ddpm@3 and scratch get cells."""
     def methods(**extra):
@@ -858,6 +858,7 @@ def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(fil
     out = tmp_path / "out"
     calls = Calls(monkeypatch)
     rows = runner.run_study(path, out)
+    assert "note: ddpm@2 is trained (the longer run continues it) but gets no cells" in capsys.readouterr().out
     assert [n.split("-")[0] for n, _ in calls.pretrain] == ["ddpm@2", "ddpm@3"]
     assert sorted(r["method"] for r in rows) == ["ddpm@3", "none"]
     plain = parse_study(base_study(methods=methods(), labels=[1]), files / "plain.yaml")

@@ -201,7 +201,10 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
                         cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model,
                                           protocol))
 
-    for run in (r for r in runs if r.fine_tuned):
+    for run in runs:
+        if not run.fine_tuned:
+            print(f"note: {run.name} is trained (the longer run continues it) but gets no cells: not in finetune_at")
+            continue
         for strategy in (s for s in study.strategies if s != "scratch"):
             if strategy == "probe" and (run.model.arch != "unet" or run.cfg.corruption.method not in PROBE_METHODS):
                 print(f"note: skipping probe for {run.name}: the probe reads the decoder of a diffusion UNet")
