@@ -137,9 +137,9 @@ FINETUNE_OPTS = [
     ("--augment", "transfer.augment", str, "image+mask augmentation: none (crop window only), light (small "
                                            "rotation/scale, brightness, gamma) or strong (nnU-Net-like: any "
                                            "rotation, scale, elastic, noise, blur, contrast) [strong]; strong "
-                                           "raised every network on MoNuSeg and Kvasir -> CVC but lowered both on "
-                                           "the brain-MRI demo's 2 slices at 150 steps: compare with a study's "
-                                           "protocols axis (README)"),
+                                           "raised every network on MoNuSeg and Kvasir -> CVC but lowered both on 2 "
+                                           "brain-MRI slices at 150 steps (MNI152 demo, Colin27): compare with a "
+                                           "study's protocols axis (README)"),
     ("--flips", "transfer.flips", str, "mirrorings that make sense for the data: none, h (left-right), v, hv [h]"),
     ("--steps-rule", "transfer.steps_rule", str, "fine-tuning length: fixed (--steps) or plateau (stop when the "
                                                  "training loss stops falling, at most --steps) [fixed]"),
