@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from labeldiff.checkpoint import (load_checkpoint, load_weights, prepare_run_dir, save_checkpoint, save_weights)
+from labeldiff.checkpoint import (RUN_MARKER, load_checkpoint, load_weights, prepare_run_dir, release_run_dir,
+                                  save_checkpoint, save_weights)
 from labeldiff.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, merge_recipe
 from labeldiff.models.unet import build_unet
 
@@ -125,16 +126,20 @@ def test_load_checkpoint_missing(tmp_path):
 
 
 def test_prepare_run_dir(tmp_path):
-    """An existing non-empty folder is refused without --overwrite, replaced with it, kept with --resume."""
+    """An existing non-empty run folder is refused without --overwrite, replaced with it (all but its marker),
+    kept with --resume."""
     run = tmp_path / "run"
     assert prepare_run_dir(run, overwrite=False, resume=False).is_dir()
+    release_run_dir(run)
     (run / "old.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare_run_dir(run, overwrite=False, resume=False)
     assert (run / "old.txt").exists()
     assert prepare_run_dir(run, overwrite=False, resume=True) == run and (run / "old.txt").exists()
+    release_run_dir(run)
     prepare_run_dir(run, overwrite=True, resume=False)
-    assert run.is_dir() and list(run.iterdir()) == []
+    release_run_dir(run)
+    assert run.is_dir() and [p.name for p in run.iterdir()] == [RUN_MARKER]
     with pytest.raises(FileNotFoundError, match="--resume"):
         prepare_run_dir(tmp_path / "nothing", overwrite=False, resume=True)
     (tmp_path / "empty").mkdir()

@@ -272,11 +272,12 @@ def test_real_data_finetune_and_evaluate(monuseg_small, tmp_path):
 
 
 def test_existing_out_needs_overwrite(module_dataset, tmp_path, capsys):
-    """An existing non-empty --out exits 2 unless --overwrite is given."""
+    """An existing run in --out exits 2 unless --overwrite is given, which replaces it whole."""
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
     args = ["pretrain", "--data", str(module_dataset), "--out", str(out), *TRAIN, *MODEL]
+    assert main(args) == 0
+    (out / "keep.txt").write_text("x")
+    capsys.readouterr()
     assert main(args) == 2
     line = _error_line(capsys)
     assert str(out) in line and "--overwrite" in line
@@ -320,7 +321,7 @@ def test_corrupt_image(module_dataset, tmp_path, capsys):
 
 
 def test_non_finite_loss_exit_code(module_dataset, tmp_path, capsys, monkeypatch):
-    """A NaN loss exits 3 with a one-line error pointing at the last good checkpoint."""
+    """A NaN loss exits 3 with a one-line error; before any checkpoint it says none was written."""
 
     def nan_loss(corruption):
         return lambda model, batch, g: torch.tensor(float("nan"), requires_grad=True)
@@ -328,7 +329,7 @@ def test_non_finite_loss_exit_code(module_dataset, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(pretrain_run, "pretext_loss", nan_loss)
     assert main(["pretrain", "--data", str(module_dataset), "--out", str(tmp_path / "pre"), *TRAIN, *MODEL]) == 3
     err = capsys.readouterr().err
-    assert "error: loss became nan" in err and "last good checkpoint (step 0)" in err
+    assert "error: loss became nan" in err and "no checkpoint was written" in err and "step 0)" not in err
 
 
 def test_resume_via_cli(module_dataset, tmp_path, monkeypatch):
@@ -555,7 +556,17 @@ def test_no_split_file_trains_on_every_image_and_evaluate_says_how_to_split(modu
     split = json.loads((data / "split.json").read_text())
     assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
     assert sorted(split["train"] + split["test"]) == sorted(p.stem for p in (data / "images").iterdir())
-    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    # the run trained on images the new test split holds: scoring them is refused, naming them and the fix
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    trained = set(json.loads((out / "labeled.json").read_text())["stems"])
+    assert set(split["test"]) & trained and "train the run again" in line
+    assert any(s in line for s in set(split["test"]) & trained)
+    again = tmp_path / "ft2"
+    assert main(["finetune", "--data", str(data), "--out", str(again), "--from-scratch", "--labels", "2",
+                 "--head-hidden", "8", *TRAIN, *MODEL]) == 0
+    assert main(["evaluate", "--model", str(again), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
 
 
 def test_a_truncated_image_stops_pretrain_before_its_run_folder(module_dataset, tmp_path, capsys, monkeypatch):

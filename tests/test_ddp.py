@@ -123,7 +123,7 @@ def test_gradient_accumulation_computes_the_same_step(labeled_dataset, recipe, t
     assert main([*base, "--grad-accum", "2", "--out", str(tmp_path / "acc")]) == 0
     same_run(tmp_path / "one", tmp_path / "acc")
     assert main([*base, "--grad-accum", "3", "--out", str(tmp_path / "odd")]) == 2
-    assert "does not split over 3 micro-batches" in capsys.readouterr().err and not (tmp_path / "odd").exists()
+    assert "does not split over --grad-accum 3 micro-batches" in capsys.readouterr().err and not (tmp_path / "odd").exists()
 
 
 def test_the_probe_under_two_processes_is_the_one_process_probe(labeled_dataset, recipe, tmp_path):

@@ -55,6 +55,18 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).convert("L"))  # ITU-R 601 luminance, as read_image converts
 
 
+def _float_tiff_with(value: float):
+    def write(rgb: np.ndarray, p: Path) -> None:
+        x = _grey(rgb).astype(np.float32) / 255.0
+        x[3, 3] = value
+        Image.fromarray(x, "F").save(p)
+    return write
+
+
+def _multi_page_tiff(rgb: np.ndarray, p: Path) -> None:
+    Image.fromarray(rgb).save(p, save_all=True, append_images=[Image.fromarray(255 - rgb)])
+
+
 # name → (file suffix, writer(reference RGB array, path), broken?)
 IMAGE_CASES = {
     "zero-byte": (".png", lambda rgb, p: p.write_bytes(b""), True),
@@ -69,6 +81,14 @@ IMAGE_CASES = {
     "rgba-png": (".png", lambda rgb, p: Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(p),
                  False),
     "exif-rotated-jpeg": (".jpg", exif_rotated_jpeg, False),
+    "nan-pixel-tiff": (".tif", _float_tiff_with(float("nan")), True),
+    "inf-pixel-tiff": (".tif", _float_tiff_with(float("inf")), True),
+    "multi-page-tiff": (".tif", _multi_page_tiff, True),
+    "folder-named-png": (".png", lambda rgb, p: p.mkdir(), True),
+    "symlink-loop": (".png", lambda rgb, p: p.symlink_to(p.name), True),
+    "dangling-symlink": (".png", lambda rgb, p: p.symlink_to("nowhere.png"), True),
+    "grey-alpha-png": (".png", lambda rgb, p: Image.fromarray(np.dstack([_grey(rgb), np.full(rgb.shape[:2], 200, np.uint8)]),
+                                                              "LA").save(p), False),
 }
 
 
@@ -91,7 +111,20 @@ MASK_CASES = {  # name → writer(reference mask, path); every one is broken for
     "mask-zero-byte": lambda m, p: p.write_bytes(b""),
     "mask-truncated": lambda m, p: (Image.fromarray(m).save(p), p.write_bytes(p.read_bytes()[:60])),
     "mask-colour": lambda m, p: Image.fromarray(np.dstack([m * 80, m * 20, m * 5]).astype(np.uint8)).save(p),
+    "mask-translucent-alpha": lambda m, p: Image.fromarray(np.dstack([m, np.full_like(m, 100)]), "LA").save(p),
+    "mask-int8-negative": lambda m, p: _int8_tiff_mask(m, p),
+    "mask-folder": lambda m, p: (p.unlink(missing_ok=True), p.mkdir()),
 }
+
+
+def _int8_tiff_mask(m: np.ndarray, p: Path) -> None:
+    """A signed 8-bit mask holding −1, written as a true signed TIFF under the .png name the dataset expects
+    (the stem is what pairs it with its image; Pillow reads it by content)."""
+    import tifffile
+
+    signed = m.astype(np.int8)
+    signed[0, 0] = -1
+    tifffile.imwrite(p, signed)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_pairs_are_sampled_once_cached_by_chunk_and_prefix_stable(binary_dataset
     images, masks, cache = synthetic_pairs(f"{run}:5", target, 2)
     assert images.shape == (5, 3, 16, 16) and masks.shape == (5, 16, 16) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1 and set(masks.unique().tolist()) <= {0, 1}
-    assert sorted(p.name for p in cache.iterdir()) == ["chunk_0000.safetensors"]
+    assert sorted(p.name for p in cache.iterdir()) == ["chunk_0000.safetensors", "digests.json"]
     sampled = []
     real = synthetic.sample_chunks
     monkeypatch.setattr(synthetic, "sample_chunks", lambda src, which, *a: (sampled.append(which), real(src, which, *a)))

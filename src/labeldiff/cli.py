@@ -309,7 +309,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
     run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
-                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window)
+                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window, overwrite=args.overwrite)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -317,6 +317,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from labeldiff.runtime import resolve_device
     from labeldiff.sample.diffusion import sample, sample_masks, save_samples
 
+    from labeldiff.data.guard import check_output_folder
+
+    check_output_folder(args.out)  # generated images never land in a dataset's images/
     run = RunFolder.open(args.model).require_pretrain("--model")
     model, cfg = run.pretext_network(resolve_device(args.device)), run.config
     images = sample(model, cfg, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
@@ -338,6 +341,9 @@ def cmd_evaluate_samples(args: argparse.Namespace) -> None:
                               seed=args.seed, device=resolve_device(args.device), batch_size=args.batch_size)
     print(summary(report))
     out = args.out or Path(args.samples) / "report.json"
+    from labeldiff.data.guard import check_output_folder
+
+    check_output_folder(Path(out).parent, flag="--out's folder")
     write_report(report, out)
     print(f"wrote {out}")
 
@@ -363,6 +369,12 @@ def cmd_split(args: argparse.Namespace) -> None:
     from labeldiff.data.io import DataError
     from labeldiff.data.nnunet import is_nnunet_raw
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise DataError(f"{args.out} exists; runs trained on it would be scored on another split if it changed: pass "
+                        f"--overwrite to replace it (evaluate then refuses runs that trained on the new test images), "
+                        f"or choose another --out")
+    if Path(args.out).is_dir():
+        raise DataError(f"--out {args.out} is a folder; give the split file to write, e.g. {Path(args.out) / 'split.json'}")
     if is_nnunet_raw(Path(args.data)):
         from labeldiff.data.datasets import VolumeFolder, slab_split
 
@@ -590,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path,
                    help="an image, a folder of images or a dataset root; or volumes: a .nii/.nii.gz file, a DICOM "
                         "series folder, an nnU-Net raw dataset (its imagesTs/) or a folder of NIfTI files")
-    p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays")
+    p.add_argument("--out", required=True, type=Path, help="output folder for masks and overlays (not the input "
+                                                          "folder, nor a dataset's images/ or masks/)")
+    p.add_argument("--overwrite", action="store_true", help="replace masks, overlays and maps already in --out")
     _add_volume_opts(p)
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto]")
@@ -663,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volume datasets: the --spacing the runs will resample to (slab stems count its slices) [off]")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="volume datasets: slice axis [2]")
     p.add_argument("--out", required=True, type=Path, help="split JSON to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing split file")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("select", help="which k images to label first: the most typical images of k clusters of a "
@@ -820,24 +835,20 @@ def write_error(e: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from labeldiff.data.io import DataError
+    from labeldiff.errors import LabeldiffError
 
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for all; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except LabeldiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except RuntimeError as e:
-        from labeldiff.pretrain.loop import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
     except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
         line = write_error(e)
         if line is None:

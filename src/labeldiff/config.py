@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from labeldiff.errors import ConfigError, RunFolderError
 
 
 @dataclass
@@ -214,7 +219,7 @@ RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
     "model.num_head_channels": ("--head-channels", 1, None, True, True),
     "model.norm_num_groups": ("norm_num_groups", 1, None, True, True),
     "model.decoder_width": ("--decoder-width", 0, None, False, True),
-    "corruption.num_timesteps": ("--timesteps", 1, None, True, True),
+    "corruption.num_timesteps": ("--timesteps", 1, 100_000, True, True),  # the papers use 1000 (CT: 1000, MDM: 1000)
     "corruption.patch_size": ("--patch-size", 1, None, True, True),
     "corruption.mask_ratio": ("--mask-ratio", 0, 1, False, False),
     "corruption.sigma": ("--sigma", 0, None, False, True),
@@ -230,6 +235,9 @@ RANGES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
 }
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the network and optimiser compute in float32 at most
+
+
 def check_ranges(cfg: "RunConfig") -> None:
     """Every numeric setting within its range (:data:`RANGES`), else a one-line error naming the flag:
     run before any data is read or any folder written."""
@@ -239,18 +247,24 @@ def check_ranges(cfg: "RunConfig") -> None:
         if value is None and dotted in ("data.num_classes", "data.ignore_index"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"{flag} must be a number, not {value!r}")
+            raise ConfigError(f"{flag} must be a number, not {value!r}")
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{flag} must be a finite number within float32's range, ±3.4e38 (got {value})")
         if lo is not None and (value < lo or (value == lo and not lo_ok)):
-            raise ValueError(f"{flag} must be {'≥' if lo_ok else '>'} {lo:g} (got {value:g})")
+            raise ConfigError(f"{flag} must be {'≥' if lo_ok else '>'} {lo:g} (got {value:g})")
         if hi is not None and (value > hi or (value == hi and not hi_ok)):
-            raise ValueError(f"{flag} must be {'≤' if hi_ok else '<'} {hi:g} (got {value:g})")
+            raise ConfigError(f"{flag} must be {'≤' if hi_ok else '<'} {hi:g} (got {value:g})")
     if cfg.data.spacing is not None and (len(cfg.data.spacing) != 3 or any(
             isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") for t in cfg.data.spacing)):
-        raise ValueError(f"--spacing must be three positive sizes in mm, x,y,z (got {cfg.data.spacing})")
+        raise ConfigError(f"--spacing must be three positive sizes in mm, x,y,z (got {cfg.data.spacing})")
     if any(not isinstance(c, int) or c < 1 for c in cfg.model.channels):
-        raise ValueError(f"--unet-channels must be positive integers (got {cfg.model.channels})")
+        raise ConfigError(f"--unet-channels must be positive integers (got {cfg.model.channels})")
     if cfg.transfer.t >= cfg.corruption.num_timesteps:
-        raise ValueError(f"--t must be below the diffusion steps T = {cfg.corruption.num_timesteps} (got {cfg.transfer.t})")
+        raise ConfigError(f"--t must be below the diffusion steps T = {cfg.corruption.num_timesteps} (got {cfg.transfer.t})")
+    for name in ("beta_start", "beta_end"):
+        beta = getattr(cfg.corruption, name)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
+            raise ConfigError(f"corruption.{name} must lie in (0, 1) (got {beta!r})")
 
 
 def check_transfer(t: TransferConfig) -> None:
@@ -321,13 +335,96 @@ class RunConfig:
         return cls(**kwargs)
 
     def save(self, path: Path) -> None:
-        from labeldiff.checkpoint import atomic_write_text
+        from labeldiff.fs import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A run folder's ``config.json``; a torn, edited or foreign file is a :class:`RunFolderError` of
+        one line naming it (with what is wrong)."""
+        path = Path(path)
+        fix = "restore it (labeldiff writes it whole, in one rename) or train the run again with --overwrite"
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as e:
+            raise RunFolderError(f"{path}: not valid JSON ({e}); {fix}") from None
+        if not isinstance(raw, dict):
+            raise RunFolderError(f"{path}: not a run configuration (a JSON object); {fix}")
+        try:
+            cfg = cls.from_dict(raw)
+            check_types(cfg)
+        except (ValueError, TypeError) as e:
+            raise RunFolderError(f"{path}: {e}; {fix}") from None
+        return cfg
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON-loaded ``value`` fits the field annotation ``hint`` (int, float, str, bool,
+    tuples, lists, dicts and their ``| None``)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, (tuple, list)) and all(_type_ok(v, item) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_types(cfg: RunConfig) -> None:
+    """Every field of every section has the type its declaration says (a config.json edited by hand
+    with ``"num_classes": "three"`` fails here, naming the field)."""
+    checks = [(cfg, name) for name in ("kind", "num_classes", "inherited", "extended")]
+    checks += [(getattr(cfg, section), f.name) for section in SECTIONS for f in fields(SECTIONS[section])]
+    for obj, name in checks:
+        hint = typing.get_type_hints(type(obj))[name]
+        value = getattr(obj, name)
+        if not _type_ok(value, hint):
+            where = name if obj is cfg else f"{next(k for k, v in SECTIONS.items() if isinstance(obj, v))}.{name}"
+            want = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{where} is {value!r}, not {want}")
+
+
+# What a resume may change: the run's length (an extension, recorded in ``extended``), and how the same
+# computation is scheduled on this machine. Any other difference from the stored config.json is refused.
+RESUME_MAY_CHANGE = frozenset({"train.steps", "train.device", "train.checkpoint_every", "train.log_every",
+                               "data.num_workers", "data.cache_mb"})
+PATH_FIELDS = ("data.path", "data.split_file", "transfer.pretrained", "model.encoder")  # compared as real paths
+RECORDS = ("inherited", "extended")  # records of how a run came about, not settings
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    out = {k: v for k, v in d.items() if k not in SECTIONS and k not in RECORDS}
+    for section in SECTIONS:
+        out.update({f"{section}.{k}": v for k, v in d[section].items()})
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value and os.path.exists(value):
+            out[key] = os.path.realpath(value)
+    return out
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``[(dotted name, a's value, b's value)]`` of every setting that differs (paths compared as the
+    folders they name, tuples and lists alike)."""
+    fa, fb = _flat(a), _flat(b)
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # noqa: E731
+    return [(k, fa.get(k), fb.get(k)) for k in fa if not same(fa.get(k), fb.get(k))]
 
 
 def default_pretrain_config() -> RunConfig:

@@ -107,7 +107,21 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int, size: int
 def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
              seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto",
              size: int = DEMO_SIZE) -> dict:
-    from labeldiff.checkpoint import prepare_run_dir
+    from labeldiff.checkpoint import prepare_run_dir, release_run_dir
+
+    pretrain_steps = pretrain_steps or DEMO_PRETRAIN_STEPS
+    finetune_steps = finetune_steps or DEMO_FINETUNE_STEPS
+    seeds = seeds or DEMO_SEEDS
+    t0 = time.time()
+    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
+    try:
+        return _demo(out, pretrain_steps, finetune_steps, seeds, labels, precision, size, t0)
+    finally:
+        release_run_dir(out)
+
+
+def _demo(out: Path, pretrain_steps: int, finetune_steps: int, seeds: int, labels: int, precision: str, size: int,
+          t0: float) -> dict:
     from labeldiff.data.datasets import VolumeFolder
     from labeldiff.evaluate.report import bar_chart
     from labeldiff.evaluate.run import run_evaluate
@@ -116,11 +130,6 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
     from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
     from labeldiff.transfer.run import run_transfer
 
-    pretrain_steps = pretrain_steps or DEMO_PRETRAIN_STEPS
-    finetune_steps = finetune_steps or DEMO_FINETUNE_STEPS
-    seeds = seeds or DEMO_SEEDS
-    t0 = time.time()
-    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
     print(f"[1/4] writing the MNI152 template as an nnU-Net v2 raw dataset (NIfTI) → {out / 'data'}")
     data = build_brain_dataset(out / "data")
     splits = json.loads((data / "split.json").read_text())

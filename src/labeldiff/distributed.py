@@ -79,7 +79,7 @@ def check_batch(batch_size: int, accum: int = 1) -> None:
     n = world_size() * accum
     if batch_size % n:
         what = " × ".join(([f"{world_size()} processes"] if world_size() > 1 else []) +
-                          ([f"{accum} micro-batches"] if accum > 1 else []))
+                          ([f"--grad-accum {accum} micro-batches"] if accum > 1 else []))
         raise ValueError(f"--batch-size {batch_size} does not split over {what}; the batch is global "
                          f"(each part takes batch/{n}): use a multiple of {n}")
 

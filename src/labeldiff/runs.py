@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from labeldiff.checkpoint import load_weights
+from labeldiff.checkpoint import load_weights, verify_weights
 from labeldiff.config import RunConfig, replace
 from labeldiff.corruption import build_corruption
 from labeldiff.data.io import DataError
@@ -73,6 +73,25 @@ class RunFolder:
             return f"a {self.method!r} pretraining run"
         return f"a {self.config.transfer.strategy!r} fine-tuning run" if self.kind == "finetune" else "a probe run"
 
+    def trained_on(self) -> list[tuple[str, dict]]:
+        """What this run, and the run it was pretrained from, read (``trained_on.json``,
+        :mod:`labeldiff.data.provenance`): ``[(how, record)]``, how = "was trained on" or "was pretrained on";
+        runs written before the record have none."""
+        import json
+
+        from labeldiff.data.provenance import TRAINED_ON
+
+        out = []
+        sources = [("was trained on", self.path)]
+        if self.kind != "pretrain" and self.config.transfer.pretrained:
+            sources.append(("was pretrained on", Path(self.config.transfer.pretrained)))
+        for how, folder in sources:
+            try:
+                out.append((how, json.loads((folder / TRAINED_ON).read_text())))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def require_pretrain(self, flag: str = "--pretrained") -> "RunFolder":
         if self.kind != "pretrain":
             raise ValueError(f"{flag} {self.path} is {self.describe()}; this needs a `labeldiff pretrain` run folder")
@@ -82,6 +101,11 @@ class RunFolder:
 
     def weights(self, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
         return load_weights(self.path / name)
+
+    def verify(self, name: str = "model.safetensors") -> "RunFolder":
+        """Check a weights file of the run (digest, header) before anything is written that needs it."""
+        verify_weights(self.path / name)
+        return self
 
     def pretext_network(self, device: torch.device | str = "cpu", flag: str = "--model") -> nn.Module:
         """A pretraining run's network with its pretext output layer, EMA weights, strict, in eval."""

@@ -24,6 +24,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a step on ``device`` can use at most: the GPU's, or the machine's RAM; None if unknown."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU computes bf16 in hardware (AMX or AVX512-BF16); reads /proc/cpuinfo by default.
 

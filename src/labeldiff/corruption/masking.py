@@ -16,9 +16,11 @@ from monai.losses import SSIMLoss
 
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
+from labeldiff.errors import ConfigError
 from labeldiff.runtime import autocast, rand, randint
 
 LOSSES = ("ssim", "mse", "masked-mse")
+SSIM_WINDOW = 11  # MONAI SSIMLoss's Gaussian window (Wang et al. 2004)
 # loss "auto" per method: MDM reconstructs the whole image with 1 − SSIM (§4.1 Eq. 4, Table 4);
 # MAE (He et al. 2022, §3 "Reconstruction target") computes the MSE on the masked patches only,
 # and MDM's Table 4 finds SSIM worse than MSE for MAE.
@@ -73,8 +75,12 @@ class PatchMasking(Corruption):
 
     def check_input_size(self, size: int) -> None:
         if size % self.cfg.patch_size:
-            raise ValueError(f"--size {size} is not a multiple of --patch-size {self.cfg.patch_size}; "
-                             f"use --size {max(1, size // self.cfg.patch_size) * self.cfg.patch_size} or another patch size")
+            raise ConfigError(f"--size {size} is not a multiple of --patch-size {self.cfg.patch_size}; "
+                              f"use --size {max(1, size // self.cfg.patch_size) * self.cfg.patch_size} or another "
+                              f"patch size")
+        if self.ssim is not None and size < SSIM_WINDOW:
+            raise ConfigError(f"--size {size}: the SSIM loss compares {SSIM_WINDOW}×{SSIM_WINDOW} windows, so inputs "
+                              f"need at least {SSIM_WINDOW} pixels a side; use --size 16 or more (or --loss mse)")
 
     def schedule(self, batch: int, n_patches: int, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

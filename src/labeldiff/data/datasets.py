@@ -24,7 +24,7 @@ from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import (IMAGE_SUFFIXES, DataError, check_decodes, check_mask_values, image_size, mask_values,
                                read_image, read_mask)
-from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, check_spacing,
+from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, check_spacing, check_volumes,
                                    fit_ct_percentile, Intensity, is_nnunet_raw, load_canonical, NnUNetRaw,
                                    read_slice_image, read_slice_mask, slice_stem, SliceRef, volume_shape)
 
@@ -320,7 +320,7 @@ def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: st
 MAX_INFERRED_CLASSES = 32  # more distinct mask values than this, with no K given, is a lossy or anti-aliased mask
 
 
-def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
+def validate_samples(samples: list[Sample], num_classes: int | None, hint: str | None = None) -> int:
     """Check every pair (image decodes, same size, integer values < K) and return K.
 
     Files are decoded and their masks' values scanned once, with a progress bar on large datasets, and
@@ -330,7 +330,8 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     only when that is unambiguous: masks holding only 0 and 255 (a binary mask saved for viewing),
     a few small classes and 255 (Pascal VOC's "not labeled"; see ``ignore_index``) or more than
     ``MAX_INFERRED_CLASSES`` distinct values (a JPEG or anti-aliased mask) stop with an error naming
-    a file and the fix. Pixels of a sample's ``ignore_index`` are no class.
+    a file and the fix. Pixels of a sample's ``ignore_index`` are no class. ``hint``: the fix a value ≥ K
+    names instead of ``--num-classes`` (evaluate, whose K is the run's).
     """
     if not samples:
         raise DataError("no samples to validate: the split is empty")
@@ -338,6 +339,7 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
     first_with: dict[int, Path] = {}
     files = [s for s in samples if s.ref is None]
     check_decodes([s.image for s in files])
+    check_volumes([Path(p) for s in samples if s.ref is not None for p in s.ref.images])
     known = dict(zip((s.mask for s in files), mask_values([s.mask for s in files])))  # scanned once, cached
     for s in samples:
         ih, iw = s.size()
@@ -346,7 +348,7 @@ def validate_samples(samples: list[Sample], num_classes: int | None) -> int:
             mh, mw = image_size(s.mask)
             present = known[s.mask]
             if num_classes is not None:
-                check_mask_values(s.mask, present, num_classes, s.ignore_index)
+                check_mask_values(s.mask, present, num_classes, s.ignore_index, hint)
         else:
             mask = s.read_mask(num_classes)
             (mh, mw), present = mask.shape, np.unique(mask).tolist()
@@ -396,7 +398,9 @@ def unlabeled_samples(path: Path, exclude: set[str] | frozenset[str] = frozenset
     test cases, unless excluded)."""
     path = Path(path)
     if is_nnunet_raw(path):
-        return VolumeFolder(path, axis=axis, intensity=intensity, spacing=spacing).unlabeled_samples(exclude)
+        samples = VolumeFolder(path, axis=axis, intensity=intensity, spacing=spacing).unlabeled_samples(exclude)
+        check_volumes([Path(p) for s in samples for p in s.ref.images])  # 3D, finite, before a run folder exists
+        return samples
     folder = path / "images" if (path / "images").is_dir() else path
     samples = [Sample(stem, p) for stem, p in list_images(folder).items() if stem not in exclude]
     if not samples:
@@ -499,6 +503,43 @@ def network_hw(hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
         f = cfg.size / min(h, w)
         h, w = max(cfg.size, round(h * f)), max(cfg.size, round(w * f))
     return h, w
+
+
+def check_scaled_images(samples: list[Sample], cfg: DataConfig) -> None:
+    """Refuse, before a run folder exists, a ``--channels`` the images cannot be read with (2D images are
+    grey or RGB; a volume case has its channel files), and a ``--scale`` (or ``--size``) that brings the
+    largest image to more pixels than this machine's memory holds (the decoded image and its resized
+    copy, float32)."""
+    import os
+
+    for s in samples:
+        have = 0 if s.ref is None else len(s.ref.images)
+        if s.ref is None and cfg.channels not in (1, 3):
+            raise DataError(f"--channels {cfg.channels}: 2D images are read as grey (1 channel) or RGB (3; alpha is "
+                            f"dropped), e.g. {s.image}; give --channels 1 or 3")
+        if s.ref is not None and cfg.channels != have and not (have == 1 and cfg.channels == 3):
+            raise DataError(f"--channels {cfg.channels}: the cases of this dataset have {have} channel file(s) "
+                            f"(dataset.json channel_names), e.g. {s.image}; give --channels {have}")
+    sizes: dict[str, tuple[int, int]] = {}
+    for s in samples:  # one header per file (a volume's slices share theirs)
+        key = str(s.image) if s.ref is None else f"{s.ref.images[0]}#{s.ref.axis}"
+        if key not in sizes:
+            sizes[key] = s.size()
+    if not sizes:
+        return
+    (h0, w0), name = max((hw, k) for k, hw in sizes.items())
+    h, w = network_hw((h0, w0), cfg)
+    need = 2 * 4 * cfg.channels * (h * w + h0 * w0)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        by = (f"--size {cfg.size} (a crop of it needs the short side that long)" if cfg.mode == "resize" or
+              min(round(h0 * cfg.scale), round(w0 * cfg.scale)) < cfg.size else f"--scale {cfg.scale:g}")
+        raise DataError(f"{name.split('#')[0]}: {by} brings this {w0}×{h0} image to {w}×{h} pixels, "
+                        f"{need / 2**30:,.0f} GiB in memory, more than this machine's {have / 2**30:,.0f} GiB; lower "
+                        f"{by.split(' (')[0].split(' ')[0]}")
 
 
 class ScaledImages:

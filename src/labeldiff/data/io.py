@@ -1,6 +1,7 @@
 """Reading one image or one mask from disk, with errors that name the file and the fix."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -8,11 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from labeldiff.errors import DataError  # re-exported: bad input data, one line naming the file
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
-
-class DataError(ValueError):
-    """Bad input data. The message is one line: the file, what is wrong, how to fix it."""
 
 
 BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what Pillow raises on a broken file
@@ -24,22 +24,63 @@ def _bomb(path: Path, e: Exception) -> DataError:
                      f"downscale or tile it")
 
 
+def _missing(path: Path) -> DataError:
+    """Why ``path`` cannot be opened as a file, in words: a folder, a link that loops or leads nowhere, or absent."""
+    path = Path(path)
+    if path.is_dir():
+        return DataError(f"{path}: a folder, not an image file; move it out of the image folder")
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return DataError(f"{path}: a symbolic link that loops back on itself; replace it with the file")
+            return DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix or remove it")
+    return DataError(f"{path}: file not found")
+
+
 def _open(path: Path) -> Image.Image:
-    """The decoded image, upright as a viewer shows it (EXIF orientation applied)."""
+    """The decoded image, upright as a viewer shows it (EXIF orientation applied). A multi-page TIFF is
+    refused: which page is meant cannot be guessed."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
     try:
         img = Image.open(path)
+        pages = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
+        signed = img.format == "TIFF" and img.mode == "L" and img.tag_v2.get(339) in (2, (2,))  # SampleFormat
         img.load()
         img = ImageOps.exif_transpose(img)
+        img.info["labeldiff_signed"] = signed
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise _missing(path) from None
     except Image.DecompressionBombError as e:
         raise _bomb(path, e) from None
     except BAD_IMAGE as e:
         raise DataError(f"{path}: cannot be read as an image ({e}); re-export it as PNG or remove it") from None
+    if pages > 1:
+        raise DataError(f"{path}: a TIFF of {pages} pages; labeldiff reads one image per file: save the page you "
+                        f"mean on its own (e.g. `tiffsplit`, or ImageJ's Stack to Images)")
     return img
 
 
-def scan_cache_path(name: str = "decoded.json") -> Path:
+def _pixels(img: Image.Image) -> np.ndarray:
+    """The pixel array of a decoded image, signed 8-bit TIFFs read as signed (Pillow reads them as unsigned:
+    a −1 would become 255)."""
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8 and img.info.get("labeldiff_signed"):
+        arr = arr.view(np.int8)
+    return arr
+
+
+def _finite(path: Path, arr: np.ndarray) -> None:
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise DataError(f"{path}: pixel (row {bad[0]}, column {bad[1]}) is {arr[tuple(bad)]}; images must hold finite "
+                        f"values: replace NaN and infinite pixels (e.g. with 0) and save it again")
+
+
+def scan_cache_path(name: str = "decoded-v2.json") -> Path:
     """Where the input scans remember what they found (``$LABELDIFF_CACHE`` or ~/.cache/labeldiff)."""
     return Path(os.environ.get("LABELDIFF_CACHE", Path.home() / ".cache" / "labeldiff")) / name
 
@@ -92,16 +133,19 @@ def check_decodes(paths: list[Path], what: str = "images") -> None:
     """Decode every file once (a truncated PNG has a good header: only decoding finds it), before a run
     folder exists; a DataError names the first bad file. Files decoded before, unchanged (same size and
     mtime), are skipped, so a second run over the same data is instant."""
-    cache = ScanCache("decoded.json")
+    cache = ScanCache("decoded-v2.json")
     todo = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise DataError(f"{p}: file not found")
+            raise _missing(p)
         if cache.get(p) is None:
             todo.append(p)
     try:
         for p in _progress(todo, f"checking {len(todo)} {what}"):
-            _open(p).close()
+            img = _open(p)
+            if img.mode in ("F", "I") or img.mode.startswith("I;"):  # float pixels may be NaN or infinite
+                _finite(p, _pixels(img).astype(np.float64) if img.mode != "F" else _pixels(img))
+            img.close()
             cache.put(p, 1)
     finally:
         cache.save()  # what was checked before a bad file stays checked
@@ -110,7 +154,7 @@ def check_decodes(paths: list[Path], what: str = "images") -> None:
 def mask_values(paths: list[Path]) -> list[list[int]]:
     """The sorted distinct values of each mask file, read once (a DataError names a colour, non-integer
     or negative mask) and remembered by size and mtime, so the K check of a second run is instant."""
-    cache = ScanCache("mask_values.json")
+    cache = ScanCache("mask_values-v2.json")
     out: list[list[int] | None] = [cache.get(Path(p)) if Path(p).is_file() else None for p in paths]
     todo = [i for i, v in enumerate(out) if v is None]
     try:
@@ -122,18 +166,22 @@ def mask_values(paths: list[Path]) -> list[list[int]]:
     return out  # type: ignore[return-value]
 
 
-def check_mask_values(path: Path, values: list[int], num_classes: int, ignore_index: int | None) -> None:
-    """The error :func:`read_mask` gives for values ≥ K, from a mask's known values."""
+def check_mask_values(path: Path, values: list[int], num_classes: int, ignore_index: int | None,
+                      hint: str | None = None) -> None:
+    """The error :func:`read_mask` gives for values ≥ K, from a mask's known values. ``hint``: the fix to
+    name instead of ``--num-classes`` (evaluate, whose K is the run's)."""
     bad = [v for v in values if v >= num_classes and v != ignore_index][:5]
     if bad:
-        hint = " (a 0/255 binary mask? divide by 255; or --ignore-index 255 if 255 means not labeled)" if 255 in bad else ""
-        raise DataError(f"{path}: mask values {bad} are ≥ K={num_classes}{hint}; "
-                        f"fix the mask or pass --num-classes {max(values) + 1}")
+        why = " (a 0/255 binary mask? divide by 255; or --ignore-index 255 if 255 means not labeled)" if 255 in bad else ""
+        fix = hint or f"fix the mask or pass --num-classes {max(values) + 1}"
+        raise DataError(f"{path}: mask values {bad} are ≥ K={num_classes}{why}; {fix}")
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) as a viewer shows the image (EXIF orientation applied), from the file header
     without decoding the pixels."""
+    if not Path(path).is_file():
+        raise _missing(Path(path))
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -156,7 +204,8 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     img = _open(Path(path))
     if img.mode in ("P", "1", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
         img = img.convert("RGBA" if "A" in img.mode else "RGB")
-    arr = np.asarray(img)
+    arr = _pixels(img)
+    _finite(Path(path), arr)
     if arr.dtype == np.uint8:
         x = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16 or img.mode.startswith("I;16"):
@@ -185,9 +234,14 @@ def read_mask(path: Path, num_classes: int | None = None, ignore_index: int | No
     """Read an integer class map ``[H, W]`` (int64). Values must be integers in 0..K-1, or ``ignore_index``."""
     path = Path(path)
     img = _open(path)
-    arr = np.asarray(img)
+    arr = _pixels(img)
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # grey + alpha, RGBA: an opaque alpha carries nothing
+        if not np.all(arr[..., -1] == np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else arr[..., -1] == 1):
+            raise DataError(f"{path}: mask has a transparency (alpha) channel that is not fully opaque; save the class "
+                            f"indices 0..K-1 as a single-channel PNG without alpha")
+        arr = arr[..., :-1]
     if arr.ndim == 3:
-        if arr.shape[2] >= 3 and (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        if arr.shape[2] == 1 or (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             arr = arr[..., 0]
         else:
             raise DataError(f"{path}: mask is a colour image; save class indices 0..K-1 as a single-channel PNG")

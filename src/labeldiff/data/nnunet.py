@@ -196,11 +196,42 @@ def read_volume(path: Path, dtype=np.float32) -> Volume:
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}; save one channel per file "
                         f"(nnU-Net's CASE_0000, CASE_0001, ...)")
+    check_affine(path, img.affine)
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        bad = np.argwhere(~np.isfinite(data))[0]
+        raise DataError(f"{path}: voxel {tuple(int(i) for i in bad)} is {data[tuple(bad)]}; volumes must hold finite "
+                        f"values: replace NaN and infinite voxels (e.g. with the background value) and save it again")
     if np.issubdtype(dtype, np.integer):
         if np.issubdtype(data.dtype, np.floating) and not np.allclose(data, np.round(data)):
             raise DataError(f"{path}: a label volume must hold integers; found non-integer values")
         data = np.round(data)
     return Volume(np.ascontiguousarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64))
+
+
+def check_volumes(paths: list[Path]) -> None:
+    """Decode every volume file once (3D, an invertible affine, finite voxels) before a run folder exists; a
+    DataError names the first bad file. Files checked before, unchanged (same size and mtime), are skipped
+    (:class:`~labeldiff.data.io.ScanCache`), so a second run over the same data is instant."""
+    from labeldiff.data.io import ScanCache, _progress
+
+    cache = ScanCache("volumes-v1.json")
+    todo = [Path(p) for p in dict.fromkeys(paths) if Path(p).is_dir() or cache.get(Path(p)) is None]
+    try:
+        for p in _progress(todo, f"checking {len(todo)} volumes", unit="volume"):
+            read_volume(p)
+            if p.is_file():
+                cache.put(p, 1)
+    finally:
+        cache.save()
+
+
+def check_affine(path: Path, affine) -> None:
+    """A voxel → mm affine must be finite and invertible (a zero voxel size or a collapsed axis is not)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise DataError(f"{path}: its voxel-to-mm affine (qform/sform) is singular or not finite, so the voxels have "
+                        f"no positions; fix the header (e.g. with nibabel: set_qform / set_sform from the voxel "
+                        f"sizes) and save it again")
 
 
 def read_dicom_series(folder: Path, dtype=np.float32) -> Volume:
@@ -296,8 +327,19 @@ class NnUNetRaw:
             raise DataError(f"{meta_path}: missing {', '.join(missing)}; add e.g. "
                             f'"channel_names": {{"0": "CT"}}, "labels": {{"background": 0, "liver": 1}}')
         self.meta = meta
-        self.channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
-        labels = {str(name): int(v) for name, v in meta["labels"].items() if not isinstance(v, list)}
+        example = '"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}'
+        names, labels_raw = meta["channel_names"], meta["labels"]
+        if not isinstance(names, dict) or not names or not all(str(k).isdigit() for k in names):
+            raise DataError(f"{meta_path}: channel_names must map channel numbers to names, e.g. {example}")
+        if not isinstance(labels_raw, dict) or not labels_raw:
+            raise DataError(f"{meta_path}: labels must map class names to ids (got {type(labels_raw).__name__}), "
+                            f"e.g. {example}")
+        bad = [f"{n}: {v!r}" for n, v in labels_raw.items()
+               if not isinstance(v, list) and (isinstance(v, bool) or not isinstance(v, int))]
+        if bad:
+            raise DataError(f"{meta_path}: label ids must be integers ({', '.join(bad[:3])}); e.g. {example}")
+        self.channels = [names[k] for k in sorted(names, key=int)]
+        labels = {str(name): int(v) for name, v in labels_raw.items() if not isinstance(v, list)}
         ids = sorted(labels.values())
         if ids != list(range(len(ids))):
             raise DataError(f"{meta_path}: label ids must be 0, 1, ..., K-1 (found {ids}); renumber them")
@@ -586,9 +628,16 @@ def canonical_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
 
     try:
         img = nib.load(str(path))
-        shape, affine = tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+        full, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
     except Exception as e:
         raise DataError(f"{path}: cannot be read as a NIfTI volume ({e}); re-export it or remove it") from None
+    if len(full) == 4 and full[3] == 1:
+        full = full[:3]
+    if len(full) != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {full}; save one 3D channel per file "
+                        f"(nnU-Net's CASE_0000, CASE_0001, ...)")
+    check_affine(path, affine)
+    shape = full
     to_ras = o.ornt_transform(o.io_orientation(affine), o.axcodes2ornt("RAS"))
     out = [0, 0, 0]
     for axis, (ras, _) in enumerate(to_ras.astype(int)):

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
 from labeldiff.data.datasets import list_images, open_labeled, validate_samples
-from labeldiff.data.io import check_decodes, read_image
+from labeldiff.data.guard import check_output_folder, refuse_existing
+from labeldiff.data.io import DataError, check_decodes, read_image
 from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_and_score, predict_logits
@@ -35,10 +36,12 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     data_path = Path(data or cfg.data.path)
     split = split or cfg.data.test_split
     ds = open_labeled(cfg.data, data_path, split_file or (cfg.data.split_file if data is None else None))
-    samples = ds.samples(ds.stems(split))
+    stems = ds.stems(split)
+    refuse_trained_on(Path(model_dir), split, ds, stems, cfg.data.train_split)
+    samples = ds.samples(stems)
     k = cfg.num_classes
-    validate_samples(samples, k)
-    out = Path(out)
+    validate_samples(samples, k, hint=f"the run predicts {k} classes: evaluate it on data labeled with its classes")
+    out = check_output_folder(Path(out))
     out.mkdir(parents=True, exist_ok=True)
     all_stats, rows, grid = [], [], []
     for s, image, target, pred, stats in predict_and_score(model, cfg.data, samples, k, precision, tta,
@@ -71,14 +74,44 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     return metrics
 
 
+def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_split: str) -> None:
+    """Refuse to score images the run (or the run it was pretrained from) trained on: a split file that
+    changed after training, or another dataset split over the same images. Scoring the run's own
+    training split is allowed, with a note saying what the numbers are."""
+    from labeldiff.data import provenance
+    from labeldiff.runs import RunFolder
+
+    for how, rec in RunFolder.open(model_dir).trained_on():
+        seen = provenance.leaked(rec, ds.root, stems)
+        if not seen:
+            continue
+        if split == train_split:
+            print(f"note: split {split!r} is the one {model_dir} trained on; {len(seen)} of its images were seen in "
+                  f"training, so these scores are no test")
+            return
+        if how == "was trained on" or rec.get("labeled"):
+            fix = "restore the split the run used, or train the run again on this split"
+        else:
+            fix = ("pretrain again with this split (its test images are left out by default), or with --include-test "
+                   "if you mean the transductive protocol")
+        raise DataError(f"split {split!r} of {ds.root} holds {len(seen)} image(s) that {model_dir} {how} "
+                        f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}){provenance.changed_split(rec)}; "
+                        f"scores on them would not be a test: {fix}")
+
+
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
                 precision: str = INFERENCE_PRECISION, axis: int | None = None, intensity: str | None = None,
-                hu_window: tuple[float, float] | None = None) -> list[Path]:
-    """Write ``<stem>.png`` (class indices), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``.
+                hu_window: tuple[float, float] | None = None, overwrite: bool = False) -> list[Path]:
+    """Write ``<stem>.png`` (class indices; 8-bit, 16-bit above 256 classes), ``overlays/<stem>.png`` and
+    ``uncertainty/<stem>.png``.
 
     Volumes (a NIfTI file, a DICOM series folder, an nnU-Net dataset or ``imagesTs/`` folder) go to
     :func:`labeldiff.evaluate.volume.run_predict_volumes` instead: one label NIfTI per case, on the
     input's grid, predicted slice by slice along ``axis`` after the ``intensity`` scheme.
+
+    Nothing is written into the input folder or a dataset's image or mask folders
+    (:func:`~labeldiff.data.guard.check_output_folder`), and no existing file is replaced unless
+    ``overwrite``: both are refused before the first prediction.
 
     The uncertainty map is the entropy of the predicted class probabilities (for the probe: of the
     ensemble's mean probability), scaled so that 255 = log K (a uniform guess).
@@ -86,28 +119,34 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     from labeldiff.evaluate.volume import run_predict_volumes, volume_cases
 
     inputs = Path(inputs)
+    out = check_output_folder(Path(out), reads=(inputs,))
     if volume_cases(inputs):
         return run_predict_volumes(model_dir, inputs, out, axis=axis, intensity=intensity, hu_window=hu_window,
-                                   device=device, tta=tta, precision=precision)
+                                   device=device, tta=tta, precision=precision, overwrite=overwrite)
     model, cfg = open_segmenter(Path(model_dir), device)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     check_decodes(list(files.values()))  # a broken file stops here, before the output folder exists
-    out = Path(out)
+    if cfg.num_classes > 65536:
+        raise DataError(f"{model_dir} predicts {cfg.num_classes} classes; a PNG mask holds at most 65,536")
+    refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty")],
+                    overwrite)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "uncertainty").mkdir(parents=True, exist_ok=True)
+    dtype = np.uint8 if cfg.num_classes <= 256 else np.uint16  # class ids as pixel values, never wrapped
     written = []
     for stem, path in tqdm(files.items(), desc="predict", unit="img"):
         image = torch.from_numpy(read_image(path, cfg.data.channels))
         logits = predict_logits(model, image, cfg.data, precision, tta=tta)
-        pred = logits.argmax(0).numpy().astype(np.uint8)
+        pred = logits.argmax(0).numpy().astype(dtype)
         probs = torch.softmax(logits, dim=0)
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(cfg.num_classes, 2))
         save_png(pred, out / f"{stem}.png")
         save_png(overlay(image.numpy(), pred), out / "overlays" / f"{stem}.png")
         save_png((ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8), out / "uncertainty" / f"{stem}.png")
         written.append(out / f"{stem}.png")
-    print(f"wrote {len(written)} masks (values 0..{cfg.num_classes - 1}) to {out}, overlays to {out / 'overlays'} "
-          f"and uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}")
+    bits = "8-bit" if dtype == np.uint8 else "16-bit"
+    print(f"wrote {len(written)} masks ({bits} PNG, values 0..{cfg.num_classes - 1}) to {out}, overlays to "
+          f"{out / 'overlays'} and uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}")
     return written
 
 

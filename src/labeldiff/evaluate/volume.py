@@ -296,7 +296,9 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
                         f"{cfg.num_classes}; evaluate it on the dataset it was trained for")
     norm, axis = run_intensity(cfg, intensity, hu_window), cfg.data.axis if axis is None else axis
     names = raw.class_names
-    out = Path(out)
+    from labeldiff.data.guard import check_output_folder
+
+    out = check_output_folder(Path(out))
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows, scored = [], {}
     for case in tqdm(cases, desc=f"evaluate {split} volumes", unit="case", disable=quiet):
@@ -369,7 +371,7 @@ def run_intensity(cfg, scheme: str | None = None, hu_window: tuple[float, float]
 
 def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensity: str | None = None,
                         hu_window: tuple[float, float] | None = None, device: str = "auto", tta: bool = False,
-                        precision: str = "fp32", class_names: list[str] | None = None) -> list:
+                        precision: str = "fp32", class_names: list[str] | None = None, overwrite: bool = False) -> list:
     """``labeldiff predict`` on volumes: ``OUT/<case>.nii.gz`` on each input's grid (shape, affine,
     spacing) and ``OUT/overlays/<case>.png``. The intensity scheme is the run config's unless
     ``intensity`` overrides it; it must be what the training slices had (``percentile`` for slices
@@ -381,9 +383,14 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
     from labeldiff.data.nnunet import dataset_class_names, from_canonical, is_nnunet_raw
     from labeldiff.runs import open_segmenter
 
+    from labeldiff.data.guard import check_output_folder, refuse_existing
+
     cases = volume_cases(inputs)
     if not cases:
         raise FileNotFoundError(f"{inputs}: no NIfTI volume, DICOM series or nnU-Net case found")
+    out = check_output_folder(Path(out), reads=(inputs,))
+    refuse_existing([p for name, _ in cases for p in (Path(out) / f"{name}.nii.gz", Path(out) / "overlays" / f"{name}.png")],
+                    overwrite)
     model, cfg = open_segmenter(model_dir, device)
     norm, axis = run_intensity(cfg, intensity, hu_window), cfg.data.axis if axis is None else axis
     if class_names is None:

@@ -12,6 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from labeldiff.config import ModelConfig
+from labeldiff.errors import ConfigError
 
 PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
 # MONAI's ``out`` is GroupNorm → SiLU → conv: with ``keep_out_norm`` only the conv is the pretext layer
@@ -38,17 +39,19 @@ def check_model_config(cfg: ModelConfig) -> None:
         return
     n = len(cfg.channels)
     if len(cfg.attention_levels) != n:
-        raise ValueError(f"attention_levels has {len(cfg.attention_levels)} entries but channels has {n}; "
-                         f"give one True/False per level")
+        raise ConfigError(f"--attention (model.attention_levels) has {len(cfg.attention_levels)} entries but "
+                          f"--unet-channels (model.channels) has {n}; give one 0/1 per level, e.g. --attention "
+                          f"{','.join(['0'] * n)}")
     for c in cfg.channels:
         if c % cfg.norm_num_groups:
-            raise ValueError(f"channel width {c} is not divisible by norm_num_groups={cfg.norm_num_groups}")
+            raise ConfigError(f"--unet-channels: width {c} is not divisible by model.norm_num_groups="
+                              f"{cfg.norm_num_groups} (GroupNorm); use multiples of {cfg.norm_num_groups}")
     for i, (c, attn) in enumerate(zip(cfg.channels, cfg.attention_levels)):
         # MONAI's middle block always has self-attention at the last width, whatever attention_levels says
         if (attn or i == n - 1) and c % cfg.num_head_channels:
             where = "an attention level" if attn else "the last level, whose middle block has attention"
-            raise ValueError(f"channel width {c} ({where}) is not divisible by num_head_channels="
-                             f"{cfg.num_head_channels}; change the widths or set model.num_head_channels in a recipe")
+            raise ConfigError(f"--unet-channels: width {c} ({where}) is not divisible by --head-channels "
+                              f"(model.num_head_channels) {cfg.num_head_channels}; change the widths or the head channels")
 
 
 def pretext_output(arch: str, keep_out_norm: bool) -> tuple[str, ...]:
@@ -74,6 +77,26 @@ def check_input_size(cfg: ModelConfig, size: int) -> None:
         what = ("the EfficientNet encoder halves the resolution 5 times" if cfg.arch == "efficientnet-unet"
                 else f"the UNet halves the resolution {len(cfg.channels) - 1} times")
         raise ValueError(f"--size {size} is not a multiple of {m} ({what}); use --size {max(m, size // m * m)}")
+
+
+def step_memory_floor(cfg: ModelConfig, size: int, batch: int, channels: int) -> int:
+    """Bytes a training step cannot do without, counted low: one scaled image, and per image of a
+    micro-batch its input and the first level's features with their gradient (fp32). The real step
+    needs several times more."""
+    first = 16 if cfg.arch == "efficientnet-unet" else cfg.channels[0]
+    return 4 * size * size * (batch * (channels + 2 * first) + channels)
+
+
+def check_step_memory(cfg: ModelConfig, size: int, batch: int, channels: int, device) -> None:
+    """Refuse, before a run folder exists, a ``--size`` / batch whose step cannot fit the device's memory
+    even by the low count of :func:`step_memory_floor`."""
+    from labeldiff.runtime import memory_bytes
+
+    need, have = step_memory_floor(cfg, size, batch, channels), memory_bytes(torch.device(device))
+    if have is not None and need > have:
+        raise ConfigError(f"--size {size} with micro-batches of {batch}: a training step needs at least "
+                          f"{need / 2**30:,.0f} GiB, more than the {have / 2**30:,.0f} GiB of {device}; lower --size "
+                          f"(crop mode trains on size² crops of large images) or --batch-size (or raise --grad-accum)")
 
 
 def feature_channels(cfg: ModelConfig) -> int:

@@ -19,16 +19,17 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff import distributed
-from labeldiff.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from labeldiff.checkpoint import load_checkpoint, rename_weights, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.data.datasets import StepBatches, step_loader
+from labeldiff.errors import NonFiniteError
 from labeldiff.runtime import autocast, generator, grad_scaler, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(NonFiniteError):
+    """The loss became NaN or infinite: training stops before the backward pass of that step."""
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -137,7 +138,7 @@ def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
         weights = run_dir / "model.safetensors"
         distributed.barrier()  # every rank has read the saved config before rank 0 rewrites the folder
         if weights.is_file() and distributed.is_main():  # the shorter run's weights stay, under their step
-            os.replace(weights, run_dir / f"model-step{start}.safetensors")
+            rename_weights(weights, run_dir / f"model-step{start}.safetensors")
     config.extended = extended or None
     if steps != was and distributed.is_main():
         config.save(run_dir / "config.json")
@@ -206,7 +207,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     set_train_mode()
     log = open(run_dir / "log.jsonl", "a") if main else open(os.devnull, "w")
     last_good = start
-    loss_value = math.nan
+    loss_value = ck["extra"].get("loss", math.nan) if resume else math.nan
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not main)
@@ -231,10 +232,12 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                     loss = loss_fn(net, micro, g) / cfg.grad_accum                # batch's, these rows
                 part_loss = distributed.mean_over_ranks(loss)  # every rank agrees on it, before any backward
                 if not torch.isfinite(part_loss):
+                    where = (f"the last good checkpoint (step {last_good}) is in {run_dir}; " if last_good > 0 else
+                             "no checkpoint was written before it; ")
                     raise NonFiniteLossError(
-                        f"loss became {part_loss.item() * cfg.grad_accum} at step {step}; the last good checkpoint "
-                        f"(step {last_good}) is in {run_dir}. Lower --lr, raise warm-up, or use --precision fp32, "
-                        f"then --resume or --overwrite")
+                        f"loss became {part_loss.item() * cfg.grad_accum} at step {step}; {where}lower --lr, raise "
+                        f"--warmup-steps, or use --precision fp32, then "
+                        f"{'--resume or --overwrite' if last_good > 0 else '--overwrite'}")
                 global_loss = global_loss + part_loss
                 last = j == cfg.grad_accum - 1  # DDP averages the gradients over the ranks once, on the last
                 with (nullcontext() if last or net is model else net.no_sync()):
@@ -281,7 +284,8 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         bar.close()
         log.close()
     if main:
-        save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
+        if step > start or not resume:  # a resume at the last step only writes the result it lacked
+            save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
         final = ema.state if ema is not None else model.state_dict()
         save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
     distributed.barrier()  # the run folder is whole before any rank returns

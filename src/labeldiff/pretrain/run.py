@@ -6,14 +6,16 @@ from pathlib import Path
 import torch
 
 from labeldiff import distributed
-from labeldiff.checkpoint import prepare_run_dir
+from labeldiff.checkpoint import prepare_run_dir, release_run_dir
 from labeldiff.config import RunConfig, check_ranges
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
 from labeldiff.corruption.masking import resolve_loss
-from labeldiff.data.datasets import Sample, StepBatches, open_labeled, pretraining_samples, validate_samples
+from labeldiff.data import provenance
+from labeldiff.data.datasets import (Sample, StepBatches, check_scaled_images, dataset_root, open_labeled,
+                                     pretraining_samples, validate_samples)
 from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
-from labeldiff.models.unet import build_network, check_input_size
+from labeldiff.models.unet import build_network, check_input_size, check_step_memory
 from labeldiff.pretrain.loop import train
 from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
@@ -27,6 +29,11 @@ def pretext_loss(corruption: Corruption):
         return corruption.loss(model(c.input, c.t), c)
 
     return loss_fn
+
+
+def micro_batch(cfg: RunConfig) -> int:
+    """Images one process computes at once: the batch over the processes and the accumulation steps."""
+    return max(1, cfg.train.batch_size // (distributed.world_size() * cfg.train.grad_accum))
 
 
 def check_size(cfg: RunConfig) -> None:
@@ -60,6 +67,11 @@ def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sampl
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     samples = ds.samples(ds.stems(cfg.data.train_split))
     return samples, validate_samples(samples, cfg.data.num_classes or dataset_num_classes(ds.root))
+
+
+def split_file_of(cfg: RunConfig) -> Path:
+    """The split file a run on ``cfg.data`` reads: ``data.split_file`` or the dataset's ``split.json``."""
+    return Path(cfg.data.split_file) if cfg.data.split_file else dataset_root(Path(cfg.data.path)) / "split.json"
 
 
 def encoder_weights(source: str) -> dict[str, torch.Tensor] | None:
@@ -99,10 +111,26 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     resolve_method(cfg, corruption)
     check_size(cfg)
     samples, cfg.num_classes = training_samples(cfg, corruption)  # validates before anything is written
+    check_scaled_images(samples, cfg.data)
+    if cfg.model.arch == "efficientnet-unet" and cfg.model.encoder not in ("imagenet", "none"):
+        RunFolder.open(cfg.model.encoder, flag="--encoder").verify()
     corruption.check_input_size(cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
-    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
+    check_step_memory(cfg.model, cfg.data.size, micro_batch(cfg), cfg.data.channels, device)
+    reads = (cfg.data.path, cfg.data.split_file, cfg.model.encoder)
+    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume, reads=reads, config=cfg)
+    try:
+        return _pretrain(cfg, out, corruption, samples, device, resume)
+    finally:
+        release_run_dir(out)
+
+
+def _pretrain(cfg: RunConfig, out: Path, corruption: Corruption, samples: list[Sample], device: torch.device,
+              resume: bool) -> dict:
+    if distributed.is_main():  # what it read, so that it is never scored on it (labeldiff.data.provenance)
+        provenance.write(out, provenance.record(cfg.data.path, split_file_of(cfg), [s.stem for s in samples],
+                                                labeled=corruption.needs_labels, include_test=cfg.data.include_test))
     torch.manual_seed(cfg.train.seed)
     model, frozen = build_pretrain_network(cfg, corruption)
     model.to(device)

@@ -67,6 +67,7 @@ from typing import Any
 
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
+from labeldiff.errors import LabeldiffError
 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
 SELECTS = ("random", "diverse", "typical")
@@ -87,7 +88,7 @@ METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-class StudyError(ValueError):
+class StudyError(LabeldiffError, ValueError):
     """A study file that cannot run; the message names the key and how to fix it."""
 
 

@@ -39,12 +39,15 @@ import torch
 from monai.losses import DiceCELoss, MaskedDiceLoss
 
 from labeldiff import distributed
-from labeldiff.checkpoint import atomic_write_text, prepare_run_dir
+from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, release_run_dir
 from labeldiff.config import RunConfig, check_ranges, check_transfer, parse_synthetic, replace
+from labeldiff.data import provenance
 from labeldiff.data.augment import Augment
 from labeldiff.data.datasets import StepBatches
-from labeldiff.models.unet import ENCODER_PARTS, SegmentationNet, check_input_size, load_backbone_strict
+from labeldiff.models.unet import (ENCODER_PARTS, SegmentationNet, check_input_size, check_step_memory,
+                                   load_backbone_strict)
 from labeldiff.pretrain.loop import train
+from labeldiff.pretrain.run import micro_batch
 from labeldiff.runs import DIRECT_SEGMENTERS, RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
@@ -207,12 +210,25 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
     check_input_size(cfg.model, cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the run folder exists
+    check_step_memory(cfg.model, cfg.data.size, micro_batch(cfg), cfg.data.channels, device)
     synthetic = None
     if t.synthetic:  # read from the hybrid run's cache (sampled by the caller) before the run folder exists
         run, n = parse_synthetic(t.synthetic)
         source = RunFolder.open(run, flag="--synthetic")
         synthetic, cache = source.synthetic_pairs(n, cfg, job.num_classes), source.synthetic_chunks(n)[0].parent
-    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume)
+    synthetic_run = parse_synthetic(t.synthetic)[0] if t.synthetic else None
+    reads = (cfg.data.path, cfg.data.split_file, t.pretrained, synthetic_run)
+    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume, reads=reads, config=cfg)
+    try:
+        return _finetune(cfg, out, job, device, synthetic, cache if synthetic is not None else None, resume)
+    finally:
+        release_run_dir(out)
+
+
+def _finetune(cfg: RunConfig, out: Path, job, device: torch.device, synthetic, cache: Path | None,
+              resume: bool) -> dict:
+    """The part of :func:`run_finetune` that writes the run folder (locked by the caller)."""
+    t = cfg.transfer
     torch.manual_seed(cfg.train.seed)
     model, report = build_segmenter(cfg, job.num_classes, job.pre)
     model.to(device)
@@ -221,6 +237,7 @@ def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resu
               f"skipped (pretext output layer): {', '.join(report['skipped']) or 'none'}; "
               f"new (random init): {', '.join(report['new']) or 'none (--keep-head)'}")
     if distributed.is_main():
+        provenance.write(out, provenance.record(job.ds.root, job.ds.split_file, job.stems, labeled=True))
         atomic_write_text(out / "labeled.json", json.dumps({"split": cfg.data.train_split, "stems": job.stems,
                                                              "seed": cfg.train.seed, "load_report": report,
                                                              "synthetic": None if synthetic is None else {

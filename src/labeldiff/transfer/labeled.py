@@ -10,7 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from labeldiff.config import LABEL_UNITS, RunConfig
-from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, select_subset, validate_samples
+from labeldiff.data.datasets import (LabeledFolder, VolumeFolder, check_scaled_images, open_labeled, select_subset,
+                                     validate_samples)
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.runs import RunFolder
@@ -37,7 +38,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
     t = cfg.transfer
     pre = None
     if t.pretrained:
-        pre = RunFolder.open(t.pretrained, flag="--pretrained").require_pretrain()
+        pre = RunFolder.open(t.pretrained, flag="--pretrained").require_pretrain().verify()
         pre.inherit(cfg, explicit)
     elif t.strategy != "scratch":
         raise ValueError(f"strategy {t.strategy!r} needs --pretrained RUN_DIR (or use --from-scratch)")
@@ -58,6 +59,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
                             f"{outside[:3] or 'none'} are not in it")
         t.labels = len(chosen)
     cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes or dataset_num_classes(ds.root))
+    check_scaled_images(ds.samples(chosen), cfg.data)
     ignore = cfg.data.ignore_index
     if ignore is not None and ignore < cfg.num_classes:
         raise DataError(f"--ignore-index {ignore} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "

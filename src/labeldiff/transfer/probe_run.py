@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from labeldiff import distributed
-from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, save_weights
+from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, release_run_dir, save_weights
 from labeldiff.config import RunConfig, check_ranges
+from labeldiff.data import provenance
 from labeldiff.data.datasets import ScaledImages
 from labeldiff.models.probe import (PROBE_METHODS, PaddedExtractor, default_spec, format_spec, make_extractor,
                                     parse_spec, save_probe)
@@ -63,7 +64,18 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
                          "features (--features default, or 'blocks=…;t=…')")
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     unet = pre.backbone(device)
-    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
+    out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False,
+                          reads=(cfg.data.path, cfg.data.split_file, t.pretrained))
+    try:
+        return _probe(cfg, out, job, unet, t0)
+    finally:
+        release_run_dir(out)
+
+
+def _probe(cfg: RunConfig, out: Path, job, unet, t0: float) -> dict:
+    """The part of :func:`run_probe` that writes the run folder (locked by the caller)."""
+    t, pre = cfg.transfer, job.pre
+    requested = t.features
     main = distributed.is_main()
     loader = ScaledImages(cfg.data)
     samples = job.ds.samples(job.stems)
@@ -101,6 +113,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     if not main:  # rank 0 writes the run folder
         distributed.barrier()
         return {"step": sum(len(h) for h in ensemble.history), "loss": float("nan"), "seconds": time.time() - t0}
+    provenance.write(out, provenance.record(job.ds.root, job.ds.split_file, job.stems, labeled=True))
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith(PRETEXT_OUTPUT)}
     save_weights(state, out / BACKBONE_FILE)
     save_probe(out, ensemble, spec, noise_seed=cfg.train.seed)
