@@ -180,7 +180,7 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
     picks = {}
     for seed in range(10):
         out = tmp_path / f"picks{seed}.txt"
-        assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+        assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2",
                      "--rule", "diverse", "--seed", str(seed), "--out", str(out)]) == 0
         lines = [line.split("\t") for line in out.read_text().splitlines()]
         assert len(lines) == 2 and all(Path(f).is_file() and Path(f).stem == stem for stem, f in lines)
@@ -188,26 +188,26 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
     # the default rule, typical: one typical image from each of 2 k-means clusters (copies share a cluster)
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2",
                  "--out", str(tmp_path / "typical.txt")]) == 0
     typical = [line.split("\t")[0] for line in (tmp_path / "typical.txt").read_text().splitlines()]
     assert len(typical) == 2 and typical[0].split("_")[0] != typical[1].split("_")[0], typical
     assert "(typical on the decoder features of" in capsys.readouterr().out
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2", "--seed",
                  "3", "--rule", "diverse", "--out", str(tmp_path / "again.txt")]) == 0
     assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
     capsys.readouterr()
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "9"]) == 2
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "9"]) == 2
     assert "has 8 images; choose k from 1 to 8" in capsys.readouterr().err
-    assert main(["select", "--pretrained", str(folder), "--images", str(folder), "--k", "2"]) == 2
+    assert main(["select", "--pretrained", str(folder), "--data", str(folder), "--labels", "2"]) == 2
     assert "no config.json there" in capsys.readouterr().err
     # a dataset root: its test split (img_04, img_05) is scored later, so it is never a pick
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "4",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(files / "data"), "--labels", "4",
                  "--out", str(tmp_path / "root.txt")]) == 0
     picked = sorted(line.split("\t")[0] for line in (tmp_path / "root.txt").read_text().splitlines())
     assert picked == ["img_00", "img_01", "img_02", "img_03"]
     assert "candidates: 4 images; the 2 images of split 'test' are left out" in capsys.readouterr().out
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "5"]) == 2
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(files / "data"), "--labels", "5"]) == 2
     assert "has 4 images; choose k from 1 to 4" in capsys.readouterr().err
 
 
@@ -502,7 +502,7 @@ BAD = [
      r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
     (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
     (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
-     r"augment 'heavy' is unknown; choose one of none, light, strong"),
+     r"--augment 'heavy' is not one of none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),

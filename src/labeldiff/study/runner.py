@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from labeldiff.config import ModelConfig, RunConfig, replace
+from labeldiff.config import ModelConfig, RunConfig
 from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_class_names, dataset_num_classes
@@ -44,8 +44,10 @@ from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runtime import resolve_device
 from labeldiff.sample.synthetic import ensure_synthetic
 from labeldiff.study import report
-from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
-                                     pretrain_key, pretrain_runs, resolved_model, write_json)
+from labeldiff.resolve import Layer, compose, resolve
+from labeldiff.runs import RunFolder
+from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_layers, identity, pretrain_config,
+                                     pretrain_key, pretrain_layers, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import build_pool, code_state, prepare_data, write_environment
 from labeldiff.study.select import PICKERS, RULES, class_sets, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
@@ -92,12 +94,13 @@ class Target:
 @dataclass
 class Pretraining:
     name: str
-    cfg: RunConfig
+    cfg: RunConfig  # the settings it was asked for (what its key hashes)
     key: str
     dir: Path
     model: ModelConfig  # the network run_pretrain builds
     continues: "Pretraining | None" = None  # the shorter run of a pretrain_steps sweep this one extends
     fine_tuned: bool = True  # False: a length the method's finetune_at leaves out (trained, no cells)
+    layers: list[Layer] | None = None  # what labeldiff.resolve resolves its run config from
 
     @property
     def finished(self) -> bool:
@@ -146,10 +149,11 @@ def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]
         m.pretrains and m.pretrain_on == "unlabeled" for m in study.methods) else None
     for name, method, steps in pretrain_runs(study):
         cfg = pretrain_config(study, method, steps, pool)
+        run_layers = pretrain_layers(study, method, steps, pool)
         prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
         key = pretrain_key(cfg, prev.key if prev else None, out)
         runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev,
-                                method.fine_tunes(steps)))
+                                method.fine_tunes(steps), run_layers))
     return runs
 
 
@@ -296,7 +300,7 @@ def pretrain(runs: list[Pretraining]) -> None:
                       f"({run.continues.cfg.train.steps} → {run.cfg.train.steps} steps) → {run.dir}")
             else:
                 print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
-            cfg = RunConfig.from_dict(run.cfg.to_dict())
+            cfg = resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
             result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
             write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
 
@@ -307,24 +311,28 @@ def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
     return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
 
 
-def cell_config(cell: Cell, ft: RunConfig, target: Target) -> RunConfig:
-    cfg = RunConfig.from_dict(ft.to_dict())
-    cfg.data.split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
-    cfg.data.num_classes = target.num_classes
-    cfg.transfer.strategy, cfg.transfer.labels, cfg.train.seed = cell.strategy, cell.k, cell.seed
+def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
+    """The resolved config of a cell (:func:`labeldiff.resolve.resolve`): the protocol's ``shared`` layers
+    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run."""
+    own = {"data.split_file": str(target.ds.split_file) if target.ds.split_file.is_file() else None,
+           "data.num_classes": target.num_classes, "transfer.strategy": cell.strategy, "transfer.labels": cell.k,
+           "train.seed": cell.seed}
     # a protocol's keep_head applies where there is a source head: hybrid / supervised pretraining
     if cell.pre is None or cell.pre.cfg.corruption.method not in LABELED_METHODS:
-        cfg.transfer.keep_head = False  # (auto is resolved by the fine-tuning itself)
+        own["transfer.keep_head"] = False  # (auto is resolved by the fine-tuning itself)
+    pre = None
     if cell.pre is not None:
-        cfg.transfer.pretrained = str(cell.pre.dir)
+        own["transfer.pretrained"] = str(cell.pre.dir)
+        pre = RunFolder.open(cell.pre.dir, flag="--pretrained").config
     else:  # scratch: the pretrained runs' network, built from the config alone
-        cfg.transfer.pretrained = None
-        cfg.model = replace(cell.model)
-        cfg.data.channels = cell.model.in_channels
-    return cfg
+        own["transfer.pretrained"] = None
+        own.update({f"model.{k}": v for k, v in asdict(cell.model).items()})
+        own["data.channels"] = cell.model.in_channels
+    return resolve("segmentation", shared + [Layer(f"cell {cell.id}", own)], pre,
+                   str(cell.pre.dir) if cell.pre else None)
 
 
-def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, explicit: set[str]) -> float:
+def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector) -> float:
     """Select, train, evaluate one cell into its folder (replacing a partial one); returns seconds."""
     t0 = time.time()
     if cell.dir.exists():
@@ -343,11 +351,11 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
         os.replace(cell.dir / "eval.tmp", cell.dir / "eval")
         return 0.0
     if cell.strategy == "source":
-        return source_cell(cell, ft, target, t0)
+        return source_cell(cell, compose("segmentation", shared)[0], target, t0)
     stems = selector.stems(cell)
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
-    cfg = cell_config(cell, ft, target)
-    run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
+    cfg = cell_config(cell, shared, target)
+    run_transfer(cfg, cell.dir / "run", stems)
     tmp = cell.dir / "eval.tmp"
     run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
     seconds = time.time() - t0
@@ -443,8 +451,8 @@ def todo_order(cells: list[Cell]) -> list[Cell]:
     return sorted((c for c in cells if not c.finished), key=lambda c: (seeds.index(c.seed), c.k, c.protocol, c.select))
 
 
-def run_cells(cells: list[Cell], fts: dict[str, RunConfig], target: Target, out: Path, explicit: set[str],
-              selector: Selector, todo: list[Cell] | None = None) -> int:
+def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target, out: Path, selector: Selector,
+              todo: list[Cell] | None = None) -> int:
     """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
     were computed. ``results.csv`` lists every finished cell, whoever computed it."""
     done = [c for c in cells if c.finished]
@@ -456,7 +464,7 @@ def run_cells(cells: list[Cell], fts: dict[str, RunConfig], target: Target, out:
         print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
               f"ETA {_duration(eta)} → {cell.dir}")
         try:
-            times.append(run_cell(cell, fts[cell.protocol], target, selector, explicit))
+            times.append(run_cell(cell, shared[cell.protocol], target, selector))
         except KeyboardInterrupt:
             print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
                   f"command again to continue (finished cells and pretraining runs are reused)")
@@ -602,6 +610,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     write_study_file(study, out / "study.yaml")
     prepare_data(study, out)
     fts = {p.name: finetune_config(study, p) for p in study.protocols}
+    shared = {p.name: finetune_layers(study, p) for p in study.protocols}
     ft = next(iter(fts.values()))
     target = Target.load(study, ft)
     pre_dir = Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain"
@@ -634,7 +643,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
                              f"with --pretrain-only first (two shards would train the same run)")
         mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
         synthetic_first(fts)  # a no-op under --workers (sampled before); shards started by hand sample what is missing
-        run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs), todo=mine)
+        run_cells(cells, shared, target, out, Selector(target, ft, runs), todo=mine)
         volume_evaluations(mine, target, ft.train.device)  # scored side by side too; the parent finds them done
         robustness_evaluations(mine, study, target, ft)
         return [cell_row(c) for c in cells if c.finished]
@@ -644,7 +653,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         if workers > 1:
             run_workers(Path(study.file), out, pre_dir, workers)
         else:
-            run_cells(cells, fts, target, out, finetune_explicit(study), Selector(target, ft, runs))
+            run_cells(cells, shared, target, out, Selector(target, ft, runs))
     volume_evaluations(cells, target, ft.train.device)
     robustness_evaluations(cells, study, target, ft)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)
