@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from labeldiff import runtime
+from labeldiff.fs import atomic_folder
 from labeldiff.study.configs import write_json
 from labeldiff.study.spec import Study
 
@@ -148,16 +149,11 @@ def build_pool(study: Study, folder: Path) -> Path:
     key = digest(sorted(str(Path(p).resolve()) for _, p in files))
     images = Path(folder) / "pools" / f"pool-{key}" / "images"
     if not images.is_dir():
-        tmp = images.parent.with_name(images.parent.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        (tmp / "images").mkdir(parents=True)
-        for stem, path in files:
-            os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
-        write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
-        os.replace(tmp, images.parent)
+        with atomic_folder(images.parent) as tmp:
+            (tmp / "images").mkdir(parents=True)
+            for stem, path in files:
+                os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
+            write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
     print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{said}) "
           f"→ {images}")
     return images

@@ -39,6 +39,7 @@ from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_class_names, dataset_num_classes
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes, split_slabs
+from labeldiff.fs import atomic_folder
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runtime import resolve_device
@@ -271,15 +272,10 @@ def start_from(shorter: Pretraining, folder: Path) -> None:
     if not shorter.finished:
         raise RuntimeError(f"{shorter.dir} is not finished; it must be before {folder} can continue it")
     info = json.loads((shorter.dir / "latest.json").read_text())
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(shorter.dir / info["dir"], tmp / info["dir"])
-    for name in ("config.json", "latest.json", "log.jsonl"):
-        shutil.copyfile(shorter.dir / name, tmp / name)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        shutil.copytree(shorter.dir / info["dir"], tmp / info["dir"])
+        for name in ("config.json", "latest.json", "log.jsonl"):
+            shutil.copyfile(shorter.dir / name, tmp / name)
 
 
 def pretrain(runs: list[Pretraining]) -> None:
@@ -336,11 +332,11 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
         info = json.loads((twin / "cell.json").read_text())
         write_json(cell.dir / "cell.json", {**cell.describe(), "stems": info["stems"], "git": info["git"],
                                             "same_as": twin.name})
-        shutil.copytree(twin / "eval", cell.dir / "eval.tmp")
-        write_json(cell.dir / "eval.tmp" / "timing.json", {"seconds": 0.0, "copied_from": twin.name})
-        if (twin / "run").exists():
-            os.symlink(twin / "run", cell.dir / "run")
-        os.replace(cell.dir / "eval.tmp", cell.dir / "eval")
+        with atomic_folder(cell.dir / "eval") as tmp:
+            shutil.copytree(twin / "eval", tmp)
+            write_json(tmp / "timing.json", {"seconds": 0.0, "copied_from": twin.name})
+            if (twin / "run").exists():
+                os.symlink(twin / "run", cell.dir / "run")
         return 0.0
     if cell.strategy == "source":
         return source_cell(cell, ft, target, t0)
@@ -348,11 +344,10 @@ def run_cell(cell: Cell, ft: RunConfig, target: Target, selector: Selector, expl
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, ft, target)
     run_transfer(cfg, cell.dir / "run", stems, explicit=explicit)
-    tmp = cell.dir / "eval.tmp"
-    run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
-    seconds = time.time() - t0
-    write_json(tmp / "timing.json", {"seconds": seconds})
-    os.replace(tmp, cell.dir / "eval")
+    with atomic_folder(cell.dir / "eval") as tmp:
+        run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
+        seconds = time.time() - t0
+        write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
 
 
@@ -361,13 +356,12 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     split. Its key leaves out k, seed and protocol, so :func:`run_cell` evaluates it once per
     pretraining run and copies it into the other cells."""
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
-    tmp = cell.dir / "eval.tmp"
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
-    run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
-                 device=ft.train.device)
-    seconds = time.time() - t0
-    write_json(tmp / "timing.json", {"seconds": seconds})
-    os.replace(tmp, cell.dir / "eval")
+    with atomic_folder(cell.dir / "eval") as tmp:
+        run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
+                     device=ft.train.device)
+        seconds = time.time() - t0
+        write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
 
 
@@ -378,10 +372,9 @@ def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") 
         return
     todo = [c for c in cells if c.finished and not (c.dir / "eval" / "volume" / "metrics.json").is_file()]
     for cell in tqdm(todo, desc="3D slab scores", unit="cell", disable=not todo):
-        tmp = cell.dir / "eval" / "volume.tmp"
         model = cell.pre.dir if cell.strategy == "source" else cell.dir / "run"
-        run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
-        os.replace(tmp, cell.dir / "eval" / "volume")
+        with atomic_folder(cell.dir / "eval" / "volume") as tmp:
+            run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
 
 
 def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: RunConfig) -> None:
@@ -400,13 +393,12 @@ def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: 
     todo = [c for c in cells if c.finished and not done(c)]
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
-        tmp = cell.dir / "eval" / "robustness.tmp"
         where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
-        run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp, split=ft.data.test_split,
-                     device=ft.train.device, max_overlays=1, corruptions=study.robustness["corruptions"],
-                     severities=study.robustness["severities"], corruption_seed=study.robustness["seed"], **where)
-        shutil.rmtree(cell.dir / "eval" / "robustness", ignore_errors=True)
-        os.replace(tmp, cell.dir / "eval" / "robustness")
+        with atomic_folder(cell.dir / "eval" / "robustness") as tmp:
+            run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
+                         split=ft.data.test_split, device=ft.train.device, max_overlays=1,
+                         corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
+                         corruption_seed=study.robustness["seed"], **where)
 
 
 def cell_row(cell: Cell) -> dict:
