@@ -12,7 +12,7 @@ from labeldiff.cli import main
 from labeldiff.config import DataConfig
 from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import VolumeCache
+from labeldiff.data.slices import VolumeCache
 
 from conftest import DATASETS
 
@@ -42,7 +42,7 @@ def make_volume_dataset(root: Path, shape=(20, 16, 10), k: int = 3) -> Path:
 @pytest.fixture
 def fresh_volumes(monkeypatch):
     cache = VolumeCache(max_mb=256)
-    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
     monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
     return cache
 

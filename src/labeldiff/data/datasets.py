@@ -24,9 +24,11 @@ from labeldiff.config import DataConfig
 from labeldiff.data.augment import seed_from
 from labeldiff.data.io import (IMAGE_SUFFIXES, DataError, check_decodes, check_mask_values, image_size, mask_values,
                                read_image, read_mask)
-from labeldiff.data.nnunet import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, check_spacing, check_volumes,
-                                   fit_ct_percentile, Intensity, is_nnunet_raw, load_canonical, NnUNetRaw,
-                                   read_slice_image, read_slice_mask, slice_stem, SliceRef, volume_shape)
+from labeldiff.data.geometry import check_spacing, load_canonical, volume_shape
+from labeldiff.data.nnunet import fit_ct_percentile, Intensity, is_nnunet_raw, NnUNetRaw
+from labeldiff.data.slices import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, read_slice_image,
+                                   read_slice_mask, slice_stem, SliceRef)
+from labeldiff.data.volume_io import check_volumes
 
 
 def list_images(folder: Path) -> dict[str, Path]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import to_display, volume_percentiles
+from labeldiff.data.geometry import to_display
+from labeldiff.data.nnunet import volume_percentiles
 
 
 def _load(path: Path):
