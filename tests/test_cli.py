@@ -486,7 +486,7 @@ def test_demo_end_to_end(tmp_path):
     # the volume path: an nnU-Net raw dataset read as volumes, the test slab scored in 3D, a label NIfTI out
     import nibabel as nib
 
-    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.folders import VolumeFolder
     from labeldiff.demo import CLASS_NAMES, test_slab
 
     data = tmp_path / "demo" / "data"

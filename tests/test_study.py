@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 import labeldiff.study.runner as runner
-from labeldiff.data.datasets import LabeledFolder, select_subset
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
+from labeldiff.data.splits import select_subset
 from labeldiff.study import report
 from labeldiff.study.configs import pretrain_key
 from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset, typical_picks,

@@ -10,9 +10,11 @@ import pytest
 
 from labeldiff.cli import main
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import VolumeFolder, open_labeled, unlabeled_samples
 from labeldiff.data.io import DataError
 from labeldiff.data.slices import VolumeCache
+from labeldiff.data.splits import pretraining_exclusions
 
 from conftest import DATASETS
 
@@ -43,7 +45,7 @@ def make_volume_dataset(root: Path, shape=(20, 16, 10), k: int = 3) -> Path:
 def fresh_volumes(monkeypatch):
     cache = VolumeCache(max_mb=256)
     monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
-    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.folders.VOLUMES", cache)
     return cache
 
 
@@ -188,8 +190,13 @@ def test_split_slabs_of_a_volume_dataset(tmp_path, fresh_volumes):
 
 def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
     root = make_volume_dataset(tmp_path / "Dataset006")
-    with pytest.raises(SystemExit, match="--slab-train"):
-        main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")])
+    assert main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")]) == 2
+    assert "--slab-train" in capsys.readouterr().err
+    groups = tmp_path / "groups.json"
+    groups.write_text("{}")
+    assert main(["split", "--data", str(root), "--slab-train", "0.5", "--groups", str(groups),
+                 "--out", str(tmp_path / "s.json")]) == 2  # a flag that cannot apply is refused, not ignored
+    assert "--groups" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
 
 
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")

@@ -244,9 +244,9 @@ def test_prediction_sees_the_slices_training_saw(tmp_path):
     reads it (up to 8-bit quantisation): same rotation, padding and intensities."""
     import nibabel as nib
 
+    from labeldiff.data.geometry import to_display
     from labeldiff.data.io import read_image
     from labeldiff.data.nnunet import Intensity
-    from labeldiff.data.geometry import to_display
     from labeldiff.data.volumes import volume_to_slices
 
     x = np.random.default_rng(0).normal(100, 40, (11, 8, 5)).astype(np.float32)
@@ -269,14 +269,14 @@ def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeyp
     import torch
 
     from labeldiff.config import DataConfig
-    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.folders import VolumeFolder
     from labeldiff.data.nnunet import Intensity
     from labeldiff.data.slices import VolumeCache
     from labeldiff.evaluate.volume import predict_case
 
     cache = VolumeCache(max_mb=64)
     monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
-    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.folders.VOLUMES", cache)
     root = tmp_path / "Dataset008"
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)

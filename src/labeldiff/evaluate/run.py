@@ -9,10 +9,11 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
-from labeldiff.data.datasets import list_images, open_labeled, validate_samples
+from labeldiff.data.folders import list_images, open_labeled
 from labeldiff.data.guard import check_output_folder, refuse_existing
 from labeldiff.data.io import DataError, check_decodes, read_image
 from labeldiff.data.nnunet import dataset_class_names
+from labeldiff.data.validation import validate_samples
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_and_score, predict_logits
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv

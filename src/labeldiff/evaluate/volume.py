@@ -281,8 +281,8 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     from tqdm.auto import tqdm
 
     from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.data.io import DataError
     from labeldiff.data.geometry import canonical, canonical_geometry, resampled_geometry, slab_on_grid
+    from labeldiff.data.io import DataError
     from labeldiff.data.nnunet import NnUNetRaw
     from labeldiff.data.slices import LABEL_DTYPE
     from labeldiff.data.volume_io import read_volume
@@ -354,7 +354,7 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
 
 def split_slabs(ds, stems: list[str]) -> dict[str, tuple[int, int]]:
     """Case → (first, last) slice index of ``stems`` (slices of a
-    :class:`~labeldiff.data.datasets.VolumeFolder`, e.g. its test split): the slab each case is scored
+    :class:`~labeldiff.data.folders.VolumeFolder`, e.g. its test split): the slab each case is scored
     on in 3D. Every slice from first to last is scored, with or without labeled pixels."""
     out: dict[str, tuple[int, int]] = {}
     for stem in stems:

@@ -34,9 +34,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from labeldiff.config import ModelConfig, RunConfig, replace
-from labeldiff.data.datasets import LabeledFolder, VolumeFolder, open_labeled, validate_samples
+from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_class_names, dataset_num_classes
+from labeldiff.data.validation import validate_samples
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes, split_slabs
 from labeldiff.fs import atomic_folder

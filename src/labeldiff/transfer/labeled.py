@@ -10,10 +10,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from labeldiff.config import LABEL_UNITS, RunConfig
-from labeldiff.data.datasets import (LabeledFolder, VolumeFolder, check_scaled_images, open_labeled, select_subset,
-                                     validate_samples)
+from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_num_classes
+from labeldiff.data.splits import select_subset
+from labeldiff.data.validation import check_scaled_images, validate_samples
 from labeldiff.runs import RunFolder
 
 
@@ -30,7 +31,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
 
     ``stems``: the labeled images, given explicitly (a study's cell); they must belong to the
     ``train_split``. Without them ``transfer.labels`` images of it are drawn with ``train.seed``
-    (:func:`labeldiff.data.datasets.select_subset`), or with ``transfer.label_unit = volumes`` that many
+    (:func:`labeldiff.data.splits.select_subset`), or with ``transfer.label_unit = volumes`` that many
     training cases, whose labeled slices all train (:func:`select_volumes`). ``explicit``: the dotted config names the user
     set (command line, recipe, study), see :meth:`RunFolder.inherit`.
     """
