@@ -199,6 +199,21 @@ def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
     assert "--groups" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
 
 
+def test_evaluate_decides_2d_or_volumes_and_refuses_the_options_of_the_other(tmp_path, fresh_volumes, labeled_dataset):
+    """One place decides how a run is scored: an nnU-Net raw folder as ``data`` in 3D, anything else image by
+    image. Options of the other kind are refused before the run is opened (no run needed here)."""
+    from labeldiff.errors import ConfigError
+    from labeldiff.evaluate.run import evaluate
+
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    with pytest.raises(ConfigError, match="--corruptions"):
+        evaluate(tmp_path / "no-run", data=root, corruptions=["noise"], severities=[1])
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", data=labeled_dataset, slab=(2, 4))
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", slab=(2, 4))  # no data: the run's own, scored image by image
+
+
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
 def test_pretraining_leaves_the_test_slab_out_of_the_whole_scan_too(tmp_path, fresh_volumes):
     """ct_abdomen's labeled crop is slices 82–111 of its unlabeled whole scan (found by content: the crop's

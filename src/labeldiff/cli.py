@@ -236,32 +236,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from labeldiff.data.nnunet import is_nnunet_raw
-    from labeldiff.evaluate.run import run_evaluate
+    from labeldiff.evaluate.run import evaluate
 
     corruptions = severities = None
     if args.corruptions:
         from labeldiff.evaluate.corruptions import parse_corruptions, parse_severities
 
         corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)  # ValueError: exit 2
-    if args.data and is_nnunet_raw(Path(args.data)):
-        from labeldiff.evaluate.volume import run_evaluate_volumes
-
-        if corruptions:
-            raise ValueError("--corruptions evaluates 2D image datasets only; volume datasets (nnU-Net raw) are not "
-                             "supported yet: evaluate the volumes without it")
-
-        split = args.split or "test"
-        run_evaluate_volumes(args.model, Path(args.data), args.out or Path(args.model) / f"eval_volumes_{split}",
-                             split=split, axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
-                             slab=_slab(args.slab), device=args.device, precision=args.precision, tta=args.tta)
-        return
-    if args.slab is not None:
-        raise SystemExit("error: --slab applies to volume datasets (an nnU-Net raw folder as --data)")
-    run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
-                 split=args.split, device=args.device, split_file=args.split_file, tta=args.tta,
-                 precision=args.precision, corruptions=corruptions, severities=severities,
-                 corruption_seed=args.corruption_seed)
+    evaluate(args.model, args.out, data=args.data, split=args.split, split_file=args.split_file,
+             corruptions=corruptions, severities=severities, corruption_seed=args.corruption_seed,
+             slab=_slab(args.slab), axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
+             device=args.device, precision=args.precision, tta=args.tta)
 
 
 INTENSITY_HELP = ("volume datasets: percentile (each volume's 0.5/99.5 percentiles to [-1, 1], the CT paper's "
