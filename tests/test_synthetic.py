@@ -15,7 +15,7 @@ from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runs import RunFolder
 from labeldiff.sample import synthetic
 from labeldiff.sample.synthetic import ensure_synthetic
-from labeldiff.study.report import axis_differences
+from labeldiff.study.stats import axis_differences
 from labeldiff.transfer.run import run_transfer
 
 

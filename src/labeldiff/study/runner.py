@@ -45,12 +45,13 @@ from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runtime import resolve_device
 from labeldiff.sample.synthetic import ensure_synthetic
-from labeldiff.study import report
+from labeldiff.study import plots, report
 from labeldiff.study.configs import (arch_key, digest, finetune_config, finetune_explicit, identity, pretrain_config,
                                      pretrain_key, pretrain_runs, resolved_model, write_json)
 from labeldiff.study.prepare import build_pool, code_state, prepare_data, write_environment
 from labeldiff.study.select import PICKERS, RULES, class_sets, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, load_study
+from labeldiff.study.verdict import verdict_markdown
 from labeldiff.transfer.run import run_transfer
 
 OVERLAY_IMAGES = 3
@@ -491,9 +492,9 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
-    (out / "verdict.md").write_text(report.verdict_markdown(rows, title, looks=study.looks))
-    report.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
-    report.plot_paired(rows, out / "paired.png", title=title)
+    (out / "verdict.md").write_text(verdict_markdown(rows, title, looks=study.looks))
+    plots.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
+    plots.plot_paired(rows, out / "paired.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
           f"verdict.md, dice_vs_labels.png, paired.png, overlays.png, environment.json")
@@ -525,7 +526,7 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
         preds[f"{c.method} / {c.strategy}"] = [
             predict_mask(model, torch.from_numpy(s.read_image(cfg.data.channels)), cfg.data).numpy()
             for s in samples]
-    report.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}",
+    plots.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}",
                          class_names=dataset_class_names(target.ds.root))
 
 
