@@ -15,8 +15,9 @@ import labeldiff.study.runner as runner
 from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
 from labeldiff.data.splits import select_subset
-from labeldiff.study import report
+from labeldiff.study import execute, report
 from labeldiff.study.configs import pretrain_key
+from labeldiff.study.plan import plan_pretraining
 from labeldiff.study.plots import plot_paired
 from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset, typical_picks,
                                     typical_subset, typicality, unet_features)
@@ -67,7 +68,7 @@ def write_study(folder: Path, study: dict, name: str = "study.yaml") -> Path:
 
 
 class Calls:
-    """Wraps runner.run_transfer / run_pretrain and records the calls (optionally interrupting)."""
+    """Wraps execute.run_transfer / run_pretrain and records the calls (optionally interrupting)."""
 
     def __init__(self, monkeypatch, interrupt_after: int | None = None):
         self.finetune: list[str] = []
@@ -87,8 +88,8 @@ class Calls:
             self.pretrain.append((Path(out).name, resume))
             return real_pre(cfg, out, resume=resume, overwrite=overwrite)
 
-        monkeypatch.setattr(runner, "run_transfer", finetune)
-        monkeypatch.setattr(runner, "run_pretrain", pretrain)
+        monkeypatch.setattr(execute, "run_transfer", finetune)
+        monkeypatch.setattr(execute, "run_pretrain", pretrain)
 
 
 # --- subset selection -----------------------------------------------------------------------------------------
@@ -815,12 +816,12 @@ def test_data_prepared_inside_the_study_folder_shares_pretraining_across_folders
         out = tmp_path / name
         shutil.copytree(files / "data", out / "data" / "prepared")
         study.data.path = out / "data" / "prepared"
-        run = runner.plan_pretraining(study, tmp_path / "pre", out)[0]
+        run = plan_pretraining(study, tmp_path / "pre", out)[0]
         keys[name], keys[name + " by path"] = run.key, pretrain_key(run.cfg)
     assert keys["a"] == keys["b"]  # --pretrain-dir finds the run the other study trained
     assert keys["a by path"] != keys["b by path"]  # named by the absolute path, the two would differ
     study.data.path = files / "data"  # a dataset outside the study folder keeps its own name
-    assert runner.plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
+    assert plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
 
 
 def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path, monkeypatch):
@@ -888,7 +889,7 @@ def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(fil
     assert [n.split("-")[0] for n, _ in calls.pretrain] == ["ddpm@2", "ddpm@3"]
     assert sorted(r["method"] for r in rows) == ["ddpm@3", "none"]
     plain = parse_study(base_study(methods=methods(), labels=[1]), files / "plain.yaml")
-    planned = runner.plan_pretraining(plain, out / "pretrain", out)
+    planned = plan_pretraining(plain, out / "pretrain", out)
     assert all(r.finished for r in planned)  # the same runs: nothing to train for the plain sweep
 
 
@@ -1320,6 +1321,6 @@ def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(RuntimeError) as err:
-        runner.run_workers(bad, out, tmp_path / "pre", workers=1)
+        execute.run_workers(bad, out, tmp_path / "pre", workers=1)
     log = (out / "workers" / "shard-0.log").read_text()
     assert log.strip() and log.strip().splitlines()[-1] in str(err.value)
