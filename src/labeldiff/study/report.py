@@ -1,13 +1,8 @@
-"""A study's report files as pure functions on its result rows: ``results.csv`` (written whole, read back)
-and the markdown tables (results, per class, paired differences, two studies compared); the numbers come
-from :mod:`labeldiff.study.stats`, the verdict from :mod:`labeldiff.study.verdict`, the figures from
-:mod:`labeldiff.study.plots`.
-
-A row is one finished cell: ``{"cell", "method", "pretrain_steps", "arch", "strategy", "protocol", "k",
-"seed", "select", "stems", "dice", "iou", "dice_0" … "dice_{K-1}", "seconds"}``. ``dice`` / ``iou`` are the
-cell's test-set scores (per image, mean over images, then over foreground classes; see
-:func:`labeldiff.evaluate.metrics.summarize`); ``stems`` is the ``;``-joined sorted labeled subset.
-Entries are mean ± sample std over seeds (number of seeds); paired differences are mean Δ with the 95 % CI.
+"""A study's report files as pure functions on its result rows (one per finished cell, described in
+:mod:`labeldiff.study.stats`): ``results.csv`` (written whole, read back) and the markdown tables (results,
+per class, paired differences, two studies compared). The numbers come from :mod:`labeldiff.study.stats`,
+the verdict is :mod:`labeldiff.study.verdict`, the figures :mod:`labeldiff.study.plots`. Entries are mean ±
+sample std over seeds (number of seeds); paired differences are mean Δ with the 95 % CI.
 """
 from __future__ import annotations
 
