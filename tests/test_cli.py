@@ -167,7 +167,7 @@ def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     the input's shape and affine, values < K, and an overlay strip."""
     import nibabel as nib
 
-    from labeldiff.data.nnunet import read_volume
+    from labeldiff.data.volume_io import read_volume
     from test_nnunet import oblique_affine, write_dicom_series
 
     rng = np.random.default_rng(0)
@@ -486,7 +486,7 @@ def test_demo_end_to_end(tmp_path):
     # the volume path: an nnU-Net raw dataset read as volumes, the test slab scored in 3D, a label NIfTI out
     import nibabel as nib
 
-    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.folders import VolumeFolder
     from labeldiff.demo import CLASS_NAMES, test_slab
 
     data = tmp_path / "demo" / "data"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from labeldiff.cli import main
-from labeldiff.data.datasets import open_labeled
+from labeldiff.data.folders import open_labeled
 from labeldiff.evaluate.corruptions import LEVELS, NAMES, corrupt, parse_corruptions, parse_severities
 from labeldiff.evaluate.robustness import run_robustness
 

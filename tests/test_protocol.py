@@ -9,7 +9,8 @@ import torch
 from labeldiff.checkpoint import load_weights
 from labeldiff.config import CorruptionConfig, RunConfig
 from labeldiff.data.augment import LEVELS, Augment
-from labeldiff.data.datasets import LabeledFolder, StepBatches
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runs import RunFolder
 from labeldiff.transfer.finetune import LP_DIR, plateau_stop, run_finetune

@@ -237,7 +237,8 @@ def test_non_finite_weights_are_never_saved_as_the_result(tmp_path):
     import torch
 
     from labeldiff.config import RunConfig, TrainConfig
-    from labeldiff.data.datasets import Sample, StepBatches
+    from labeldiff.data.datasets import StepBatches
+    from labeldiff.data.folders import Sample
     from labeldiff.errors import NonFiniteError
     from labeldiff.pretrain.loop import train
 

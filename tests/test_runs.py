@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_run, write_labeled_dataset
 from labeldiff.cli import main
 from labeldiff.config import RunConfig
-from labeldiff.data.datasets import dataset_root, pretraining_exclusions
+from labeldiff.data.folders import dataset_root
+from labeldiff.data.splits import pretraining_exclusions
 from labeldiff.models.probe import ProbeSegmenter
 from labeldiff.models.unet import DirectSegmenter, SegmentationNet
 from labeldiff.pretrain.run import run_pretrain

@@ -7,14 +7,15 @@ import torch
 from conftest import tiny_model, tiny_run
 from labeldiff.cli import main
 from labeldiff.config import CorruptionConfig, RunConfig
-from labeldiff.data.datasets import LabeledFolder, StepBatches
+from labeldiff.config import parse_synthetic
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
 from labeldiff.pretrain.run import run_pretrain
-from labeldiff.config import parse_synthetic
 from labeldiff.runs import RunFolder
 from labeldiff.sample import synthetic
 from labeldiff.sample.synthetic import ensure_synthetic
-from labeldiff.study.report import axis_differences
+from labeldiff.study.stats import axis_differences
 from labeldiff.transfer.run import run_transfer
 
 

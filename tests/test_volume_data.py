@@ -10,9 +10,11 @@ import pytest
 
 from labeldiff.cli import main
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import VolumeFolder, open_labeled, unlabeled_samples
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import VolumeCache
+from labeldiff.data.slices import VolumeCache
+from labeldiff.data.splits import pretraining_exclusions
 
 from conftest import DATASETS
 
@@ -42,8 +44,8 @@ def make_volume_dataset(root: Path, shape=(20, 16, 10), k: int = 3) -> Path:
 @pytest.fixture
 def fresh_volumes(monkeypatch):
     cache = VolumeCache(max_mb=256)
-    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
-    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.folders.VOLUMES", cache)
     return cache
 
 
@@ -188,8 +190,28 @@ def test_split_slabs_of_a_volume_dataset(tmp_path, fresh_volumes):
 
 def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
     root = make_volume_dataset(tmp_path / "Dataset006")
-    with pytest.raises(SystemExit, match="--slab-train"):
-        main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")])
+    assert main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")]) == 2
+    assert "--slab-train" in capsys.readouterr().err
+    groups = tmp_path / "groups.json"
+    groups.write_text("{}")
+    assert main(["split", "--data", str(root), "--slab-train", "0.5", "--groups", str(groups),
+                 "--out", str(tmp_path / "s.json")]) == 2  # a flag that cannot apply is refused, not ignored
+    assert "--groups" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
+
+
+def test_evaluate_decides_2d_or_volumes_and_refuses_the_options_of_the_other(tmp_path, fresh_volumes, labeled_dataset):
+    """One place decides how a run is scored: an nnU-Net raw folder as ``data`` in 3D, anything else image by
+    image. Options of the other kind are refused before the run is opened (no run needed here)."""
+    from labeldiff.errors import ConfigError
+    from labeldiff.evaluate.run import evaluate
+
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    with pytest.raises(ConfigError, match="--corruptions"):
+        evaluate(tmp_path / "no-run", data=root, corruptions=["noise"], severities=[1])
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", data=labeled_dataset, slab=(2, 4))
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", slab=(2, 4))  # no data: the run's own, scored image by image
 
 
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")

@@ -71,32 +71,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from labeldiff.data.nnunet import is_nnunet_raw
-    from labeldiff.evaluate.run import run_evaluate
+    from labeldiff.evaluate.run import evaluate
 
     corruptions = severities = None
     if args.corruptions:
         from labeldiff.evaluate.corruptions import parse_corruptions, parse_severities
 
-        corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)  # ValueError: exit 2
-    if args.data and is_nnunet_raw(Path(args.data)):
-        from labeldiff.evaluate.volume import run_evaluate_volumes
-
-        if corruptions:
-            raise ValueError("--corruptions evaluates 2D image datasets only; volume datasets (nnU-Net raw) are not "
-                             "supported yet: evaluate the volumes without it")
-
-        split = args.split or "test"
-        run_evaluate_volumes(args.model, Path(args.data), args.out or Path(args.model) / f"eval_volumes_{split}",
-                             split=split, axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
-                             slab=_slab(args.slab), device=args.device, precision=args.precision, tta=args.tta)
-        return
-    if args.slab is not None:
-        raise SystemExit("error: --slab applies to volume datasets (an nnU-Net raw folder as --data)")
-    run_evaluate(args.model, args.out or Path(args.model) / f"eval_{args.split or 'test'}", data=args.data,
-                 split=args.split, device=args.device, split_file=args.split_file, tta=args.tta,
-                 precision=args.precision, corruptions=corruptions, severities=severities,
-                 corruption_seed=args.corruption_seed)
+        corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
+    evaluate(args.model, args.out, data=args.data, split=args.split, split_file=args.split_file,
+             corruptions=corruptions, severities=severities, corruption_seed=args.corruption_seed,
+             slab=_slab(args.slab), axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
+             device=args.device, precision=args.precision, tta=args.tta)
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:
@@ -168,47 +153,12 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    import json
+    from labeldiff.data.splits import write_split
 
-    from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.data.datasets import LabeledFolder, group_split
-    from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import is_nnunet_raw
-
-    if Path(args.out).exists() and not args.overwrite:
-        raise DataError(f"{args.out} exists; runs trained on it would be scored on another split if it changed: pass "
-                        f"--overwrite to replace it (evaluate then refuses runs that trained on the new test images), "
-                        f"or choose another --out")
-    if Path(args.out).is_dir():
-        raise DataError(f"--out {args.out} is a folder; give the split file to write, e.g. {Path(args.out) / 'split.json'}")
-    if is_nnunet_raw(Path(args.data)):
-        from labeldiff.data.datasets import VolumeFolder, slab_split
-
-        if args.slab_train is None:
-            raise SystemExit("error: a volume dataset is split into slabs: give --slab-train FRACTION (e.g. 0.5) "
-                             "and optionally --gap N slices [4]")
-        split = slab_split(VolumeFolder(args.data, axis=args.axis, spacing=args.spacing), args.slab_train, args.gap)
-        atomic_write_text(Path(args.out), json.dumps(split, indent=1))
-        print(f"wrote {args.out}: train {len(split['train'])} slices, test {len(split['test'])} slices "
-              f"({split['note']}); pass it as --split-file")
-        return
-    ds = LabeledFolder(args.data)
-    groups_file = args.groups or Path(args.data) / "sequences.json"
-    if args.groups is not None and not Path(groups_file).is_file():
-        raise DataError(f"groups file {groups_file} does not exist; give --groups FILE (JSON: image stem → group)")
-    if Path(groups_file).is_file():
-        groups = json.loads(Path(groups_file).read_text())
-    else:  # no groups: every image its own group, a random split
-        groups = {stem: stem for stem in ds.images}
-    split = group_split(sorted(ds.images), groups, args.test_fraction, args.seed)
-    atomic_write_text(Path(args.out), json.dumps(split, indent=1))
-    if Path(groups_file).is_file():
-        print(f"wrote {args.out}: train {len(split['train'])} images from groups {split['train_groups']}, "
-              f"test {len(split['test'])} images from groups {split['test_groups']}")
-    else:
-        print(f"wrote {args.out}: a random split (no --groups, no sequences.json; seed {args.seed}): train "
-              f"{len(split['train'])} images, test {len(split['test'])}; images of one patient or video belong "
-              f"on one side: give --groups FILE for that")
+    _, what = write_split(args.data, args.out, groups=args.groups, test_fraction=args.test_fraction, seed=args.seed,
+                          slab_train=args.slab_train, gap=args.gap, axis=args.axis, spacing=args.spacing,
+                          overwrite=args.overwrite)
+    print(f"wrote {args.out}: {what}")
 
 
 def cmd_study(args: argparse.Namespace) -> None:

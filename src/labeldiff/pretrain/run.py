@@ -10,9 +10,11 @@ from labeldiff.checkpoint import prepare_run_dir, release_run_dir
 from labeldiff.config import RunConfig, replace
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
 from labeldiff.data import provenance
-from labeldiff.data.datasets import (Sample, StepBatches, check_scaled_images, dataset_root, open_labeled,
-                                     pretraining_samples, validate_samples)
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import Sample, dataset_root, open_labeled
 from labeldiff.data.nnunet import dataset_num_classes
+from labeldiff.data.splits import pretraining_samples
+from labeldiff.data.validation import check_scaled_images, validate_samples
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
 from labeldiff.models.unet import build_network, check_input_size, check_step_memory
 from labeldiff.pretrain.loop import train

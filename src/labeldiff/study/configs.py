@@ -109,7 +109,7 @@ def pretrain_key(cfg: RunConfig, continues: str | None = None, out: Path | None 
     ``out``: the study folder. Data a study prepared inside it (``prepare``: ``OUT/data/…``) is named
     by its place there, so two studies with different ``--out`` that prepare the same data share the
     run through ``--pretrain-dir`` instead of each training its own."""
-    from labeldiff.data.datasets import pretraining_exclusions
+    from labeldiff.data.splits import pretraining_exclusions
 
     d = identity(cfg)
     for unread in ("transfer", "inherited", "extended"):  # pretraining reads none of these

@@ -1,8 +1,8 @@
 """What every transfer strategy starts from: the pretrained run, the labeled images and K.
 
 :func:`prepare_transfer` is shared by fine-tuning and the probe, so both read the same labeled
-images, take the same data geometry from the pretrained run (:meth:`RunFolder.inherit`) and
-check everything before a run folder is written.
+images, resolve the same way (:mod:`labeldiff.resolve`: the network and data geometry from the
+pretrained run) and check everything before a run folder is written.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from labeldiff.config import RunConfig, replace
-from labeldiff.data.datasets import (LabeledFolder, VolumeFolder, check_scaled_images, open_labeled, select_subset,
-                                     validate_samples)
+from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
-from labeldiff.errors import ConfigError
 from labeldiff.data.nnunet import dataset_num_classes
+from labeldiff.data.splits import select_subset
+from labeldiff.data.validation import check_scaled_images, validate_samples
+from labeldiff.errors import ConfigError
 from labeldiff.runs import RunFolder
 
 
@@ -33,7 +34,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
 
     ``stems``: the labeled images, given explicitly (a study's cell); they must belong to the
     ``train_split``. Without them ``transfer.labels`` images of it are drawn with ``train.seed``
-    (:func:`labeldiff.data.datasets.select_subset`), or with ``transfer.label_unit = volumes`` that many
+    (:func:`labeldiff.data.splits.select_subset`), or with ``transfer.label_unit = volumes`` that many
     training cases, whose labeled slices all train (:func:`select_volumes`).
     """
     from labeldiff.resolve import resolved
