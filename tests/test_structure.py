@@ -14,6 +14,7 @@ FORBIDDEN = {
     "fs": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "resolve"},
     "runtime": HIGH | {"data", "corruption", "models", "config", "resolve"},
     "checkpoint": HIGH | {"data", "corruption", "models", "resolve"},
+    "settings": HIGH | {"data", "corruption", "models", "resolve", "config", "checkpoint", "runtime"},
     "config": HIGH | {"data", "corruption", "models", "resolve"},
     "resolve": HIGH,  # above config and the pretext tasks (it derives a method's network), below every command
     "data": HIGH | {"corruption", "models", "resolve"},

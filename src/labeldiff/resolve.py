@@ -2,7 +2,7 @@
 
 A run's settings come in layers, later ones winning::
 
-    the defaults of its kind (pretraining or fine-tuning: labeldiff.config's declarations)
+    the defaults of its kind (pretraining or fine-tuning: the declarations of labeldiff.settings)
     < the pretrained run it starts from: its whole network and its data geometry
     < a recipe file < a study (its data options, a method's or fine-tuning's overrides, a protocol, a cell)
     < the command line (flags and --set)

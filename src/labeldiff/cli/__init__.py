@@ -2,7 +2,7 @@
 select | split | study | compare | demo`` (and, for developers, ``bench``).
 
 :mod:`labeldiff.cli.parser` builds the parser: the options of ``pretrain`` and ``finetune`` are generated
-from the settings declared in :mod:`labeldiff.config`; :mod:`labeldiff.cli.commands` runs each command.
+from the settings declared in :mod:`labeldiff.settings`; :mod:`labeldiff.cli.commands` runs each command.
 Heavy libraries (torch, MONAI, matplotlib) are imported inside the commands, so ``--help`` is fast.
 
 Errors: an input the user can fix (:class:`labeldiff.errors.LabeldiffError` and its kin) ends with one

@@ -1,5 +1,5 @@
 """The argument parser. The options of ``pretrain`` and ``finetune`` (and of the benchmarks that run
-``pretrain``) are generated from the settings declared in :mod:`labeldiff.config`: a declaration with a
+``pretrain``) are generated from the settings declared in :mod:`labeldiff.settings`: a declaration with a
 ``flag`` and the command among its ``commands`` becomes an option of that command, in the group of its
 section, with its help, its default for that command, its choices and its parser. Settings without a
 flag are set with ``--set section.field=value`` (or a recipe, or a study). The other commands' options

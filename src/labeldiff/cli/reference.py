@@ -1,5 +1,5 @@
 """The reference pages, generated from the code: every command's options (from the parser) and every
-setting (from its declaration in :mod:`labeldiff.config`).
+setting (from its declaration in :mod:`labeldiff.settings`).
 
 ``python -m labeldiff.cli.reference docs/reference`` writes ``cli.md`` and ``settings.md``; a test fails when
 the committed pages differ from what this writes, so the reference never drifts from the code.
@@ -29,7 +29,7 @@ def settings_markdown() -> str:
     from labeldiff.config import _type_name  # the one way a type is named in messages and here
 
     lines = [GENERATED, "", "# Settings", "",
-             "Every setting of a run, as declared once in `labeldiff.config`: what the command-line flags, the "
+             "Every setting of a run, as declared once in `labeldiff.settings`: what the command-line flags, the "
              "recipes, the studies' overrides and `--set SECTION.FIELD=VALUE` set. A run stores all of them in "
              "its `config.json`, with where each value that differs from the defaults came from (`sources`).",
              "",
