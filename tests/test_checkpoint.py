@@ -12,6 +12,7 @@ from labeldiff.checkpoint import (RUN_MARKER, load_checkpoint, load_weights, pre
                                   save_checkpoint, save_weights)
 from labeldiff.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, merge_recipe
 from labeldiff.models.unet import build_unet
+from labeldiff.errors import RunFolderError
 
 
 def _is_safetensors(path) -> bool:
@@ -55,7 +56,7 @@ def test_weights_round_trip_and_prefixes(tmp_path):
     assert torch.equal(loaded["d"], state["d"])
     assert set(load_file(str(path))) == set(loaded)
     assert list(tmp_path.rglob("*.tmp")) == []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(RunFolderError):
         load_weights(tmp_path / "nothing.safetensors")
 
 
@@ -121,7 +122,7 @@ def test_checkpoint_without_ema_and_keep(tmp_path, tiny_model_config):
 
 def test_load_checkpoint_missing(tmp_path):
     """A folder without latest.json has nothing to resume: FileNotFoundError."""
-    with pytest.raises(FileNotFoundError, match="latest.json"):
+    with pytest.raises(RunFolderError, match="latest.json"):
         load_checkpoint(tmp_path)
 
 
@@ -132,7 +133,7 @@ def test_prepare_run_dir(tmp_path):
     assert prepare_run_dir(run, overwrite=False, resume=False).is_dir()
     release_run_dir(run)
     (run / "old.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(RunFolderError, match="--overwrite"):
         prepare_run_dir(run, overwrite=False, resume=False)
     assert (run / "old.txt").exists()
     assert prepare_run_dir(run, overwrite=False, resume=True) == run and (run / "old.txt").exists()
@@ -140,7 +141,7 @@ def test_prepare_run_dir(tmp_path):
     prepare_run_dir(run, overwrite=True, resume=False)
     release_run_dir(run)
     assert run.is_dir() and [p.name for p in run.iterdir()] == [RUN_MARKER]
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         prepare_run_dir(tmp_path / "nothing", overwrite=False, resume=True)
     (tmp_path / "empty").mkdir()
     assert prepare_run_dir(tmp_path / "empty", overwrite=False, resume=False).is_dir()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from labeldiff.errors import SetupError
 from labeldiff.models.efficientnet import (FEATURE_CHANNELS, FEATURE_STRIDES, EfficientNetLite0, efficientnet_lite0,
                                            from_minus_one_one, imagenet_preprocess, lite0_weights_path,
                                            load_lite0_state_dict)
@@ -50,18 +51,18 @@ def test_strict_loading_rejects_bad_state_dicts():
 
     removed = dict(sd)
     del removed["_blocks.3._depthwise_conv.weight"]
-    with pytest.raises(ValueError, match=r"1 missing \['blocks\.3\.dw_conv\.weight'\]"):
+    with pytest.raises(SetupError, match=r"1 missing \['blocks\.3\.dw_conv\.weight'\]"):
         load_lite0_state_dict(EfficientNetLite0(), removed)
 
     extra = dict(sd, **{"_blocks.3._se_reduce.weight": torch.zeros(6, 144, 1, 1)})
-    with pytest.raises(ValueError, match=r"1 unexpected \['_blocks\.3\._se_reduce\.weight'\]"):
+    with pytest.raises(SetupError, match=r"1 unexpected \['_blocks\.3\._se_reduce\.weight'\]"):
         load_lite0_state_dict(EfficientNetLite0(), extra)
 
     reshaped = dict(sd, **{"_blocks.5._project_conv.weight": torch.zeros(81, 240, 1, 1)})
-    with pytest.raises(ValueError, match=r"blocks\.5\.project_conv\.weight: weights \(81, 240, 1, 1\)"):
+    with pytest.raises(SetupError, match=r"blocks\.5\.project_conv\.weight: weights \(81, 240, 1, 1\)"):
         load_lite0_state_dict(EfficientNetLite0(), reshaped)
 
-    with pytest.raises(ValueError, match="num_classes=10"):
+    with pytest.raises(SetupError, match="num_classes=10"):
         load_lite0_state_dict(EfficientNetLite0(num_classes=10), sd)
 
 

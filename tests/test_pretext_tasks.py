@@ -16,6 +16,7 @@ from labeldiff.models.unet import DirectSegmenter, SegmentationNet, build_networ
 from labeldiff.pretrain.run import encoder_weights, run_pretrain
 from labeldiff.sample.diffusion import sample, sample_masks, save_samples
 from labeldiff.transfer.finetune import run_finetune
+from labeldiff.errors import RunFolderError
 
 from conftest import open_pretrained, open_segmenter
 
@@ -120,7 +121,7 @@ def test_encoder_from_a_supervised_run(binary_dataset, tmp_path):
     assert len(loaded) == len(net.encoder.state_dict())
     for k, v in net.encoder.state_dict().items():
         assert torch.equal(v, src.encoder.state_dict()[k])
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(RunFolderError, match="config.json"):
         encoder_weights(str(tmp_path / "nowhere"))
 
 

@@ -16,6 +16,7 @@ from labeldiff.pretrain.run import run_pretrain
 from labeldiff.resolve import Layer, nondefault, resolve
 from labeldiff.runs import RunFolder
 from labeldiff.transfer.run import run_transfer
+from labeldiff.errors import RunFolderError
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_direct_segmenter_from_a_supervised_run(tmp_path):
 
 
 def test_no_config_json_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--pretrained .*config.json"):
+    with pytest.raises(RunFolderError, match="--pretrained .*config.json"):
         RunFolder.open(tmp_path, flag="--pretrained")
 
 

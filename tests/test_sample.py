@@ -4,6 +4,7 @@ import torch
 
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.sample.diffusion import make_sampler, sample, save_samples
+from labeldiff.errors import RunFolderError
 
 from conftest import open_pretrained
 
@@ -46,7 +47,7 @@ def test_save_samples_writes_pngs_and_grid(ddpm_run, tmp_path):
 
 
 def test_sampling_needs_a_pretraining_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(RunFolderError, match="config.json"):
         open_pretrained(tmp_path)
 
 

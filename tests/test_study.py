@@ -1320,7 +1320,7 @@ def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
     bad.write_text("data: {path: nowhere}\n")  # no methods, no strategies
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(StudyError) as err:
         execute.run_workers(bad, out, tmp_path / "pre", workers=1)
     log = (out / "workers" / "shard-0.log").read_text()
     assert log.strip() and log.strip().splitlines()[-1] in str(err.value)

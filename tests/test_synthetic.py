@@ -17,6 +17,7 @@ from labeldiff.sample import synthetic
 from labeldiff.sample.synthetic import ensure_synthetic
 from labeldiff.study.stats import axis_differences
 from labeldiff.transfer.run import run_transfer
+from labeldiff.errors import RunFolderError
 
 
 def _pretrain(data, tmp, method="hybrid", size=16):
@@ -69,7 +70,7 @@ def synthetic_pairs(spec, target, num_classes):
 def test_pairs_are_sampled_once_cached_by_chunk_and_prefix_stable(binary_dataset, tmp_path, monkeypatch):
     run = _pretrain(binary_dataset, tmp_path)
     target = tiny_run(binary_dataset)
-    with pytest.raises(FileNotFoundError, match="1 of 1 cache files are not sampled yet"):
+    with pytest.raises(RunFolderError, match="1 of 1 cache files are not sampled yet"):
         RunFolder.open(run).synthetic_pairs(5, target, 2)  # reading never samples
     images, masks, cache = synthetic_pairs(f"{run}:5", target, 2)
     assert images.shape == (5, 3, 16, 16) and masks.shape == (5, 16, 16) and images.dtype == torch.float32

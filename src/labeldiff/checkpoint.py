@@ -129,7 +129,7 @@ def verify_weights(path: Path) -> None:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is this a labeldiff run folder?")
+        raise RunFolderError(f"{path} does not exist: is this a labeldiff run folder?")
     want = _read_digests(path.parent).get(path.name)
     if want is not None:
         size = path.stat().st_size
@@ -265,7 +265,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     latest = run_dir / "latest.json"
     if not latest.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from (no latest.json)")
+        raise RunFolderError(f"{run_dir} has no checkpoint to resume from (no latest.json)")
     try:
         info = json.loads(latest.read_text())
         ck = run_dir / info["dir"]
@@ -388,7 +388,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool, reads: tuple[P
             distributed.barrier()
             return run_dir
         if not overwrite:
-            raise FileExistsError(
+            raise RunFolderError(
                 f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 f"or choose another --out")
         if not is_run_folder(run_dir):
@@ -398,7 +398,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool, reads: tuple[P
         if inside is not None:
             raise RunFolderError(f"--overwrite: {run_dir} holds {inside}, which this run reads; choose another --out")
     elif resume:
-        raise FileNotFoundError(f"--resume: {run_dir} does not exist or is empty")
+        raise RunFolderError(f"--resume: {run_dir} does not exist or is empty")
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock(run_dir)

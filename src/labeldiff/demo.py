@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransferConfig
+from labeldiff.errors import SetupError
 
 CLASS_NAMES = ["background/CSF", "grey matter", "white matter"]
 # Sized so that the whole demo takes ≤ 10 min on 2 cores whichever precision the CPU gives: the time
@@ -43,7 +44,7 @@ def template_files() -> dict[str, Path]:
     files = {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"nilearn is installed but lacks {missing[0]}; reinstall it with `pip install nilearn`")
+        raise SetupError(f"nilearn is installed but lacks {missing[0]}; reinstall it with `pip install nilearn`")
     return files
 
 

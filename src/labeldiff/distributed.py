@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from labeldiff.errors import ConfigError
 
 
 def world_size() -> int:
@@ -80,7 +81,7 @@ def check_batch(batch_size: int, accum: int = 1) -> None:
     if batch_size % n:
         what = " × ".join(([f"{world_size()} processes"] if world_size() > 1 else []) +
                           ([f"--grad-accum {accum} micro-batches"] if accum > 1 else []))
-        raise ValueError(f"--batch-size {batch_size} does not split over {what}; the batch is global "
+        raise ConfigError(f"--batch-size {batch_size} does not split over {what}; the batch is global "
                          f"(each part takes batch/{n}): use a multiple of {n}")
 
 

@@ -30,3 +30,8 @@ class NonFiniteError(LabeldiffError, RuntimeError):
     """Training produced a non-finite loss or non-finite weights; nothing non-finite is saved as a result."""
 
     exit_code = 3
+
+
+class SetupError(LabeldiffError):
+    """Something labeldiff needs is not installed where it looks (a network file shipped in a wheel, a
+    template of nilearn): the message says what to install."""

@@ -26,6 +26,7 @@ from labeldiff.checkpoint import load_weights, verify_weights
 from labeldiff.config import RunConfig, replace
 from labeldiff.corruption import build_corruption
 from labeldiff.data.io import DataError
+from labeldiff.errors import RunFolderError
 
 BACKBONE_FILE = "backbone.safetensors"  # a probe run's frozen UNet
 DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
@@ -47,7 +48,7 @@ class RunFolder:
         """Read ``path/config.json``; errors name ``flag`` and say what to point it at."""
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{flag} {path}: no config.json there; point it at a run folder written by "
+            raise RunFolderError(f"{flag} {path}: no config.json there; point it at a run folder written by "
                                     f"`labeldiff pretrain` or `labeldiff finetune`")
         return cls(path, RunConfig.load(path / "config.json"))
 
@@ -90,7 +91,7 @@ class RunFolder:
 
     def require_pretrain(self, flag: str = "--pretrained") -> "RunFolder":
         if self.kind != "pretrain":
-            raise ValueError(f"{flag} {self.path} is {self.describe()}; this needs a `labeldiff pretrain` run folder")
+            raise RunFolderError(f"{flag} {self.path} is {self.describe()}; this needs a `labeldiff pretrain` run folder")
         return self
 
     # ---- weights and networks ------------------------------------------------------------------
@@ -127,14 +128,14 @@ class RunFolder:
         from labeldiff.models.effunet import ENCODER_PREFIX
 
         if not (self.path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{flag} {self.path}: no model.safetensors there; give 'imagenet', 'none' or "
+            raise RunFolderError(f"{flag} {self.path}: no model.safetensors there; give 'imagenet', 'none' or "
                                     f"the folder of a labeldiff run with --arch efficientnet-unet")
         weights = self.weights()
         for prefix in (ENCODER_PREFIX, "backbone." + ENCODER_PREFIX):
             state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
             if state:
                 return state
-        raise ValueError(f"{flag} {self.path}: that run's network has no EfficientNet encoder (no encoder.* "
+        raise RunFolderError(f"{flag} {self.path}: that run's network has no EfficientNet encoder (no encoder.* "
                          f"weights); pretrain it with --arch efficientnet-unet (e.g. --method supervised)")
 
     def segmenter(self, device: torch.device | str = "cpu") -> nn.Module:
@@ -146,7 +147,7 @@ class RunFolder:
     def require_hybrid(self, flag: str = "--synthetic") -> "RunFolder":
         self.require_pretrain(flag)
         if self.method != "hybrid":
-            raise ValueError(f"{flag} {self.path}: only hybrid runs sample (image, mask) pairs; this run was pretrained "
+            raise RunFolderError(f"{flag} {self.path}: only hybrid runs sample (image, mask) pairs; this run was pretrained "
                              f"with {self.method!r} (pretrain one with --method hybrid on a labeled set)")
         return self
 
@@ -170,7 +171,7 @@ class RunFolder:
         chunks = self.synthetic_chunks(n)
         missing = [p.name for p in chunks if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{flag} {self.path}:{n}: {len(missing)} of {len(chunks)} cache files are not "
+            raise RunFolderError(f"{flag} {self.path}:{n}: {len(missing)} of {len(chunks)} cache files are not "
                                     f"sampled yet ({missing[0]} …); `labeldiff finetune --synthetic` and studies sample "
                                     f"them first, from Python call labeldiff.sample.synthetic.ensure_synthetic")
         parts = [load_weights(p) for p in chunks]
@@ -204,7 +205,7 @@ def _direct(run: RunFolder) -> nn.Module:
     from labeldiff.models.unet import DirectSegmenter
 
     if run.method not in DIRECT_SEGMENTERS:
-        raise ValueError(f"--model {run.path} is a {run.method!r} pretraining run, which does not predict masks; "
+        raise RunFolderError(f"--model {run.path} is a {run.method!r} pretraining run, which does not predict masks; "
                          f"fine-tune it first (`labeldiff finetune --pretrained {run.path}`)")
     first = run.config.model.in_channels if run.method == "hybrid" else 0
     return DirectSegmenter(run.pretext_network(), first_channel=first, t=0)

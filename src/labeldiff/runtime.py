@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+from labeldiff.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_PRECISION = "fp32"  # evaluate / predict / study evaluation: the same numbers on every CPU
@@ -59,7 +60,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp16":
         return torch.float16
     if name != "auto":
-        raise ValueError(f"precision {name!r} is unknown; use {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {name!r} is unknown; use {', '.join(PRECISIONS)}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":

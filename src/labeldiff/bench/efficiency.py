@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from labeldiff.config import RunConfig
+from labeldiff.errors import ConfigError, DataError
 
 LOOP_GOAL, PREDICT_GOAL = 0.90, 0.85  # issue 13
 
@@ -75,7 +76,7 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
 
     every = cfg.train.log_every
     if steps < 2 * every:
-        raise ValueError(f"--steps {steps}: give at least {2 * every} (two log windows of {every} steps; "
+        raise ConfigError(f"--steps {steps}: give at least {2 * every} (two log windows of {every} steps; "
                          f"the first, with the start-up, is not counted)")
     steps = steps // every * every
     # the bare side: the network, optimizer and precision the real run uses, one batch corrupted once
@@ -185,7 +186,7 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
     inputs = Path(inputs)
     files = list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     if not files:
-        raise ValueError(f"{inputs} holds no images")
+        raise DataError(f"{inputs} holds no images")
     real = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="labeldiff-bench-predict-") as tmp:

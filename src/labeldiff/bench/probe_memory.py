@@ -36,6 +36,7 @@ from labeldiff.data.folders import Sample
 from labeldiff.evaluate.metrics import confusion_stats, summarize
 from labeldiff.models.probe import FeatureExtractor, FeatureSpec
 from labeldiff.transfer.probe import fit_pixels, materialized_train_probe, predict_probe, train_probe
+from labeldiff.errors import ConfigError
 
 APPROACHES = ("materialized", "streamed")
 
@@ -228,7 +229,7 @@ def bench_probe_memory_cli(pretrained_run: str, data: str, labels: int, seed: in
     run = RunFolder.open(pretrained_run, flag="--pretrained").require_pretrain()
     unet, cfg = run.backbone(), run.config
     if size % size_multiple(cfg.model):
-        raise ValueError(f"--size {size} is not a multiple of {size_multiple(cfg.model)} (the UNet's downsampling)")
+        raise ConfigError(f"--size {size} is not a multiple of {size_multiple(cfg.model)} (the UNet's downsampling)")
     ds = LabeledFolder(Path(data))
     train_stems = ds.stems(train_split)
     chosen = ds.samples(select_subset(train_stems, labels, seed, train_split))

@@ -32,9 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     except LabeldiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except (FileExistsError, FileNotFoundError, ValueError) as e:  # TRANSITIONAL: until every raise is in the family
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except OSError as e:  # a full disk or a read-only folder: one line, not a traceback

@@ -6,7 +6,7 @@ import argparse
 import errno
 from pathlib import Path
 
-from labeldiff.errors import ConfigError
+from labeldiff.errors import ConfigError, DataError
 
 
 def settings_layers(args: argparse.Namespace) -> list:
@@ -90,9 +90,9 @@ def _slab(text: str | None) -> tuple[int, int] | None:
     try:
         first, last = (int(v) for v in text.split(":"))
     except ValueError:
-        raise SystemExit(f"error: --slab takes FIRST:LAST slice indices (e.g. 113:180), not {text!r}") from None
+        raise ConfigError(f"--slab takes FIRST:LAST slice indices (e.g. 113:180), not {text!r}") from None
     if first > last or first < 0:
-        raise SystemExit(f"error: --slab {text}: need 0 <= FIRST <= LAST")
+        raise ConfigError(f"--slab {text}: need 0 <= FIRST <= LAST")
     return first, last
 
 
@@ -173,7 +173,7 @@ def _results_csv(path: Path) -> Path:
     csv = path / "results.csv" if path.is_dir() else path
     if not csv.is_file():
         out = path.parent if path.suffix == ".csv" else path
-        raise FileNotFoundError(f"{path}: no results.csv there; give a study folder (--out of `labeldiff study`) or "
+        raise DataError(f"{path}: no results.csv there; give a study folder (--out of `labeldiff study`) or "
                                 f"its results.csv (`labeldiff study STUDY.yaml --out {out} --report-only` writes it "
                                 f"from the finished cells)")
     return csv
@@ -195,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             hint = (" (--metric: dice, iou, or a dice_<class> column)" if args.metric in missing else
                     " (written by an older labeldiff? `labeldiff study STUDY.yaml --out FOLDER --report-only` "
                     "rewrites it)")
-            raise ValueError(f"{c} has no column {', '.join(missing)}{hint}")
+            raise DataError(f"{c} has no column {', '.join(missing)}{hint}")
     text = compare_markdown(rows[0], rows[1], tuple(names), metric=args.metric)
     print(text, end="")
     if args.out:

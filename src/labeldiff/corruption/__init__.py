@@ -7,6 +7,7 @@ from labeldiff.corruption.gaussian import GaussianNoise
 from labeldiff.corruption.denoising import DecoderDenoising
 from labeldiff.corruption.labeled import HybridDiffusion, SupervisedSegmentation
 from labeldiff.corruption.masking import FixedRatioMasking, MaskedDiffusion
+from labeldiff.errors import ConfigError
 
 CORRUPTIONS: dict[str, type[Corruption]] = {
     "ddpm": GaussianNoise,
@@ -22,7 +23,7 @@ FROZEN_ENCODER = ("ddep",)  # methods whose pretraining keeps the network's enco
 
 def build_corruption(cfg: CorruptionConfig) -> Corruption:
     if cfg.method not in CORRUPTIONS:
-        raise ValueError(f"pretext method {cfg.method!r} is unknown; available: {sorted(CORRUPTIONS)}")
+        raise ConfigError(f"pretext method {cfg.method!r} is unknown; available: {sorted(CORRUPTIONS)}")
     return CORRUPTIONS[cfg.method](cfg)
 
 

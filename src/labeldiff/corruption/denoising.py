@@ -20,6 +20,7 @@ import torch
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.runtime import randn
+from labeldiff.errors import ConfigError
 
 NOISES = ("scaled", "additive")
 
@@ -30,11 +31,11 @@ class DecoderDenoising(Corruption):
 
     def __init__(self, cfg: CorruptionConfig):
         if cfg.noise not in NOISES:
-            raise ValueError(f"noise {cfg.noise!r} is unknown; use 'scaled' (√γ·x + √(1−γ)·ε) or 'additive' (x + σ·ε)")
+            raise ConfigError(f"noise {cfg.noise!r} is unknown; use 'scaled' (√γ·x + √(1−γ)·ε) or 'additive' (x + σ·ε)")
         if cfg.prediction not in ("epsilon", "sample"):
-            raise ValueError(f"prediction {cfg.prediction!r} is unknown; use 'epsilon' or 'sample' (x0)")
+            raise ConfigError(f"prediction {cfg.prediction!r} is unknown; use 'epsilon' or 'sample' (x0)")
         if not cfg.sigma > 0:
-            raise ValueError(f"sigma must be positive (DDeP's best: 0.22), got {cfg.sigma}")
+            raise ConfigError(f"sigma must be positive (DDeP's best: 0.22), got {cfg.sigma}")
         self.cfg = cfg
 
     @property

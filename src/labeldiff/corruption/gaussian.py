@@ -11,13 +11,14 @@ from monai.networks.schedulers import DDPMScheduler
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.runtime import randint, randn
+from labeldiff.errors import ConfigError
 
 MONAI_SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
 
 def make_scheduler(cfg: CorruptionConfig) -> DDPMScheduler:
     if cfg.schedule not in MONAI_SCHEDULES:
-        raise ValueError(f"schedule {cfg.schedule!r} is unknown; use one of {sorted(MONAI_SCHEDULES)}")
+        raise ConfigError(f"schedule {cfg.schedule!r} is unknown; use one of {sorted(MONAI_SCHEDULES)}")
     kwargs = {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end} if cfg.schedule == "linear" else {}
     return DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=MONAI_SCHEDULES[cfg.schedule],
                          prediction_type=cfg.prediction, **kwargs)
@@ -28,7 +29,7 @@ class GaussianNoise(Corruption):
 
     def __init__(self, cfg: CorruptionConfig):
         if cfg.prediction not in ("epsilon", "sample"):
-            raise ValueError(f"prediction {cfg.prediction!r} is unknown; use 'epsilon' or 'sample' (x0)")
+            raise ConfigError(f"prediction {cfg.prediction!r} is unknown; use 'epsilon' or 'sample' (x0)")
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg)
 

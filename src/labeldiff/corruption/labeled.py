@@ -18,11 +18,12 @@ from monai.losses import DiceCELoss
 from labeldiff.config import CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.corruption.gaussian import GaussianNoise
+from labeldiff.errors import ConfigError
 
 
 def _need_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor:
     if mask is None:
-        raise ValueError(f"the {name} pretext task needs masks: pretrain it on a labeled dataset "
+        raise ConfigError(f"the {name} pretext task needs masks: pretrain it on a labeled dataset "
                          f"(images/ + masks/ + split.json)")
     return mask
 
@@ -33,7 +34,7 @@ class HybridDiffusion(Corruption):
 
     def __init__(self, cfg: CorruptionConfig):
         if cfg.mask_weight < 0:
-            raise ValueError(f"mask_weight (λ) must be ≥ 0, got {cfg.mask_weight}")
+            raise ConfigError(f"mask_weight (λ) must be ≥ 0, got {cfg.mask_weight}")
         self.cfg = cfg
         self.noise = GaussianNoise(cfg)
         self.num_classes: int | None = None

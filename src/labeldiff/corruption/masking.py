@@ -43,7 +43,7 @@ def patch_mask(shape: torch.Size, n_mask: torch.Tensor, patch_size: int, generat
     b, _, h, w = shape
     p = patch_size
     if h % p or w % p:
-        raise ValueError(f"image size {h}×{w} is not a multiple of the patch size {p}; use --size "
+        raise ConfigError(f"image size {h}×{w} is not a multiple of the patch size {p}; use --size "
                          f"{max(p, min(h, w) // p * p)} (a multiple of {p}) or another --patch-size")
     gh, gw = h // p, w // p
     ranks = rand((b, gh * gw), generator, n_mask.device).argsort(dim=1).argsort(dim=1)  # a random permutation
@@ -64,11 +64,11 @@ class PatchMasking(Corruption):
 
     def __init__(self, cfg: CorruptionConfig):
         if cfg.patch_size < 1:
-            raise ValueError(f"patch_size must be a positive number of pixels, got {cfg.patch_size}; "
+            raise ConfigError(f"patch_size must be a positive number of pixels, got {cfg.patch_size}; "
                              f"the MDM paper uses 8 (Table 7 also tries 4 and 16)")
         self.loss_name = resolve_loss(cfg.method, cfg.loss)
         if self.loss_name not in LOSSES:
-            raise ValueError(f"loss {cfg.loss!r} is unknown for {cfg.method}; use auto or one of {list(LOSSES)}")
+            raise ConfigError(f"loss {cfg.loss!r} is unknown for {cfg.method}; use auto or one of {list(LOSSES)}")
         self.cfg = cfg
         # MONAI SSIM: 11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03 (Wang et al. 2004), valid region only
         self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0) if self.loss_name == "ssim" else None
@@ -138,7 +138,7 @@ class FixedRatioMasking(PatchMasking):
 
     def __init__(self, cfg: CorruptionConfig):
         if not 0.0 <= cfg.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must lie in [0, 1], got {cfg.mask_ratio}; MAE uses 0.75")
+            raise ConfigError(f"mask_ratio must lie in [0, 1], got {cfg.mask_ratio}; MAE uses 0.75")
         super().__init__(cfg)
 
     def schedule(self, batch: int, n_patches: int, generator: torch.Generator,

@@ -12,6 +12,7 @@ import numpy as np
 
 from labeldiff.data.io import DataError
 from labeldiff.data.volume_io import Volume, check_affine, read_volume
+from labeldiff.errors import DataError
 
 
 # --- the RAS frame --------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def slab_on_grid(first: int, last: int, axis: int, affine: np.ndarray, dst_affin
     lo, hi = sorted(edges)
     a, b = max(0, math.ceil(lo - 1e-6)), min(dst_n - 1, math.ceil(hi - 1e-6) - 1)
     if a > b:
-        raise ValueError(f"slices {first}..{last} cover no slice of the other grid")
+        raise DataError(f"slices {first}..{last} cover no slice of the other grid")
     return a, b
 
 

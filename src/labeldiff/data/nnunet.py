@@ -24,6 +24,7 @@ import numpy as np
 
 from labeldiff.data.io import DataError
 from labeldiff.data.volume_io import read_volume
+from labeldiff.errors import ConfigError
 
 SPLIT_FOLDERS = {"train": "imagesTr", "test": "imagesTs", "unlabeled": "imagesUnlabeled"}
 LABEL_FOLDERS = {"train": "labelsTr", "test": "labelsTs"}
@@ -181,9 +182,9 @@ class Intensity:
 
     def __post_init__(self):
         if self.scheme not in INTENSITY_SCHEMES:
-            raise ValueError(f"intensity scheme must be one of {', '.join(INTENSITY_SCHEMES)}, not {self.scheme!r}")
+            raise ConfigError(f"intensity scheme must be one of {', '.join(INTENSITY_SCHEMES)}, not {self.scheme!r}")
         if self.scheme == "ct-window" and not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
-            raise ValueError(f"ct-window needs a window lo < hi in HU (e.g. -160, 240), got [{self.lo}, {self.hi}]")
+            raise ConfigError(f"ct-window needs a window lo < hi in HU (e.g. -160, 240), got [{self.lo}, {self.hi}]")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Normalise a whole volume (the per-volume schemes take their statistics from it)."""
@@ -211,10 +212,10 @@ class Intensity:
         """The scheme a user names (``--intensity``, ``--hu-window``), not yet fitted."""
         if scheme == "ct-window":
             if hu_window is None:
-                raise ValueError("--intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
+                raise ConfigError("--intensity ct-window needs --hu-window LO HI (e.g. -160 240 for the abdomen)")
             return cls(scheme, float(hu_window[0]), float(hu_window[1]))
         if hu_window is not None:
-            raise ValueError("--hu-window applies to --intensity ct-window only")
+            raise ConfigError("--hu-window applies to --intensity ct-window only")
         return cls(scheme)
 
     @classmethod

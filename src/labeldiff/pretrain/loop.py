@@ -22,7 +22,7 @@ from labeldiff import distributed
 from labeldiff.checkpoint import load_checkpoint, rename_weights, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.data.datasets import StepBatches, step_loader
-from labeldiff.errors import NonFiniteError
+from labeldiff.errors import ConfigError, NonFiniteError
 from labeldiff.runtime import autocast, generator, grad_scaler, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
@@ -127,7 +127,7 @@ def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
     saved = RunFolder.open(run_dir, flag="--resume").config
     steps, was = config.train.steps, saved.train.steps
     if steps < start:
-        raise ValueError(f"{run_dir} is at step {start}, past --steps {steps}; give --steps {start} or more "
+        raise ConfigError(f"{run_dir} is at step {start}, past --steps {steps}; give --steps {start} or more "
                          f"(or use its model.safetensors as it is)")
     extended = list(saved.extended or [])
     if steps != was:

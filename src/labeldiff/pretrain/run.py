@@ -21,6 +21,7 @@ from labeldiff.pretrain.loop import train
 from labeldiff.resolve import describe, resolved
 from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
+from labeldiff.errors import ConfigError
 
 
 def pretext_loss(corruption: Corruption):
@@ -45,7 +46,7 @@ def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sampl
         print(why)
         return samples, None
     if cfg.data.ignore_index is not None:
-        raise ValueError(f"--ignore-index is for fine-tuning, the probe and evaluation; {cfg.corruption.method} "
+        raise ConfigError(f"--ignore-index is for fine-tuning, the probe and evaluation; {cfg.corruption.method} "
                          f"pretraining learns every mask pixel (a hybrid model generates the mask), so give it "
                          f"fully labeled masks")
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
@@ -78,7 +79,7 @@ def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torc
             print(f"encoder: {len(loaded)} tensors from {cfg.model.encoder}")
         if cfg.corruption.method in FROZEN_ENCODER:
             if cfg.model.encoder == "none":
-                raise ValueError("ddep freezes the encoder, so it needs trained encoder weights: --encoder imagenet "
+                raise ConfigError("ddep freezes the encoder, so it needs trained encoder weights: --encoder imagenet "
                                  "or --encoder RUN_DIR (use --method dep to train a random encoder too)")
             model.encoder.requires_grad_(False)
             frozen.append(model.encoder)

@@ -21,6 +21,7 @@ from labeldiff.corruption import build_corruption
 from labeldiff.corruption.gaussian import MONAI_SCHEDULES, GaussianNoise, make_scheduler
 from labeldiff.corruption.labeled import HybridDiffusion
 from labeldiff.runtime import INFERENCE_PRECISION, autocast, generator, randn, resolve_precision
+from labeldiff.errors import ConfigError, RunFolderError
 
 
 def make_sampler(cfg: RunConfig, sampler: str, steps: int | None):
@@ -35,7 +36,7 @@ def make_sampler(cfg: RunConfig, sampler: str, steps: int | None):
                               prediction_type=c.prediction, **kwargs)
         sched.set_timesteps(steps or 50)
         return sched
-    raise ValueError(f"sampler {sampler!r} is unknown; use ddpm or ddim")
+    raise ConfigError(f"sampler {sampler!r} is unknown; use ddpm or ddim")
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def sample(model: torch.nn.Module, cfg: RunConfig, n: int, sampler: str = "ddim"
     model's device."""
     corruption = build_corruption(cfg.corruption)
     if not isinstance(corruption, (GaussianNoise, HybridDiffusion)):
-        raise ValueError(f"run was pretrained with {cfg.corruption.method!r}, which is not a diffusion model; "
+        raise RunFolderError(f"run was pretrained with {cfg.corruption.method!r}, which is not a diffusion model; "
                          f"sampling needs a ddpm or hybrid run")
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
@@ -73,7 +74,7 @@ def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, b
     """Masks ``[n, S, S]`` of sampled images from a hybrid run: argmax of the mask channels at t = 0,
     on the model's device."""
     if cfg.corruption.method != "hybrid":
-        raise ValueError(f"only hybrid runs generate masks; this run is {cfg.corruption.method!r}")
+        raise RunFolderError(f"only hybrid runs generate masks; this run is {cfg.corruption.method!r}")
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
     ch = cfg.model.in_channels

@@ -27,7 +27,7 @@ from labeldiff.study import report
 from labeldiff.study.configs import write_json
 from labeldiff.study.plan import Cell, Pretraining, Selector, Target, todo_order
 from labeldiff.study.prepare import code_state
-from labeldiff.study.spec import LABELED_METHODS, Study
+from labeldiff.study.spec import StudyError, LABELED_METHODS, Study
 from labeldiff.transfer.run import run_transfer
 
 
@@ -254,7 +254,7 @@ def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
         log.close()
     if failed:
         tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"study worker(s) {failed} failed; the end of {logs}/shard-{failed[0]}.log:\n{tail}\n"
+        raise StudyError(f"study worker(s) {failed} failed; the end of {logs}/shard-{failed[0]}.log:\n{tail}\n"
                            f"Finished cells are kept: run the same command again to continue")
 
 

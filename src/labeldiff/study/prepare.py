@@ -10,7 +10,7 @@ from pathlib import Path
 from labeldiff import runtime
 from labeldiff.fs import atomic_folder
 from labeldiff.study.configs import write_json
-from labeldiff.study.spec import Study
+from labeldiff.study.spec import StudyError, Study
 
 BRAIN_DEMO = "brain-demo"
 VOLUME_SLABS = "volume-slabs"
@@ -65,7 +65,7 @@ def volume_slabs(root: Path, folder: Path, size: int = 64) -> Path:
     ending = meta.get("file_ending", ".nii.gz")
     labels = sorted((root / "labelsTr").glob(f"*{ending}"))
     if len(labels) != 1:
-        raise ValueError(f"prepare: volume-slabs slices one labeled case; {root / 'labelsTr'} has {len(labels)}")
+        raise StudyError(f"prepare: volume-slabs slices one labeled case; {root / 'labelsTr'} has {len(labels)}")
     case = labels[0].name[:-len(ending)]
     image = root / "imagesTr" / f"{case}_0000{ending}"
     print(f"prepare: slicing {image.name} (axial, {size}²) into {dest}")

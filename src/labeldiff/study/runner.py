@@ -35,7 +35,7 @@ from labeldiff.study.execute import (cell_row, pretrain, pretrain_seconds, robus
                                      synthetic_first, volume_evaluations)
 from labeldiff.study.plan import Cell, Selector, Target, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
-from labeldiff.study.spec import Study, load_study
+from labeldiff.study.spec import StudyError, Study, load_study
 from labeldiff.study.verdict import verdict_markdown
 
 OVERLAY_IMAGES = 3
@@ -162,7 +162,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         i, n = shard
         unfinished = [r.name for r in runs if not r.finished]
         if unfinished:
-            raise ValueError(f"--shard runs cells only, and pretraining {unfinished} is not finished: run the study "
+            raise StudyError(f"--shard runs cells only, and pretraining {unfinished} is not finished: run the study "
                              f"with --pretrain-only first (two shards would train the same run)")
         mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
         synthetic_first(fts)  # a no-op under --workers (sampled before); shards started by hand sample what is missing

@@ -51,6 +51,7 @@ from labeldiff.resolve import describe
 from labeldiff.runs import DIRECT_SEGMENTERS, RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
+from labeldiff.errors import ConfigError
 
 STRATEGIES = ("linear", "decoder", "full", "lp-ft", "scratch")  # + "probe" (labeldiff.transfer.probe_run)
 LP_DIR = "lp"  # lp-ft: the linear-probe phase's run folder inside the run
@@ -66,7 +67,7 @@ def frozen_parts(strategy: str, arch: str) -> tuple[str, ...]:
         return tuple(f"backbone.{name}" for name in ENCODER_PARTS[arch])
     if strategy in ("full", "lp-ft", "scratch"):
         return ()
-    raise ValueError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
+    raise ConfigError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}, probe")
 
 
 def freeze(model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Module]:
@@ -129,7 +130,7 @@ def check_keep_head(cfg: RunConfig, num_classes: int, pre: RunFolder | None) -> 
     why = keep_head_possible(cfg, num_classes, pre)
     if why is not None:
         if t.keep_head is True:
-            raise ValueError(f"--keep-head: {why} (or drop --keep-head to train a new head)")
+            raise ConfigError(f"--keep-head: {why} (or drop --keep-head to train a new head)")
         if pre is not None and pre.method in DIRECT_SEGMENTERS:
             print(f"keep-head auto: a new head ({why})")
         t.keep_head = False
@@ -277,7 +278,7 @@ def _phase(cfg: RunConfig, model: SegmentationNet, out: Path, batches: StepBatch
     frozen = freeze(model, parts)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_train == 0:
-        raise ValueError(f"strategy {cfg.transfer.strategy!r} leaves nothing to train in this network")
+        raise ConfigError(f"strategy {cfg.transfer.strategy!r} leaves nothing to train in this network")
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{desc}: training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters"
           + (f" (frozen: {', '.join(parts)})" if parts else ""))

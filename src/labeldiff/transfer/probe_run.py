@@ -52,7 +52,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     for line in describe(cfg):
         print(line)
     if pre.config.model.arch != "unet" or pre.method not in PROBE_METHODS:
-        raise ValueError(f"--pretrained {t.pretrained} is a {pre.method!r} run of arch {pre.config.model.arch!r}; "
+        raise ConfigError(f"--pretrained {t.pretrained} is a {pre.method!r} run of arch {pre.config.model.arch!r}; "
                          f"the probe reads the decoder blocks of the diffusion UNet (methods {', '.join(PROBE_METHODS)}); "
                          f"for this run use --strategy linear, decoder or full")
     cfg.corruption = pre.config.corruption
@@ -60,7 +60,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
     if requested not in ("default", "auto"):
         parse_spec(requested)  # validate before the run folder is written
     if requested == "auto" and cfg.data.ignore_index is not None:
-        raise ValueError("--features auto scores its candidates on every pixel; with --ignore-index give the "
+        raise ConfigError("--features auto scores its candidates on every pixel; with --ignore-index give the "
                          "features (--features default, or 'blocks=…;t=…')")
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group
     unet = pre.backbone(device)

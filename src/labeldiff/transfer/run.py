@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from labeldiff.config import STRATEGIES, RunConfig
+from labeldiff.errors import ConfigError
 
 
 def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, resume: bool = False,
@@ -21,16 +22,16 @@ def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, 
     """
     strategy = cfg.transfer.strategy
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"strategy {strategy!r} is unknown; available: {', '.join(STRATEGIES)}")
     stems = list(stems) if stems is not None else None
     if strategy == "probe":
         from labeldiff.transfer.probe_run import run_probe
 
         if cfg.transfer.synthetic:
-            raise ValueError("--synthetic adds pairs to the batches of the fine-tuning loop; the probe trains on the "
+            raise ConfigError("--synthetic adds pairs to the batches of the fine-tuning loop; the probe trains on the "
                              "pixels of the labeled images only: use --strategy full, decoder, lp-ft or scratch")
         if resume:
-            raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
+            raise ConfigError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
         return run_probe(cfg, out, stems, overwrite=overwrite)
     from labeldiff.transfer.finetune import run_finetune
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from labeldiff.evaluate.metrics import iou_from_stats
 from labeldiff.models.probe import FeatureExtractor, FeatureSpec, default_spec, make_extractor
 from labeldiff.transfer.probe import fit_pixels
+from labeldiff.errors import ConfigError, DataError
 
 DIFFUSION_METHODS = ("ddpm", "mdm", "hybrid")  # time embedding trained over t = 0..T−1 (mdm: 1..T)
 CLEAN_METHODS = ("mae", "supervised")  # time embedding only ever saw t = 0
@@ -70,7 +71,7 @@ def candidate_specs(n_up_blocks: int, method: str, num_timesteps: int | None = N
     elif method in CLEAN_METHODS:
         singles, multis = (0,), []
     else:
-        raise ValueError(f"no feature grid for pretext method {method!r}: the pixel probe reads the UNet of "
+        raise ConfigError(f"no feature grid for pretext method {method!r}: the pixel probe reads the UNet of "
                          f"{', '.join(DIFFUSION_METHODS + CLEAN_METHODS)} runs")
     limit = num_timesteps if num_timesteps is not None else math.inf
     fits = [(t,) for t in singles if t < limit]
@@ -110,7 +111,7 @@ def fold_groups(n_images: int, seed: int = 0) -> list[tuple[int, ...]]:
     """The held-out images of each fold: one per image up to ``MAX_FOLDS`` images (leave-one-out),
     else ``MAX_FOLDS`` near-equal groups of a seeded permutation. Every image is held out once."""
     if n_images < 2:
-        raise ValueError(f"cross-validation needs at least 2 (pseudo-)images, got {n_images}")
+        raise DataError(f"cross-validation needs at least 2 (pseudo-)images, got {n_images}")
     if n_images <= MAX_FOLDS:
         return [(i,) for i in range(n_images)]
     perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -172,18 +173,18 @@ class PixelSample:
 def check_labeled(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], num_classes: int) -> None:
     """Stop with one line naming the image and the fix on inputs selection cannot use."""
     if len(images) != len(masks) or not len(images):
-        raise ValueError(f"need the same, non-zero number of images and masks (got {len(images)} and {len(masks)})")
+        raise DataError(f"need the same, non-zero number of images and masks (got {len(images)} and {len(masks)})")
     if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}: need at least 2 classes (background and one foreground)")
+        raise DataError(f"num_classes={num_classes}: need at least 2 classes (background and one foreground)")
     for i, (x, m) in enumerate(zip(images, masks)):
         if x.dim() != 3 or m.dim() != 2 or tuple(m.shape) != tuple(x.shape[-2:]):
-            raise ValueError(f"mask {i} is {tuple(m.shape)} but image {i} is {tuple(x.shape)}; images must be "
+            raise DataError(f"mask {i} is {tuple(m.shape)} but image {i} is {tuple(x.shape)}; images must be "
                              f"[C, H, W] and masks [H, W] of the image's size")
         if m.numel() and (m.min() < 0 or m.max() >= num_classes):
-            raise ValueError(f"mask {i} has values {int(m.min())}..{int(m.max())} outside the classes "
+            raise DataError(f"mask {i} has values {int(m.min())}..{int(m.max())} outside the classes "
                              f"0..{num_classes - 1}; fix the mask or pass the right num_classes")
     if not any(bool((m > 0).any()) for m in masks):
-        raise ValueError(f"no labeled foreground pixel in the {len(masks)} mask(s): every pixel is class 0, so "
+        raise DataError(f"no labeled foreground pixel in the {len(masks)} mask(s): every pixel is class 0, so "
                          f"there is nothing to choose features for; check that the masks were read correctly")
 
 
@@ -232,7 +233,7 @@ def pick_best(table: Sequence[dict], tie_tolerance: float = 1e-3) -> int:
     the fewest ``n_features`` wins, then the earliest row. NaN means never win unless all are NaN."""
     means = np.array([r["mean"] for r in table], dtype=float)
     if not np.isfinite(means).any():
-        raise ValueError("no candidate could be scored: every held-out image had an undefined IoU")
+        raise DataError("no candidate could be scored: every held-out image had an undefined IoU")
     top = np.nanmax(means)
     tied = [i for i, m in enumerate(means) if np.isfinite(m) and m >= top - tie_tolerance]
     return min(tied, key=lambda i: (table[i]["n_features"], i))
