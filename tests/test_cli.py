@@ -162,6 +162,7 @@ def test_predict(finetuned, module_dataset, tmp_path):
     assert np.array_equal(read_mask(single / images[0].name), read_mask(out / images[0].name))
 
 
+@pytest.mark.slow
 def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     """predict on a NIfTI, an nnU-Net dataset's imagesTs and a DICOM series: one label NIfTI per case with
     the input's shape and affine, values < K, and an overlay strip."""
@@ -200,6 +201,7 @@ def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_volumes_scores_a_slab_in_3d(finetuned, tmp_path, capsys):
     """evaluate on an nnU-Net dataset: per case and class 3D scores on the slab only, equal to Dice
     computed by hand from `predict`'s NIfTI; a dataset with other classes is refused."""
@@ -241,6 +243,7 @@ def test_evaluate_volumes_scores_a_slab_in_3d(finetuned, tmp_path, capsys):
     assert "names 4 classes but the model predicts 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_names_the_classes_of_a_dataset_that_has_them(finetuned, module_dataset, tmp_path):
     named = tmp_path / "named"
     shutil.copytree(module_dataset, named)
@@ -257,6 +260,7 @@ def test_evaluate_needs_a_finetune_run(pretrained, capsys):
     assert "pretrain" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_real_data_finetune_and_evaluate(monuseg_small, tmp_path):
     """A from-scratch run and its evaluation on 3 real MoNuSeg pairs (64², binary nuclei masks)."""
     out = tmp_path / "ft"
@@ -271,6 +275,7 @@ def test_real_data_finetune_and_evaluate(monuseg_small, tmp_path):
 # ---------------------------------------------------------------- error exits
 
 
+@pytest.mark.slow
 def test_existing_out_needs_overwrite(module_dataset, tmp_path, capsys):
     """An existing run in --out exits 2 unless --overwrite is given, which replaces it whole."""
     out = tmp_path / "run"
@@ -332,6 +337,7 @@ def test_non_finite_loss_exit_code(module_dataset, tmp_path, capsys, monkeypatch
     assert "error: loss became nan" in err and "no checkpoint was written" in err and "step 0)" not in err
 
 
+@pytest.mark.slow
 def test_resume_via_cli(module_dataset, tmp_path, monkeypatch):
     """Ctrl-C exits 130 after saving; the same command with --resume finishes like an uninterrupted run."""
     args = ["pretrain", "--data", str(module_dataset), *TRAIN, *MODEL, "--steps", "3"]
@@ -384,6 +390,7 @@ def test_resume_without_run_is_an_error(module_dataset, tmp_path, capsys):
 # ---------------------------------------------------------------- other pretext tasks
 
 
+@pytest.mark.slow
 def test_ddep_pretrain_finetune_evaluate(module_dataset, tmp_path, tiny_recipe):
     """ddep picks the EfficientNet UNet itself, and its run fine-tunes and evaluates like any other."""
     small = ["--recipe", str(tiny_recipe)]
@@ -467,6 +474,7 @@ def test_top_level_help_lists_commands(capsys):
 # ---------------------------------------------------------------- demo
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """The demo runs with tiny step counts and writes the full report for pretrained and scratch."""
     from labeldiff.demo import run_demo
@@ -540,6 +548,7 @@ def test_cli_only_numbers_are_range_checked_in_one_line(module_dataset, tmp_path
                      "(--help lists the options)"]
 
 
+@pytest.mark.slow
 def test_no_split_file_trains_on_every_image_and_evaluate_says_how_to_split(module_dataset, tmp_path, capsys):
     data = tmp_path / "nosplit"
     shutil.copytree(module_dataset, data)
@@ -592,6 +601,7 @@ def test_a_truncated_image_stops_pretrain_before_its_run_folder(module_dataset, 
         io.check_decodes([data / "images" / "img_04.png"])
 
 
+@pytest.mark.slow
 def test_ignore_index_end_to_end(module_dataset, tmp_path, capsys):
     """Masks with 255 = not labeled (Pascal VOC style): refused without --ignore-index (the message says
     so); with it K stays 3, fine-tuning and evaluation leave those pixels out."""
@@ -620,6 +630,7 @@ def test_ignore_index_end_to_end(module_dataset, tmp_path, capsys):
 # ---------------------------------------------------------------- a disk that refuses writes
 
 
+@pytest.mark.slow
 def test_a_refused_write_is_one_line_not_a_traceback(module_dataset, tmp_path):
     """A real write failure from the OS, in a subprocess whose file-size limit (RLIMIT_FSIZE, 16 KiB) the
     first checkpoint exceeds: both Python's writes and safetensors' own writer fail the way a full disk

@@ -146,6 +146,7 @@ def test_a_destroying_corruption_lowers_dice_of_a_brightness_threshold(binary_da
     assert s["drop"] == pytest.approx(1.0 - s["mean_dice"])
 
 
+@pytest.mark.slow
 def test_cli_evaluate_corruptions_writes_one_row_per_corruption_and_severity(binary_dataset, tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")

@@ -51,6 +51,7 @@ def same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], atol=WEIGHT_TOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_two_processes_train_what_one_trains_and_resume_on_one(command, labeled_dataset, recipe, tmp_path):
     """pretrain (DDPM) and finetune (full fine-tuning of a supervised source, keeping its head: a network
@@ -85,6 +86,7 @@ def test_the_global_batch_must_split_over_the_processes(labeled_dataset, recipe,
     assert "--batch-size 3 does not split over 2 processes" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.slow
 def test_batchnorm_on_the_cpu_is_per_process_close_to_one_process(labeled_dataset, recipe, tmp_path):
     """The new segmentation head's BatchNorm sees each process's half of the batch under gloo (no
     SyncBatchNorm on the CPU): the losses are close to one process's, not equal."""
@@ -126,6 +128,7 @@ def test_gradient_accumulation_computes_the_same_step(labeled_dataset, recipe, t
     assert "does not split over --grad-accum 3 micro-batches" in capsys.readouterr().err and not (tmp_path / "odd").exists()
 
 
+@pytest.mark.slow
 def test_the_probe_under_two_processes_is_the_one_process_probe(labeled_dataset, recipe, tmp_path):
     """finetune --strategy probe under torchrun: rank r computes the features of images r, r + 2, … and
     trains members r, r + 2, …; the saved ensemble is the one-process ensemble, bit for bit (each image

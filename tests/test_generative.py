@@ -170,6 +170,7 @@ def real_image(size: int = 64, stem: str | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1) / 127.5 - 1)
 
 
+@pytest.mark.slow
 @needs_inception
 def test_inception_on_a_real_image_and_grey_replication():
     net = gen.load_inception()
@@ -194,6 +195,7 @@ def write_samples(folder: Path, n: int, size: int = 32, grey: bool = False) -> P
     return folder
 
 
+@pytest.mark.slow
 @needs_inception
 def test_evaluate_samples_cli(tmp_path, monuseg_small, capsys):
     samples = write_samples(tmp_path / "samples", 5, grey=True)

@@ -2,6 +2,8 @@
 write) and resumed ends with exactly the losses and weights of an uninterrupted run."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import random
@@ -52,6 +54,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path, labeled_dataset):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("model:\n  num_head_channels: 8\ntrain:\n  warmup_steps: 1\n  log_every: 1\n  ema_decay: 0.9\n")

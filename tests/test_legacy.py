@@ -7,6 +7,8 @@ is put back where it was written before it is run again.
 """
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import json
 import shutil
@@ -26,6 +28,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_study_written_before_keeps_its_cells_and_its_runs_open_evaluate_and_resume(capsys):
     if WRITTEN_AT.exists():
         shutil.rmtree(WRITTEN_AT)

@@ -22,6 +22,7 @@ from labeldiff.transfer.finetune import run_finetune
 from conftest import interrupt_on_call
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run_config, log_reader, monkeypatch):
     """Interrupted at step 4 and resumed, a run logs the same losses and ends with the same weights."""
     cfg = dict(steps=6, checkpoint_every=3, log_every=1, ema_decay=0.9, warmup_steps=2)
@@ -54,6 +55,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, labeled_dataset, tiny_run
         assert rec["lr"] == pytest.approx(1e-3 * lr_factor(step - 1, tc))
 
 
+@pytest.mark.slow
 def test_ctrl_c_right_after_the_optimizer_step_saves_that_step(tmp_path, labeled_dataset, tiny_run_config, log_reader,
                                                                monkeypatch):
     """SIGINT arriving between optimizer.step() and the step counter (the worst moment) is deferred to
@@ -89,6 +91,7 @@ def test_ctrl_c_right_after_the_optimizer_step_saves_that_step(tmp_path, labeled
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, labeled_dataset, tiny_run_config,
                                                                      log_reader, monkeypatch, capsys):
     """latest.json points at a checkpoint whose weights were truncated: the resume says so, falls back to
@@ -119,6 +122,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, la
     assert load_checkpoint(b)["step"] < 6 and "does not match its checksum" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_equals_the_longer_run(tmp_path, labeled_dataset, tiny_run_config, log_reader):
     """A finished 4-step run resumed with 7 steps ends with the weights of a 7-step run when the rate is
     constant after warm-up; config.json records the extension and the 4-step weights are kept."""
@@ -229,6 +233,7 @@ def test_ema_weights_are_saved(tmp_path, labeled_dataset, tiny_run_config):
         assert torch.equal(w[k], raw[k])
 
 
+@pytest.mark.slow
 def test_finetuning_lowers_loss(tmp_path, binary_dataset, tiny_run_config, log_reader):
     """Training from scratch on a trivially learnable task (foreground = bright pixels) lowers the loss."""
     cfg = tiny_run_config(binary_dataset, kind="segmentation", steps=40, batch_size=4, lr=3e-3, warmup_steps=5,
@@ -268,6 +273,7 @@ def test_cpu_bf16_is_read_from_the_cpu_flags():
     assert not cpu_has_bf16("flags : fpu sse sse2 avx avx2 fma avx512f avx512bw")
 
 
+@pytest.mark.slow
 def test_fp16_scales_the_loss_and_resumes_with_its_scale(tmp_path, labeled_dataset, tiny_run_config, log_reader,
                                                         monkeypatch):
     """fp16 autocast (here on the CPU, as on a GPU without bf16) trains through a gradient scaler: the

@@ -141,6 +141,7 @@ def test_two_series_in_one_folder_are_refused(tmp_path):
         read_volume(tmp_path / "s")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DATASETS / "ct_abdomen" / "dicom_unlabeled").is_dir(), reason="shared datasets absent")
 def test_real_ct_dicom_series_geometry():
     folder = DATASETS / "ct_abdomen" / "dicom_unlabeled"

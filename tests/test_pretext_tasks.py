@@ -83,6 +83,7 @@ def _ddep_run(data, method, tmp, steps=3, encoder="imagenet", **model):
     return open_pretrained(tmp / method)[0]
 
 
+@pytest.mark.slow
 def test_ddep_keeps_the_imagenet_encoder_bit_identical(monuseg_small, tmp_path):
     ref = efficientnet_lite0(pretrained=True).state_dict()
     net = _ddep_run(monuseg_small, "ddep", tmp_path)
@@ -95,6 +96,7 @@ def test_ddep_keeps_the_imagenet_encoder_bit_identical(monuseg_small, tmp_path):
     assert changed, "the decoder did not train"
 
 
+@pytest.mark.slow
 def test_dep_trains_the_encoder_from_random_weights(monuseg_small, tmp_path):
     net = _ddep_run(monuseg_small, "dep", tmp_path)
     ref = efficientnet_lite0(pretrained=True).state_dict()
@@ -107,6 +109,7 @@ def test_ddep_needs_encoder_weights(monuseg_small, tmp_path):
         _ddep_run(monuseg_small, "ddep", tmp_path, encoder="none")
 
 
+@pytest.mark.slow
 def test_encoder_from_a_supervised_run(binary_dataset, tmp_path):
     """--encoder RUN: a labeled source run with the same encoder provides DDeP's frozen encoder."""
     cfg = RunConfig(kind="pretrain", model=ModelConfig(arch="efficientnet-unet", decoder_channels=SMALL_DECODER,
@@ -130,6 +133,7 @@ def test_timestep_methods_refuse_the_efficientnet_unet(monuseg_small, tmp_path):
         _ddep_run(monuseg_small, "ddpm", tmp_path)
 
 
+@pytest.mark.slow
 def test_ddep_run_transfers_into_a_segmenter(monuseg_small, tmp_path):
     _ddep_run(monuseg_small, "ddep", tmp_path, steps=2)
     cfg = RunConfig(kind="segmentation")
@@ -173,6 +177,7 @@ def _labeled_run(data, method, tmp, steps, tiny_model, size=16, batch=4, **corr)
     return tmp / method
 
 
+@pytest.mark.slow
 def test_hybrid_mask_channels_segment_a_learnable_case_at_t0(binary_dataset, tmp_path, tiny_model_config):
     """Bright shapes on a dark background: after a short hybrid run, t = 0 mask channels segment them."""
     run = _labeled_run(binary_dataset, "hybrid", tmp_path, 300, tiny_model_config, size=32, batch=8,

@@ -88,6 +88,7 @@ def test_hooks_removed(unet):
     assert all(len(b._forward_hooks) == 0 for b in unet.up_blocks)
 
 
+@pytest.mark.slow
 def test_streamed_probe_learns_and_writes_a_float16_cache(unet, tmp_path):
     images, masks = sign_images(6, seed=0)
     test_images, test_masks = sign_images(3, seed=1)
@@ -110,6 +111,7 @@ def test_streamed_probe_learns_and_writes_a_float16_cache(unet, tmp_path):
     assert unc.min() >= 0 and unc.max() <= math.log(2) + 1e-6
 
 
+@pytest.mark.slow
 def test_materialized_probe_learns_too(unet):
     images, masks = sign_images(6, seed=0)
     test_images, test_masks = sign_images(3, seed=1)
@@ -119,6 +121,7 @@ def test_materialized_probe_learns_too(unet):
     assert (iou(ex, ens, test_images, test_masks) > 0.9).all()
 
 
+@pytest.mark.slow
 def test_uncertainty_is_higher_where_labels_are_ambiguous():
     """Features x ∈ [−2, −1] are class 0, [1, 2] class 1, and [−0.2, 0.2] a coin flip."""
     g = torch.Generator().manual_seed(0)
@@ -166,6 +169,7 @@ def test_save_load_round_trip(unet, tmp_path):
         load_probe(tmp_path / "probe")
 
 
+@pytest.mark.slow
 def test_streamed_memory_stays_flat(unet, tmp_path):
     """Each approach in its own process, 96 features per pixel (24 per timestep × 4 timesteps): the
     streamed trainer on 4 and on 32 labeled 64² images, whose peak must not grow with the 28·64²·96·4 B
@@ -193,6 +197,7 @@ def test_streamed_memory_stays_flat(unet, tmp_path):
     assert runs[32]["rss_ratio"] > 1 and runs[32]["train_rss_ratio"] > 1.5
 
 
+@pytest.mark.slow
 def test_bench_cli_on_a_pretrained_run(tmp_path, capsys):
     from labeldiff.pretrain.run import run_pretrain
 
@@ -227,6 +232,7 @@ def test_cache_epoch_yields_every_pixel_once_with_its_label(tmp_path):
     assert mixed == 3
 
 
+@pytest.mark.slow
 def test_reference_iteration_rule_stops_after_the_warmup_epochs():
     # unlearnable pixels (random labels): the epoch loss keeps wobbling, so with a huge epoch patience
     # only the per-iteration rule can stop a member, and never before epoch REF_WARMUP_EPOCHS + 1

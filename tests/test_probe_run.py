@@ -45,6 +45,7 @@ def test_padded_extractor_matches_sizes(ddpm_run):
     assert torch.equal(ex(even), ex.extractor(even))
 
 
+@pytest.mark.slow
 def test_probe_run_evaluate_and_predict(ddpm_run, tmp_path):
     data, pre = ddpm_run
     out = tmp_path / "probe"
@@ -69,6 +70,7 @@ def test_probe_run_evaluate_and_predict(ddpm_run, tmp_path):
     assert unc.shape == (40, 48) and unc.max() > unc.min()
 
 
+@pytest.mark.slow
 def test_probe_refuses_runs_without_decoder_blocks(tmp_path, capsys):
     from conftest import write_labeled_dataset
 
@@ -85,6 +87,7 @@ def test_probe_refuses_runs_without_decoder_blocks(tmp_path, capsys):
     assert "linear, decoder or full" in err and not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_probe_with_auto_features_records_the_choice(ddpm_run, tmp_path):
     data, pre = ddpm_run
     out = tmp_path / "auto"

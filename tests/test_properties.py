@@ -88,6 +88,7 @@ def write_image(a: np.ndarray, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(image=IMAGES)
 def test_pretraining_on_any_image(image, base, recipe, capsys):
@@ -137,6 +138,7 @@ def write_mask(kind: str, hw: tuple[int, int], values: list[int], nan: bool, pat
         Image.fromarray(np.dstack([g, g, g if nan else g // 2]), "RGB").save(path)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(mask=MASKS)
 def test_fine_tuning_on_any_mask(mask, base, recipe, capsys):
@@ -159,6 +161,7 @@ VOLUMES = st.tuples(
 )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(vol=VOLUMES)
 def test_pretraining_on_any_volume(vol, recipe, capsys):
@@ -202,6 +205,7 @@ FLAGS = {
 @SETTINGS
 @given(choice=st.sampled_from(sorted(FLAGS)).flatmap(lambda f: st.tuples(st.just(f), FLAGS[f])),
        method=st.sampled_from(["ddpm", "mdm"]))
+@pytest.mark.slow
 def test_pretraining_with_any_setting(choice, method, base, recipe, capsys):
     flag, value = choice
     with tempfile.TemporaryDirectory() as tmp:

@@ -161,6 +161,7 @@ def test_keep_head_refuses_what_it_cannot_keep(module_dataset, pretrained, tmp_p
     assert not any((tmp_path / n).exists() for n in "abc")  # refused before a folder was written
 
 
+@pytest.mark.slow
 def test_keep_head_auto_keeps_when_it_can_and_says_why_not(module_dataset, pretrained, tmp_path, capsys):
     run_finetune(_cfg(module_dataset, pretrained / "supervised", "full", keep_head="auto"), tmp_path / "auto")
     assert RunFolder.open(tmp_path / "auto").config.transfer.keep_head is True

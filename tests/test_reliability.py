@@ -314,6 +314,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder_and_a_crashed_one_does_not_block(data, recipe, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "hold"], stdout=subprocess.PIPE, text=True)

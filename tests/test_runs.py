@@ -154,6 +154,7 @@ def test_pretrain_cli_include_test_flag(tmp_path):
 
 # --- inference precision ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluation_does_not_depend_on_the_cpu(pretrained, tmp_path, monkeypatch):
     """A run trained with precision 'auto' scores bit for bit the same whether or not the CPU has bf16:
     inference is fp32 unless asked. (It used to reuse train.precision: bf16 on one CPU, fp32 on another.)"""

@@ -244,6 +244,7 @@ def test_pick_best_prefers_fewer_features_on_ties():
 
 # ---- selection ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,t", [(0, 150), (2, 50)])
 def test_the_one_informative_candidate_is_picked(block, t):
     """Only up block ``block`` at ``t`` carries the label: exactly the candidates that contain that

@@ -165,6 +165,7 @@ def test_diverse_features_of_a_pretrained_unet(files, tmp_path, tiny_run_config)
     assert diverse_subset(train, feats, 2, 0) == diverse_subset(train, feats, 2, 0)
 
 
+@pytest.mark.slow
 def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run_config, capsys):
     """`labeldiff select`: k images of a plain folder, never two copies of one image (k-center greedy
     puts the second pick as far from the first as it can), the same pick for the same seed, and
@@ -697,6 +698,7 @@ def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
     assert plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_a_study_that_extends_another_reuses_its_cells(files, tmp_path, monkeypatch):
     first = write_study(files, base_study(labels=[1], seeds=[0]), name="ext1.yaml")
     second = write_study(files, {"extends": "ext1.yaml", "seeds": [0, 1]}, name="ext2.yaml")
@@ -744,6 +746,7 @@ def _dry_run_labels(capsys, path: Path, out: Path) -> dict[str, str]:
     return {parts[1]: " ".join(parts[3:]) for parts in lines}
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_images_each_cell_will_label_and_then_did(files, tmp_path, capsys):
     path = write_study(files, base_study(labels=[2], seeds=[0, 1], select=["random", "diverse", "typical"]),
                        name="dry.yaml")
@@ -765,6 +768,7 @@ def test_dry_run_shows_the_images_each_cell_will_label_and_then_did(files, tmp_p
     assert all(after[c] == before[c] for c in before if "-random-" in c)
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_only_what_is_missing(files, tmp_path, monkeypatch):
     path = write_study(files, base_study(), name="resume.yaml")
     out = tmp_path / "out"
@@ -824,6 +828,7 @@ def test_data_prepared_inside_the_study_folder_shares_pretraining_across_folders
     assert plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
 
 
+@pytest.mark.slow
 def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path, monkeypatch):
     methods = [{"name": "ddpm", "recipe": "pre.yaml"},
                {"name": "mdm", "recipe": "pre.yaml", "overrides": {"corruption.method": "mdm", "corruption.patch_size": 4}}]
@@ -843,6 +848,7 @@ def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path,
     assert len(list((out / "cells").iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_path, monkeypatch):
     """pretrain_steps [2, 3]: the 3-step run resumes the 2-step run's checkpoint; every protocol gets
     its own scratch; diverse subsets are shared by pretrained and scratch cells; verdict.md is written."""
@@ -876,6 +882,7 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     assert "| protocol |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(files, tmp_path, monkeypatch, capsys):
     """finetune_at [3] in a [2, 3] sweep: the 2-step run is still trained (the 3-step run continues it, so
     it keeps the key of a plain [2, 3] sweep), but only ddpm@3 and scratch get cells."""
@@ -893,6 +900,7 @@ def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(fil
     assert all(r.finished for r in planned)  # the same runs: nothing to train for the plain sweep
 
 
+@pytest.mark.slow
 def test_source_rows_and_keep_head_protocol(files, tmp_path, monkeypatch):
     """strategy source: the supervised run evaluated as it is (once, copied to every cell); a keep_head
     protocol fine-tunes its own head (nothing new) and skips lp-ft, which would have no head to train first."""
@@ -1072,6 +1080,7 @@ def test_fields_added_later_keep_old_run_hashes():
     assert identity(cfg)["data"]["intensity"] == {"scheme": "zscore"} and identity(cfg)["data"]["axis"] == 0
 
 
+@pytest.mark.slow
 def test_study_on_a_volume_dataset_with_slabs(files, tmp_path, monkeypatch):
     """A study reads an nnU-Net dataset as slices: slab split into OUT/data/split.json, pretraining leaves
     the test slab out, cells train on train-slab slices and test on the test slab."""
@@ -1137,6 +1146,7 @@ def test_too_many_labels_stops_before_training(files, tmp_path, monkeypatch):
     assert calls.pretrain == [] and calls.finetune == []
 
 
+@pytest.mark.slow
 def test_a_study_killed_mid_cell_resumes_without_recomputing_finished_cells(files, tmp_path):
     """SIGKILL of `labeldiff study` while a cell is half done (its folder exists, its metrics do not):
     results.csv holds exactly the finished cells, whole; the rerun leaves those cells' files untouched
@@ -1176,6 +1186,7 @@ def test_a_study_killed_mid_cell_resumes_without_recomputing_finished_cells(file
     assert len(_metrics(out)) == 4 and len(report.read_csv(out / "results.csv")) == 4
 
 
+@pytest.mark.slow
 def test_cells_side_by_side_are_the_cells_of_one_process(files, tmp_path, monkeypatch):
     """--workers 2: two `--shard i/2` processes (1 thread each) split the cells, each cell is computed once,
     and the scores are those of a one-process study with one thread; a shard refuses to pretrain."""
@@ -1198,6 +1209,7 @@ def test_cells_side_by_side_are_the_cells_of_one_process(files, tmp_path, monkey
     assert len(ran[0]) == len(ran[1]) == 2 and ran[0] | ran[1] == set(one)
 
 
+@pytest.mark.slow
 def test_robustness_option_adds_corrupted_dice_and_drop_columns(files, tmp_path, monkeypatch):
     """``robustness:`` runs evaluate --corruptions for every cell once; the report gains dice_corrupted and
     dice_drop (clean − corrupted) columns, tables and a paired drop table."""
@@ -1223,6 +1235,7 @@ def test_robustness_option_adds_corrupted_dice_and_drop_columns(files, tmp_path,
                      for c in stamp}
 
 
+@pytest.mark.slow
 def test_a_shard_scores_its_own_cells_under_corruptions(files, tmp_path):
     """Under --workers the corruption scores are computed side by side: each shard scores the cells it ran,
     and the parent, finding them scored, does not score them again."""
@@ -1252,6 +1265,7 @@ def test_robustness_option_errors(files, value, message):
     assert parse_study(base_study(robustness=True), files / "study.yaml").robustness["severities"] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files, tmp_path, monkeypatch):
     """A protocol with transfer.synthetic: the study samples the hybrid run's pairs once, before the cells
     (which read the cache, in this process or in workers), and paired.md sets it against the first protocol."""
@@ -1313,6 +1327,7 @@ def test_environment_names_the_gpus_a_study_ran_on(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "two.json").read_text())["gpus"] == ["GPU 0", "GPU 1"]
 
 
+@pytest.mark.slow
 def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
     """A worker that fails (here: a study file it cannot read) is reported with the end of its own log, so the
     cause is on the screen, not only in OUT/workers/shard-i.log."""

@@ -67,6 +67,7 @@ def synthetic_pairs(spec, target, num_classes):
     return (*RunFolder.open(run).synthetic_pairs(n, target, num_classes), cache)
 
 
+@pytest.mark.slow
 def test_pairs_are_sampled_once_cached_by_chunk_and_prefix_stable(binary_dataset, tmp_path, monkeypatch):
     run = _pretrain(binary_dataset, tmp_path)
     target = tiny_run(binary_dataset)
@@ -95,6 +96,7 @@ def test_under_torchrun_only_rank_0_samples(binary_dataset, tmp_path, monkeypatc
     assert ensure_synthetic(f"{run}:4") == cache and (cache / "chunk_0000.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_source_that_cannot_give_the_targets_pairs_is_refused(binary_dataset, tmp_path):
     target = tiny_run(binary_dataset)
     with pytest.raises(ValueError, match="only hybrid runs"):
@@ -104,6 +106,7 @@ def test_a_source_that_cannot_give_the_targets_pairs_is_refused(binary_dataset, 
         synthetic_pairs(f"{_pretrain(binary_dataset, tmp_path, size=32)}:4", target, 2)
 
 
+@pytest.mark.slow
 def test_finetune_cli_samples_the_pairs_records_them_and_the_probe_refuses(binary_dataset, tmp_path):
     """`labeldiff finetune --synthetic RUN:8` samples the missing chunk into the hybrid run, then trains."""
     run = _pretrain(binary_dataset, tmp_path)

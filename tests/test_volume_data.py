@@ -142,6 +142,7 @@ def test_label_unit_volumes_refuses_a_2d_dataset(labeled_dataset):
         prepare_transfer(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
 def test_finetune_and_predict_on_the_real_ct_volume(tmp_path, fresh_volumes):
     """The CT paper's setting in miniature on the real abdominal CT: k = 2 labeled axial slices of the
@@ -241,6 +242,7 @@ def test_intensity_flags_are_checked_before_a_run_folder_exists(tmp_path, capsys
         assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.slow
 def test_resampling_to_a_target_spacing_end_to_end(tmp_path, fresh_volumes):
     """--spacing 0.8,0.8,1.5 on 3 mm slices: the dataset is sliced on the resampled grid (19 axial slices
     instead of 10), the run config records the spacing, predict writes the label NIfTI on the input's own
@@ -274,6 +276,7 @@ def test_spacing_is_checked_before_a_run_folder(tmp_path, capsys):
     assert "--spacing must be three positive sizes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_select_picks_slices_on_the_pretrained_runs_grid(tmp_path, fresh_volumes, capsys):
     """`labeldiff select` on an nnU-Net dataset: the candidates are the slices of every case on the grid
     the run was pretrained on (--spacing 0.8,0.8,1.5: 19 axial slices per case instead of 10), the test
