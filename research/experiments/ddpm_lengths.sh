@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 (README, "Unlabeled DDPM runs: FID against length, and against transfer Dice"), on MoNuSeg or the
+# The research notebook's generative page ("Unlabeled DDPM runs: FID against length, and against transfer Dice"), on MoNuSeg or the
 # brain slices, with the study studies/ddpm_lengths_DATASET.yaml (one unlabeled DDPM run stopped at 500,
 # 1000, 2000 steps, each fine-tuned against scratch on the same labeled subsets, 5 seeds; MoNuSeg also
 # scores every cell under corruptions). In order: the pretraining runs; 128 samples of each length scored

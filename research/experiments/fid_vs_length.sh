@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15, "FID vs pretraining length vs Dice" on MoNuSeg: the EMA weights of the 1000-step hybrid run of
+# "FID vs pretraining length vs Dice" on MoNuSeg: the EMA weights of the 1000-step hybrid run of
 # experiments/synthetic_studies.sh at steps 250, 500, 750, 1000 (copied from its checkpoints while it ran,
 # into studies/runs/synthetic/ema_monuseg_hybrid/), each as a run folder (its config.json + those weights):
 # 128 DDIM-50 samples scored against 4 crops of each of the 30 train images at the run's scale (FID, KID,

@@ -1,4 +1,4 @@
-"""Issue 15 (part 1): labeldiff's generative metrics against other implementations, on the folders
+"""labeldiff's generative metrics against other implementations, on the folders
 that ``generative_sanity.py`` writes (MoNuSeg at 64²: REF = the train images, the others scored against it).
 
 Two halves, in two environments:

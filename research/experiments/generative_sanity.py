@@ -1,4 +1,4 @@
-"""Issue 15 (part 1): the generative metrics on real images whose answer is known in direction.
+"""the generative metrics on real images whose answer is known in direction.
 
 Writes "sample" folders (``sample_XXX.png``, as ``labeldiff sample`` would) made of real MoNuSeg
 images resized to 64²: the train images themselves (FID ≈ 0 expected), the test images (a small gap),

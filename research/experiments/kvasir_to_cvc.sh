@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3 measurement: labeled source → few-shot target (the hybrid paper's protocol).
+# Measurement: labeled source → few-shot target (the hybrid paper's protocol).
 # Source kvasir_seg (880 labeled train images), target cvc_clinicdb: a video-disjoint split
 # (`labeldiff split`, ≥ 30 % of the frames in test, whole videos), k = 4 labeled target frames,
 # full fine-tuning, 3 seeds, evaluated on the test videos at 384×288.

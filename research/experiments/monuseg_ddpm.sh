@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 2 measurement: DDPM pretraining on MoNuSeg (all 44 images, no masks: --include-test, the
+# Measurement: DDPM pretraining on MoNuSeg (all 44 images, no masks: --include-test, the
 # transductive protocol the README tables were measured with), full fine-tuning with
 # k = 3 labeled train images vs the identical network from scratch, 3 seeds, evaluated on the 14
 # official test images at the original 1000×1000 resolution.

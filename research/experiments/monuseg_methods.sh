@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3 measurement: every pretext task on MoNuSeg at CPU scale, full fine-tuning with k = 3 labeled
+# Measurement: every pretext task on MoNuSeg at CPU scale, full fine-tuning with k = 3 labeled
 # train images, 3 seeds, evaluated on the 14 official test images at 1000×1000.
 # Same protocol as monuseg_ddpm.sh (images scaled 0.25, 64² crops, 2000 pretraining steps of batch 16,
 # 300 fine-tuning steps); the DDPM row and the UNet scratch row come from that script.

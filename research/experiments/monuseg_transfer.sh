@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 measurement: every transfer strategy on MoNuSeg, k = 3 labeled train images, 3 seeds, the 14
+# Measurement: every transfer strategy on MoNuSeg, k = 3 labeled train images, 3 seeds, the 14
 # official test images at 1000×1000. Backbones: the DDPM run of monuseg_ddpm.sh and the MDM run of
 # monuseg_methods.sh (2000 pretraining steps each). Strategies: probe with the default features
 # (ddpm: t = 50,150,250; mdm: t = 50; decoder blocks 1, 2), probe with --features auto, linear

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10 measurement: does the fine-tuned head read the pretrained final GroupNorm + SiLU (out.0)
+# Measurement: does the fine-tuned head read the pretrained final GroupNorm + SiLU (out.0)
 # or the un-normalised decoder features? MoNuSeg, DDPM pretrained on the 30 train images (the test
 # split left out), full fine-tuning with k = 3, 3 seeds, out.0 kept vs dropped, scratch alongside.
 # Usage: bash experiments/out0.sh [OUT]   (from research/, after `make install`); SEEDS="0 1" runs

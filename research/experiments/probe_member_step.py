@@ -1,5 +1,5 @@
 """Time one training step of one probe member (labeldiff.models.probe.PixelMLP, Adam, cross-entropy) on a
-1024-pixel batch, in fp32 and under bf16 autocast: is the probe's 10 × 50-epoch budget (issue 13) within reach
+1024-pixel batch, in fp32 and under bf16 autocast: is the probe's 10 × 50-epoch budget within reach
 of a CPU's bf16 kernels? Prints the median of 5 rounds of 200 steps after 50 warm-up steps.
 
     ../.venv/bin/python experiments/probe_member_step.py [--features 288] [--classes 2]

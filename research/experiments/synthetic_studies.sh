@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 (README, "Synthetic (image, mask) pairs"): the MoNuSeg hybrid run and its study, the Kvasir → CVC
+# The research notebook's generative page ("Synthetic (image, mask) pairs"): the MoNuSeg hybrid run and its study, the Kvasir → CVC
 # study (its hybrid first), then FID vs length. Resumable: rerun after an interruption.
 set -e
 cd "$(dirname "$0")/.."
