@@ -6,8 +6,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "labeldiff"
 
-# what each floor must not import (STYLE §12: data, corruption, models and the runtime helpers know
-# nothing of pretrain, transfer, evaluate, study or cli; runs.py sits below all that open a run)
+# what each floor must not import (docs/explanation/architecture.md, "The layering rules": data, corruption,
+# models and the runtime helpers know nothing of pretrain, transfer, evaluate, study or cli; runs.py sits below
+# all that open a run)
 HIGH = {"runs", "pretrain", "transfer", "evaluate", "sample", "study", "cli", "demo", "bench"}
 FORBIDDEN = {  # recipes, examples: the shipped YAML files and their lookup, below everything
     "recipes": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "examples"},
