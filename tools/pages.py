@@ -41,7 +41,7 @@ HEADLINE = [
     ("kvasir_length10k", 4, "Kvasir-SEG polyps (unlabeled pool with CVC frames), 10 seeds"),
     ("colin27_demo", 2, "Colin27 brain MRI, 9 lobes, the demo's setting, 20 seeds"),
     ("colin27_length10k", 4, "Colin27 brain MRI, 10 000 pretraining steps, 10 seeds"),
-    ("brain_length10k", 4, "brain MRI slices, the colonoscopy recipe, 10 seeds"),
+    ("brain_length10k", 4, "brain MRI slices, the colonoscopy frames' protocol, 10 seeds"),
     ("monuseg_confirm", 1, "MoNuSeg H&E nuclei, 5 seeds"),
     ("ct_abdomen", 2, "abdominal CT, 13 organs, 5 seeds"),
 ]
@@ -56,11 +56,20 @@ def study_file(name: str) -> Path | None:
     return None
 
 
-def title(study: Path) -> str:
-    """The study's question in a few words: its first comment line up to the first ':'."""
+def title(study: Path, most: int = 160) -> str:
+    """The study's question in a sentence: the first sentence of its leading comment, shortened when it is
+    longer than ``most`` characters (its parentheses dropped, then cut at its first ': ')."""
     question, _ = study_header(study.read_text())
-    first = question[0] if question else study.stem
-    return first.split(": ")[0].rstrip(".").strip()
+    text = " ".join(question) or study.stem
+    m = re.match(r"(.+?[.?])(\s|$)", text)
+    sentence = m.group(1) if m else text
+    while len(sentence) > most and re.search(r"\([^()]*\)", sentence):
+        sentence = re.sub(r"\s*\([^()]*\)", "", sentence)
+    if len(sentence) > most and ": " in sentence:
+        sentence = sentence.split(": ")[0]
+    if len(sentence) > most:
+        sentence = sentence[:most].rsplit(" ", 1)[0] + " …"
+    return sentence.rstrip(".").strip()
 
 
 def commands(study: Path) -> list[str]:
