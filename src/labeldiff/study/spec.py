@@ -251,7 +251,7 @@ def _recipe(raw: Any, file: Path, where: str) -> Recipe:
         try:
             path = find_recipe(raw["recipe"], bases=(file.parent,))
         except ConfigError as e:
-            raise _fail(file, f"{where}.recipe", str(e)) from None
+            raise _fail(file, f"{where}.recipe", str(e).removeprefix("recipe ")) from None
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise _fail(file, f"{where}.overrides", "expected a mapping like {train.steps: 800}")
