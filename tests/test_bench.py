@@ -75,7 +75,7 @@ def test_bench_loop_runs_the_real_loop_and_the_bare_step(module_dataset, tiny_re
 
 def test_bench_predict_times_both_sides_on_the_same_images(module_dataset, tiny_recipe, tmp_path, capsys):
     run = tmp_path / "scratch"
-    assert main(["finetune", "--data", str(module_dataset), "--from-scratch", "--labels", "2", "--steps", "2",
+    assert main(["finetune", "--data", str(module_dataset), "--strategy", "scratch", "--labels", "2", "--steps", "2",
                  "--head-hidden", "8", "--recipe", str(tiny_recipe), *TINY, "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["bench", "predict", "--model", str(run), "--input", str(module_dataset)]) == 0

@@ -97,9 +97,9 @@ def test_finetune_pretrained(finetuned, pretrained, module_dataset):
 
 
 def test_finetune_from_scratch(module_dataset, tmp_path):
-    """finetune --from-scratch trains the tiny network without a pretrained run."""
+    """finetune --strategy scratch trains the tiny network without a pretrained run."""
     out = tmp_path / "scratch"
-    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--strategy", "scratch", "--labels", "2",
                  "--head-hidden", "8", *TRAIN, *MODEL]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["transfer"]["strategy"] == "scratch" and cfg["model"]["channels"] == [8, 16]
@@ -108,7 +108,7 @@ def test_finetune_from_scratch(module_dataset, tmp_path):
 
 
 def test_finetune_without_pretrained_is_an_error(module_dataset, tmp_path, capsys):
-    """finetune with neither --pretrained nor --from-scratch exits 2 with a one-line error."""
+    """finetune with neither --pretrained nor --strategy scratch exits 2 with a one-line error."""
     rc = main(["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "x"), "--labels", "2",
                *TRAIN, *MODEL])
     assert rc == 2
@@ -167,7 +167,7 @@ def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     the input's shape and affine, values < K, and an overlay strip."""
     import nibabel as nib
 
-    from labeldiff.data.nnunet import read_volume
+    from labeldiff.data.volume_io import read_volume
     from test_nnunet import oblique_affine, write_dicom_series
 
     rng = np.random.default_rng(0)
@@ -260,7 +260,7 @@ def test_evaluate_needs_a_finetune_run(pretrained, capsys):
 def test_real_data_finetune_and_evaluate(monuseg_small, tmp_path):
     """A from-scratch run and its evaluation on 3 real MoNuSeg pairs (64², binary nuclei masks)."""
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(monuseg_small), "--out", str(out), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(monuseg_small), "--out", str(out), "--strategy", "scratch", "--labels", "2",
                  "--head-hidden", "8", *TRAIN, *MODEL]) == 0
     assert json.loads((out / "config.json").read_text())["num_classes"] == 2
     assert main(["evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
@@ -289,7 +289,7 @@ def test_existing_out_needs_overwrite(module_dataset, tmp_path, capsys):
 def test_labels_larger_than_split(module_dataset, tmp_path, capsys):
     """--labels above the train split size exits 2 before creating the run folder."""
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--from-scratch", "--labels", "9",
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(out), "--strategy", "scratch", "--labels", "9",
                  *TRAIN, *MODEL]) == 2
     line = _error_line(capsys)
     assert "--labels 9" in line and "'train'" in line
@@ -298,7 +298,7 @@ def test_labels_larger_than_split(module_dataset, tmp_path, capsys):
 
 def test_unknown_split(module_dataset, finetuned, tmp_path, capsys):
     """An unknown split name exits 2 (finetune --train-split and evaluate --split)."""
-    assert main(["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "ft"), "--from-scratch",
+    assert main(["finetune", "--data", str(module_dataset), "--out", str(tmp_path / "ft"), "--strategy", "scratch",
                  "--train-split", "nope", *TRAIN, *MODEL]) == 2
     assert "'nope'" in _error_line(capsys)
     assert main(["evaluate", "--model", str(finetuned), "--split", "nope", "--device", "cpu",
@@ -315,7 +315,7 @@ def test_corrupt_image(module_dataset, tmp_path, capsys):
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), *TRAIN, *MODEL]) == 2
     assert str(bad) in _error_line(capsys)
     assert not (tmp_path / "pre").exists()
-    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--strategy", "scratch", "--labels", "2",
                  *TRAIN, *MODEL]) == 2
     assert str(bad) in _error_line(capsys)
 
@@ -424,7 +424,7 @@ def test_split_command(module_dataset, tmp_path):
                  "--out", str(out)]) == 0
     split = json.loads(out.read_text())
     assert len(split["test"]) == 2 and len(split["train"]) == 4
-    assert main(["finetune", "--data", str(module_dataset), "--split-file", str(out), "--from-scratch",
+    assert main(["finetune", "--data", str(module_dataset), "--split-file", str(out), "--strategy", "scratch",
                  "--out", str(tmp_path / "ft"), *TRAIN, *MODEL, "--labels", "4"]) == 0
     chosen = json.loads((tmp_path / "ft" / "labeled.json").read_text())["stems"]
     assert sorted(chosen) == sorted(split["train"])
@@ -438,10 +438,10 @@ def test_split_command(module_dataset, tmp_path):
                   "--method", "--sigma", "--noise", "--decoder-width", "--encoder", "--mask-weight", "--prediction"]),
     ("split", ["--data", "--groups", "--test-fraction", "--out"]),
     ("sample", ["--model", "--n", "--sampler", "--steps"]),
-    ("finetune", ["--data", "--pretrained", "--from-scratch", "--labels", "--num-classes", "--train-split"]),
+    ("finetune", ["--data", "--pretrained", "--strategy", "--labels", "--num-classes", "--train-split"]),
     ("evaluate", ["--model", "--split", "--data", "--out", "--device"]),
     ("predict", ["--model", "--input", "--out"]),
-    ("demo", ["--out", "--pretrain-steps", "--finetune-steps", "--seeds", "--labels"]),
+    ("demo", ["--out", "--pretrain-steps", "--finetune-steps", "--n-seeds", "--labels"]),
 ])
 def test_help(command, options, capsys):
     """`labeldiff CMD --help` exits 0 and lists the command's options."""
@@ -486,7 +486,7 @@ def test_demo_end_to_end(tmp_path):
     # the volume path: an nnU-Net raw dataset read as volumes, the test slab scored in 3D, a label NIfTI out
     import nibabel as nib
 
-    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.folders import VolumeFolder
     from labeldiff.demo import CLASS_NAMES, test_slab
 
     data = tmp_path / "demo" / "data"
@@ -516,7 +516,7 @@ def _with(args: list[str], flag: str, value: str) -> list[str]:
                                              ("--size", "4", "--size must be ≥ 8 (got 4)")])
 def test_out_of_range_numbers_stop_before_a_run_folder(cmd, flag, value, says, module_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    extra = ["--from-scratch", "--labels", "2"] if cmd == "finetune" else []
+    extra = ["--strategy", "scratch", "--labels", "2"] if cmd == "finetune" else []
     rc = main([cmd, "--data", str(module_dataset), "--out", str(out), *extra, *_with(TRAIN, flag, value), *MODEL])
     assert rc == 2 and says in _error_line(capsys)
     assert not out.exists()
@@ -536,7 +536,7 @@ def test_cli_only_numbers_are_range_checked_in_one_line(module_dataset, tmp_path
         main(["split", "--data", str(module_dataset), "--out", str(tmp_path / "s.json"), "--test-fraction", "1.5"])
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert lines == ["labeldiff split: error: argument --test-fraction: must lie in (0, 1) (got 1.5) "
+    assert lines == ["labeldiff split: error: argument --test-fraction: must be a finite number in (0, 1) (got 1.5) "
                      "(--help lists the options)"]
 
 
@@ -545,7 +545,7 @@ def test_no_split_file_trains_on_every_image_and_evaluate_says_how_to_split(modu
     shutil.copytree(module_dataset, data)
     (data / "split.json").unlink()
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "5",
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--strategy", "scratch", "--labels", "5",
                  "--head-hidden", "8", *TRAIN, *MODEL]) == 0
     assert len(json.loads((out / "labeled.json").read_text())["stems"]) == 5  # more than the old train split
     capsys.readouterr()
@@ -564,7 +564,7 @@ def test_no_split_file_trains_on_every_image_and_evaluate_says_how_to_split(modu
     assert set(split["test"]) & trained and "train the run again" in line
     assert any(s in line for s in set(split["test"]) & trained)
     again = tmp_path / "ft2"
-    assert main(["finetune", "--data", str(data), "--out", str(again), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(data), "--out", str(again), "--strategy", "scratch", "--labels", "2",
                  "--head-hidden", "8", *TRAIN, *MODEL]) == 0
     assert main(["evaluate", "--model", str(again), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
 
@@ -602,7 +602,7 @@ def test_ignore_index_end_to_end(module_dataset, tmp_path, capsys):
         m[:4] = 255  # a band of unlabeled pixels
         Image.fromarray(m, "L").save(f)
     out = tmp_path / "ft"
-    args = ["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "2", "--head-hidden", "8",
+    args = ["finetune", "--data", str(data), "--out", str(out), "--strategy", "scratch", "--labels", "2", "--head-hidden", "8",
             *TRAIN, *MODEL]
     assert main(args) == 2 and "--ignore-index 255" in _error_line(capsys)
     assert main([*args, "--ignore-index", "255"]) == 0

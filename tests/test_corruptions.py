@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from labeldiff.cli import main
-from labeldiff.data.datasets import open_labeled
+from labeldiff.data.folders import open_labeled
 from labeldiff.evaluate.corruptions import LEVELS, NAMES, corrupt, parse_corruptions, parse_severities
 from labeldiff.evaluate.robustness import run_robustness
 
@@ -150,7 +150,7 @@ def test_cli_evaluate_corruptions_writes_one_row_per_corruption_and_severity(bin
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")
     run = tmp_path / "run"
-    assert main(["finetune", "--data", str(binary_dataset), "--out", str(run), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(binary_dataset), "--out", str(run), "--strategy", "scratch", "--labels", "2",
                  "--head-hidden", "8", "--size", "16", "--steps", "2", "--batch-size", "2", "--precision", "fp32",
                  "--device", "cpu", "--channels", "3", "--unet-channels", "8,16", "--attention", "0,0",
                  "--recipe", str(recipe)]) == 0

@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import (ImageCache, LabeledFolder, Sample, StepBatches, list_images, resize_mask,
-                                     select_subset, unlabeled_samples, validate_samples)
+from labeldiff.data.datasets import ImageCache, StepBatches, resize_mask
+from labeldiff.data.folders import LabeledFolder, Sample, list_images, unlabeled_samples
 from labeldiff.data.io import DataError, image_size, read_image, read_mask
+from labeldiff.data.splits import select_subset
+from labeldiff.data.validation import validate_samples
 from labeldiff.data.volumes import volume_to_slices
 
 
@@ -447,7 +449,7 @@ def test_volume_unreadable(tmp_path):
 
 
 def test_group_split_keeps_groups_on_one_side():
-    from labeldiff.data.datasets import group_split
+    from labeldiff.data.splits import group_split
 
     stems = [str(i) for i in range(1, 41)]
     groups = {s: (int(s) - 1) // 5 for s in stems}  # 8 groups of 5 images
@@ -460,12 +462,39 @@ def test_group_split_keeps_groups_on_one_side():
 
 
 def test_group_split_errors():
-    from labeldiff.data.datasets import group_split
+    from labeldiff.data.splits import group_split
 
     with pytest.raises(DataError, match="no group"):
         group_split(["a", "b"], {"a": 1}, 0.5, 0)
     with pytest.raises(DataError, match="two groups"):
         group_split(["a", "b"], {"a": 1, "b": 1}, 0.5, 0)
+
+
+def test_write_split_is_the_one_split_writer(labeled_dataset, tmp_path):
+    """``labeldiff split`` and a study's ``data.split`` write through one function: a group split of a 2D
+    dataset, refused over an existing file without ``overwrite``, left untouched when it already holds the
+    same split (a run's record of its split file stays true), and settings for the other kind refused."""
+    from labeldiff.data.splits import write_split
+    from labeldiff.errors import ConfigError
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({f"img_{i:02d}": i // 2 for i in range(6)}))
+    out = tmp_path / "split.json"
+    split, what = write_split(labeled_dataset, out, groups=groups, test_fraction=0.3, seed=0)
+    assert json.loads(out.read_text()) == split and "from groups" in what
+    assert {int(s[-2:]) // 2 for s in split["train"]}.isdisjoint({int(s[-2:]) // 2 for s in split["test"]})
+    with pytest.raises(DataError, match="--overwrite"):
+        write_split(labeled_dataset, out, groups=groups)
+    out.write_text(json.dumps(split, indent=2))  # the same split, written another way (an older study)
+    before = out.read_bytes()
+    assert write_split(labeled_dataset, out, groups=groups, overwrite=True)[0] == split
+    assert out.read_bytes() == before
+    random_split, what = write_split(labeled_dataset, tmp_path / "random.json", seed=1)
+    assert what.startswith("a random split") and len(random_split["test"]) == 2
+    with pytest.raises(ConfigError, match="slab"):
+        write_split(labeled_dataset, tmp_path / "slabs.json", slab_train=0.5)
+    with pytest.raises(DataError, match="is a folder"):
+        write_split(labeled_dataset, tmp_path, overwrite=True)
 
 
 def test_split_file_replaces_split_json(labeled_dataset, tmp_path):
@@ -493,7 +522,7 @@ def test_resize_mask_is_nearest_neighbour(hw):
 # --- K is inferred only when it is unambiguous (issue 14) -----------------------------------------------------------
 
 def _k(root: Path) -> int:
-    from labeldiff.data.datasets import validate_samples
+    from labeldiff.data.validation import validate_samples
 
     ds = LabeledFolder(root)
     return validate_samples(ds.samples(ds.stems("train")), None)

@@ -88,7 +88,7 @@ def test_the_global_batch_must_split_over_the_processes(labeled_dataset, recipe,
 def test_batchnorm_on_the_cpu_is_per_process_close_to_one_process(labeled_dataset, recipe, tmp_path):
     """The new segmentation head's BatchNorm sees each process's half of the batch under gloo (no
     SyncBatchNorm on the CPU): the losses are close to one process's, not equal."""
-    base = ["finetune", "--data", str(labeled_dataset), "--recipe", str(recipe), *COMMON, "--from-scratch",
+    base = ["finetune", "--data", str(labeled_dataset), "--recipe", str(recipe), *COMMON, "--strategy", "scratch",
             "--labels", "4", "--steps", "4"]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     torchrun(2, [*base, "--out", str(tmp_path / "two")])

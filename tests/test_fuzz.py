@@ -144,7 +144,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 def trained(base, tiny_recipe, tmp_path_factory) -> Path:
     """A tiny fine-tuned run (scratch, K = 3) for evaluate and predict."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["finetune", "--data", str(base), "--out", str(out), "--from-scratch", "--labels", "4",
+    assert main(["finetune", "--data", str(base), "--out", str(out), "--strategy", "scratch", "--labels", "4",
                  "--recipe", str(tiny_recipe), *TRAIN]) == 0
     return out
 
@@ -179,7 +179,7 @@ def refused(argv: list[str], out: Path, capsys, *names: str) -> str:
 def test_pretrain_and_finetune_on_each_image_case(case, base, tiny_recipe, tmp_path, capsys):
     data = with_image(base, tmp_path, VICTIM, case)
     broken = IMAGE_CASES[case][2]
-    for cmd in (["pretrain"], ["finetune", "--from-scratch", "--labels", "4"]):
+    for cmd in (["pretrain"], ["finetune", "--strategy", "scratch", "--labels", "4"]):
         out = tmp_path / f"{cmd[0]}-run"
         argv = [*cmd, "--data", str(data), "--out", str(out), "--recipe", str(tiny_recipe), *TRAIN]
         if broken:
@@ -211,7 +211,7 @@ def test_finetune_and_evaluate_refuse_each_broken_mask(case, base, tiny_recipe, 
         mask = np.asarray(Image.open(base / "masks" / f"{stem}.png"))
         MASK_CASES[case](mask, data / "masks" / f"{stem}.png")
     out = tmp_path / "ft"
-    refused(["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "4", "--num-classes",
+    refused(["finetune", "--data", str(data), "--out", str(out), "--strategy", "scratch", "--labels", "4", "--num-classes",
              "3", "--recipe", str(tiny_recipe), *TRAIN], out, capsys, VICTIM)
     out = tmp_path / "ev"
     refused(["evaluate", "--model", str(trained), "--data", str(data), "--out", str(out), "--device", "cpu"],
@@ -248,7 +248,7 @@ def test_empty_and_missing_folders(cmd, trained, tiny_recipe, tmp_path, capsys):
             argv = ["predict", "--model", str(trained), "--input", str(data), "--out", str(out), "--device", "cpu"]
         else:
             argv = [cmd, "--data", str(data), "--out", str(out), "--recipe", str(tiny_recipe), *TRAIN]
-            argv += ["--from-scratch", "--labels", "1"] if cmd == "finetune" else []
+            argv += ["--strategy", "scratch", "--labels", "1"] if cmd == "finetune" else []
         refused(argv, out, capsys, data.name)
 
 

@@ -216,7 +216,7 @@ def test_evaluate_samples_errors(tmp_path, monuseg_small, capsys):
     few = write_samples(tmp_path / "few", 3)
     assert main(args + [str(few), "--crops", "2"]) == 2
     assert "k = 3 needs more than 3 images in each set (3 samples, 4 real images)" in capsys.readouterr().err
-    assert main(args + [str(few), "--crops", "2", "--kid-subset-size", "4", "--k", "2"]) == 2
+    assert main(args + [str(few), "--crops", "2", "--kid-subset-size", "4", "--neighbours", "2"]) == 2
     assert "--kid-subset-size 3" in capsys.readouterr().err
     Image.new("RGB", (20, 20)).save(few / "sample_009.png")
     assert main(args + [str(few)]) == 2

@@ -12,7 +12,8 @@ import labeldiff.pretrain.run as pretrain_run
 from labeldiff.checkpoint import load_checkpoint, load_weights
 from labeldiff.config import CorruptionConfig, TrainConfig
 from labeldiff.corruption import build_corruption
-from labeldiff.data.datasets import StepBatches, unlabeled_samples
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import unlabeled_samples
 from labeldiff.models.unet import build_unet
 from labeldiff.pretrain.loop import EMA, NonFiniteLossError, lr_factor, train
 from labeldiff.runtime import resolve_precision

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import (Case, Intensity, NnUNetRaw, VolumeCache, fit_ct_percentile, is_dicom_series,
-                                   read_volume)
+from labeldiff.data.nnunet import Case, Intensity, NnUNetRaw, fit_ct_percentile
+from labeldiff.data.slices import VolumeCache
+from labeldiff.data.volume_io import is_dicom_series, read_volume
 
 from conftest import DATASETS
 
@@ -282,7 +283,8 @@ def test_cache_bound_evicts_the_least_recently_used(tmp_path):
 
 
 def test_canonical_frame_keeps_every_voxel_where_it_is():
-    from labeldiff.data.nnunet import Volume, canonical, from_canonical
+    from labeldiff.data.geometry import canonical, from_canonical
+    from labeldiff.data.volume_io import Volume
 
     x = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
     aff = np.zeros((4, 4))
@@ -302,7 +304,7 @@ def test_canonical_frame_keeps_every_voxel_where_it_is():
 
 def test_dicom_and_its_nifti_export_give_the_same_canonical_slices(tmp_path):
     """A series stored LPS and the same scan saved as NIfTI in another voxel order slice identically."""
-    from labeldiff.data.nnunet import canonical
+    from labeldiff.data.geometry import canonical
 
     hu = np.random.default_rng(2).integers(-1000, 1500, (5, 6, 7)).astype(np.float32)
     write_dicom_series(tmp_path / "series", hu)

@@ -178,7 +178,7 @@ def test_hybrid_mask_channels_segment_a_learnable_case_at_t0(binary_dataset, tmp
                        prediction="sample", mask_weight=1.0)
     seg, cfg = open_segmenter(run)
     assert isinstance(seg, DirectSegmenter) and seg.first == 3 and cfg.num_classes == 2
-    from labeldiff.data.datasets import LabeledFolder
+    from labeldiff.data.folders import LabeledFolder
     from labeldiff.data.io import read_image, read_mask
     ds = LabeledFolder(binary_dataset)
     dices = []

@@ -13,7 +13,8 @@ from conftest import tiny_model, tiny_run, write_labeled_dataset
 from labeldiff.bench.probe_memory import LazyImages, bench_probe_memory, bench_probe_memory_cli
 from labeldiff.config import CorruptionConfig, DataConfig
 from labeldiff.corruption.gaussian import make_scheduler
-from labeldiff.data.datasets import LabeledFolder, ScaledImages
+from labeldiff.data.datasets import ScaledImages
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.evaluate.metrics import confusion_stats, iou_from_stats
 from labeldiff.models.unet import build_unet
 from labeldiff.models.probe import (FeatureExtractor, FeatureSpec, PixelEnsemble, default_blocks, default_spec,

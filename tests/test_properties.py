@@ -146,7 +146,7 @@ def test_fine_tuning_on_any_mask(mask, base, recipe, capsys):
         data = Path(tmp) / "data"
         shutil.copytree(base, data)
         write_mask(*mask, data / "masks" / "img_01.png")
-        holds(["finetune", "--data", data, "--out", Path(tmp) / "run", "--from-scratch", "--labels", "3",
+        holds(["finetune", "--data", data, "--out", Path(tmp) / "run", "--strategy", "scratch", "--labels", "3",
                "--recipe", recipe, *T], Path(tmp) / "run", capsys, ["img_01"])
 
 

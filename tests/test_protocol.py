@@ -9,7 +9,8 @@ import torch
 from labeldiff.checkpoint import load_weights
 from labeldiff.config import CorruptionConfig, RunConfig
 from labeldiff.data.augment import LEVELS, Augment
-from labeldiff.data.datasets import LabeledFolder, StepBatches
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.runs import RunFolder
 from labeldiff.transfer.finetune import LP_DIR, plateau_stop, run_finetune
@@ -63,7 +64,7 @@ def test_none_is_the_centre_crop_and_levels_are_checked():
     mask = _blobs()
     x, m = Augment("none", 64)(_drawn(mask), mask, 3)
     assert torch.equal(m, mask[16:80, 16:80]) and torch.equal(x, _drawn(mask)[:, 16:80, 16:80])
-    with pytest.raises(ValueError, match="augment 'heavy' is unknown; choose one of none, light, strong"):
+    with pytest.raises(ValueError, match="--augment 'heavy' is not one of none, light, strong"):
         Augment("heavy", 64)
     assert LEVELS == ("none", "light", "strong")
 

@@ -45,7 +45,7 @@ def data(tmp_path_factory) -> Path:
 def run(data, recipe, tmp_path_factory) -> Path:
     """A tiny scratch fine-tuning (K = 3) on the train split (4 images), for evaluate and predict."""
     out = tmp_path_factory.mktemp("run") / "ft"
-    assert main(["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--labels", "4",
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--strategy", "scratch", "--labels", "4",
                  "--recipe", str(recipe), *T]) == 0
     return out
 
@@ -79,7 +79,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(data, recipe, tmp_pa
     victim = tmp_path / "victim"
     shutil.copytree(data, victim)
     before = snapshot(victim)
-    refused(["finetune", "--data", victim, "--out", victim, "--from-scratch", "--labels", "2", "--recipe", recipe,
+    refused(["finetune", "--data", victim, "--out", victim, "--strategy", "scratch", "--labels", "2", "--recipe", recipe,
              *T, "--overwrite"], capsys, victim, "not a labeldiff run")
     assert snapshot(victim) == before
     other = tmp_path / "notes"  # any folder of the user's, named as --out by mistake
@@ -159,7 +159,7 @@ def test_split_refuses_to_replace_and_evaluate_refuses_a_changed_split(data, rec
     ds = tmp_path / "ds"
     shutil.copytree(data, ds)
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(ds), "--out", str(out), "--from-scratch", "--labels", "4", "--recipe",
+    assert main(["finetune", "--data", str(ds), "--out", str(out), "--strategy", "scratch", "--labels", "4", "--recipe",
                  str(recipe), *T]) == 0
     rec = json.loads((out / "trained_on.json").read_text())
     assert rec["split_sha256"] == hashlib.sha256((ds / "split.json").read_bytes()).hexdigest()
@@ -237,7 +237,8 @@ def test_non_finite_weights_are_never_saved_as_the_result(tmp_path):
     import torch
 
     from labeldiff.config import RunConfig, TrainConfig
-    from labeldiff.data.datasets import Sample, StepBatches
+    from labeldiff.data.datasets import StepBatches
+    from labeldiff.data.folders import Sample
     from labeldiff.errors import NonFiniteError
     from labeldiff.pretrain.loop import train
 
@@ -267,7 +268,7 @@ def test_a_size_no_machine_can_train_is_refused_before_the_run_folder(data, reci
 
 def test_resume_refuses_other_settings_and_a_finished_run(data, recipe, tmp_path, capsys):
     out = tmp_path / "ft"
-    base = ["finetune", "--data", str(data), "--out", str(out), "--from-scratch", "--recipe", str(recipe), *T]
+    base = ["finetune", "--data", str(data), "--out", str(out), "--strategy", "scratch", "--recipe", str(recipe), *T]
     assert main([*base, "--labels", "3"]) == 0
     before = snapshot(out)
     line = refused([*base, "--labels", "2", "--seed", "5", "--resume", "--steps", "4"], capsys, "transfer.labels",
@@ -336,7 +337,7 @@ def test_more_than_256_classes_are_saved_as_16_bit_masks(data, recipe, tmp_path)
         mask = np.asarray(Image.open(m)).astype(np.uint16)
         Image.fromarray(np.where(mask == 2, 280, mask).astype(np.uint16)).save(m)  # a class above 255
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(ds), "--out", str(out), "--from-scratch", "--labels", "2", "--recipe",
+    assert main(["finetune", "--data", str(ds), "--out", str(out), "--strategy", "scratch", "--labels", "2", "--recipe",
                  str(recipe), *T]) == 0
     w = load_weights(out / "model.safetensors")
     bias = [k for k in w if k.endswith("bias") and w[k].shape == (281,)]
@@ -434,10 +435,10 @@ def test_grey_alpha_and_signed_masks(data, recipe, tmp_path, capsys):
     m = np.asarray(Image.open(data / "masks" / "img_01.png"))
     Image.fromarray(np.dstack([m, np.full_like(m, 255)]), "LA").save(ds / "masks" / "img_01.png")  # opaque alpha
     out = tmp_path / "ok"
-    assert main(["finetune", "--data", str(ds), "--out", str(out), "--from-scratch", "--labels", "4", "--recipe",
+    assert main(["finetune", "--data", str(ds), "--out", str(out), "--strategy", "scratch", "--labels", "4", "--recipe",
                  str(recipe), *T]) == 0
     Image.fromarray(np.dstack([m, np.full_like(m, 128)]), "LA").save(ds / "masks" / "img_01.png")
-    refused(["finetune", "--data", ds, "--out", tmp_path / "a", "--from-scratch", "--labels", "4", "--recipe", recipe,
+    refused(["finetune", "--data", ds, "--out", tmp_path / "a", "--strategy", "scratch", "--labels", "4", "--recipe", recipe,
              *T], capsys, "img_01.png", "alpha")
     Image.fromarray(m).save(ds / "masks" / "img_01.png")
     signed = m.astype(np.int8)
@@ -446,7 +447,7 @@ def test_grey_alpha_and_signed_masks(data, recipe, tmp_path, capsys):
     import tifffile  # writes a true signed 8-bit TIFF (SampleFormat 2), which Pillow reads as unsigned
 
     tifffile.imwrite(ds / "masks" / "img_02.tif", signed)
-    refused(["finetune", "--data", ds, "--out", tmp_path / "b", "--from-scratch", "--labels", "4", "--recipe", recipe,
+    refused(["finetune", "--data", ds, "--out", tmp_path / "b", "--strategy", "scratch", "--labels", "4", "--recipe", recipe,
              *T], capsys, "img_02.tif", "negative")
 
 

@@ -8,10 +8,12 @@ import torch
 from conftest import tiny_run, write_labeled_dataset
 from labeldiff.cli import main
 from labeldiff.config import RunConfig
-from labeldiff.data.datasets import dataset_root, pretraining_exclusions
+from labeldiff.data.folders import dataset_root
+from labeldiff.data.splits import pretraining_exclusions
 from labeldiff.models.probe import ProbeSegmenter
 from labeldiff.models.unet import DirectSegmenter, SegmentationNet
 from labeldiff.pretrain.run import run_pretrain
+from labeldiff.resolve import Layer, nondefault, resolve
 from labeldiff.runs import RunFolder
 from labeldiff.transfer.run import run_transfer
 
@@ -27,12 +29,15 @@ def pretrained(tmp_path_factory):
     return data, tmp / "pre"
 
 
-def _transfer(data, pre, out, strategy="full", explicit=(), **data_fields):
+def _transfer(data, pre, out, strategy="full", **given):
+    """A transfer from ``pre``; ``given`` (``scale=1.0``): data settings given on purpose, as one layer over the
+    pretrained run (see labeldiff.resolve), so a value equal to the default is given too."""
     cfg = tiny_run(data, kind="segmentation", steps=2)
     cfg.transfer.pretrained, cfg.transfer.strategy, cfg.transfer.labels, cfg.transfer.members = str(pre), strategy, 2, 1
-    for k, v in data_fields.items():
-        setattr(cfg.data, k, v)
-    run_transfer(cfg, out, explicit=explicit)
+    if strategy != "probe":
+        cfg.transfer.members = 10
+    layers = [Layer("the given config", nondefault(cfg)), Layer("test", {f"data.{k}": v for k, v in given.items()})]
+    run_transfer(resolve("segmentation", layers, RunFolder.open(pre).config, str(pre)), out)
     return RunFolder.open(out)
 
 
@@ -76,12 +81,12 @@ def test_transfer_inherits_the_geometry_unless_given(pretrained, tmp_path, capsy
     assert quiet.config.data.scale == 0.5 and quiet.config.inherited["changed"] == {}
     assert quiet.config.inherited["from"] == str(pre)
     capsys.readouterr()
-    loud = _transfer(data, pre, tmp_path / "b", explicit={"data.scale"}, scale=1.0)
+    loud = _transfer(data, pre, tmp_path / "b", scale=1.0)
     assert loud.config.data.scale == 1.0
     assert loud.config.inherited["changed"] == {"data.scale": {"pretrained": 0.5, "used": 1.0}}
-    assert "data.scale: the pretrained run used 0.5; this run uses 1.0" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--channels 1"):
-        _transfer(data, pre, tmp_path / "c", explicit={"data.channels"}, channels=1)
+    assert "data.scale: the pretrained run used 0.5, this run uses 1.0, as given" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--channels"):
+        _transfer(data, pre, tmp_path / "c", channels=1)
 
 
 def test_cli_finetune_takes_scale_from_the_pretrained_run(tmp_path, capsys):

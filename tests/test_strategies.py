@@ -45,7 +45,7 @@ def _init(data, pretrained, strategy, size=16) -> dict:
     cfg.transfer.head_hidden = 8
     job = prepare_transfer(cfg)
     torch.manual_seed(cfg.train.seed)
-    model, _ = build_segmenter(cfg, job.num_classes, job.pre)
+    model, _ = build_segmenter(job.cfg, job.num_classes, job.pre)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -14,13 +14,19 @@ import yaml
 import labeldiff.recipes
 import labeldiff.study.runner as runner
 from labeldiff import examples
-from labeldiff.data.datasets import LabeledFolder, select_subset
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
-from labeldiff.study import report
+from labeldiff.data.splits import select_subset
+from labeldiff.study import execute, report
 from labeldiff.study.configs import pretrain_key
+from labeldiff.study.plan import plan_pretraining
+from labeldiff.study.plots import plot_paired
 from labeldiff.study.select import (diverse_subset, k_center_greedy, pixel_features, random_subset, typical_picks,
                                     typical_subset, typicality, unet_features)
 from labeldiff.study.spec import StudyError, load_study, parse_study
+from labeldiff.study.stats import (axis_differences, length_differences, paired_ci, paired_differences, pairs_for_power,
+                                   study_differences, summarize, t_quantile)
+from labeldiff.study.verdict import verdict_markdown
 
 from conftest import DATASETS, write_labeled_dataset
 
@@ -65,7 +71,7 @@ def write_study(folder: Path, study: dict, name: str = "study.yaml") -> Path:
 
 
 class Calls:
-    """Wraps runner.run_transfer / run_pretrain and records the calls (optionally interrupting)."""
+    """Wraps execute.run_transfer / run_pretrain and records the calls (optionally interrupting)."""
 
     def __init__(self, monkeypatch, interrupt_after: int | None = None):
         self.finetune: list[str] = []
@@ -85,8 +91,8 @@ class Calls:
             self.pretrain.append((Path(out).name, resume))
             return real_pre(cfg, out, resume=resume, overwrite=overwrite)
 
-        monkeypatch.setattr(runner, "run_transfer", finetune)
-        monkeypatch.setattr(runner, "run_pretrain", pretrain)
+        monkeypatch.setattr(execute, "run_transfer", finetune)
+        monkeypatch.setattr(execute, "run_pretrain", pretrain)
 
 
 # --- subset selection -----------------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
     picks = {}
     for seed in range(10):
         out = tmp_path / f"picks{seed}.txt"
-        assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+        assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2",
                      "--rule", "diverse", "--seed", str(seed), "--out", str(out)]) == 0
         lines = [line.split("\t") for line in out.read_text().splitlines()]
         assert len(lines) == 2 and all(Path(f).is_file() and Path(f).stem == stem for stem, f in lines)
@@ -191,26 +197,26 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
     # the default rule, typical: one typical image from each of 2 k-means clusters (copies share a cluster)
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2",
                  "--out", str(tmp_path / "typical.txt")]) == 0
     typical = [line.split("\t")[0] for line in (tmp_path / "typical.txt").read_text().splitlines()]
     assert len(typical) == 2 and typical[0].split("_")[0] != typical[1].split("_")[0], typical
     assert "(typical on the decoder features of" in capsys.readouterr().out
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "2", "--seed",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2", "--seed",
                  "3", "--rule", "diverse", "--out", str(tmp_path / "again.txt")]) == 0
     assert sorted(line.split("\t")[0] for line in (tmp_path / "again.txt").read_text().splitlines()) == picks[3]
     capsys.readouterr()
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(folder), "--k", "9"]) == 2
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "9"]) == 2
     assert "has 8 images; choose k from 1 to 8" in capsys.readouterr().err
-    assert main(["select", "--pretrained", str(folder), "--images", str(folder), "--k", "2"]) == 2
+    assert main(["select", "--pretrained", str(folder), "--data", str(folder), "--labels", "2"]) == 2
     assert "no config.json there" in capsys.readouterr().err
     # a dataset root: its test split (img_04, img_05) is scored later, so it is never a pick
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "4",
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(files / "data"), "--labels", "4",
                  "--out", str(tmp_path / "root.txt")]) == 0
     picked = sorted(line.split("\t")[0] for line in (tmp_path / "root.txt").read_text().splitlines())
     assert picked == ["img_00", "img_01", "img_02", "img_03"]
     assert "candidates: 4 images; the 2 images of split 'test' are left out" in capsys.readouterr().out
-    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--images", str(files / "data"), "--k", "5"]) == 2
+    assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(files / "data"), "--labels", "5"]) == 2
     assert "has 4 images; choose k from 1 to 4" in capsys.readouterr().err
 
 
@@ -306,7 +312,7 @@ def test_results_table_mean_std_n_and_bold_best():
     # ddpm: mean 0.7, sample std 0.1 over 3 seeds, best at k = 1; at k = 3 only one seed and scratch is best
     assert lines[2] == "| ddpm | full | **0.700 ± 0.100 (3)** | 0.900 (1) |"
     assert lines[3] == "| none | scratch | 0.500 ± 0.000 (3) | **0.950 (1)** |"
-    stats = report.summarize(HAND_ROWS)
+    stats = summarize(HAND_ROWS)
     mean, std, n = stats[("ddpm", "full", "default", "random")][1]
     assert (round(mean, 9), round(std, 9), n) == (0.7, 0.1, 3)
     md = report.per_class_markdown(HAND_ROWS)
@@ -322,7 +328,7 @@ def test_results_table_select_axis_and_missing_entries():
 
 
 def test_paired_ci_against_hand_calculation():
-    pairs = report.paired_differences(HAND_ROWS)
+    pairs = paired_differences(HAND_ROWS)
     by_k = {p["k"]: p for p in pairs}
     # k = 1: differences 0.1, 0.2, 0.3 → mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 → half width 0.248414
     half = 4.302652729911275 * 0.1 / math.sqrt(3)
@@ -336,7 +342,7 @@ def test_paired_ci_against_hand_calculation():
     # a different subset (diverse picks per network) is not a pair; another architecture has no baseline
     rows = HAND_ROWS + [_row("ddpm", "full", 3, 0, 0.9, stems="other", select="random", arch="B")]
     rows[6] = dict(rows[6], stems="zzz")
-    p3 = {p["k"]: p for p in report.paired_differences(rows)}[3]
+    p3 = {p["k"]: p for p in paired_differences(rows)}[3]
     assert (p3["n"], p3["unpaired"]) == (0, 1)
 
 
@@ -348,7 +354,7 @@ def test_two_studies_pair_cell_by_cell_by_hand():
     b = scratch + [dict(_row("ddpm", "full", 4, s, d, stems=f"x{s}"), cell=f"b{s}")
                    for s, d in enumerate([0.6, 0.6, 0.7, 0.9])]
     b[4] = dict(b[4], stems="other")  # seed 1 labeled other images in B
-    by = {p["strategy"]: p for p in report.study_differences(a, b)}
+    by = {p["strategy"]: p for p in study_differences(a, b)}
     # seeds 0 and 2: 0.7 − 0.6, 0.9 − 0.7 → mean 0.15, sd 0.0707107, t(0.975, 1) = 12.706205
     half = 12.706204736174707 * math.sqrt(0.005) / math.sqrt(2)
     full = by["full"]
@@ -369,7 +375,7 @@ def test_two_studies_pair_cell_by_cell_by_hand():
     # a cell with no finite score pairs with nothing (the means are over the scored pairs); a cell of the same key
     # scored differently (rerun, not copied) is a real pair; a row can mix shared and unshared pairs
     a2 = [dict(a[3], dice="nan"), a[4], dict(a[0], dice=0.55), *a[1:3]]
-    by2 = {p["strategy"]: p for p in report.study_differences(a2, b)}
+    by2 = {p["strategy"]: p for p in study_differences(a2, b)}
     assert (by2["full"]["n"], by2["full"]["unscored"], by2["full"]["unpaired"]) == (0, 1, 1)
     assert math.isnan(by2["full"]["a"]) and (by2["scratch"]["n"], by2["scratch"]["shared"]) == (3, 2)
     md2 = report.compare_markdown(a2, b, ("a", "b"))
@@ -392,16 +398,16 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     rows = (rows_of("none", [0.01, 0.02, 0.03]) + rows_of("strong", [0.10, 0.12, 0.14], base=0.6)
             + rows_of("strong", [0.10, 0.13, 0.16], base=0.6, select="diverse", shift=0.05)
             + rows_of("strong", [0.10, 0.12, 0.14], base=0.6, select="typical", shift=-0.02))
-    pairs = {(p["protocol"], p["select"]): p for p in report.paired_differences(rows)}
+    pairs = {(p["protocol"], p["select"]): p for p in paired_differences(rows)}
     assert math.isclose(pairs[("none", "random")]["mean"], 0.02)
     assert math.isclose(pairs[("strong", "random")]["mean"], 0.12)
     assert pairs[("strong", "random")]["low"] > 0 and pairs[("none", "random")]["n"] == 3
-    sel = {(p["strategy"], p["protocol"]): p for p in report.axis_differences(rows, "select", "random")
+    sel = {(p["strategy"], p["protocol"]): p for p in axis_differences(rows, "select", "random")
            if p["select"] == "diverse"}
     # diverse − random for ddpm/full/strong: (0.75−0.70, 0.78−0.72, 0.81−0.74) → mean 0.06
     assert math.isclose(sel[("full", "strong")]["mean"], 0.06) and sel[("full", "strong")]["n"] == 3
     assert math.isclose(sel[("scratch", "strong")]["mean"], 0.05)
-    verdict = report.verdict_markdown(rows, "hand")
+    verdict = verdict_markdown(rows, "hand")
     line = next(l for l in verdict.splitlines() if l.startswith("| 2 |"))
     cols = [c.strip() for c in line.strip("|").split("|")]
     assert cols[1] == "ddpm / full / strong" and cols[2] == "0.720" and cols[3] == "0.600"
@@ -414,7 +420,7 @@ def test_protocols_pair_within_their_own_protocol_and_verdict_by_hand():
     assert table.splitlines()[0] == "| method | strategy | protocol | select | k = 2 |"
     # a study of diverse cells only names its selection in the verdict
     only = [r for r in rows if r["select"] == "diverse"]  # (typical's best is lower)
-    line = next(l for l in report.verdict_markdown(only, "hand").splitlines() if l.startswith("| 2 |"))
+    line = next(l for l in verdict_markdown(only, "hand").splitlines() if l.startswith("| 2 |"))
     cols = [c.strip() for c in line.strip("|").split("|")]
     assert cols[1] == "ddpm / full / strong / diverse" and cols[2] == "0.780" and cols[4] == "+0.130"
 
@@ -430,7 +436,7 @@ def test_length_differences_pair_each_length_with_the_shortest_of_its_run():
                  _row("none", "scratch", 4, seed, 0.55, stems=f"s{seed}")]
     rows.append(_row("ddpm@10000", "full", 4, 3, 0.9, stems="other"))
     rows.append(_row("ddpm@2000", "full", 4, 3, 0.1, stems="s3"))
-    (d,) = report.length_differences(rows)
+    (d,) = length_differences(rows)
     # differences 0.10, 0.04, 0.10 (seed 3 trained on another subset): mean 0.08, sd 0.034641, t(0.975, 2) = 4.302653
     half = 4.302652729911275 * 0.034641016 / math.sqrt(3)
     assert (d["method"], d["base"], d["strategy"], d["k"], d["n"]) == ("ddpm@10000", "ddpm@2000", "full", 4, 3)
@@ -445,23 +451,44 @@ def test_pairs_for_power_matches_the_paired_t_test():
     """Seeds for 80 % power, two-sided 5 %: the exact power of the paired t-test (noncentral t, checked
     with scipy.stats.nct) first reaches 0.8 at 10 pairs for effect = sd (0.748 at 9) and at 34 for
     effect = sd / 2 (0.795 at 33); the t approximation gives the same counts."""
-    assert report.pairs_for_power(0.04, 0.04) == 10
-    assert report.pairs_for_power(0.10, 0.05) == 34
-    assert report.pairs_for_power(0.0, 0.05) == 2 and report.pairs_for_power(1.0, 0.01) is None
+    assert pairs_for_power(0.04, 0.04) == 10
+    assert pairs_for_power(0.10, 0.05) == 34
+    assert pairs_for_power(0.0, 0.05) == 2 and pairs_for_power(1.0, 0.01) is None
     # the smallest such n: one pair fewer is not enough
     for sd, effect in [(0.04, 0.04), (0.10, 0.05), (0.03, 0.05), (0.2, 0.05)]:
-        n = report.pairs_for_power(sd, effect)
-        gap = [(report.t_quantile(0.95, m - 1) + report.t_quantile(0.6, m - 1)) * sd / math.sqrt(m) - effect
+        n = pairs_for_power(sd, effect)
+        gap = [(t_quantile(0.95, m - 1) + t_quantile(0.6, m - 1)) * sd / math.sqrt(m) - effect
                for m in (n - 1, n)]
         assert gap[0] > 0 >= gap[1] or n == 2
     # paired_ci reports the sample std of the finite differences
     d = [0.04, -0.02, 0.04, -0.02, math.nan]
-    assert math.isclose(report.paired_ci(d)[4], float(np.std([0.04, -0.02, 0.04, -0.02], ddof=1)))
+    assert math.isclose(paired_ci(d)[4], float(np.std([0.04, -0.02, 0.04, -0.02], ddof=1)))
 
 
 def test_t_quantile_matches_tables():
     for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423), (100, 1.9840)]:
-        assert abs(report.t_quantile(0.95, df) - t) < 1e-4
+        assert abs(t_quantile(0.95, df) - t) < 1e-4
+
+
+def test_a_known_interval_is_scipys():
+    """The CI of a paired difference is scipy's t interval. brain_none's primary comparison at k = 2 (DDPM@2000
+    full − scratch, seeds 640–649, its results.csv's Dice) is reported as +0.055 [+0.002, +0.108]; the same
+    interval comes from ``scipy.stats.t.interval``, at 95 % and at a second look's Bonferroni level."""
+    from scipy import stats as sps
+
+    ddpm = [0.782424, 0.815341, 0.841501, 0.801743, 0.837481, 0.824665, 0.815236, 0.803, 0.793242, 0.818691]
+    scratch = [0.543288, 0.80538, 0.816054, 0.763917, 0.820875, 0.749395, 0.776021, 0.838897, 0.701711, 0.766903]
+    rows = [{"method": m, "strategy": st, "arch": "unet", "k": 2, "seed": 640 + i, "stems": f"s{i}", "dice": v}
+            for m, st, values in (("ddpm@2000", "full", ddpm), ("none", "scratch", scratch))
+            for i, v in enumerate(values)]
+    (pair,) = paired_differences(rows)
+    assert (f"{pair['mean']:+.3f}", f"{pair['low']:+.3f}", f"{pair['high']:+.3f}") == ("+0.055", "+0.002", "+0.108")
+    d = np.array(ddpm) - np.array(scratch)
+    for level in (0.95, 0.975):
+        mean, low, high, n, sd = paired_ci(list(d), level)
+        want = sps.t.interval(level, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(len(d)))
+        assert n == 10 and math.isclose(sd, d.std(ddof=1)) and math.isclose(mean, d.mean())
+        assert np.allclose((low, high), want, rtol=0, atol=1e-12)
 
 
 def test_csv_round_trip(tmp_path):
@@ -505,7 +532,7 @@ BAD = [
      r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
     (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
     (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
-     r"augment 'heavy' is unknown; choose one of none, light, strong"),
+     r"--augment 'heavy' is not one of none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
@@ -637,9 +664,9 @@ def test_verdict_of_a_second_look_judges_the_goal_on_the_split_alpha():
         return [c.strip() for c in line.strip("|").split("|")]
 
     rows = rows_of([0.06, 0.08, 0.10, 0.05, 0.07, 0.09])
-    one = report.verdict_markdown(rows, "one look")
+    one = verdict_markdown(rows, "one look")
     assert "look 2 of 2" not in one and len(cols(one)) == 11
-    two = report.verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
+    two = verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
     c = cols(two)
     assert len(c) == 12 and c[5] == "[+0.055, +0.095]" and c[7] == "[+0.051, +0.099] (yes (+))" and c[8] == "met"
     assert "97.5 % CI (2 looks)" in two and "look 2 of 2" in two
@@ -647,7 +674,7 @@ def test_verdict_of_a_second_look_judges_the_goal_on_the_split_alpha():
     assert [l.split("|")[5].strip() for l in alone] == ["+0.080", "+0.070"]
 
     edge = rows_of([0.0204 + g - 0.075 for g in (0.06, 0.08, 0.10, 0.05, 0.07, 0.09)])
-    c1, c2 = cols(report.verdict_markdown(edge, "e")), cols(report.verdict_markdown(edge, "e", goal=0.02,
+    c1, c2 = cols(verdict_markdown(edge, "e")), cols(verdict_markdown(edge, "e", goal=0.02,
                                                                                      looks=[[0, 1, 2], [3, 4, 5]]))
     assert c1[6] == "yes (+)" and c2[6] == "yes (+)" and c2[7].endswith("(no)") and c2[8].startswith("not met")
 
@@ -666,8 +693,8 @@ def test_verdict_of_a_second_look_gives_selection_its_split_alpha_too():
         line = next(l for l in verdict.splitlines() if l.startswith("| 2 |"))
         return [c.strip() for c in line.strip("|").split("|")][-3]
 
-    assert selection(report.verdict_markdown(rows, "one look")) == "typical: +0.075 [+0.055, +0.095] (yes (+))"
-    two = report.verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
+    assert selection(verdict_markdown(rows, "one look")) == "typical: +0.075 [+0.055, +0.095] (yes (+))"
+    two = verdict_markdown(rows, "two looks", looks=[[0, 1, 2], [3, 4, 5]])
     assert selection(two) == "typical: +0.075 [+0.055, +0.095] (yes (+), 97.5 %: [+0.051, +0.099] (yes (+)))"
     assert "each selection − random is given with its 97.5 % CI as well" in two
     alone = [l for l in two.splitlines() if "typical − random" in l]
@@ -681,13 +708,13 @@ def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
         for k, g in ((1, g1), (4, g4)):
             rows += [_row("ddpm", "full", k, seed, 0.5 + g, stems=f"{k}-{seed}"),
                      _row("none", "scratch", k, seed, 0.5, stems=f"{k}-{seed}")]
-    drawn = report.plot_paired(rows, tmp_path / "paired.png", title="hand")
+    drawn = plot_paired(rows, tmp_path / "paired.png", title="hand")
     assert [(p["k"], p["n"]) for p in drawn] == [(1, 3), (4, 3)]
     assert np.allclose(drawn[0]["diffs"], [0.02, 0.04, 0.09]) and np.allclose(drawn[1]["diffs"], [-0.01, 0.01, 0.03])
     assert math.isclose(drawn[0]["mean"], 0.05) and drawn[0]["low"] < 0.05 < drawn[0]["high"]
     assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scratch_only = [r for r in rows if r["strategy"] == "scratch"]
-    assert report.plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+    assert plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
 
 
 def test_a_study_that_extends_another_reuses_its_cells(files, tmp_path, monkeypatch):
@@ -809,12 +836,12 @@ def test_data_prepared_inside_the_study_folder_shares_pretraining_across_folders
         out = tmp_path / name
         shutil.copytree(files / "data", out / "data" / "prepared")
         study.data.path = out / "data" / "prepared"
-        run = runner.plan_pretraining(study, tmp_path / "pre", out)[0]
+        run = plan_pretraining(study, tmp_path / "pre", out)[0]
         keys[name], keys[name + " by path"] = run.key, pretrain_key(run.cfg)
     assert keys["a"] == keys["b"]  # --pretrain-dir finds the run the other study trained
     assert keys["a by path"] != keys["b by path"]  # named by the absolute path, the two would differ
     study.data.path = files / "data"  # a dataset outside the study folder keeps its own name
-    assert runner.plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
+    assert plan_pretraining(study, tmp_path / "pre", tmp_path / "a")[0].key not in keys.values()
 
 
 def test_editing_a_method_reruns_only_its_pretraining_and_cells(files, tmp_path, monkeypatch):
@@ -862,7 +889,7 @@ def test_sweep_continues_shorter_runs_and_protocols_pair_every_cell(files, tmp_p
     assert run_cfg["transfer"]["augment"] == "strong" and run_cfg["transfer"]["strategy"] == "lp-ft"
     for select in ("random", "diverse", "typical"):  # one subset per (k, seed, select), shared by every cell
         assert len({r["stems"] for r in rows if r["select"] == select}) == 1
-    pairs = report.paired_differences(rows)
+    pairs = paired_differences(rows)
     assert len(pairs) == 2 * 2 * 3 and all(p["n"] == 1 and p["unpaired"] == 0 for p in pairs)
     verdict = (out / "verdict.md").read_text()
     assert "| 2 | ddpm@" in verdict and "selection − random" in verdict
@@ -882,7 +909,7 @@ def test_finetune_at_trains_every_length_but_fine_tunes_only_the_listed_ones(fil
     assert [n.split("-")[0] for n, _ in calls.pretrain] == ["ddpm@2", "ddpm@3"]
     assert sorted(r["method"] for r in rows) == ["ddpm@3", "none"]
     plain = parse_study(base_study(methods=methods(), labels=[1]), files / "plain.yaml")
-    planned = runner.plan_pretraining(plain, out / "pretrain", out)
+    planned = plan_pretraining(plain, out / "pretrain", out)
     assert all(r.finished for r in planned)  # the same runs: nothing to train for the plain sweep
 
 
@@ -914,7 +941,7 @@ def test_source_rows_and_keep_head_protocol(files, tmp_path, monkeypatch):
     kept = json.loads((out / "cells" / by[("full", "keep", 0)]["cell"] / "run" / "labeled.json").read_text())
     plain = json.loads((out / "cells" / by[("full", "plain", 0)]["cell"] / "run" / "labeled.json").read_text())
     assert kept["load_report"]["new"] == [] and plain["load_report"]["new"]
-    pairs = {(p["strategy"], p["protocol"]): p for p in report.paired_differences(rows)}
+    pairs = {(p["strategy"], p["protocol"]): p for p in paired_differences(rows)}
     assert pairs[("source", "keep")]["n"] == 2  # the zero-label score pairs with scratch at every seed
 
 
@@ -1270,7 +1297,7 @@ def test_synthetic_protocol_samples_once_and_pairs_with_the_plain_protocol(files
     for r in rows:
         record = json.loads((out / "cells" / r["cell"] / "run" / "labeled.json").read_text())["synthetic"]
         assert (record is not None) == (r["protocol"] == "synth")
-    (diff,) = report.axis_differences(rows, "protocol", "plain", same_subset=True)
+    (diff,) = axis_differences(rows, "protocol", "plain", same_subset=True)
     assert diff["protocol"] == "synth" and diff["n"] == 2
     assert "| synth | none | scratch | random | 1 |" in (out / "paired.md").read_text()
 
@@ -1314,6 +1341,6 @@ def test_a_failed_worker_shows_the_end_of_its_log(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(RuntimeError) as err:
-        runner.run_workers(bad, out, tmp_path / "pre", workers=1)
+        execute.run_workers(bad, out, tmp_path / "pre", workers=1)
     log = (out / "workers" / "shard-0.log").read_text()
     assert log.strip() and log.strip().splitlines()[-1] in str(err.value)

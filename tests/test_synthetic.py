@@ -7,14 +7,15 @@ import torch
 from conftest import tiny_model, tiny_run
 from labeldiff.cli import main
 from labeldiff.config import CorruptionConfig, RunConfig
-from labeldiff.data.datasets import LabeledFolder, StepBatches
+from labeldiff.config import parse_synthetic
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
 from labeldiff.pretrain.run import run_pretrain
-from labeldiff.config import parse_synthetic
 from labeldiff.runs import RunFolder
 from labeldiff.sample import synthetic
 from labeldiff.sample.synthetic import ensure_synthetic
-from labeldiff.study.report import axis_differences
+from labeldiff.study.stats import axis_differences
 from labeldiff.transfer.run import run_transfer
 
 
@@ -107,7 +108,7 @@ def test_finetune_cli_samples_the_pairs_records_them_and_the_probe_refuses(binar
     run = _pretrain(binary_dataset, tmp_path)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")
-    assert main(["finetune", "--data", str(binary_dataset), "--out", str(tmp_path / "ft"), "--from-scratch",
+    assert main(["finetune", "--data", str(binary_dataset), "--out", str(tmp_path / "ft"), "--strategy", "scratch",
                  "--labels", "2", "--synthetic", f"{run}:8", "--head-hidden", "8", "--size", "16", "--steps", "2",
                  "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--channels", "3",
                  "--unet-channels", "8,16", "--attention", "0,0", "--recipe", str(recipe)]) == 0

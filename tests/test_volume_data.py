@@ -10,9 +10,11 @@ import pytest
 
 from labeldiff.cli import main
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import StepBatches, VolumeFolder, open_labeled, pretraining_exclusions, unlabeled_samples
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import VolumeFolder, open_labeled, unlabeled_samples
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import VolumeCache
+from labeldiff.data.slices import VolumeCache
+from labeldiff.data.splits import pretraining_exclusions
 
 from conftest import DATASETS
 
@@ -42,8 +44,8 @@ def make_volume_dataset(root: Path, shape=(20, 16, 10), k: int = 3) -> Path:
 @pytest.fixture
 def fresh_volumes(monkeypatch):
     cache = VolumeCache(max_mb=256)
-    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
-    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.folders.VOLUMES", cache)
     return cache
 
 
@@ -126,7 +128,7 @@ def test_label_unit_volumes_takes_every_labeled_slice_of_k_cases(tmp_path, fresh
     with pytest.raises(DataError, match=r"\(4 cases with labeled slices\); use --labels 4"):
         prepare_transfer(cfg)
     cfg.transfer.label_unit = "slice"
-    with pytest.raises(ValueError, match="--label-unit must be one of slices, volumes"):
+    with pytest.raises(ValueError, match="--label-unit 'slice' is not one of slices, volumes"):
         prepare_transfer(cfg)
 
 
@@ -145,7 +147,7 @@ def test_finetune_and_predict_on_the_real_ct_volume(tmp_path, fresh_volumes):
     """The CT paper's setting in miniature on the real abdominal CT: k = 2 labeled axial slices of the
     crop, HU windowed, then predict the whole crop back as a NIfTI on its grid and score it in 3D."""
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(CT), "--out", str(out), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(CT), "--out", str(out), "--strategy", "scratch", "--labels", "2",
                  "--channels", "1", "--size", "32", "--mode", "resize", "--steps", "3", "--batch-size", "2",
                  "--precision", "fp32", "--device", "cpu", "--unet-channels", "8,16", "--attention", "0,0",
                  "--head-channels", "8", "--head-hidden", "8", "--intensity", "ct-window",
@@ -188,8 +190,28 @@ def test_split_slabs_of_a_volume_dataset(tmp_path, fresh_volumes):
 
 def test_split_of_a_volume_dataset_needs_slabs(tmp_path, fresh_volumes, capsys):
     root = make_volume_dataset(tmp_path / "Dataset006")
-    with pytest.raises(SystemExit, match="--slab-train"):
-        main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")])
+    assert main(["split", "--data", str(root), "--out", str(tmp_path / "s.json")]) == 2
+    assert "--slab-train" in capsys.readouterr().err
+    groups = tmp_path / "groups.json"
+    groups.write_text("{}")
+    assert main(["split", "--data", str(root), "--slab-train", "0.5", "--groups", str(groups),
+                 "--out", str(tmp_path / "s.json")]) == 2  # a flag that cannot apply is refused, not ignored
+    assert "--groups" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
+
+
+def test_evaluate_decides_2d_or_volumes_and_refuses_the_options_of_the_other(tmp_path, fresh_volumes, labeled_dataset):
+    """One place decides how a run is scored: an nnU-Net raw folder as ``data`` in 3D, anything else image by
+    image. Options of the other kind are refused before the run is opened (no run needed here)."""
+    from labeldiff.errors import ConfigError
+    from labeldiff.evaluate.run import evaluate
+
+    root = make_volume_dataset(tmp_path / "Dataset009")
+    with pytest.raises(ConfigError, match="--corruptions"):
+        evaluate(tmp_path / "no-run", data=root, corruptions=["noise"], severities=[1])
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", data=labeled_dataset, slab=(2, 4))
+    with pytest.raises(ConfigError, match="--slab"):
+        evaluate(tmp_path / "no-run", slab=(2, 4))  # no data: the run's own, scored image by image
 
 
 @pytest.mark.skipif(not CT.is_dir(), reason="shared datasets absent")
@@ -214,7 +236,7 @@ def test_intensity_flags_are_checked_before_a_run_folder_exists(tmp_path, capsys
                            (["--intensity", "zscore", "--hu-window", "-160", "240"], "ct-window only"),
                            (["--intensity", "ct-window", "--hu-window", "240", "-160"], "lo < hi")):
         out = tmp_path / "ft"
-        assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
+        assert main(["finetune", "--data", str(root), "--out", str(out), "--strategy", "scratch", "--labels", "1",
                      "--channels", "1", *flags]) == 2
         assert message in capsys.readouterr().err and not out.exists()
 
@@ -230,7 +252,7 @@ def test_resampling_to_a_target_spacing_end_to_end(tmp_path, fresh_volumes):
     ds = VolumeFolder(root, spacing=[0.8, 0.8, 1.5])
     assert len(ds.case_slices["train"]) == 2 * 19 and ds.samples(["a_z0018"])[0].read_image(1).shape == (1, 20, 20)
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "2",
+    assert main(["finetune", "--data", str(root), "--out", str(out), "--strategy", "scratch", "--labels", "2",
                  "--channels", "1", "--size", "16", "--mode", "resize", "--steps", "2", "--batch-size", "2",
                  "--precision", "fp32", "--device", "cpu", "--unet-channels", "8,16", "--attention", "0,0",
                  "--head-channels", "8", "--head-hidden", "8", "--spacing", "0.8,0.8,1.5"]) == 0
@@ -247,7 +269,7 @@ def test_resampling_to_a_target_spacing_end_to_end(tmp_path, fresh_volumes):
 def test_spacing_is_checked_before_a_run_folder(tmp_path, capsys):
     root = make_volume_dataset(tmp_path / "Dataset010")
     out = tmp_path / "ft"
-    assert main(["finetune", "--data", str(root), "--out", str(out), "--from-scratch", "--labels", "1",
+    assert main(["finetune", "--data", str(root), "--out", str(out), "--strategy", "scratch", "--labels", "1",
                  "--spacing", "1,0,2"]) == 2 and not out.exists()
     assert "--spacing must be three positive sizes" in capsys.readouterr().err
 
@@ -263,10 +285,10 @@ def test_select_picks_slices_on_the_pretrained_runs_grid(tmp_path, fresh_volumes
                  "--unet-channels", "8,16", "--attention", "0,0", "--head-channels", "8",
                  "--spacing", "0.8,0.8,1.5"]) == 0
     capsys.readouterr()
-    assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "500"]) == 2
+    assert main(["select", "--pretrained", str(pre), "--data", str(root), "--labels", "500"]) == 2
     # 4 cases × 19 resampled slices, less the test case's 11 labeled ones (left out as pretraining leaves them)
     assert "has 65 slices; choose k from 1 to 65" in capsys.readouterr().err
     out = tmp_path / "picks.txt"
-    assert main(["select", "--pretrained", str(pre), "--images", str(root), "--k", "3", "--out", str(out)]) == 0
+    assert main(["select", "--pretrained", str(pre), "--data", str(root), "--labels", "3", "--out", str(out)]) == 0
     stems = [line.split("\t")[0] for line in out.read_text().splitlines()]
     assert len(set(stems)) == 3 and all(s.split("_z")[0] in {"a", "b", "t", "u"} for s in stems)

@@ -135,7 +135,8 @@ def test_predict_volumes_round_trip_through_the_canonical_frame(tmp_path, axis):
     frame, and the label volume comes back in the input's own voxel order, affine and header."""
     import nibabel as nib
 
-    from labeldiff.data.nnunet import canonical, from_canonical, read_volume
+    from labeldiff.data.geometry import canonical, from_canonical
+    from labeldiff.data.volume_io import read_volume
     from labeldiff.evaluate.volume import predict_volume, write_label_nifti
 
     x = np.random.default_rng(axis).normal(0, 1, (9, 13, 7)).astype(np.float32)
@@ -155,7 +156,7 @@ def test_volume_prediction_round_trip_keeps_the_exact_geometry(tmp_path, axis):
     import nibabel as nib
 
     from labeldiff.config import DataConfig
-    from labeldiff.data.nnunet import read_volume
+    from labeldiff.data.volume_io import read_volume
     from labeldiff.evaluate.volume import predict_volume, write_label_nifti
 
     rng = np.random.default_rng(axis)
@@ -177,7 +178,7 @@ def test_volume_prediction_round_trip_keeps_the_exact_geometry(tmp_path, axis):
 
 def test_volume_prediction_through_a_resize_stays_on_the_grid():
     from labeldiff.config import DataConfig
-    from labeldiff.data.nnunet import Volume
+    from labeldiff.data.volume_io import Volume
     from labeldiff.evaluate.volume import predict_volume
 
     zz, yy, xx = np.meshgrid(np.arange(40), np.arange(30), np.arange(6), indexing="ij")
@@ -191,7 +192,7 @@ def test_volume_prediction_through_a_resize_stays_on_the_grid():
 def test_predicting_only_a_slab_gives_its_slices_and_leaves_the_rest_empty():
     """only=(first, last): those slices exactly as a whole-volume prediction has them; every other slice 0."""
     from labeldiff.config import DataConfig
-    from labeldiff.data.nnunet import Volume
+    from labeldiff.data.volume_io import Volume
     from labeldiff.evaluate.volume import predict_volume
 
     rng = np.random.default_rng(0)
@@ -212,7 +213,7 @@ def test_slices_predicted_in_batches_get_their_own_labels():
 
     from conftest import tiny_model
     from labeldiff.config import DataConfig
-    from labeldiff.data.nnunet import Volume
+    from labeldiff.data.volume_io import Volume
     from labeldiff.evaluate.predict import predict_logits
     from labeldiff.evaluate.volume import predict_volume
     from labeldiff.models.unet import SegmentationNet
@@ -243,9 +244,9 @@ def test_prediction_sees_the_slices_training_saw(tmp_path):
     reads it (up to 8-bit quantisation): same rotation, padding and intensities."""
     import nibabel as nib
 
+    from labeldiff.data.geometry import to_display
     from labeldiff.data.io import read_image
     from labeldiff.data.nnunet import Intensity
-    from labeldiff.data.nnunet import to_display
     from labeldiff.data.volumes import volume_to_slices
 
     x = np.random.default_rng(0).normal(100, 40, (11, 8, 5)).astype(np.float32)
@@ -268,13 +269,14 @@ def test_predict_feeds_the_network_exactly_what_training_reads(tmp_path, monkeyp
     import torch
 
     from labeldiff.config import DataConfig
-    from labeldiff.data.datasets import VolumeFolder
-    from labeldiff.data.nnunet import Intensity, VolumeCache
+    from labeldiff.data.folders import VolumeFolder
+    from labeldiff.data.nnunet import Intensity
+    from labeldiff.data.slices import VolumeCache
     from labeldiff.evaluate.volume import predict_case
 
     cache = VolumeCache(max_mb=64)
-    monkeypatch.setattr("labeldiff.data.nnunet.VOLUMES", cache)
-    monkeypatch.setattr("labeldiff.data.datasets.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.slices.VOLUMES", cache)
+    monkeypatch.setattr("labeldiff.data.folders.VOLUMES", cache)
     root = tmp_path / "Dataset008"
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)
@@ -305,7 +307,8 @@ def test_resampling_keeps_every_voxel_centre_in_place_and_labels_come_back_exact
     """MONAI's Spacing to half the voxel size (oblique, anisotropic): the geometry labeldiff computes from
     the header alone is the one the resampler makes, an input voxel centre keeps its position in mm
     (voxel i → 2i), and labels resampled (nearest) and put back give exactly the input."""
-    from labeldiff.data.nnunet import Volume, resample, resample_labels_to, resampled_geometry
+    from labeldiff.data.geometry import resample, resample_labels_to, resampled_geometry
+    from labeldiff.data.volume_io import Volume
 
     rng = np.random.default_rng(5)
     lab = rng.integers(0, 4, (7, 5, 4)).astype(np.int16)
@@ -327,7 +330,7 @@ def test_resampling_keeps_every_voxel_centre_in_place_and_labels_come_back_exact
 def test_slab_on_grid_by_hand():
     """Slices 4..9 of a 1.5 mm grid span z ∈ [5.25, 14.25) mm from the first centre; the 3 mm slices
     whose centres (0, 3, 6, ...) lie there are 2..4."""
-    from labeldiff.data.nnunet import slab_on_grid
+    from labeldiff.data.geometry import slab_on_grid
 
     fine, coarse = np.diag([1.0, 1.0, 1.5, 1.0]), np.diag([1.0, 1.0, 3.0, 1.0])
     assert slab_on_grid(4, 9, 2, fine, coarse, 10) == (2, 4)
@@ -341,7 +344,8 @@ def test_prediction_on_a_resampled_grid_comes_back_on_the_input_grid(tmp_path):
     input's grid (a threshold net is exact: original centres are samples of the finer grid)."""
     import nibabel as nib
 
-    from labeldiff.data.nnunet import Intensity, from_canonical
+    from labeldiff.data.geometry import from_canonical
+    from labeldiff.data.nnunet import Intensity
     from labeldiff.evaluate.volume import predict_case
 
     x = np.random.default_rng(1).normal(0, 1, (9, 6, 5)).astype(np.float32)

@@ -13,7 +13,8 @@ DATA: a folder of grey 64² slices, e.g. the demo's `labeldiff-demo/data`.
 import sys, time, torch
 from labeldiff.config import CorruptionConfig, ModelConfig, DataConfig
 from labeldiff.corruption import build_corruption
-from labeldiff.data.datasets import StepBatches, unlabeled_samples
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import unlabeled_samples
 from labeldiff.models.unet import build_network
 from labeldiff.pretrain.loop import EMA
 from labeldiff.runtime import generator

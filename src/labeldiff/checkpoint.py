@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from labeldiff.errors import NonFiniteError, RunFolderError
-from labeldiff.fs import atomic_write_text  # noqa: F401  (re-exported)
+from labeldiff.fs import atomic_folder, atomic_write_text  # noqa: F401  (atomic_write_text re-exported)
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 RUN_MARKER = ".labeldiff-run"  # the first file of every run folder; locked (flock) while a process writes it
@@ -237,24 +237,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
                                  f"of it was written. Lower --lr, keep --grad-clip on, or use --precision fp32, then "
                                  f"--resume from the last checkpoint or --overwrite")
     final = run_dir / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    _write(clean_state_dict(model.state_dict()), tmp / "model.safetensors")
-    if ema is not None:
-        _write(clean_state_dict(ema), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    _write({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
-           tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
-    digests = file_digests(tmp)
-    (tmp / "digests.json").write_text(json.dumps(digests))
-    _fsync_folder(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        tmp.mkdir(parents=True)
+        _write(clean_state_dict(model.state_dict()), tmp / "model.safetensors")
+        if ema is not None:
+            _write(clean_state_dict(ema), tmp / "ema.safetensors")
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        _write({**{f"optim.{k}": v for k, v in opt_tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
+               tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
+        digests = file_digests(tmp)
+        (tmp / "digests.json").write_text(json.dumps(digests))
+        _fsync_folder(tmp)
     atomic_write_text(run_dir / "latest.json", json.dumps({"step": step, "dir": str(final.relative_to(run_dir)),
                                                            "files": digests}))
     for p in checkpoint_dirs(run_dir)[:-keep]:

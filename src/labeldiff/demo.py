@@ -58,7 +58,7 @@ def build_brain_dataset(out: Path) -> Path:
     import nibabel as nib
 
     from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.data.datasets import VolumeFolder, slab_split
+    from labeldiff.data.splits import write_split
 
     files = template_files()
     gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32) / 255.0
@@ -75,8 +75,7 @@ def build_brain_dataset(out: Path) -> Path:
         "name": "MNI ICBM152 2009c (nilearn, BSD-3)", "channel_names": {"0": "T1"},
         "labels": {name: i for i, name in enumerate(CLASS_NAMES)}, "numTraining": 1, "file_ending": ".nii.gz"},
         indent=2))
-    split = slab_split(VolumeFolder(out, axis=2), TRAIN_FRACTION, GAP)
-    atomic_write_text(out / "split.json", json.dumps(split, indent=1))
+    write_split(out, out / "split.json", slab_train=TRAIN_FRACTION, gap=GAP, axis=2, overwrite=True)
     return out
 
 
@@ -122,7 +121,7 @@ def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int |
 
 def _demo(out: Path, pretrain_steps: int, finetune_steps: int, seeds: int, labels: int, precision: str, size: int,
           t0: float) -> dict:
-    from labeldiff.data.datasets import VolumeFolder
+    from labeldiff.data.folders import VolumeFolder
     from labeldiff.evaluate.report import bar_chart
     from labeldiff.evaluate.run import run_evaluate
     from labeldiff.evaluate.volume import run_evaluate_volumes, run_predict_volumes

@@ -17,9 +17,7 @@ probe, or a hybrid / supervised pretraining run used as it is (its mask channels
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +29,6 @@ from labeldiff.data.io import DataError
 
 BACKBONE_FILE = "backbone.safetensors"  # a probe run's frozen UNet
 DIRECT_SEGMENTERS = ("hybrid", "supervised")  # pretraining runs that segment without fine-tuning
-# DataConfig fields a transfer shares with its pretraining (how images become network inputs)
-GEOMETRY = ("channels", "size", "mode", "scale", "axis", "intensity")
 KINDS = ("pretrain", "finetune", "probe")
 # a hybrid run's cache of sampled (image, mask) pairs: RUN/synthetic/ddim50/chunk_XXXX.safetensors,
 # SYNTHETIC_CHUNK pairs each, chunk c drawn with seed c (labeldiff.sample.synthetic writes them)
@@ -179,36 +175,6 @@ class RunFolder:
                                     f"them first, from Python call labeldiff.sample.synthetic.ensure_synthetic")
         parts = [load_weights(p) for p in chunks]
         return torch.cat([p["images"] for p in parts])[:n].float(), torch.cat([p["masks"] for p in parts])[:n].long()
-
-    # ---- what a transfer takes from it ---------------------------------------------------------
-
-    def inherit(self, cfg: RunConfig, explicit: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
-        """Give the transfer config ``cfg`` this pretraining run's network and data geometry.
-
-        The network (``cfg.model``) is always this run's. Each :data:`GEOMETRY` field of ``cfg.data``
-        is this run's too, unless ``explicit`` names it (``"data.scale"``: given on the command line,
-        in a recipe or a study) with another value: that value is used, printed next to the
-        pretrained one and recorded in ``cfg.inherited``. Channels cannot differ (the network reads
-        a fixed number). Returns the changed fields ``{"data.scale": {"pretrained": …, "used": …}}``.
-        """
-        self.require_pretrain()
-        pre = self.config
-        explicit = set(explicit)
-        cfg.model = replace(pre.model)
-        changed: dict[str, dict[str, Any]] = {}
-        for name in GEOMETRY:
-            key, old, new = f"data.{name}", getattr(pre.data, name), getattr(cfg.data, name)
-            if key in explicit and new != old:
-                if name == "channels":
-                    raise ValueError(f"--channels {new}: the network of {self.path} reads {old}-channel images; "
-                                     f"drop --channels (it is taken from the pretrained run)")
-                changed[key] = {"pretrained": old, "used": new}
-                print(f"{key}: the pretrained run used {old!r}; this run uses {new!r}, as given")
-            else:
-                setattr(cfg.data, name, old)
-        cfg.model.in_channels = cfg.data.channels
-        cfg.inherited = {"from": str(self.path), "changed": changed}
-        return changed
 
 
 def _finetuned(run: RunFolder) -> nn.Module:

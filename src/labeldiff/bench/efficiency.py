@@ -175,7 +175,7 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
     which ``predict`` runs one at a time), copied to ``device`` as ``predict`` copies them; each side is
     timed ``repeats`` times and the fastest kept. On a GPU the bare side waits for the device before its
     clock stops (``predict`` waits anyway: it writes the masks)."""
-    from labeldiff.data.datasets import list_images
+    from labeldiff.data.folders import list_images
     from labeldiff.data.io import read_image
     from labeldiff.evaluate.run import run_predict
     from labeldiff.runs import open_segmenter

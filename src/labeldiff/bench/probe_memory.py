@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labeldiff.data.datasets import Sample, ScaledImages
+from labeldiff.data.datasets import ScaledImages
+from labeldiff.data.folders import Sample
 from labeldiff.evaluate.metrics import confusion_stats, summarize
 from labeldiff.models.probe import FeatureExtractor, FeatureSpec
 from labeldiff.transfer.probe import fit_pixels, materialized_train_probe, predict_probe, train_probe
@@ -217,9 +218,11 @@ def bench_probe_memory_cli(pretrained_run: str, data: str, labels: int, seed: in
     Features: :func:`labeldiff.models.probe.default_spec` for the run's pretext method.
     """
     from labeldiff.config import DataConfig
-    from labeldiff.data.datasets import LabeledFolder, select_subset, validate_samples
-    from labeldiff.models.unet import size_multiple
+    from labeldiff.data.folders import LabeledFolder
+    from labeldiff.data.splits import select_subset
+    from labeldiff.data.validation import validate_samples
     from labeldiff.models.probe import make_extractor
+    from labeldiff.models.unet import size_multiple
     from labeldiff.runs import RunFolder
 
     run = RunFolder.open(pretrained_run, flag="--pretrained").require_pretrain()

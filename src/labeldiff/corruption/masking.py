@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from monai.losses import SSIMLoss
 
-from labeldiff.config import CorruptionConfig
+from labeldiff.config import LOSS_BY_METHOD, CorruptionConfig
 from labeldiff.corruption.base import Corrupted, Corruption
 from labeldiff.errors import ConfigError
 from labeldiff.runtime import autocast, rand, randint
@@ -24,7 +24,7 @@ SSIM_WINDOW = 11  # MONAI SSIMLoss's Gaussian window (Wang et al. 2004)
 # loss "auto" per method: MDM reconstructs the whole image with 1 − SSIM (§4.1 Eq. 4, Table 4);
 # MAE (He et al. 2022, §3 "Reconstruction target") computes the MSE on the masked patches only,
 # and MDM's Table 4 finds SSIM worse than MSE for MAE.
-DEFAULT_LOSS = {"mdm": "ssim", "mae": "masked-mse"}
+DEFAULT_LOSS = LOSS_BY_METHOD  # declared with corruption.loss in labeldiff.config
 
 
 def resolve_loss(method: str, loss: str) -> str:

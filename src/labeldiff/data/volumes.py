@@ -2,18 +2,19 @@
 
 ``volume_to_slices`` reads a volume and an optional label volume lazily, slice by slice along a
 chosen axis, normalises intensities as the CT paper does (clip to the 0.5 / 99.5 percentiles of
-the volume, scale to [0, 255]), and writes ``images/``, ``masks/`` and ``split.json`` so that
-every command of labeldiff reads the result like any other labeled dataset.
+the volume, scale to [0, 255]), and writes ``images/`` and ``masks/`` so that every command of
+labeldiff reads the result like any other labeled dataset (a split of its slices:
+:func:`labeldiff.data.splits.slab_splits` and :func:`~labeldiff.data.splits.save_split`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from labeldiff.data.geometry import to_display
 from labeldiff.data.io import DataError
-from labeldiff.data.nnunet import to_display, volume_percentiles
+from labeldiff.data.nnunet import volume_percentiles
 
 
 def _load(path: Path):
@@ -78,17 +79,3 @@ def volume_to_slices(volume: Path, out: Path, labels: Path | None = None, axis: 
     if not stems:
         raise DataError(f"{volume}: no slice along axis {axis} passed the foreground threshold {min_foreground}")
     return stems
-
-
-def write_split(out: Path, splits: dict[str, list[str]], note: str = "") -> None:
-    payload: dict = dict(splits)
-    if note:
-        payload["note"] = note
-    (Path(out) / "split.json").write_text(json.dumps(payload, indent=1))
-
-
-def slab_splits(stems: list[str], train_frac: float = 0.4, gap: int = 4) -> dict[str, list[str]]:
-    """Two disjoint contiguous slabs: the first ``train_frac`` of the slices for training, the
-    rest (after ``gap`` slices left out so neighbours do not leak) for testing."""
-    n_train = max(1, int(len(stems) * train_frac))
-    return {"train": stems[:n_train], "test": stems[n_train + gap:], "all": list(stems)}

@@ -1,4 +1,5 @@
-"""``labeldiff evaluate`` and ``labeldiff predict``."""
+"""``labeldiff evaluate`` and ``labeldiff predict``: each decides here whether its input is 2D images or
+volumes and scores or predicts accordingly (volumes: :mod:`labeldiff.evaluate.volume`)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,47 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
-from labeldiff.data.datasets import list_images, open_labeled, validate_samples
+from labeldiff.data.folders import list_images, open_labeled
 from labeldiff.data.guard import check_output_folder, refuse_existing
 from labeldiff.data.io import DataError, check_decodes, read_image
-from labeldiff.data.nnunet import dataset_class_names
+from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw
+from labeldiff.data.validation import validate_samples
+from labeldiff.errors import ConfigError
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_and_score, predict_logits
 from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
 from labeldiff.runs import open_segmenter
 from labeldiff.runtime import INFERENCE_PRECISION
+
+
+def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None = None, split: str | None = None, *,
+             split_file: str | None = None, corruptions: list[str] | None = None, severities: list[int] | None = None,
+             corruption_seed: int = 0, slab: tuple[int, int] | None = None, axis: int | None = None,
+             intensity: str | None = None, hu_window: tuple[float, float] | None = None, device: str = "auto",
+             precision: str = INFERENCE_PRECISION, tta: bool = False) -> dict:
+    """``labeldiff evaluate``: score the run ``model_dir`` on ``split`` of the labeled dataset ``data`` (the
+    one it trained on when not given) into ``out``; returns the metrics.
+
+    An nnU-Net raw volume dataset as ``data`` is scored per case and class in 3D
+    (:func:`~labeldiff.evaluate.volume.run_evaluate_volumes`; ``slab``, ``axis``, ``intensity`` and
+    ``hu_window`` apply; ``out`` defaults to ``MODEL/eval_volumes_SPLIT``, ``split`` to ``test``); anything
+    else image by image at the original mask resolution (:func:`run_evaluate`; ``split_file`` and the
+    ``corruptions`` apply; ``out`` defaults to ``MODEL/eval_SPLIT``). An option of the other kind is refused."""
+    if data is not None and is_nnunet_raw(Path(data)):
+        from labeldiff.evaluate.volume import run_evaluate_volumes
+
+        if corruptions:
+            raise ConfigError("--corruptions evaluates 2D image datasets only; volume datasets (nnU-Net raw) are not "
+                              "supported yet: evaluate the volumes without it")
+        split = split or "test"
+        return run_evaluate_volumes(model_dir, Path(data), out or Path(model_dir) / f"eval_volumes_{split}",
+                                    split=split, axis=axis, intensity=intensity, hu_window=hu_window, slab=slab,
+                                    device=device, precision=precision, tta=tta)
+    if slab is not None:
+        raise ConfigError("--slab applies to volume datasets (an nnU-Net raw folder as --data)")
+    return run_evaluate(model_dir, out or Path(model_dir) / f"eval_{split or 'test'}", data=data, split=split,
+                        device=device, split_file=split_file, tta=tta, precision=precision, corruptions=corruptions,
+                        severities=severities, corruption_seed=corruption_seed)
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
@@ -150,4 +183,4 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     return written
 
 
-__all__ = ["run_evaluate", "run_predict", "colorize"]
+__all__ = ["evaluate", "run_evaluate", "run_predict", "colorize"]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from labeldiff.config import DataConfig
-from labeldiff.data.datasets import (dataset_root, list_images, network_hw, open_labeled, resize_image, Sample)
+from labeldiff.data.datasets import network_hw, resize_image
+from labeldiff.data.folders import dataset_root, list_images, open_labeled, Sample
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, image_size, read_image
 from labeldiff.data.nnunet import is_nnunet_raw
 from labeldiff.evaluate import generative as gen

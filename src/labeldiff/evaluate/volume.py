@@ -76,12 +76,12 @@ SLICE_BATCH = 8  # slices per forward: one network call for several slices (the 
 def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "fp32", tta: bool = False,
                    desc: str | None = None, only: tuple[int, int] | None = None,
                    batch_size: int = SLICE_BATCH) -> np.ndarray:
-    """Label volume of the input's shape from normalised channel :class:`~labeldiff.data.nnunet.Volume`s.
+    """Label volume of the input's shape from normalised channel :class:`~labeldiff.data.volume_io.Volume`s.
 
     Each slice along ``axis`` becomes the network input training builds for it
-    (:func:`~labeldiff.data.nnunet.slice_image`: rotate, pad to a square), is predicted at that size by
+    (:func:`~labeldiff.data.slices.slice_image`: rotate, pad to a square), is predicted at that size by
     :func:`~labeldiff.evaluate.predict.predict_logits` (which resizes to the network and back), and is
-    mapped back with :func:`~labeldiff.data.nnunet.from_display`, so every rotation, pad and resize is
+    mapped back with :func:`~labeldiff.data.geometry.from_display`, so every rotation, pad and resize is
     undone and the result lies voxel for voxel on the input grid. ``only = (first, last)`` predicts just
     those slices (a scored slab); the others stay 0. ``batch_size`` slices go through the network at once
     (all slices of an axis have one size); each slice's labels are those it gets on its own.
@@ -89,7 +89,8 @@ def predict_volume(model, cfg, volumes: list, axis: int = 2, precision: str = "f
     import torch
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import from_display, slice_image
+    from labeldiff.data.geometry import from_display
+    from labeldiff.data.slices import slice_image
     from labeldiff.evaluate.predict import predict_logits
 
     shape = volumes[0].shape
@@ -122,7 +123,8 @@ def predict_case(model, cfg, paths: list, intensity, axis: int, precision: str =
     voxel order, the input's affine)``. Volumes and labels lie on the input's own canonical grid: a
     prediction made on a resampled grid is put back on it by nearest neighbour. ``only``: predict just
     those slices of the input's grid (see :func:`predict_volume`); ignored when the run resamples."""
-    from labeldiff.data.nnunet import Volume, canonical, read_volume, resample, resample_labels_to
+    from labeldiff.data.geometry import canonical, resample, resample_labels_to
+    from labeldiff.data.volume_io import Volume, read_volume
 
     affine = None
     canon = []
@@ -167,7 +169,8 @@ def volume_cases(inputs) -> list[tuple[str, list]]:
     files) or a folder of NIfTI files. [] when ``inputs`` holds no volume (2D images)."""
     from pathlib import Path
 
-    from labeldiff.data.nnunet import NnUNetRaw, is_dicom_series, is_nnunet_raw
+    from labeldiff.data.nnunet import NnUNetRaw, is_nnunet_raw
+    from labeldiff.data.volume_io import is_dicom_series
 
     inputs = Path(inputs)
     if inputs.is_file():
@@ -208,7 +211,8 @@ def overlay_strip(channel: np.ndarray, labels: np.ndarray, axis: int, path, n: i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from labeldiff.data.nnunet import Intensity, to_display
+    from labeldiff.data.geometry import to_display
+    from labeldiff.data.nnunet import Intensity
     from labeldiff.evaluate.report import class_legend, overlay
 
     idx = np.linspace(0, labels.shape[axis] - 1, min(n, labels.shape[axis])).round().astype(int)
@@ -277,9 +281,11 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
     from tqdm.auto import tqdm
 
     from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.data.geometry import canonical, canonical_geometry, resampled_geometry, slab_on_grid
     from labeldiff.data.io import DataError
-    from labeldiff.data.nnunet import (LABEL_DTYPE, NnUNetRaw, canonical, canonical_geometry, read_volume,
-                                       resampled_geometry, slab_on_grid)
+    from labeldiff.data.nnunet import NnUNetRaw
+    from labeldiff.data.slices import LABEL_DTYPE
+    from labeldiff.data.volume_io import read_volume
     from labeldiff.runs import open_segmenter
 
     raw = NnUNetRaw(data)
@@ -348,7 +354,7 @@ def run_evaluate_volumes(model_dir, data, out, split: str = "test", axis: int | 
 
 def split_slabs(ds, stems: list[str]) -> dict[str, tuple[int, int]]:
     """Case → (first, last) slice index of ``stems`` (slices of a
-    :class:`~labeldiff.data.datasets.VolumeFolder`, e.g. its test split): the slab each case is scored
+    :class:`~labeldiff.data.folders.VolumeFolder`, e.g. its test split): the slab each case is scored
     on in 3D. Every slice from first to last is scored, with or without labeled pixels."""
     out: dict[str, tuple[int, int]] = {}
     for stem in stems:
@@ -380,7 +386,8 @@ def run_predict_volumes(model_dir, inputs, out, axis: int | None = None, intensi
 
     from tqdm.auto import tqdm
 
-    from labeldiff.data.nnunet import dataset_class_names, from_canonical, is_nnunet_raw
+    from labeldiff.data.geometry import from_canonical
+    from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw
     from labeldiff.runs import open_segmenter
 
     from labeldiff.data.guard import check_output_folder, refuse_existing

@@ -7,16 +7,18 @@ import torch
 
 from labeldiff import distributed
 from labeldiff.checkpoint import prepare_run_dir, release_run_dir
-from labeldiff.config import RunConfig, check_ranges
+from labeldiff.config import RunConfig, replace
 from labeldiff.corruption import FROZEN_ENCODER, Corruption, build_corruption
-from labeldiff.corruption.masking import resolve_loss
 from labeldiff.data import provenance
-from labeldiff.data.datasets import (Sample, StepBatches, check_scaled_images, dataset_root, open_labeled,
-                                     pretraining_samples, validate_samples)
+from labeldiff.data.datasets import StepBatches
+from labeldiff.data.folders import Sample, dataset_root, open_labeled
 from labeldiff.data.nnunet import dataset_num_classes
+from labeldiff.data.splits import pretraining_samples
+from labeldiff.data.validation import check_scaled_images, validate_samples
 from labeldiff.models.effunet import imagenet_encoder_state, init_encoder
 from labeldiff.models.unet import build_network, check_input_size, check_step_memory
 from labeldiff.pretrain.loop import train
+from labeldiff.resolve import describe, resolved
 from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
 
@@ -34,24 +36,6 @@ def pretext_loss(corruption: Corruption):
 def micro_batch(cfg: RunConfig) -> int:
     """Images one process computes at once: the batch over the processes and the accumulation steps."""
     return max(1, cfg.train.batch_size // (distributed.world_size() * cfg.train.grad_accum))
-
-
-def check_size(cfg: RunConfig) -> None:
-    """Reject a network config or input size that cannot work, before any folder is written."""
-    check_input_size(cfg.model, cfg.data.size)
-
-
-def resolve_method(cfg: RunConfig, corruption: Corruption) -> None:
-    """Pick the architecture a method needs (ddep/dep → efficientnet-unet) and reject mismatches."""
-    method = cfg.corruption.method
-    if method in ("ddep", "dep") and cfg.model.arch == "unet":
-        cfg.model.arch = "efficientnet-unet"
-        print(f"{method}: using the EfficientNet-Lite0 encoder + UNet decoder (model.arch = efficientnet-unet)")
-    if method == "dep":
-        cfg.model.encoder = "none"  # DeP: the whole network starts from random weights
-    if cfg.model.arch not in corruption.archs:
-        raise ValueError(f"method {method!r} cannot train arch {cfg.model.arch!r} (it needs {', '.join(corruption.archs)}"
-                         f"{': it feeds a timestep, which only the diffusion UNet reads' if 'unet' in corruption.archs else ''})")
 
 
 def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
@@ -102,14 +86,14 @@ def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torc
 
 
 def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
-    cfg.kind = "pretrain"
-    check_ranges(cfg)
-    if cfg.model.in_channels != cfg.data.channels:
-        cfg.model.in_channels = cfg.data.channels
-    cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # stored resolved
+    """Pretrain into the run folder ``out``. ``cfg``: resolved by :func:`labeldiff.resolve.resolve` (the
+    command line and the study runner do), or a config built in Python, resolved here with its non-default
+    values as one layer."""
+    cfg = resolved(cfg if cfg.kind == "pretrain" else replace(cfg, kind="pretrain"))
+    for line in describe(cfg):
+        print(line)
     corruption = build_corruption(cfg.corruption)
-    resolve_method(cfg, corruption)
-    check_size(cfg)
+    check_input_size(cfg.model, cfg.data.size)
     samples, cfg.num_classes = training_samples(cfg, corruption)  # validates before anything is written
     check_scaled_images(samples, cfg.data)
     if cfg.model.arch == "efficientnet-unet" and cfg.model.encoder not in ("imagenet", "none"):

@@ -1,8 +1,11 @@
 """``labeldiff study``: the papers' label-efficiency tables on your own data, from one YAML file.
 
-spec.py (YAML → dataclasses), configs.py (run configs and their hashes), select.py (random / diverse / typical
-subsets, class coverage), runner.py (cached pretraining, cells, resume, progress), report.py (tables,
-paired differences, plots as pure functions on rows), prepare.py (data hooks, environment.json).
+spec.py (YAML → dataclasses), configs.py (run configs and their hashes), prepare.py (data hooks, the
+split, environment.json), select.py (random / diverse / typical subsets, class coverage), plan.py (the
+pretraining runs and cells a study makes), execute.py (training, resuming and scoring them, in one process
+or several), runner.py (``run_study``: the order of things and the study folder), stats.py (mean ± std,
+paired differences and their t intervals), report.py (results.csv and the tables), verdict.py
+(verdict.md), plots.py (the figures).
 """
 from __future__ import annotations
 

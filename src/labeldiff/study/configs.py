@@ -1,8 +1,11 @@
 """The RunConfigs a study trains, and the hashes that name their cached folders.
 
-Precedence, lowest first: labeldiff's defaults (those of ``labeldiff pretrain`` / ``finetune``), the
-recipe, the study's ``data`` options, the method's (or ``finetune``'s) overrides, then what the
-runner sets per run (data paths, ``train.steps`` of a sweep, and per cell: strategy, k, seed).
+Every config comes from :mod:`labeldiff.resolve` with the study's layers, lowest first: labeldiff's
+defaults (those of ``labeldiff pretrain`` / ``finetune``), the recipe, the study's ``data`` options, the
+method's (or ``finetune``'s) overrides, a protocol's overrides, then what the runner sets per run (data
+paths, ``train.steps`` of a sweep, and per cell: strategy, k, seed, the network of a scratch cell). A run
+is named by the hash of the settings it was asked for (:func:`labeldiff.resolve.compose`, before
+derivation), so studies written before the resolution was one function keep their names.
 """
 from __future__ import annotations
 
@@ -12,15 +15,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from labeldiff.config import (ModelConfig, RunConfig, apply_overrides, default_finetune_config,
-                              default_pretrain_config, load_recipe, merge_recipe)
-from labeldiff.corruption.masking import resolve_loss
+from labeldiff.config import (LOSS_BY_METHOD, ModelConfig, RunConfig, geometry_fields, load_recipe, not_result_fields,
+                              recipe_values)
+from labeldiff.resolve import Layer, compose, derive
 from labeldiff.study.spec import MethodSpec, ProtocolSpec, Recipe, Study
 
-# DataConfig fields that also shape pretraining inputs (split / class settings are the target's)
-PRETRAIN_DATA_FIELDS = ("size", "mode", "scale", "channels", "cache_mb", "num_workers", "include_test", "axis", "intensity")
+# DataConfig fields that also shape pretraining inputs: its geometry, how it is read, and include_test
+# (split / class settings are the target's)
+PRETRAIN_DATA_FIELDS = tuple(dict.fromkeys(
+    [n.split(".")[1] for n in geometry_fields() + not_result_fields() if n.startswith("data.")] + ["include_test"]))
 # fields that do not change what a run computes: left out of the hashes
-NOT_RESULT = {"data": ("cache_mb", "num_workers"), "train": ("log_every", "checkpoint_every")}
+NOT_RESULT: dict[str, list[str]] = {}
+for _name in not_result_fields():
+    NOT_RESULT.setdefault(_name.split(".")[0], []).append(_name.split(".")[1])
 LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None}, "transfer": {"label_unit": "slices"}}  # fields added later: at their default, runs hash as before
 
 
@@ -42,6 +49,7 @@ def identity(cfg: RunConfig) -> dict:
             d[section].pop(name, None)
     d["transfer"]["pretrained"] = None
     d["data"]["split_file"] = None
+    d.pop("sources", None)  # a record of where values came from, not a setting
     if d.get("extended") is None:  # runs saved before the field existed hash as they did
         d.pop("extended", None)
     for section, defaults in LATER_DEFAULTS.items():
@@ -51,36 +59,46 @@ def identity(cfg: RunConfig) -> dict:
     return d
 
 
-def _layered(base: RunConfig, recipe: Recipe, data: dict[str, Any]) -> RunConfig:
-    """defaults → recipe file → the study's data options → the recipe's overrides."""
+def layers(study: Study, recipe: Recipe, data_fields: tuple[str, ...] | None = None,
+           protocol: ProtocolSpec | None = None) -> list[Layer]:
+    """A study's layers for a recipe: the recipe file, the study's data options (``data_fields`` of them,
+    or all), the recipe's overrides, a protocol's overrides."""
+    where = f"study {study.file.name}"
+    out = []
     if recipe.path is not None:
-        base = merge_recipe(base, load_recipe(recipe.path))
-    return apply_overrides(apply_overrides(base, data), recipe.overrides)
+        out.append(Layer(f"recipe {recipe.path.stem}", recipe_values(load_recipe(recipe.path), str(recipe.path))))
+    out.append(Layer(f"{where}, data", {f"data.{k}": v for k, v in study.data.options.items()
+                                        if data_fields is None or k in data_fields}))
+    out.append(Layer(f"{where}, overrides", dict(recipe.overrides)))
+    if protocol is not None:
+        out.append(Layer(f"{where}, protocol {protocol.name}", dict(protocol.overrides)))
+    return out
 
 
-def _data_overrides(study: Study, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    return {f"data.{k}": v for k, v in study.data.options.items() if names is None or k in names}
+def pretrain_layers(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None) -> list[Layer]:
+    """The layers of ``method``'s pretraining (``steps`` from a ``pretrain_steps`` sweep, or None); ``pool``:
+    the folder :func:`labeldiff.study.prepare.build_pool` made of a ``data.unlabeled`` list."""
+    d = study.data
+    run: dict[str, Any] = {}
+    if steps is not None:
+        run["train.steps"] = steps
+    if method.pretrain_on == "source":
+        run.update({"data.path": str(d.source), "data.train_split": d.source_split, "data.split_file": None})
+    elif d.pool and pool is not None:
+        run.update({"data.path": str(pool), "data.split_file": None})
+    elif d.unlabeled is not None:
+        run["data.path"] = str(d.unlabeled)
+    else:  # the target's own images: its test split is left out unless data.include_test
+        run.update({"data.path": str(d.path), "data.split_file": str(d.split_file) if d.split_file else None,
+                    "data.test_split": d.options.get("test_split", "test")})
+    return layers(study, method.recipe, PRETRAIN_DATA_FIELDS) + [Layer(f"study {study.file.name}, run", run)]
 
 
 def pretrain_config(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None) -> RunConfig:
-    """The pretraining config of ``method`` (``steps`` from a ``pretrain_steps`` sweep, or None);
-    ``pool``: the folder :func:`labeldiff.study.prepare.build_pool` made of a ``data.unlabeled`` list."""
-    cfg = _layered(default_pretrain_config(), method.recipe, _data_overrides(study, PRETRAIN_DATA_FIELDS))
-    cfg.corruption.loss = resolve_loss(cfg.corruption.method, cfg.corruption.loss)  # as run_pretrain stores it
-    if steps is not None:
-        cfg.train.steps = steps
-    d = study.data
-    if method.pretrain_on == "source":
-        cfg.data.path = str(d.source)
-        cfg.data.train_split, cfg.data.split_file = d.source_split, None
-    elif d.pool and pool is not None:
-        cfg.data.path, cfg.data.split_file = str(pool), None
-    elif d.unlabeled is not None:
-        cfg.data.path = str(d.unlabeled)
-    else:  # the target's own images: its test split is left out unless data.include_test
-        cfg.data.path = str(d.path)
-        cfg.data.split_file = str(d.split_file) if d.split_file else None
-        cfg.data.test_split = d.options.get("test_split", cfg.data.test_split)
+    """The settings :func:`pretrain_layers` compose (what names the run; ``run_pretrain`` derives the rest)."""
+    cfg, _ = compose("pretrain", pretrain_layers(study, method, steps, pool))
+    if cfg.corruption.loss == "auto":  # the loss is named in the hash as run_pretrain stores it
+        cfg.corruption.loss = LOSS_BY_METHOD.get(cfg.corruption.method, "auto")
     return cfg
 
 
@@ -91,7 +109,7 @@ def pretrain_key(cfg: RunConfig, continues: str | None = None, out: Path | None 
     ``out``: the study folder. Data a study prepared inside it (``prepare``: ``OUT/data/…``) is named
     by its place there, so two studies with different ``--out`` that prepare the same data share the
     run through ``--pretrain-dir`` instead of each training its own."""
-    from labeldiff.data.datasets import pretraining_exclusions
+    from labeldiff.data.splits import pretraining_exclusions
 
     d = identity(cfg)
     for unread in ("transfer", "inherited", "extended"):  # pretraining reads none of these
@@ -114,13 +132,10 @@ def pretrain_runs(study: Study) -> list[tuple[str, MethodSpec, int | None]]:
 
 
 def resolved_model(cfg: RunConfig) -> ModelConfig:
-    """The network ``run_pretrain`` would build for ``cfg`` (channels from the data, ddep → efficientnet)."""
-    from labeldiff.corruption import build_corruption
-    from labeldiff.pretrain.run import resolve_method
-
+    """The network ``run_pretrain`` builds for ``cfg`` (its derived values: channels from the data, ddep →
+    efficientnet)."""
     c = RunConfig.from_dict(cfg.to_dict())
-    c.model.in_channels = c.data.channels
-    resolve_method(c, build_corruption(c.corruption))
+    derive(c)
     return c.model
 
 
@@ -128,27 +143,20 @@ def arch_key(model: ModelConfig) -> str:
     return digest(asdict(model), 8)
 
 
-def finetune_explicit(study: Study) -> set[str]:
-    """The data fields a study sets for its cells (its data options, the finetune recipe's data section):
-    what :meth:`labeldiff.runs.RunFolder.inherit` keeps when they differ from the pretrained run."""
-    names = {f"data.{k}" for k in study.data.options}
-    if study.finetune.path is not None:
-        names |= {f"data.{k}" for k in (load_recipe(study.finetune.path).get("data") or {})}
-    names |= {k for p in study.protocols for k in p.overrides if k.startswith("data.")}
-    return names | {k for k in study.finetune.overrides if k.startswith("data.")}
+def finetune_layers(study: Study, protocol: ProtocolSpec | None = None) -> list[Layer]:
+    """The layers every cell of ``protocol`` shares: finetune recipe → data options → finetune overrides →
+    the protocol's overrides → the target's path (cells add strategy, k, seed, the network)."""
+    return layers(study, study.finetune, None, protocol) + [
+        Layer(f"study {study.file.name}, data", {"data.path": str(study.data.path)})]
 
 
 def finetune_config(study: Study, protocol: ProtocolSpec | None = None) -> RunConfig:
-    """Fine-tuning settings shared by every cell of ``protocol`` (cells add data paths, strategy, k, seed,
-    network): defaults → finetune recipe → data options → finetune overrides → the protocol's overrides."""
-    cfg = _layered(default_finetune_config(), study.finetune, _data_overrides(study))
-    if protocol is not None:
-        cfg = apply_overrides(cfg, protocol.overrides)
-    cfg.data.path = str(study.data.path)
-    return cfg
+    """Fine-tuning settings shared by every cell of ``protocol`` (:func:`finetune_layers`, composed):
+    what names a cell, with its own values."""
+    return compose("segmentation", finetune_layers(study, protocol))[0]
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.fs import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str))

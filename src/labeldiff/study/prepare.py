@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from labeldiff import runtime
+from labeldiff.fs import atomic_folder
 from labeldiff.study.configs import write_json
 from labeldiff.study.spec import Study
 
@@ -21,8 +22,9 @@ def prepare_data(study: Study, out: Path) -> None:
 
     ``prepare: brain-demo`` writes :func:`labeldiff.demo.build_brain_dataset`'s MNI152 axial slices
     (train = lower slab, test = upper slab, all = both) into ``OUT/data/brain-demo`` once.
-    ``data.split`` writes ``OUT/data/split.json`` with :func:`labeldiff.data.datasets.group_split`
-    (what ``labeldiff split`` writes) and points ``data.split_file`` at it.
+    ``data.split`` writes ``OUT/data/split.json`` with :func:`labeldiff.data.splits.write_split` (what
+    ``labeldiff split`` writes: a group split, or slabs of a volume dataset) and points ``data.split_file``
+    at it.
     """
     if study.prepare == BRAIN_DEMO:
         from labeldiff.demo import build_brain_dataset
@@ -35,29 +37,15 @@ def prepare_data(study: Study, out: Path) -> None:
             study.data.path = root
     if study.prepare == VOLUME_SLABS:
         study.data.path = volume_slabs(Path(study.data.path), out / "data")
-    if study.data.split is not None and study.data.split.slab_train is not None:
-        from labeldiff.data.datasets import VolumeFolder, slab_split
+    if study.data.split is not None:
+        from labeldiff.data.splits import write_split
 
-        s = study.data.split
-        split = slab_split(VolumeFolder(study.data.path, axis=int(study.data.options.get("axis", 2)),
-                                        spacing=study.data.options.get("spacing")), s.slab_train, s.gap)
-        path = out / "data" / "split.json"
-        write_json(path, split)
+        s, path = study.data.split, out / "data" / "split.json"
+        _, what = write_split(study.data.path, path, groups=s.groups, test_fraction=s.test_fraction, seed=s.seed,
+                              slab_train=s.slab_train, gap=s.gap, axis=int(study.data.options.get("axis", 2)),
+                              spacing=study.data.options.get("spacing"), overwrite=True)
         study.data.split_file = path
-        print(f"split: {len(split['train'])} train / {len(split['test'])} test slices ({split['note']}) → {path}")
-    elif study.data.split is not None:
-        from labeldiff.data.datasets import LabeledFolder, group_split
-
-        s = study.data.split
-        ds = LabeledFolder(study.data.path)
-        groups = json.loads(Path(s.groups).read_text())
-        split = group_split(sorted(ds.images), groups, s.test_fraction, s.seed)
-        path = out / "data" / "split.json"
-        write_json(path, split)
-        study.data.split_file = path
-        print(f"split: {len(split['train'])} train / {len(split['test'])} test images from groups "
-              f"{s.groups.name} (test fraction {s.test_fraction}, seed {s.seed}) → {path}")
-
+        print(f"split: {what} → {path}")
 
 def volume_slabs(root: Path, folder: Path, size: int = 64) -> Path:
     """``prepare: volume-slabs``: the one labeled case of an nnU-Net v2 raw dataset (``imagesTr/``,
@@ -67,7 +55,8 @@ def volume_slabs(root: Path, folder: Path, size: int = 64) -> Path:
     few slices of one slab, predict a disjoint one". Pretraining reads every slice outside the test
     slab. Written once; returns the slice dataset's root.
     """
-    from labeldiff.data.volumes import slab_splits, volume_to_slices, write_split
+    from labeldiff.data.splits import save_split, slab_splits
+    from labeldiff.data.volumes import volume_to_slices
 
     dest = folder / f"{root.name}-slabs"
     if (dest / "split.json").is_file():
@@ -82,8 +71,9 @@ def volume_slabs(root: Path, folder: Path, size: int = 64) -> Path:
     print(f"prepare: slicing {image.name} (axial, {size}²) into {dest}")
     stems = volume_to_slices(image, dest, labels=labels[0], axis=2, size=size, min_foreground=0.02, prefix=case)
     split = slab_splits(stems, train_frac=SLAB_TRAIN_FRACTION, gap=SLAB_GAP)
-    write_split(dest, split, note=f"{meta.get('description', root.name)}: axial slices; train = lower slab "
-                                  f"({len(split['train'])}), test = upper slab ({len(split['test'])}), gap {SLAB_GAP}")
+    save_split(dest / "split.json", {**split, "note": f"{meta.get('description', root.name)}: axial slices; train = "
+                                                     f"lower slab ({len(split['train'])}), test = upper slab "
+                                                     f"({len(split['test'])}), gap {SLAB_GAP}"}, overwrite=True)
     write_json(dest / "classes.json", meta.get("labels", {}))
     return dest
 
@@ -103,7 +93,7 @@ def build_pool(study: Study, folder: Path) -> Path:
     """
     import numpy as np
 
-    from labeldiff.data.datasets import LabeledFolder, unlabeled_samples
+    from labeldiff.data.folders import LabeledFolder, unlabeled_samples
     from labeldiff.data.io import DataError
     from labeldiff.study.configs import digest
     from labeldiff.study.spec import POOL_TARGET
@@ -148,16 +138,11 @@ def build_pool(study: Study, folder: Path) -> Path:
     key = digest(sorted(str(Path(p).resolve()) for _, p in files))
     images = Path(folder) / "pools" / f"pool-{key}" / "images"
     if not images.is_dir():
-        tmp = images.parent.with_name(images.parent.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        (tmp / "images").mkdir(parents=True)
-        for stem, path in files:
-            os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
-        write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
-        os.replace(tmp, images.parent)
+        with atomic_folder(images.parent) as tmp:
+            (tmp / "images").mkdir(parents=True)
+            for stem, path in files:
+                os.symlink(Path(path).resolve(), tmp / "images" / f"{stem}{Path(path).suffix}")
+            write_json(tmp / "pool.json", {"images": len(files), "sources": counts, **note})
     print(f"unlabeled pool: {len(files)} images ({'; '.join(f'{n}: {c}' for n, c in counts.items())}{said}) "
           f"→ {images}")
     return images

@@ -1,6 +1,6 @@
 """Which k labeled images a cell trains on: random, diverse or typical, optionally covering every class.
 
-- ``random``: :func:`labeldiff.data.datasets.select_subset` (the subset ``labeldiff finetune --labels k
+- ``random``: :func:`labeldiff.data.splits.select_subset` (the subset ``labeldiff finetune --labels k
   --seed s`` would pick). With ``require_all_classes`` the subset is redrawn deterministically
   (attempt i > 0 uses seed ``s·1_000_003 + i``) until it contains every class 0..K-1, up to
   :data:`MAX_TRIES` attempts.
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from labeldiff.data.datasets import LabeledFolder, Sample, select_subset
+from labeldiff.data.folders import LabeledFolder, Sample
 from labeldiff.data.io import DataError
+from labeldiff.data.splits import select_subset
 
 MAX_TRIES = 1000
 POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
@@ -255,8 +256,9 @@ def images_to_label(pre_dir: Path, images: Path, k: int, seed: int = 0, rule: st
     scored later is never one to label. Returns the picked samples."""
     from dataclasses import replace
 
-    from labeldiff.data.datasets import dataset_root, pretraining_samples
+    from labeldiff.data.folders import dataset_root
     from labeldiff.data.nnunet import is_nnunet_raw
+    from labeldiff.data.splits import pretraining_samples
     from labeldiff.runs import RunFolder
 
     pre = RunFolder.open(pre_dir, flag="--pretrained").require_pretrain().config

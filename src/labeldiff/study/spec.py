@@ -67,12 +67,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from labeldiff.config import STRATEGIES as TRANSFER_STRATEGIES
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
 from labeldiff.errors import ConfigError, LabeldiffError
 from labeldiff.recipes import find as find_recipe
 
-STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch", "source")
+STRATEGIES = (*TRANSFER_STRATEGIES, "source")  # + source: a hybrid / supervised run as it is
 SELECTS = ("random", "diverse", "typical")
 METRICS = ("dice", "iou", "per-class", "volume")  # volume: the test slab of each case in 3D (volume datasets)
 PREPARE = ("brain-demo", "volume-slabs")

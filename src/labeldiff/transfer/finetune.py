@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 
 from labeldiff import distributed
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, release_run_dir
-from labeldiff.config import RunConfig, check_ranges, check_transfer, parse_synthetic, replace
+from labeldiff.config import RunConfig, parse_synthetic, replace
 from labeldiff.data import provenance
 from labeldiff.data.augment import Augment
 from labeldiff.data.datasets import StepBatches
@@ -48,6 +47,7 @@ from labeldiff.models.unet import (ENCODER_PARTS, SegmentationNet, check_input_s
                                    load_backbone_strict)
 from labeldiff.pretrain.loop import train
 from labeldiff.pretrain.run import micro_batch
+from labeldiff.resolve import describe
 from labeldiff.runs import DIRECT_SEGMENTERS, RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.transfer.labeled import prepare_transfer
@@ -195,17 +195,17 @@ def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
 
 
 def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resume: bool = False,
-                 overwrite: bool = False, explicit: Iterable[str] = ()) -> dict:
+                 overwrite: bool = False) -> dict:
     """Fine-tune (or train from scratch) on ``stems`` or ``transfer.labels`` drawn images (see
     :func:`labeldiff.transfer.labeled.prepare_transfer`); everything is written into ``out``."""
-    t = cfg.transfer
-    if t.strategy == "probe":
+    if cfg.transfer.strategy == "probe":
         raise ValueError("the probe trains pixel MLPs, not this network: use labeldiff.transfer.run.run_transfer "
                          "(`labeldiff finetune --strategy probe`)")
-    frozen_parts(t.strategy, cfg.model.arch)  # an unknown strategy fails here, before anything is read
-    check_ranges(cfg)
-    check_transfer(t)
-    job = prepare_transfer(cfg, stems, explicit)
+    job = prepare_transfer(cfg, stems)
+    cfg, t = job.cfg, job.cfg.transfer
+    frozen_parts(t.strategy, cfg.model.arch)
+    for line in describe(cfg):
+        print(line)
     check_keep_head(cfg, job.num_classes, job.pre)
     check_input_size(cfg.model, cfg.data.size)
     device = distributed.setup(resolve_device(cfg.train.device))  # torchrun: join the process group

@@ -1,52 +1,55 @@
 """What every transfer strategy starts from: the pretrained run, the labeled images and K.
 
 :func:`prepare_transfer` is shared by fine-tuning and the probe, so both read the same labeled
-images, take the same data geometry from the pretrained run (:meth:`RunFolder.inherit`) and
-check everything before a run folder is written.
+images, resolve the same way (:mod:`labeldiff.resolve`: the network and data geometry from the
+pretrained run) and check everything before a run folder is written.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from labeldiff.config import LABEL_UNITS, RunConfig
-from labeldiff.data.datasets import (LabeledFolder, VolumeFolder, check_scaled_images, open_labeled, select_subset,
-                                     validate_samples)
+from labeldiff.config import RunConfig, replace
+from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_num_classes
+from labeldiff.data.splits import select_subset
+from labeldiff.data.validation import check_scaled_images, validate_samples
+from labeldiff.errors import ConfigError
 from labeldiff.runs import RunFolder
 
 
 @dataclass
 class Transfer:
+    cfg: RunConfig  # the resolved config of the run (labeldiff.resolve), K recorded
     pre: RunFolder | None  # the pretrained run (None: scratch without --pretrained)
     ds: LabeledFolder | VolumeFolder
     stems: list[str]  # the labeled images this run trains on
     num_classes: int
 
 
-def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explicit: Iterable[str] = ()) -> Transfer:
-    """Resolve ``cfg`` in place (network and geometry from the pretrained run, K) and pick the labeled images.
+def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Transfer:
+    """The resolved config (:func:`labeldiff.resolve.resolved`: the network and data geometry from the
+    pretrained run, unless ``cfg`` was resolved already), K, and the labeled images.
 
     ``stems``: the labeled images, given explicitly (a study's cell); they must belong to the
     ``train_split``. Without them ``transfer.labels`` images of it are drawn with ``train.seed``
-    (:func:`labeldiff.data.datasets.select_subset`), or with ``transfer.label_unit = volumes`` that many
-    training cases, whose labeled slices all train (:func:`select_volumes`). ``explicit``: the dotted config names the user
-    set (command line, recipe, study), see :meth:`RunFolder.inherit`.
+    (:func:`labeldiff.data.splits.select_subset`), or with ``transfer.label_unit = volumes`` that many
+    training cases, whose labeled slices all train (:func:`select_volumes`).
     """
-    cfg.kind = "segmentation"
-    t = cfg.transfer
+    from labeldiff.resolve import resolved
+
+    if cfg.kind != "segmentation":
+        cfg = replace(cfg, kind="segmentation")
     pre = None
-    if t.pretrained:
-        pre = RunFolder.open(t.pretrained, flag="--pretrained").require_pretrain().verify()
-        pre.inherit(cfg, explicit)
-    elif t.strategy != "scratch":
-        raise ValueError(f"strategy {t.strategy!r} needs --pretrained RUN_DIR (or use --from-scratch)")
-    cfg.model.in_channels = cfg.data.channels
+    if cfg.transfer.pretrained:
+        pre = RunFolder.open(cfg.transfer.pretrained, flag="--pretrained").require_pretrain().verify()
+    elif cfg.transfer.strategy != "scratch":
+        raise ConfigError(f"--strategy {cfg.transfer.strategy} needs --pretrained RUN (or use --strategy scratch)")
+    cfg = resolved(cfg, pre.config if pre else None, str(pre.path) if pre else None)
+    t = cfg.transfer
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
     pool = ds.stems(cfg.data.train_split)
-    if t.label_unit not in LABEL_UNITS:
-        raise ValueError(f"--label-unit must be one of {', '.join(LABEL_UNITS)}, not {t.label_unit!r}")
     if stems is None and t.label_unit == "volumes":
         chosen = select_volumes(ds, pool, t.labels, cfg.train.seed, cfg.data.train_split)
     elif stems is None:
@@ -64,7 +67,7 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None, explici
     if ignore is not None and ignore < cfg.num_classes:
         raise DataError(f"--ignore-index {ignore} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "
                         f"give the value that marks unlabeled pixels (e.g. 255)")
-    return Transfer(pre, ds, chosen, cfg.num_classes)
+    return Transfer(cfg, pre, ds, chosen, cfg.num_classes)
 
 
 def select_volumes(ds: LabeledFolder | VolumeFolder, pool: list[str], k: int, seed: int, split: str) -> list[str]:

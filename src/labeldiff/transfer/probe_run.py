@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 from labeldiff import distributed
 from labeldiff.checkpoint import atomic_write_text, prepare_run_dir, release_run_dir, save_weights
-from labeldiff.config import RunConfig, check_ranges
+from labeldiff.config import RunConfig
+from labeldiff.errors import ConfigError
+from labeldiff.resolve import describe
 from labeldiff.data import provenance
 from labeldiff.data.datasets import ScaledImages
 from labeldiff.models.probe import (PROBE_METHODS, PaddedExtractor, default_spec, format_spec, make_extractor,
@@ -41,16 +42,15 @@ from labeldiff.transfer.probe import train_probe
 PROBE_CACHE = "probe-cache"  # under torchrun: the features and members the ranks share, removed at the end
 
 
-def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwrite: bool = False,
-              explicit: Iterable[str] = ()) -> dict:
+def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwrite: bool = False) -> dict:
     """Train the probe on ``stems`` or ``transfer.labels`` drawn images into the run folder ``out``."""
     t0 = time.time()
-    t = cfg.transfer
-    if not t.pretrained:
-        raise ValueError("strategy 'probe' reads the features of a pretrained UNet: give --pretrained RUN_DIR")
-    check_ranges(cfg)
-    job = prepare_transfer(cfg, stems, explicit)
-    pre = job.pre
+    if not cfg.transfer.pretrained:
+        raise ConfigError("--strategy probe reads the features of a pretrained UNet: give --pretrained RUN")
+    job = prepare_transfer(cfg, stems)
+    cfg, t, pre = job.cfg, job.cfg.transfer, job.pre
+    for line in describe(cfg):
+        print(line)
     if pre.config.model.arch != "unet" or pre.method not in PROBE_METHODS:
         raise ValueError(f"--pretrained {t.pretrained} is a {pre.method!r} run of arch {pre.config.model.arch!r}; "
                          f"the probe reads the decoder blocks of the diffusion UNet (methods {', '.join(PROBE_METHODS)}); "

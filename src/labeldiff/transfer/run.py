@@ -5,21 +5,19 @@ either drawn (``transfer.labels`` with ``train.seed``) or given explicitly as st
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from labeldiff.config import RunConfig
-
-STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch")
+from labeldiff.config import STRATEGIES, RunConfig
 
 
 def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, resume: bool = False,
-                 overwrite: bool = False, explicit: Iterable[str] = ()) -> dict:
+                 overwrite: bool = False) -> dict:
     """Train ``cfg.transfer.strategy`` into the run folder ``out``; returns ``{"step", "loss", "seconds"}``.
 
-    ``stems``: the labeled images (default: ``transfer.labels`` of the train split, drawn with
-    ``train.seed``). ``explicit``: dotted config names the user set, for
-    :meth:`labeldiff.runs.RunFolder.inherit`.
+    ``cfg``: resolved by :func:`labeldiff.resolve.resolve` (the command line and the study runner do), or
+    a config built in Python, resolved here with its non-default values as one layer. ``stems``: the
+    labeled images (default: ``transfer.labels`` of the train split, drawn with ``train.seed``).
     """
     strategy = cfg.transfer.strategy
     if strategy not in STRATEGIES:
@@ -33,7 +31,7 @@ def run_transfer(cfg: RunConfig, out: Path, stems: Sequence[str] | None = None, 
                              "pixels of the labeled images only: use --strategy full, decoder, lp-ft or scratch")
         if resume:
             raise ValueError("a probe run trains in seconds to minutes and cannot be resumed; rerun with --overwrite")
-        return run_probe(cfg, out, stems, overwrite=overwrite, explicit=explicit)
+        return run_probe(cfg, out, stems, overwrite=overwrite)
     from labeldiff.transfer.finetune import run_finetune
 
-    return run_finetune(cfg, out, stems, resume=resume, overwrite=overwrite, explicit=explicit)
+    return run_finetune(cfg, out, stems, resume=resume, overwrite=overwrite)

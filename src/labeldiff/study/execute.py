@@ -1,0 +1,266 @@
+"""Running what :mod:`labeldiff.study.plan` planned: train, resume or continue the pretraining runs; select,
+fine-tune and evaluate each cell into its folder (``eval/`` written whole, :func:`labeldiff.fs.atomic_folder`);
+score finished cells in 3D and under corruptions; read a finished cell back as a result row; run the cells
+in several processes side by side."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dataclasses import asdict
+
+from labeldiff.config import RunConfig
+from labeldiff.evaluate.run import run_evaluate
+from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes
+from labeldiff.fs import atomic_folder
+from labeldiff.pretrain.run import run_pretrain
+from labeldiff.resolve import Layer, compose, resolve
+from labeldiff.runs import RunFolder
+from labeldiff.runtime import resolve_device
+from labeldiff.sample.synthetic import ensure_synthetic
+from labeldiff.study import report
+from labeldiff.study.configs import write_json
+from labeldiff.study.plan import Cell, Pretraining, Selector, Target, todo_order
+from labeldiff.study.prepare import code_state
+from labeldiff.study.spec import LABELED_METHODS, Study
+from labeldiff.transfer.run import run_transfer
+
+
+TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
+
+
+def start_from(shorter: Pretraining, folder: Path) -> None:
+    """Seed ``folder`` with the final checkpoint, config and log of the finished ``shorter`` run."""
+    if not shorter.finished:
+        raise RuntimeError(f"{shorter.dir} is not finished; it must be before {folder} can continue it")
+    info = json.loads((shorter.dir / "latest.json").read_text())
+    with atomic_folder(folder) as tmp:
+        shutil.copytree(shorter.dir / info["dir"], tmp / info["dir"])
+        for name in ("config.json", "latest.json", "log.jsonl"):
+            shutil.copyfile(shorter.dir / name, tmp / name)
+
+
+def pretrain(runs: list[Pretraining]) -> None:
+    """Train, resume or reuse every pretraining run."""
+    for i, run in enumerate(runs, 1):
+        if run.finished:
+            print(f"[pretrain {i}/{len(runs)}] {run.name}: finished, reusing {run.dir}")
+        else:
+            resume = (run.dir / "latest.json").is_file()
+            if not resume and run.continues is not None:
+                start_from(run.continues, run.dir)
+                resume = True
+                print(f"[pretrain {i}/{len(runs)}] {run.name}: continuing {run.continues.name} "
+                      f"({run.continues.cfg.train.steps} → {run.cfg.train.steps} steps) → {run.dir}")
+            else:
+                print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
+            cfg = resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
+            result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
+            write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
+
+
+def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
+    """Seconds of each pretraining run (of its last session when resumed; None: not trained by a study)."""
+    files = {r.name: r.dir / TIMING for r in runs}
+    return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
+
+
+def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
+    """The resolved config of a cell (:func:`labeldiff.resolve.resolve`): the protocol's ``shared`` layers
+    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run."""
+    own = {"data.split_file": str(target.ds.split_file) if target.ds.split_file.is_file() else None,
+           "data.num_classes": target.num_classes, "transfer.strategy": cell.strategy, "transfer.labels": cell.k,
+           "train.seed": cell.seed}
+    # a protocol's keep_head applies where there is a source head: hybrid / supervised pretraining
+    if cell.pre is None or cell.pre.cfg.corruption.method not in LABELED_METHODS:
+        own["transfer.keep_head"] = False  # (auto is resolved by the fine-tuning itself)
+    pre = None
+    if cell.pre is not None:
+        own["transfer.pretrained"] = str(cell.pre.dir)
+        pre = RunFolder.open(cell.pre.dir, flag="--pretrained").config
+    else:  # scratch: the pretrained runs' network, built from the config alone
+        own["transfer.pretrained"] = None
+        own.update({f"model.{k}": v for k, v in asdict(cell.model).items()})
+        own["data.channels"] = cell.model.in_channels
+    return resolve("segmentation", shared + [Layer(f"cell {cell.id}", own)], pre,
+                   str(cell.pre.dir) if cell.pre else None)
+
+
+def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector) -> float:
+    """Select, train, evaluate one cell into its folder (replacing a partial one); returns seconds."""
+    t0 = time.time()
+    if cell.dir.exists():
+        shutil.rmtree(cell.dir)
+    key = cell.id.rsplit("-", 1)[1]
+    twin = next((c for c in cell.dir.parent.glob(f"*-{key}") if c != cell.dir and (c / "eval" / "metrics.json").is_file()),
+                None)
+    if twin is not None:  # the same computation under another name: a source cell, or a keep_head that does not apply
+        info = json.loads((twin / "cell.json").read_text())
+        write_json(cell.dir / "cell.json", {**cell.describe(), "stems": info["stems"], "git": info["git"],
+                                            "same_as": twin.name})
+        with atomic_folder(cell.dir / "eval") as tmp:
+            shutil.copytree(twin / "eval", tmp)
+            write_json(tmp / "timing.json", {"seconds": 0.0, "copied_from": twin.name})
+            if (twin / "run").exists():
+                os.symlink(twin / "run", cell.dir / "run")
+        return 0.0
+    if cell.strategy == "source":
+        return source_cell(cell, compose("segmentation", shared)[0], target, t0)
+    stems = selector.stems(cell)
+    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
+    cfg = cell_config(cell, shared, target)
+    run_transfer(cfg, cell.dir / "run", stems)
+    with atomic_folder(cell.dir / "eval") as tmp:
+        run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
+        seconds = time.time() - t0
+        write_json(tmp / "timing.json", {"seconds": seconds})
+    return seconds
+
+
+def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
+    """``source``: the hybrid / supervised run as it is, with no target label, on the target's test
+    split. Its key leaves out k, seed and protocol, so :func:`run_cell` evaluates it once per
+    pretraining run and copies it into the other cells."""
+    write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
+    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+    with atomic_folder(cell.dir / "eval") as tmp:
+        run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
+                     device=ft.train.device)
+        seconds = time.time() - t0
+        write_json(tmp / "timing.json", {"seconds": seconds})
+    return seconds
+
+
+def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") -> None:
+    """``metrics: volume``: score every finished cell's model on the test slab of each case in 3D (Dice,
+    HD95, NSD; :func:`~labeldiff.evaluate.volume.run_evaluate_volumes`) into ``eval/volume/``, once."""
+    if target.slabs is None:
+        return
+    todo = [c for c in cells if c.finished and not (c.dir / "eval" / "volume" / "metrics.json").is_file()]
+    for cell in tqdm(todo, desc="3D slab scores", unit="cell", disable=not todo):
+        model = cell.pre.dir if cell.strategy == "source" else cell.dir / "run"
+        with atomic_folder(cell.dir / "eval" / "volume") as tmp:
+            run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
+
+
+def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: RunConfig) -> None:
+    """``robustness:``: ``labeldiff evaluate --corruptions`` of every finished cell's model on the test split
+    into ``eval/robustness/``, once per setting (a cell scored under other settings is scored again)."""
+    if study.robustness is None:
+        return
+
+    def done(c: Cell) -> bool:
+        path = c.dir / "eval" / "robustness" / "robustness.json"
+        if not path.is_file():
+            return False
+        r = json.loads(path.read_text())
+        return {k: r.get(k) for k in study.robustness} == study.robustness
+
+    todo = [c for c in cells if c.finished and not done(c)]
+    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+    for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
+        where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
+        with atomic_folder(cell.dir / "eval" / "robustness") as tmp:
+            run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
+                         split=ft.data.test_split, device=ft.train.device, max_overlays=1,
+                         corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
+                         corruption_seed=study.robustness["seed"], **where)
+
+
+def cell_row(cell: Cell) -> dict:
+    info = json.loads((cell.dir / "cell.json").read_text())
+    m = json.loads((cell.dir / "eval" / "metrics.json").read_text())
+    timing = cell.dir / "eval" / "timing.json"
+    row = {"cell": cell.id, "method": cell.method, "pretrain_steps": info.get("pretrain_steps"), "arch": cell.arch,
+           "strategy": cell.strategy, "protocol": cell.protocol, "k": cell.k, "seed": cell.seed, "select": cell.select,
+           "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
+    row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
+    row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    robust = cell.dir / "eval" / "robustness" / "robustness.json"
+    if robust.is_file():  # robustness: the mean Dice over corruption × severity, and clean − that
+        r = json.loads(robust.read_text())
+        row.update({"dice_corrupted": r["mean_dice"], "dice_drop": r["drop"]})
+    volume = cell.dir / "eval" / "volume" / "metrics.json"
+    if volume.is_file():  # metrics: volume
+        v = json.loads(volume.read_text())
+        row.update({"dice_3d": v["dice"], "hd95_mm": class_mean(v["per_class"], "hd95_mm"),
+                    "nsd": class_mean(v["per_class"], "nsd")})
+    return row
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target, out: Path,
+              selector: Selector, todo: list[Cell] | None = None) -> int:
+    """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
+    were computed. ``results.csv`` lists every finished cell, whoever computed it."""
+    done = [c for c in cells if c.finished]
+    times = [s for s in (cell_row(c)["seconds"] for c in done) if s is not None]
+    todo = todo_order(cells) if todo is None else todo
+    print(f"cells: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
+    for i, cell in enumerate(todo):
+        eta = sum(times) / len(times) * (len(todo) - i) if times else None
+        print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
+              f"ETA {_duration(eta)} → {cell.dir}")
+        try:
+            times.append(run_cell(cell, shared[cell.protocol], target, selector))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
+                  f"command again to continue (finished cells and pretraining runs are reused)")
+            report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+            raise
+        report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+    return len(todo)
+
+
+def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
+    """Run the cells in ``workers`` processes side by side (``labeldiff study --shard i/N``), each with an
+    equal share of the CPU threads and, where there are GPUs, GPU ``i mod #GPUs``; their output goes to
+    ``out/workers/shard-i.log``. Cells are independent, so this needs no communication; a cell is small
+    (k images, a batch of 8), so one per device beats one split over devices with DDP."""
+    import subprocess
+    import sys
+
+    import torch
+
+    logs = out / "workers"
+    logs.mkdir(exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    gpus = torch.cuda.device_count()
+    procs = []
+    for i in range(workers):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = open(logs / f"shard-{i}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "labeldiff.cli", "study", str(path), "--out", str(out),
+                                        "--pretrain-dir", str(pre_dir), "--shard", f"{i}/{workers}"],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    print(f"cells in {workers} processes side by side ({threads} thread{'s' if threads > 1 else ''} each"
+          f"{f', GPU i mod {gpus}' if gpus else ''}); their output: {logs}/shard-*.log")
+    failed = []
+    for i, (proc, log) in enumerate(procs):
+        if proc.wait() != 0:
+            failed.append(i)
+        log.close()
+    if failed:
+        tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"study worker(s) {failed} failed; the end of {logs}/shard-{failed[0]}.log:\n{tail}\n"
+                           f"Finished cells are kept: run the same command again to continue")
+
+
+def synthetic_first(fts: dict[str, RunConfig]) -> None:
+    """Sample the synthetic pairs each protocol asks for (``transfer.synthetic``) before any cell, so that
+    cells in several worker processes read one cache instead of each sampling it."""
+    for ft in fts.values():
+        if ft.transfer.synthetic:
+            ensure_synthetic(ft.transfer.synthetic, resolve_device(ft.train.device))

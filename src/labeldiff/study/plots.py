@@ -1,0 +1,120 @@
+"""A study's figures (matplotlib, imported when drawn): Dice against the number of labels, the forest plot
+of paired differences, and the overlays of the first test images predicted by each setting."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from labeldiff.study.stats import BASELINE, group_of, groups, label_sizes, mean_std, paired_differences, varying
+
+
+def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", title: str = "") -> None:
+    """One line per method × strategy (× select) with std error bars; x = k on a log scale."""
+    plt = _pyplot()
+    extras = varying(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab20" if len(groups(rows, extras)) > 10 else "tab10").colors
+    for i, g in enumerate(groups(rows, extras)):
+        by_k: dict[int, list[float]] = defaultdict(list)
+        for r in rows:
+            if group_of(r, extras) == g:
+                by_k[int(r["k"])].append(float(r[metric]))
+        ks = sorted(by_k)
+        ms = [mean_std(by_k[k]) for k in ks]
+        ax.errorbar(ks, [m[0] for m in ms], yerr=[0 if m[2] < 2 else m[1] for m in ms], marker="o", capsize=4,
+                    label=" / ".join(g), color=colors[i % len(colors)], linestyle="--" if g[1] == BASELINE else "-")
+    ks = label_sizes(rows)
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("labeled images k (log scale)")
+    ax.set_ylabel(f"{'Dice' if metric == 'dice' else 'IoU'} (foreground mean, test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(fig, path, dpi=100)
+
+
+def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str = "", goal: float = 0.05) -> list[dict]:
+    """A forest plot of :func:`paired_differences`: one row per pretrained setting × k, each seed's
+    difference to scratch as a dot, the mean as a bar with its 95 % CI, lines at 0 and at +``goal``.
+    Returns the pairs it drew (none: no file)."""
+    pairs = [p for p in paired_differences(rows, metric) if p["n"] > 0]
+    if not pairs:
+        return pairs
+    plt = _pyplot()
+    shown = [a for a in ("method", "strategy", "protocol", "select") if len({p[a] for p in pairs}) > 1] or ["method"]
+    fig, ax = plt.subplots(figsize=(7.5, 2.4 + 0.45 * len(pairs)))
+    rng = np.random.default_rng(0)  # vertical jitter of the dots only
+    for i, p in enumerate(pairs):
+        y = len(pairs) - 1 - i
+        ax.scatter(p["diffs"], y + rng.uniform(-0.15, 0.15, len(p["diffs"])), s=12, color="0.55", zorder=2)
+        if p["n"] >= 2:
+            ax.errorbar([p["mean"]], [y], xerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]], fmt="o",
+                        color="tab:red" if p["low"] > 0 else "tab:blue" if p["high"] < 0 else "black",
+                        capsize=4, zorder=3)
+        else:
+            ax.plot([p["mean"]], [y], "o", color="black", zorder=3)
+    ax.axvline(0, color="0.3", linewidth=1)
+    ax.axvline(goal, color="tab:green", linestyle="--", linewidth=1, label=f"goal +{goal:.2f}")
+    ax.set_yticks(range(len(pairs)))
+    ax.set_yticklabels([" / ".join(str(p[a]) for a in shown) + f"  k={p['k']}  (n={p['n']})" for p in reversed(pairs)],
+                       fontsize=8)
+    ax.set_xlabel(f"pretrained − scratch, paired {metric} (dots: seeds; bar: mean and 95 % CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(-0.6, len(pairs) - 0.4)
+    dots = [d for p in pairs for d in p["diffs"]] + [0.0, goal]
+    lo, hi = min(dots), max(dots)
+    lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
+    ax.set_xlim(lo, hi)  # the dots decide the scale: a CI from 2 seeds can span ±1
+    if any(p["n"] >= 2 and (p["low"] < lo or p["high"] > hi) for p in pairs):
+        ax.set_xlabel(ax.get_xlabel() + "\nCIs wider than the dots run off the edges")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path, dpi=100)
+    return pairs
+
+
+def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "",
+                  class_names: list[str] | None = None) -> None:
+    """Rows: ``images`` (dicts with ``name``, ``image [C,H,W]``, ``target [H,W]``); columns: image |
+    ground truth | one prediction per entry of ``predictions`` (label → one mask per image); a legend
+    names the classes shown."""
+    plt = _pyplot()
+    from labeldiff.evaluate.report import class_legend, overlay, to_rgb
+
+    cols = 2 + len(predictions)
+    fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.6 * len(images) + 0.4), squeeze=False)
+    for i, im in enumerate(images):
+        panels = [(im["name"][:20], to_rgb(im["image"])), ("ground truth", overlay(im["image"], im["target"]))]
+        panels += [(label, overlay(im["image"], preds[i])) for label, preds in predictions.items()]
+        for ax, (name, pic) in zip(axes[i], panels):
+            ax.imshow(pic)
+            ax.set_title(name, fontsize=7)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    masks = [im["target"] for im in images] + [m for preds in predictions.values() for m in preds]
+    legend = class_legend(fig, masks, class_names)
+    _save(fig, path, dpi=90, rect=(0, 0.4 / (2.6 * len(images) + 0.4), 1, 1) if legend else None)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, dpi: int, rect: tuple | None = None) -> None:
+    fig.tight_layout(rect=rect)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
