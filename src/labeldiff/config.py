@@ -358,10 +358,11 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML (sections as in :class:`RunConfig`) into a plain dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe {p} does not exist; see recipes/ for the shipped ones")
+    """Read a recipe YAML (sections as in :class:`RunConfig`) into a plain dict; ``path`` is a shipped
+    name (``ddpm-cpu``) or a file (:func:`labeldiff.recipes.find`)."""
+    from labeldiff.recipes import find
+
+    p = find(path)
     data = read_yaml(p) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{p}: a recipe maps sections ({', '.join(sorted(SECTIONS))}) to their settings")
