@@ -97,9 +97,9 @@ def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int, size: int
     ft = RunConfig(kind="segmentation", model=model, data=DataConfig(**{**dcfg.__dict__}),
                    train=TrainConfig(steps=finetune_steps, batch_size=DEMO_FINETUNE_BATCH, lr=2e-4, warmup_steps=20,
                                      ema_decay=0.0, checkpoint_every=finetune_steps),
-                   # no augmentation: measured at this setting (studies/demo_protocol.yaml, 20 seeds), strong
+                   # no augmentation: measured at this setting (research/studies/demo_protocol.yaml, 20 seeds), strong
                    # augmentation cost the pretrained network 0.122 Dice at 150 steps; random slices (typical
-                   # picks were +0.045, CI containing 0). README, "The demo's own setting".
+                   # picks were +0.045, CI containing 0): research/notebook/demo.md.
                    transfer=TransferConfig(labels=2, head_hidden=DEMO_HEAD_HIDDEN, augment="none"))
     return pre, ft
 
