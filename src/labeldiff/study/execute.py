@@ -18,6 +18,7 @@ from labeldiff.config import RunConfig
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes
 from labeldiff.fs import atomic_folder
+from labeldiff.pretrain.cost import duration
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.resolve import Layer, compose, resolve
 from labeldiff.runs import RunFolder
@@ -45,6 +46,11 @@ def start_from(shorter: Pretraining, folder: Path) -> None:
             shutil.copyfile(shorter.dir / name, tmp / name)
 
 
+def run_config(run: Pretraining) -> RunConfig:
+    """The resolved config a pretraining run trains with."""
+    return resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
+
+
 def pretrain(runs: list[Pretraining]) -> None:
     """Train, resume or reuse every pretraining run."""
     for i, run in enumerate(runs, 1):
@@ -59,8 +65,7 @@ def pretrain(runs: list[Pretraining]) -> None:
                       f"({run.continues.cfg.train.steps} → {run.cfg.train.steps} steps) → {run.dir}")
             else:
                 print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
-            cfg = resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
-            result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
+            result = run_pretrain(run_config(run), run.dir, resume=resume, overwrite=not resume)
             write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
 
 
@@ -70,9 +75,10 @@ def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
     return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
 
 
-def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
+def cell_config(cell: Cell, shared: list[Layer], target: Target, pre_config: RunConfig | None = None) -> RunConfig:
     """The resolved config of a cell (:func:`labeldiff.resolve.resolve`): the protocol's ``shared`` layers
-    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run."""
+    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run
+    (``pre_config``: that run's config where it is not trained yet, for ``--dry-run``)."""
     own = {"data.split_file": str(target.ds.split_file) if target.ds.split_file.is_file() else None,
            "data.num_classes": target.num_classes, "transfer.strategy": cell.strategy, "transfer.labels": cell.k,
            "train.seed": cell.seed}
@@ -82,7 +88,7 @@ def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
     pre = None
     if cell.pre is not None:
         own["transfer.pretrained"] = str(cell.pre.dir)
-        pre = RunFolder.open(cell.pre.dir, flag="--pretrained").config
+        pre = pre_config or RunFolder.open(cell.pre.dir, flag="--pretrained").config
     else:  # scratch: the pretrained runs' network, built from the config alone
         own["transfer.pretrained"] = None
         own.update({f"model.{k}": v for k, v in asdict(cell.model).items()})
@@ -193,12 +199,6 @@ def cell_row(cell: Cell) -> dict:
     return row
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
 def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target, out: Path,
               selector: Selector, todo: list[Cell] | None = None) -> int:
     """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
@@ -210,7 +210,7 @@ def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target,
     for i, cell in enumerate(todo):
         eta = sum(times) / len(times) * (len(todo) - i) if times else None
         print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
-              f"ETA {_duration(eta)} → {cell.dir}")
+              f"ETA {duration(eta)} → {cell.dir}")
         try:
             times.append(run_cell(cell, shared[cell.protocol], target, selector))
         except KeyboardInterrupt:

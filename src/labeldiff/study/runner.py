@@ -31,6 +31,7 @@ from pathlib import Path
 from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.study import plots, report
 from labeldiff.study.configs import finetune_config, finetune_layers, write_json
+from labeldiff.study.estimate import estimate_lines
 from labeldiff.study.execute import (cell_row, pretrain, pretrain_seconds, robustness_evaluations, run_cells, run_workers,
                                      synthetic_first, volume_evaluations)
 from labeldiff.study.plan import Cell, Selector, Target, plan_cells, plan_pretraining, planned_stems, todo_order
@@ -152,6 +153,8 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         selector = Selector(target, ft, runs)
         for c in cells:
             print(f"  {'done' if c.finished else 'todo'}  {c.id}  {planned_stems(c, selector)}")
+        for line in estimate_lines(runs, cells, shared, target):
+            print(line)
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
         pretrain(runs)
