@@ -29,6 +29,10 @@ def settings_layers(args: argparse.Namespace) -> list:
         from labeldiff.data.nnunet import Intensity
 
         typed["data.intensity"] = Intensity.named(args.intensity or "percentile", args.hu_window).to_dict()
+    if typed.get("transfer.labeled") is not None:  # a file of stems (`labeldiff select --out`) → the stems
+        from labeldiff.data.splits import labeled_stems
+
+        typed["transfer.labeled"] = labeled_stems(typed["transfer.labeled"])
     layers.append(Layer("command line", typed, typed=True))
     return layers
 

@@ -452,6 +452,14 @@ def parse_study(raw: Any, file: Path) -> Study:
     metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS[:3]))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
     protocols = _protocols(raw.get("protocols"), file)
+    named = [where for where, values in [("finetune", finetune.overrides), *((f"protocols ({p.name})", p.overrides)
+                                                                            for p in protocols)]
+             if values.get("transfer.labeled")]
+    if finetune.path is not None and (load_recipe(finetune.path).get("transfer") or {}).get("labeled"):
+        named.insert(0, f"finetune.recipe ({finetune.path.name})")
+    if named:
+        raise _fail(file, named[0], "transfer.labeled names the images of one run; a study picks each cell's images "
+                                    "itself (labels, seeds, select): drop it")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
                  _robustness(raw.get("robustness"), file))
 
