@@ -54,7 +54,9 @@ def run_config(run: Pretraining) -> RunConfig:
 def pretrain(runs: list[Pretraining]) -> None:
     """Train, resume or reuse every pretraining run."""
     for i, run in enumerate(runs, 1):
-        if run.finished:
+        if run.reused:
+            print(f"[pretrain {i}/{len(runs)}] {run.name}: your run, used as it is: {run.dir}")
+        elif run.finished:
             print(f"[pretrain {i}/{len(runs)}] {run.name}: finished, reusing {run.dir}")
         else:
             resume = (run.dir / "latest.json").is_file()

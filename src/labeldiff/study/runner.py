@@ -34,7 +34,7 @@ from labeldiff.study.configs import finetune_config, finetune_layers, write_json
 from labeldiff.study.estimate import estimate_lines
 from labeldiff.study.execute import (cell_row, pretrain, pretrain_seconds, robustness_evaluations, run_cells, run_workers,
                                      synthetic_first, volume_evaluations)
-from labeldiff.study.plan import Cell, Selector, Target, plan_cells, plan_pretraining, planned_stems, todo_order
+from labeldiff.study.plan import Cell, Selector, Target, check_reused, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.spec import StudyError, Study, load_study
 from labeldiff.study.verdict import verdict_markdown
@@ -139,6 +139,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     target = Target.load(study, ft)
     pre_dir = Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain"
     runs = plan_pretraining(study, pre_dir, out)
+    check_reused(study, runs, target, shared)
     cells = plan_cells(study, runs, target, fts, out)
     write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
                                    "train": len(target.train), "test": len(target.test), "K": target.num_classes,
