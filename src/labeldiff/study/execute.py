@@ -4,10 +4,14 @@ score finished cells in 3D and under corruptions; read a finished cell back as a
 in several processes side by side."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -33,6 +37,28 @@ from labeldiff.transfer.run import run_transfer
 
 
 TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
+
+
+class _Renaming(io.TextIOBase):
+    """A text stream that writes to ``stream`` with the path ``tmp`` replaced by ``final``."""
+
+    def __init__(self, stream, tmp: Path, final: Path):
+        self.stream, self.tmp, self.final = stream, str(tmp), str(final)
+
+    def write(self, text: str) -> int:
+        self.stream.write(text.replace(self.tmp, self.final))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def written_whole(folder: Path) -> Iterator[Path]:
+    """:func:`labeldiff.fs.atomic_folder`, with what is printed meanwhile naming ``folder``, where the files
+    will be, instead of the temporary folder they are written in (``eval.tmp/``, gone once renamed)."""
+    with atomic_folder(folder) as tmp, redirect_stdout(_Renaming(sys.stdout, tmp, folder)):
+        yield tmp
 
 
 def start_from(shorter: Pretraining, folder: Path) -> None:
@@ -123,7 +149,7 @@ def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, shared, target)
     run_transfer(cfg, cell.dir / "run", stems)
-    with atomic_folder(cell.dir / "eval") as tmp:
+    with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
@@ -136,7 +162,7 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     pretraining run and copies it into the other cells."""
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
-    with atomic_folder(cell.dir / "eval") as tmp:
+    with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
                      device=ft.train.device)
         seconds = time.time() - t0
@@ -173,7 +199,7 @@ def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: 
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
         where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
-        with atomic_folder(cell.dir / "eval" / "robustness") as tmp:
+        with written_whole(cell.dir / "eval" / "robustness") as tmp:
             run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
                          split=ft.data.test_split, device=ft.train.device, max_overlays=1,
                          corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
