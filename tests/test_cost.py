@@ -8,13 +8,12 @@ import re
 import time
 
 import pytest
-import yaml
 
 import labeldiff.pretrain.run as pretrain_run
 from labeldiff.cli import main
 from labeldiff.pretrain.cost import StepClock, duration, estimate
 
-from conftest import write_labeled_dataset
+from conftest import write_labeled_dataset, write_tiny_study
 
 TINY = ["--size", "16", "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--channels", "3",
         "--unet-channels", "8,16", "--attention", "0,0", "--head-channels", "8", "--checkpoint-every", "100"]
@@ -104,17 +103,8 @@ def test_study_dry_run_times_each_network_once_and_says_what_is_left(tmp_path, c
     """--dry-run prints ≈ per pretraining run and per cell, trains and writes nothing; the pretraining
     estimate is the right order of magnitude against the run the study then trains."""
     root = tmp_path
-    write_labeled_dataset(root / "data", n=6, k=3)
-    pre = {"model": {"channels": [8, 16], "attention_levels": [False, False], "num_head_channels": 8},
-           "train": {"steps": 40, "batch_size": 2, "precision": "fp32", "device": "cpu", "checkpoint_every": 100}}
-    ft = {"train": {"steps": 3, "batch_size": 2, "precision": "fp32", "device": "cpu", "checkpoint_every": 100},
-          "transfer": {"head_hidden": 8, "augment": "none"}}
-    (root / "pre.yaml").write_text(yaml.safe_dump(pre))
-    (root / "ft.yaml").write_text(yaml.safe_dump(ft))
-    study = {"data": {"path": "data", "size": 16, "channels": 3}, "methods": [{"name": "ddpm", "recipe": "pre.yaml"}],
-             "strategies": ["full", "lp-ft", "probe", "scratch"], "labels": [1, 2], "seeds": [0],
-             "finetune": {"recipe": "ft.yaml", "overrides": {"transfer.lp_steps": 2}}}
-    (root / "s.yaml").write_text(yaml.safe_dump(study))
+    write_tiny_study(root, pretrain_steps=40, finetune_steps=3, strategies=["full", "lp-ft", "probe", "scratch"],
+                     labels=[1, 2], finetune={"recipe": "ft.yaml", "overrides": {"transfer.lp_steps": 2}})
     out = root / "out"
     assert main(["study", str(root / "s.yaml"), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out

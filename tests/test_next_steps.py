@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from labeldiff.cli import main
 
-from conftest import write_labeled_dataset
+from conftest import write_labeled_dataset, write_tiny_study
 
 TINY = ["--size", "16", "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
         "--checkpoint-every", "100"]
@@ -48,18 +47,7 @@ def test_pretrain_finetune_select_split_and_sample_end_with_where_and_next(tmp_p
 
 @pytest.mark.slow
 def test_a_study_names_its_final_paths_and_says_what_next(tmp_path, capsys):
-    write_labeled_dataset(tmp_path / "data", n=6, k=3)
-    pre = {"model": {"channels": [8, 16], "attention_levels": [False, False], "num_head_channels": 8},
-           "train": {"steps": 2, "batch_size": 2, "precision": "fp32", "device": "cpu", "checkpoint_every": 100}}
-    ft = {"train": {"steps": 2, "batch_size": 2, "precision": "fp32", "device": "cpu", "checkpoint_every": 100},
-          "transfer": {"head_hidden": 8, "augment": "none"}}
-    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
-    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft))
-    study = {"data": {"path": "data", "size": 16, "channels": 3}, "methods": [{"name": "ddpm", "recipe": "pre.yaml"}],
-             "strategies": ["full", "scratch"], "labels": [2], "seeds": [0], "finetune": {"recipe": "ft.yaml"},
-             "robustness": {"corruptions": "noise", "severities": [1]}}
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path = write_tiny_study(tmp_path, robustness={"corruptions": "noise", "severities": [1]})
     out = tmp_path / "out"
     assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
     assert f"next: labeldiff study {path} --out {out}" in tail(capsys, 1)
