@@ -37,11 +37,18 @@ def test_step_clock_estimates_after_the_first_step_and_corrects_a_slow_start():
     assert len(lines) == 1 and "≈ 3.3 min for 100 steps" in lines[0] and "the first step, timed" in lines[0]
     clock.step_done(0.5)  # four times as fast: the first step was start-up
     assert len(lines) == 2 and "≈ 50 s for 100 steps" in lines[1] and "the second step" in lines[1]
+    for _ in range(8):
+        clock.step_done(0.5)
+    assert len(lines) == 2  # steps 2–10 kept the pace of the last estimate: nothing more to say
     steady: list[str] = []
     clock = StepClock(100, "x", say=steady.append)
     clock.step_done(1.0)
     clock.step_done(0.9)
     assert len(steady) == 1  # no correction when the second step is like the first
+    for _ in range(8):
+        clock.step_done(0.3)  # the first steps were decoding images: the pace is 3× the estimate's
+    assert len(steady) == 2 and "≈ 37 s for 100 steps (367 ms a step): steps 2–10, timed" in steady[1]
+    assert not clock.watching
 
 
 @pytest.mark.slow

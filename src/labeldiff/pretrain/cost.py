@@ -79,18 +79,35 @@ def estimate(step_s: float, steps: int) -> str:
 
 class StepClock:
     """The estimate a run prints about itself: after its first step (before the second), the time of
-    that step × the steps of this session; after the second, a corrected estimate when the second was
-    more than twice as fast (the first paid start-up). ``say``: where the lines go."""
+    that step × the steps of this session. The first step also pays for start-up (and the first steps for
+    decoding images the cache does not hold yet), so the estimate is said again after the second step when
+    that one was more than twice as fast, and after the tenth when the mean of steps 2–10 is more than 1.5×
+    off the last estimate. ``say``: where the lines go."""
+
+    CHECK_AT = 10  # the step whose mean pace is checked against the estimate
 
     def __init__(self, steps: int, desc: str, say: Callable[[str], None] = print):
         self.steps, self.desc, self.say = steps, desc, say
         self.times: list[float] = []
+        self.said: float | None = None  # the step time of the last estimate printed
+
+    @property
+    def watching(self) -> bool:
+        return len(self.times) < min(self.CHECK_AT, self.steps)
 
     def step_done(self, seconds: float) -> None:
         self.times.append(seconds)
-        if len(self.times) == 1 and self.steps > 1:
+        n = len(self.times)
+        if n == 1 and self.steps > 1:
+            self.said = seconds
             self.say(f"{self.desc}: {estimate(seconds, self.steps)}: the first step, timed (start-up included, "
                      f"so this leans high); the bar's rate follows the run")
-        elif len(self.times) == 2 and self.steps > 2 and seconds < self.times[0] / 2:
+        elif n == 2 and self.steps > 2 and seconds < self.times[0] / 2:
+            self.said = seconds
             self.say(f"{self.desc}: {estimate(seconds, self.steps)}: the second step, timed (the first, "
                      f"{per_step(self.times[0])}, was start-up)")
+        elif n == self.CHECK_AT and self.steps > n and self.said:
+            pace = sum(self.times[1:]) / (n - 1)
+            if not 1 / 1.5 <= pace / self.said <= 1.5:
+                self.said = pace
+                self.say(f"{self.desc}: {estimate(pace, self.steps)}: steps 2–{n}, timed")

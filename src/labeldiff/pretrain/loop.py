@@ -256,7 +256,7 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 ema.update(model, step)
             loss_value = float(global_loss)
             done = step + 1
-            if len(clock.times) < 2:
+            if clock.watching:
                 now = time.perf_counter()
                 clock.step_done(now - began)
                 began = now
