@@ -97,7 +97,8 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
         phases.append((cfg.train.steps, cfg.transfer.strategy))
         cost, steps, parts = 0.0, 0, []
         for n, strategy in phases:
-            step = seconds(cfg, strategy, lambda c=cfg, s=strategy: calibrate_finetune(c, samples, target.num_classes, s))
+            step = seconds(cfg, strategy,
+                           lambda c=cfg, s=strategy: calibrate_finetune(c, samples, target.num_classes, s))
             if isinstance(step, str):
                 group[2] = step
                 break

@@ -166,10 +166,11 @@ def check_reused(study: Study, runs: list[Pretraining], target: Target, shared: 
                                  f"would not be label-efficient; pretrain it on another labeled dataset (data.source)")
             seen = sorted(set(rec.get("stems") or []) & set(target.test))
             if seen and not study.data.options.get("include_test"):
+                shown = ", ".join(seen[:3]) + (", …" if len(seen) > 3 else "")
                 raise StudyError(f"{where} read {len(seen)} of the study's {len(target.test)} test images when it was "
-                                 f"pretrained ({', '.join(seen[:3])}{', …' if len(seen) > 3 else ''}); pretrain it on "
-                                 f"the images outside the study's test split (the default, without --include-test, "
-                                 f"with the study's split file), or give the study data: {{include_test: true}}")
+                                 f"pretrained ({shown}); pretrain it on the images outside the study's test split "
+                                 f"(the default, without --include-test, with the study's split file), or give the "
+                                 f"study data: {{include_test: true}}")
         print(f"{run.name}: your run {run.dir}, used as it is (the cells' data geometry; it never read the study's "
               f"{len(target.test)} test images)")
 

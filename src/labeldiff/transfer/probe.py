@@ -99,9 +99,9 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
         ensemble.history[m] = losses
         if progress and m == mine[0] and len(mine) > 1:
             took, rest = time.perf_counter() - began, len(mine) - 1
-            tqdm.write(f"probe: member {m + 1} took {duration(took)} ({len(losses)} epochs) → ≈ {duration(took * rest)} "
-                       f"for the other {rest} (its time × {rest}; each stops on its own loss, at most {max_epochs} "
-                       f"epochs: ≤ {duration(took / len(losses) * max_epochs * rest)})")
+            tqdm.write(f"probe: member {m + 1} took {duration(took)} ({len(losses)} epochs) → "
+                       f"≈ {duration(took * rest)} for the other {rest} (its time × {rest}; each stops on its own "
+                       f"loss, at most {max_epochs} epochs: ≤ {duration(took / len(losses) * max_epochs * rest)})")
     return ensemble
 
 
