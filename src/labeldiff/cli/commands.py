@@ -100,7 +100,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
     run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
-                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window, overwrite=args.overwrite)
+                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window, overwrite=args.overwrite,
+                probabilities=args.probabilities)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -117,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     batch_size=args.batch_size, precision=args.precision)
     masks = (sample_masks(model, cfg, images, args.batch_size, precision=args.precision)
              if cfg.corruption.method == "hybrid" else None)
-    grid = save_samples(images, args.out, masks=masks)
+    grid = save_samples(images, args.out, masks=masks, num_classes=cfg.num_classes)
     pairs = " (image, mask) pairs" if masks is not None else ""
     print(f"wrote {args.n} samples{pairs} and {grid}")
 

@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for new images (PNG) or volumes (NIfTI)",
-                       description="Predict masks with a run: a mask PNG, an overlay and an uncertainty map per image, "
-                                   "or a label NIfTI on the input's grid per volume.")
+                       description="Predict masks with a run: per image a mask PNG (a palette PNG: its pixel values "
+                                   "are the class ids, its palette colours them for viewers; 16-bit grey above 256 "
+                                   "classes), an overlay and an uncertainty map (and per-class probabilities with "
+                                   "--probabilities); per volume a label NIfTI on the input's grid.")
     p.add_argument("--model", required=True, type=Path, help="a finetune run folder, or a hybrid / supervised "
                                                             "pretraining run")
     p.add_argument("--input", required=True, type=Path,
@@ -244,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (not the input folder, nor a dataset's "
                                                           "images/ or masks/)")
     p.add_argument("--overwrite", action="store_true", help="replace masks, overlays and maps already in --out")
+    p.add_argument("--probabilities", action="store_true",
+                   help="2D images: also write each class's probability as a 16-bit grey PNG, "
+                        "OUT/probabilities/class_<c>/<stem>.png (65535 = 1), which ImageJ/Fiji, QuPath and any "
+                        "image library open")
     add_inference_options(p)
     p.set_defaults(func=c.cmd_predict)
 

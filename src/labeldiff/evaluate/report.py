@@ -6,10 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
-                    [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0],
-                    [255, 215, 180], [0, 0, 128], [128, 128, 128]], dtype=np.uint8)  # 20 distinct colours + black
+from labeldiff.data.io import class_colours
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -20,7 +17,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    return PALETTE[np.asarray(mask) % len(PALETTE)]
+    """``[H, W]`` class ids → ``[H, W, 3]`` uint8 in the colours a predicted mask PNG's palette gives them
+    (:func:`labeldiff.data.io.class_colours`)."""
+    mask = np.asarray(mask)
+    return class_colours(int(mask.max()) + 1 if mask.size else 1)[mask]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:

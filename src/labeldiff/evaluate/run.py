@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from labeldiff.checkpoint import atomic_write_text
 from labeldiff.data.folders import list_images, open_labeled
 from labeldiff.data.guard import check_output_folder, refuse_existing
-from labeldiff.data.io import DataError, check_decodes, read_image
+from labeldiff.data.io import DataError, check_decodes, read_image, write_mask
 from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw
 from labeldiff.data.validation import validate_samples
 from labeldiff.errors import ConfigError
@@ -134,9 +134,12 @@ def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_s
 
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
                 precision: str = INFERENCE_PRECISION, axis: int | None = None, intensity: str | None = None,
-                hu_window: tuple[float, float] | None = None, overwrite: bool = False) -> list[Path]:
-    """Write ``<stem>.png`` (class indices; 8-bit, 16-bit above 256 classes), ``overlays/<stem>.png`` and
-    ``uncertainty/<stem>.png``.
+                hu_window: tuple[float, float] | None = None, overwrite: bool = False,
+                probabilities: bool = False) -> list[Path]:
+    """Write ``<stem>.png`` (the class ids: a palette PNG up to 256 classes, coloured for viewers; 16-bit grey
+    above, :func:`~labeldiff.data.io.write_mask`), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``;
+    with ``probabilities`` also ``probabilities/class_<c>/<stem>.png`` per class c: its softmax probability
+    as a 16-bit grey PNG (65535 = 1).
 
     Volumes (a NIfTI file, a DICOM series folder, an nnU-Net dataset or ``imagesTs/`` folder) go to
     :func:`labeldiff.evaluate.volume.run_predict_volumes` instead: one label NIfTI per case, on the
@@ -154,32 +157,37 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     inputs = Path(inputs)
     out = check_output_folder(Path(out), reads=(inputs,))
     if volume_cases(inputs):
+        if probabilities:
+            raise ConfigError(f"--probabilities writes per-class PNG maps of 2D images; {inputs} holds volumes, "
+                              f"which predict writes as label NIfTIs: leave --probabilities out")
         return run_predict_volumes(model_dir, inputs, out, axis=axis, intensity=intensity, hu_window=hu_window,
                                    device=device, tta=tta, precision=precision, overwrite=overwrite)
     model, cfg = open_segmenter(Path(model_dir), device)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     check_decodes(list(files.values()))  # a broken file stops here, before the output folder exists
-    if cfg.num_classes > 65536:
-        raise DataError(f"{model_dir} predicts {cfg.num_classes} classes; a PNG mask holds at most 65,536")
-    refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty")],
+    k = cfg.num_classes
+    if k > 65536:
+        raise DataError(f"{model_dir} predicts {k} classes; a PNG mask holds at most 65,536")
+    maps = [f"probabilities/class_{c}" for c in range(k)] if probabilities else []
+    refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty", *maps)],
                     overwrite)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    (out / "uncertainty").mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if cfg.num_classes <= 256 else np.uint16  # class ids as pixel values, never wrapped
-    written = []
+    written, kind = [], ""
     for stem, path in tqdm(files.items(), desc="predict", unit="img"):
         image = torch.from_numpy(read_image(path, cfg.data.channels))
         logits = predict_logits(model, image, cfg.data, precision, tta=tta)
-        pred = logits.argmax(0).numpy().astype(dtype)
+        pred = logits.argmax(0).numpy()
         probs = torch.softmax(logits, dim=0)
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(cfg.num_classes, 2))
-        save_png(pred, out / f"{stem}.png")
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(k, 2))
+        kind = write_mask(pred, out / f"{stem}.png", k)
         save_png(overlay(image.numpy(), pred), out / "overlays" / f"{stem}.png")
         save_png((ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8), out / "uncertainty" / f"{stem}.png")
+        for c, folder in enumerate(maps):
+            save_png((probs[c].clamp(0, 1) * 65535).round().numpy().astype(np.uint16), out / folder / f"{stem}.png")
         written.append(out / f"{stem}.png")
-    bits = "8-bit" if dtype == np.uint8 else "16-bit"
-    print(f"wrote {len(written)} masks ({bits} PNG, values 0..{cfg.num_classes - 1}) to {out}, overlays to "
-          f"{out / 'overlays'} and uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}")
+    extra = (f", and per-class probabilities (16-bit PNG, 65535 = 1) to {out / 'probabilities'}/class_0..{k - 1}"
+             if probabilities else "")
+    print(f"wrote {len(written)} masks ({kind}, pixel values = class ids 0..{k - 1}) to {out}, overlays to "
+          f"{out / 'overlays'}, uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}{extra}")
     return written
 
 
