@@ -101,7 +101,7 @@ def bar_chart(results: dict[str, tuple[float, float]], path: Path, ylabel: str =
     for b, m in zip(bars, means):
         ax.text(b.get_x() + b.get_width() / 2, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, max([1.05] + [m + s + 0.05 for m, s in zip(means, stds) if np.isfinite(m + s)]))  # whole bars
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

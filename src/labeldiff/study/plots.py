@@ -39,13 +39,18 @@ def plot_dice_vs_labels(rows: list[dict], path: Path, metric: str = "dice", titl
     _save(fig, path, dpi=100)
 
 
-def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str = "", goal: float = 0.05) -> list[dict]:
-    """A forest plot of :func:`paired_differences`: one row per pretrained setting × k, each seed's
-    difference to scratch as a dot, the mean as a bar with its 95 % CI, lines at 0 and at +``goal``.
-    Returns the pairs it drew (none: no file)."""
-    pairs = [p for p in paired_differences(rows, metric) if p["n"] > 0]
-    if not pairs:
-        return pairs
+def interval_limits(values, margin: float = 0.08) -> tuple[float, float]:
+    """Axis limits that hold every finite value of ``values`` (points and interval ends) and 0, with
+    ``margin`` of the span to spare on each side: an interval plot always shows its whole interval and
+    whether it crosses 0."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)] + [0.0]
+    lo, hi = min(v), max(v)
+    pad = margin * (hi - lo) if hi > lo else 0.05
+    return lo - pad, hi + pad
+
+
+def paired_figure(pairs: list[dict], metric: str = "dice", title: str = "", goal: float = 0.05):
+    """The forest plot of :func:`plot_paired` for ``pairs`` (:func:`paired_differences` with n > 0), returned."""
     plt = _pyplot()
     shown = [a for a in ("method", "strategy", "protocol", "select") if len({p[a] for p in pairs}) > 1] or ["method"]
     fig, ax = plt.subplots(figsize=(7.5, 2.4 + 0.45 * len(pairs)))
@@ -67,16 +72,22 @@ def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str =
     ax.set_xlabel(f"pretrained − scratch, paired {metric} (dots: seeds; bar: mean and 95 % CI)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_ylim(-0.6, len(pairs) - 0.4)
-    dots = [d for p in pairs for d in p["diffs"]] + [0.0, goal]
-    lo, hi = min(dots), max(dots)
-    lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
-    ax.set_xlim(lo, hi)  # the dots decide the scale: a CI from 2 seeds can span ±1
-    if any(p["n"] >= 2 and (p["low"] < lo or p["high"] > hi) for p in pairs):
-        ax.set_xlabel(ax.get_xlabel() + "\nCIs wider than the dots run off the edges")
+    ends = [v for p in pairs if p["n"] >= 2 for v in (p["low"], p["high"])]
+    ax.set_xlim(*interval_limits([d for p in pairs for d in p["diffs"]] + ends + [goal]))
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path, dpi=100)
+    return fig
+
+
+def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str = "", goal: float = 0.05) -> list[dict]:
+    """A forest plot of :func:`paired_differences`: one row per pretrained setting × k, each seed's
+    difference to scratch as a dot, the mean as a bar with its 95 % CI, lines at 0 and at +``goal``; the
+    x-axis spans every dot, every interval, 0 and the goal (:func:`interval_limits`), however wide a CI
+    from few seeds is. Returns the pairs it drew (none: no file)."""
+    pairs = [p for p in paired_differences(rows, metric) if p["n"] > 0]
+    if pairs:
+        _save(paired_figure(pairs, metric, title, goal), path, dpi=100)
     return pairs
 
 
