@@ -137,6 +137,58 @@ def test_evaluate(finetuned, module_dataset, tmp_path):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+@pytest.mark.slow
+def test_evaluate_overlays_worst_best_named_and_all(finetuned, module_dataset, tmp_path, capsys):
+    """--overlays worst / best pick the test images of lowest / highest foreground Dice in per_image.csv;
+    named stems are shown in their order; all writes one PNG per image (image | truth | prediction |
+    outcome at the image's own size, K = 3) into OUT/overlays/; a stem not in the split is refused before
+    anything is written."""
+    from labeldiff.data.io import read_image
+    from labeldiff.evaluate.overlays import FP, OUTCOMES, outcome_map
+    from labeldiff.evaluate.report import to_rgb
+
+    def shown(how: str, *more: str) -> list[str]:
+        out = tmp_path / how.replace(",", "_")
+        assert main(["evaluate", "--model", str(finetuned), "--out", str(out), "--device", "cpu",
+                     "--overlays", how, *more]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        return line.split("overlays.png (")[1].split(": ", 1)[1].split(")")[0].split(", ")
+
+    train = json.loads((module_dataset / "split.json").read_text())["train"]
+    assert main(["evaluate", "--model", str(finetuned), "--split", "train", "--out", str(tmp_path / "scores"),
+                 "--device", "cpu"]) == 0
+    with open(tmp_path / "scores" / "per_image.csv") as f:
+        fg = {r["stem"]: np.nanmean([float(r["dice_1"]), float(r["dice_2"])]) for r in csv.DictReader(f)}
+    assert len(set(fg.values())) == len(fg)  # distinct scores: the order is the test's to check
+    by = sorted(fg, key=fg.get)
+    assert shown("worst", "--split", "train", "--overlay-count", "2") == by[:2]
+    assert shown("best", "--split", "train", "--overlay-count", "3") == by[::-1][:3]
+    assert shown(f"{train[2]},{train[0]}", "--split", "train") == [train[2], train[0]]
+    assert shown("all", "--split", "train", "--overlay-count", "1") == train[:1]
+    for stem in train:
+        with Image.open(tmp_path / "all" / "overlays" / f"{stem}.png") as im, \
+                Image.open(module_dataset / "images" / f"{stem}.png") as src:
+            assert im.size == (4 * src.size[0] + 3 * 4, src.size[1])
+    # in the outcome panel, false positives (predicted foreground on background) are drawn in their colour
+    assert main(["predict", "--model", str(finetuned), "--input", str(module_dataset), "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 0
+    stem = train[0]
+    image = read_image(module_dataset / "images" / f"{stem}.png", 3)
+    kinds = outcome_map(read_mask(tmp_path / "p" / f"{stem}.png"), read_mask(module_dataset / "masks" / f"{stem}.png"))
+    with Image.open(tmp_path / "all" / "overlays" / f"{stem}.png") as im:
+        outcome = np.asarray(im.convert("RGB"))[:, -kinds.shape[1]:].astype(int)
+    fp, colour = kinds == FP, np.array(OUTCOMES[FP][1])
+    rgb = to_rgb(image).astype(int)
+    solid = np.all(outcome[fp] == colour, axis=1)
+    blend = np.all(np.abs(outcome[fp] - (0.6 * rgb[fp] + 0.4 * colour)) <= 1, axis=1)
+    assert fp.sum() > 0 and solid.any() and np.all(solid | blend)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(finetuned), "--out", str(tmp_path / "bad"), "--device", "cpu",
+                 "--overlays", "img_05,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--overlays names nope, not in split 'test'" in err and not (tmp_path / "bad").exists()
+
+
 def test_evaluate_default_out_and_other_split(finetuned):
     """Without --out, evaluate writes into MODEL/eval_SPLIT; --split picks another split."""
     assert main(["evaluate", "--model", str(finetuned), "--split", "train", "--device", "cpu"]) == 0

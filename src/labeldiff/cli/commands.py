@@ -81,7 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(args.model, args.out, data=args.data, split=args.split, split_file=args.split_file,
              corruptions=corruptions, severities=severities, corruption_seed=args.corruption_seed,
              slab=_slab(args.slab), axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
-             device=args.device, precision=args.precision, tta=args.tta)
+             device=args.device, precision=args.precision, tta=args.tta, overlays=args.overlays,
+             overlay_count=args.overlay_count)
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:

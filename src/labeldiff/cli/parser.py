@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
     p.add_argument("--slab", default=None, metavar="FIRST:LAST",
                    help="volumes: score only slices FIRST..LAST along --axis (a held-out slab)")
+    p.add_argument("--overlays", default=None, metavar="first|worst|best|all|STEM,...",
+                   help="which images overlays.png shows, each pixel coloured as true positive, false positive or "
+                        "false negative: the first, the worst or the best by foreground Dice, all (also one PNG per "
+                        "image in OUT/overlays/; the grid shows the first), or the named stems [first]")
+    p.add_argument("--overlay-count", type=POSITIVE, default=6,
+                   help="how many images overlays.png shows for first, worst, best and all [6]")
     add_inference_options(p)
     p.add_argument("--corruptions", default=None, metavar="all|NAME,...",
                    help="then score again under test-time corruptions: all, or some of noise, blur, jpeg, contrast, "

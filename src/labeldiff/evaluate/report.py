@@ -41,49 +41,36 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
-    """A legend under ``fig`` naming (``dataset.json`` / ``classes.json`` names, else numbers) the
-    foreground classes present in ``masks``, in their overlay colours; False when none is present."""
-    from matplotlib.patches import Patch
-
-    present = sorted({int(c) for m in masks if m is not None for c in np.unique(m) if c > 0})
-    if not present:
-        return False
-    colours = colorize(np.array(present)) / 255.0
-    fig.legend([Patch(color=colours[j]) for j in range(len(present))],
-               [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present],
-               loc="lower center", ncol=min(len(present), 7), fontsize=7, frameon=False)
-    return True
-
-
-def overlay_grid(rows: list[dict], path: Path, title: str = "", class_names: list[str] | None = None) -> None:
-    """One row per image: image | ground truth | prediction (overlays), with a legend of the classes.
-    ``rows``: dicts with ``name``, ``image [C,H,W]``, ``target [H,W]`` (optional), ``pred [H,W]``,
-    ``dice`` (optional)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Write a figure whose layout is set (constrained) and close it."""
     import matplotlib.pyplot as plt
 
-    cols = 3 if any(r.get("target") is not None for r in rows) else 2
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
-    for ax_row, r in zip(axes, rows):
-        panels = [("image", to_rgb(r["image"]))]
-        if cols == 3:
-            panels.append(("ground truth", overlay(r["image"], r["target"])))
-        label = "prediction" + (f" (Dice {r['dice']:.3f})" if r.get("dice") is not None else "")
-        panels.append((label, overlay(r["image"], r["pred"])))
-        for ax, (name, pic) in zip(ax_row, panels):
-            ax.imshow(pic)
-            ax.set_title(f"{r['name']}: {name}" if name == "image" else name, fontsize=8)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    legend = class_legend(fig, [r.get("target") for r in rows] + [r["pred"] for r in rows], class_names)
-    fig.tight_layout(rect=(0, 0.4 / (3 * len(rows)), 1, 1) if legend else None)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def class_handles(masks: list[np.ndarray], class_names: list[str] | None,
+                  below: int | None = None) -> tuple[list, list[str]]:
+    """Legend handles and names (``dataset.json`` / ``classes.json`` names, else numbers) of the foreground
+    classes present in ``masks`` (ids below ``below`` only, when given), in their overlay colours."""
+    from matplotlib.patches import Patch
+
+    present = sorted({int(c) for m in masks if m is not None for c in np.unique(m)
+                      if c > 0 and (below is None or c < below)})
+    colours = colorize(np.array(present, dtype=np.int64)) / 255.0
+    return ([Patch(facecolor=colours[j], edgecolor="black", linewidth=0.5) for j in range(len(present))],
+            [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present])
+
+
+def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
+    """A legend under ``fig`` naming the foreground classes present in ``masks`` (:func:`class_handles`);
+    False when none is present."""
+    handles, names = class_handles(masks, class_names)
+    if not handles:
+        return False
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=7, frameon=False)
+    return True
 
 
 def bar_chart(results: dict[str, tuple[float, float]], path: Path, ylabel: str = "Dice", title: str = "") -> None:

@@ -92,27 +92,26 @@ def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str =
 
 
 def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "",
-                  class_names: list[str] | None = None) -> None:
-    """Rows: ``images`` (dicts with ``name``, ``image [C,H,W]``, ``target [H,W]``); columns: image |
-    ground truth | one prediction per entry of ``predictions`` (label → one mask per image); a legend
-    names the classes shown."""
-    plt = _pyplot()
-    from labeldiff.evaluate.report import class_legend, overlay, to_rgb
+                  class_names: list[str] | None = None, num_classes: int = 2, ignore_index: int | None = None) -> None:
+    """Rows: ``images`` (dicts with ``name``, ``image [C,H,W]``, ``target [H,W]``); columns: image | ground
+    truth (class colours) | one prediction per entry of ``predictions`` (label → one mask per image), each
+    pixel coloured by its outcome against the ground truth and captioned with that image's foreground Dice
+    (:mod:`labeldiff.evaluate.overlays`, as ``labeldiff evaluate`` draws them); a legend names the colours."""
+    from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
+    from labeldiff.evaluate.overlays import caption, outcome_legend, outcome_overlay, panel_figure
+    from labeldiff.evaluate.report import overlay, save_figure, to_rgb
 
-    cols = 2 + len(predictions)
-    fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.6 * len(images) + 0.4), squeeze=False)
+    grid = []
     for i, im in enumerate(images):
-        panels = [(im["name"][:20], to_rgb(im["image"])), ("ground truth", overlay(im["image"], im["target"]))]
-        panels += [(label, overlay(im["image"], preds[i])) for label, preds in predictions.items()]
-        for ax, (name, pic) in zip(axes[i], panels):
-            ax.imshow(pic)
-            ax.set_title(name, fontsize=7)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+        row = [(caption(im["name"], None), to_rgb(im["image"])), ("ground truth", overlay(im["image"], im["target"]))]
+        for label, preds in predictions.items():
+            dice = dice_from_stats(confusion_stats(preds[i], im["target"], num_classes, ignore_index))[1:]
+            fg = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+            row.append((caption(label, fg), outcome_overlay(im["image"], preds[i], im["target"], ignore_index)))
+        grid.append(row)
     masks = [im["target"] for im in images] + [m for preds in predictions.values() for m in preds]
-    legend = class_legend(fig, masks, class_names)
-    _save(fig, path, dpi=90, rect=(0, 0.4 / (2.6 * len(images) + 0.4), 1, 1) if legend else None)
+    save_figure(panel_figure(grid, title, lambda fig: outcome_legend(fig, num_classes, class_names, masks)), path,
+                dpi=90)
 
 
 def _pyplot():
