@@ -358,15 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=c.cmd_study)
 
-    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95%% CIs",
-                       description="Pair the finished cells of two studies (the same method name, strategy, protocol, "
-                                   "selection, k, seed and labeled images): each study's mean, the mean paired "
-                                   "difference A − B and its 95% t-interval per setting.")
-    p.add_argument("a", type=Path, help="a study folder (or its results.csv)")
-    p.add_argument("b", type=Path, help="a study folder (or its results.csv) to subtract")
-    p.add_argument("--names", type=_names, default=None, help="A,B: the studies' names in the table [folder names]")
-    p.add_argument("--metric", default="dice", help="results.csv column: dice, iou, dice_<class> [dice]")
-    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    p = sub.add_parser("compare", help="run A − run B image by image, or study A − study B cell by cell, with 95%% CIs",
+                       usage="labeldiff compare A B [--metric METRIC] [--out FILE.md] (A, B: two runs or two studies)",
+                       description="Two runs (run folders, or evaluation folders of `labeldiff evaluate`) scored on "
+                                   "the same test images: the per-image differences A − B of --metric, their mean and "
+                                   "95%% t-interval, how many images each run is ahead on, a table and, with --out, a "
+                                   "plot; refused when the runs were scored on other datasets or test images. A run "
+                                   "folder is compared through its eval_<split>/, evaluated first if it has none. Two "
+                                   "studies: their finished cells paired (the same method name, strategy, protocol, "
+                                   "selection, k, seed and labeled images), each study's mean, the mean paired "
+                                   "difference A − B and its 95%% t-interval per setting.")
+    p.add_argument("a", type=Path, help="a run folder, an evaluation folder, or a study folder (or its results.csv)")
+    p.add_argument("b", type=Path, help="the same kind of folder, to subtract")
+    p.add_argument("--names", type=_names, default=None, help="A,B: their names in the table [folder names]")
+    p.add_argument("--metric", default="dice",
+                   help="dice, iou, or a per-class column dice_<class> / iou_<class> (studies: a results.csv column) "
+                        "[dice]")
+    p.add_argument("--split", default=None,
+                   help="runs: compare their evaluations on this split, RUN/eval_<split>/ [the runs' test split]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
     p.set_defaults(func=c.cmd_compare)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no download)",

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
+from labeldiff.data import provenance
 from labeldiff.data.folders import list_images, open_labeled
 from labeldiff.data.guard import check_output_folder, refuse_existing
 from labeldiff.data.io import DataError, check_decodes, read_image, write_mask
@@ -68,7 +69,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                  severities: list[int] | None = None, corruption_seed: int = 0) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
-    Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``. The overlays
+    Writes ``metrics.json`` (with ``test_images``: the dataset, split file and stems scored, which
+    ``labeldiff compare`` pairs by), ``per_image.csv`` and ``overlays.png`` into ``out``. The overlays
     (:mod:`labeldiff.evaluate.overlays`) show ``overlay_count`` images chosen by ``overlays``: ``first``
     [default], ``worst`` or ``best`` by foreground Dice, ``all`` (every image also as
     ``out/overlays/<stem>.png``; the grid shows the first), or ``STEM,STEM,...``. ``precision``:
@@ -107,7 +109,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
-                    "precision": precision, "ignore_index": ignore})
+                    "precision": precision, "ignore_index": ignore, "num_classes": k,
+                    "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(picker.rows(), out / "overlays.png", k, class_names=names, ignore_index=ignore,
@@ -131,7 +134,6 @@ def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_s
     """Refuse to score images the run (or the run it was pretrained from) trained on: a split file that
     changed after training, or another dataset split over the same images. Scoring the run's own
     training split is allowed, with a note saying what the numbers are."""
-    from labeldiff.data import provenance
     from labeldiff.runs import RunFolder
 
     for how, rec in RunFolder.open(model_dir).trained_on():

@@ -91,6 +91,39 @@ def plot_paired(rows: list[dict], path: Path, metric: str = "dice", title: str =
     return pairs
 
 
+def run_differences_figure(stems: list[str], diffs: list[float], ci: dict, names: tuple[str, str],
+                           metric: str = "dice"):
+    """Paired differences A − B of two runs on the same test images: one dot per image (sorted, coloured by
+    which run is ahead), the mean with its 95 % t-interval as a band, and 0 marked; the x-axis spans every
+    dot, the interval and 0 (:func:`interval_limits`). ``ci``: ``mean``, ``low``, ``high``, ``n`` of
+    :func:`labeldiff.study.stats.paired_ci`. Returned, not saved."""
+    plt = _pyplot()
+    na, nb = names
+    order = sorted(range(len(diffs)), key=lambda i: diffs[i])
+    n = len(order)
+    fig, ax = plt.subplots(figsize=(7.5, min(2.6 + 0.2 * n, 14)), layout="constrained")
+    ys = np.arange(n)
+    d = np.array([diffs[i] for i in order])
+    colours = np.where(d > 0, "tab:red", np.where(d < 0, "tab:blue", "0.5"))
+    if ci["n"] >= 2:
+        ax.axvspan(ci["low"], ci["high"], color="0.85", zorder=0, label=f"95 % CI [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+    if ci["n"] >= 1:
+        ax.axvline(ci["mean"], color="black", linewidth=1.5, zorder=1, label=f"mean {ci['mean']:+.3f}")
+    ax.axvline(0, color="0.2", linewidth=1, linestyle="--", zorder=1, label="0: no difference")
+    ax.scatter(d, ys, c=list(colours), s=18, zorder=3)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([stems[i][:28] for i in order] if n <= 60 else [""] * n, fontsize=6 if n > 30 else 7)
+    ax.set_ylim(-0.8, n - 0.2)
+    ax.set_xlim(*interval_limits(list(d) + [ci["low"], ci["high"], ci["mean"]]))
+    ax.set_ylabel(f"test images (sorted; red: {na} ahead, blue: {nb} ahead)", fontsize=8)
+    ax.set_xlabel(f"{na} − {nb}, per-image {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{na} − {nb} on {n} test images: {na} ahead on {(d > 0).sum()}, {nb} on {(d < 0).sum()}",
+                 fontsize=10)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
+    return fig
+
+
 def plot_overlays(images: list[dict], predictions: dict[str, list[np.ndarray]], path: Path, title: str = "",
                   class_names: list[str] | None = None, num_classes: int = 2, ignore_index: int | None = None) -> None:
     """Rows: ``images`` (dicts with ``name``, ``image [C,H,W]``, ``target [H,W]``); columns: image | ground
