@@ -2,6 +2,7 @@
 volumes and scores or predicts accordingly (volumes: :mod:`labeldiff.evaluate.volume`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     out = check_output_folder(Path(out))
     out.mkdir(parents=True, exist_ok=True)
     all_stats, rows, grid = [], [], []
-    for s, image, target, pred, stats in predict_and_score(model, cfg.data, samples, k, precision, tta,
+    scored = dataclasses.replace(cfg.data, ignore_index=ds.ignore_index)  # a region of interest ignores its outside
+    for s, image, target, pred, stats in predict_and_score(model, scored, samples, k, precision, tta,
                                                             desc=f"evaluate {split}"):
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
@@ -91,7 +93,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
-                    "precision": precision, "ignore_index": cfg.data.ignore_index})
+                    "precision": precision, "ignore_index": ds.ignore_index,
+                    "roi": bool(getattr(ds, "has_roi", False))})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(grid, out / "overlays.png", title=f"{Path(model_dir).name} on {split}: "
