@@ -533,7 +533,7 @@ BAD = [
      r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
     (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
     (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
-     r"--augment 'heavy' is not one of none, light, strong"),
+     r"--augment 'heavy' is not one of auto, none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
@@ -583,7 +583,7 @@ def test_example_studies_load_by_name_from_any_folder(name, monkeypatch, tmp_pat
 
 def test_an_unknown_study_name_lists_the_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StudyError, match=r"study 'quik' is not a shipped name; shipped: brain, quick"):
+    with pytest.raises(StudyError, match=r"study 'quik' is not a shipped name; shipped: brain, demo, quick"):
         load_study("quik")
     with pytest.raises(StudyError, match=r"study mine.yaml does not exist \(looked at "):
         load_study("mine.yaml")
