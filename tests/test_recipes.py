@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from labeldiff.config import RunConfig, load_recipe, merge_recipe
+from labeldiff.errors import ConfigError
+from labeldiff.recipes import FOLDER, find
 from labeldiff.corruption import build_corruption
 from labeldiff.models.unet import SegmentationNet, build_network, check_input_size
 from labeldiff.runtime import generator
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(FOLDER.glob("*.yaml"))
 META = torch.device("meta")
 K = 3
 
@@ -22,6 +24,31 @@ K = 3
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
     assert {"ddpm", "ddpm-cpu", "finetune", "finetune-cpu"} <= names
+
+
+def test_a_recipe_by_name_or_by_path(tmp_path, monkeypatch):
+    assert find("ddpm-cpu") == FOLDER / "ddpm-cpu.yaml"
+    assert load_recipe("ddpm-cpu") == load_recipe(FOLDER / "ddpm-cpu.yaml")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  steps: 7\n")
+    assert load_recipe(mine)["train"]["steps"] == 7
+    monkeypatch.chdir(tmp_path)
+    assert find("mine.yaml") == mine  # relative: the current directory
+    (tmp_path / "ddpm-cpu.yaml").write_text("train:\n  steps: 3\n")
+    assert find("ddpm-cpu.yaml") == tmp_path / "ddpm-cpu.yaml"  # a file on disk wins over the shipped stem
+    assert find("ddpm-cpu") == FOLDER / "ddpm-cpu.yaml"  # a bare name is always the shipped one
+    # studies written when the recipes lived in the checkout's recipes/ folder still find them
+    assert find("recipes/finetune-cpu.yaml") == FOLDER / "finetune-cpu.yaml"
+
+
+def test_an_unknown_recipe_lists_the_shipped_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"'ddpm-gpu' is not a shipped name; shipped: ddep, ddep-cpu, ddpm, ddpm-cpu, "):
+        load_recipe("ddpm-gpu")
+    with pytest.raises(ConfigError, match=r"nothere/x.yaml does not exist \(looked at .*\); .*shipped name: ddep, "):
+        find("nothere/x.yaml")
+    with pytest.raises(ConfigError) as e:
+        find("elsewhere/ddpm-cpu.yaml")  # a stem only falls back from a bare file name or recipes/
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -6,10 +6,14 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "labeldiff"
 
-# what each floor must not import (STYLE §12: data, corruption, models and the runtime helpers know
-# nothing of pretrain, transfer, evaluate, study or cli; runs.py sits below all that open a run)
+# what each floor must not import (docs/explanation/architecture.md, "The layering rules": data, corruption,
+# models and the runtime helpers know nothing of pretrain, transfer, evaluate, study or cli; runs.py sits below
+# all that open a run)
 HIGH = {"runs", "pretrain", "transfer", "evaluate", "sample", "study", "cli", "demo", "bench"}
-FORBIDDEN = {
+FORBIDDEN = {  # recipes, examples: the shipped YAML files and their lookup, below everything but errors
+    "recipes": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "fs", "resolve", "settings",
+                       "examples"},
+    "examples": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "fs", "resolve", "settings"},
     "errors": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "fs", "resolve"},
     "fs": HIGH | {"data", "corruption", "models", "config", "runtime", "checkpoint", "resolve"},
     "runtime": HIGH | {"data", "corruption", "models", "config", "resolve"},

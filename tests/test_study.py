@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+import labeldiff.recipes
 import labeldiff.study.runner as runner
+from labeldiff import examples
 from labeldiff.data.folders import LabeledFolder
 from labeldiff.data.io import DataError
 from labeldiff.data.splits import select_subset
@@ -29,6 +31,7 @@ from labeldiff.study.verdict import verdict_markdown
 from conftest import DATASETS, write_labeled_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+RESEARCH = REPO / "research" / "studies"
 TINY_PRETRAIN = {
     "model": {"channels": [8, 16], "attention_levels": [False, False], "num_head_channels": 8, "norm_num_groups": 8,
               "num_res_blocks": 1},
@@ -530,7 +533,7 @@ BAD = [
      r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
     (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
     (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
-     r"--augment 'heavy' is not one of none, light, strong"),
+     r"--augment 'heavy' is not one of auto, none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
@@ -569,23 +572,40 @@ def test_paths_relative_to_the_yaml_then_the_cwd(files, tmp_path, monkeypatch):
     assert load_study(path).methods[0].recipe.path == sub / "pre.yaml"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "studies").glob("*.yaml")))
-def test_shipped_studies_parse(name, monkeypatch, tmp_path):
-    # the YAMLs name ../shared/datasets/... and recipes/...: run them from a checkout-like folder whose
-    # ../shared is the benchmark data conftest found, so a clone with no ../shared beside it parses them too
+@pytest.mark.parametrize("name", examples.names())
+def test_example_studies_load_by_name_from_any_folder(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    s = load_study(name)
+    assert s.file == examples.FOLDER / f"{name}.yaml" and s.prepare == "brain-demo"
+    assert s.methods[0].recipe.path == labeldiff.recipes.FOLDER / "ddpm-cpu.yaml"  # recipes by name
+    assert load_study(examples.FOLDER / f"{name}.yaml").file == s.file  # or by path
+
+
+def test_an_unknown_study_name_lists_the_examples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StudyError, match=r"study 'quik' is not a shipped name; shipped: brain, demo, quick"):
+        load_study("quik")
+    with pytest.raises(StudyError, match=r"study mine.yaml does not exist \(looked at "):
+        load_study("mine.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RESEARCH.glob("*.yaml")))
+def test_research_studies_parse(name, monkeypatch, tmp_path):
+    # their paths are relative to their own folder: ../../../shared/datasets is the checkout's sibling. Copied
+    # into a checkout-like folder whose ../shared is the benchmark data conftest found, they parse from any
+    # directory, also in a clone with no ../shared beside it
     (tmp_path / "shared").symlink_to(DATASETS.parent, target_is_directory=True)
-    (tmp_path / "repo").mkdir()
-    for sub in ("recipes", "studies"):
-        (tmp_path / "repo" / sub).symlink_to(REPO / sub, target_is_directory=True)
-    monkeypatch.chdir(tmp_path / "repo")
-    raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
+    shutil.copytree(RESEARCH, tmp_path / "repo" / "research" / "studies")
+    folder = tmp_path / "repo" / "research" / "studies"
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((folder / f"{name}.yaml").read_text())
     while "extends" in raw:  # the data block may come from the study this one extends
-        raw = {**yaml.safe_load((REPO / "studies" / raw.pop("extends")).read_text()), **raw}
+        raw = {**yaml.safe_load((folder / raw.pop("extends")).read_text()), **raw}
     data = (raw.get("data") or {})
     for key in ("path", "source"):
-        if key in data and not Path(data[key]).exists():
+        if key in data and not (folder / data[key]).exists():
             pytest.skip(f"dataset {data[key]} not available")
-    s = load_study(Path("studies") / f"{name}.yaml")
+    s = load_study(folder / f"{name}.yaml")
     assert s.methods and s.strategies and s.labels
 
 

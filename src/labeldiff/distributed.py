@@ -142,7 +142,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     BatchNorm (the segmentation head's, a trained EfficientNet encoder's) normalises over the batch:
     on CUDA its layers become ``SyncBatchNorm`` (in place: the same parameters), so the statistics are
     the global batch's, as in one process. PyTorch has no SyncBatchNorm on the CPU, so under gloo each
-    process normalises over its own shard: close to the one-process run, not equal (README)."""
+    process normalises over its own shard: close to the one-process run, not equal (docs/guides/distributed.md)."""
     if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel

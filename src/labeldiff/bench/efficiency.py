@@ -1,4 +1,4 @@
-"""Loop and predict efficiency (issue 13): what the real commands spend beyond the network itself.
+"""Loop and predict efficiency: what the real commands spend beyond the network itself.
 
 ``bench loop``: the bare step (forward + backward + optimizer step of the same network on one fixed,
 already-corrupted batch, same precision) divided by a step of the real ``pretrain`` loop (batches
@@ -28,7 +28,7 @@ import torch
 from labeldiff.config import RunConfig
 from labeldiff.errors import ConfigError, DataError
 
-LOOP_GOAL, PREDICT_GOAL = 0.90, 0.85  # issue 13
+LOOP_GOAL, PREDICT_GOAL = 0.90, 0.85  # the goals the benchmarks report against
 
 
 # ---- loop ----------------------------------------------------------------------------------------

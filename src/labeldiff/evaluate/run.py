@@ -2,6 +2,7 @@
 volumes and scores or predicts accordingly (volumes: :mod:`labeldiff.evaluate.volume`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -93,8 +94,9 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     out = check_output_folder(Path(out))
     out.mkdir(parents=True, exist_ok=True)
     all_stats, rows, picker = [], [], Picker(how, overlay_count, named)
-    ignore = cfg.data.ignore_index
-    for s, image, target, pred, stats in predict_and_score(model, cfg.data, samples, k, precision, tta,
+    ignore = ds.ignore_index
+    scored = dataclasses.replace(cfg.data, ignore_index=ignore)  # a region of interest ignores its outside
+    for s, image, target, pred, stats in predict_and_score(model, scored, samples, k, precision, tta,
                                                             desc=f"evaluate {split}"):
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
@@ -109,8 +111,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
-                    "precision": precision, "ignore_index": ignore, "num_classes": k,
-                    "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
+                    "precision": precision, "ignore_index": ignore, "roi": bool(getattr(ds, "has_roi", False)),
+                    "num_classes": k, "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(picker.rows(), out / "overlays.png", k, class_names=names, ignore_index=ignore,

@@ -1,11 +1,13 @@
 """A study YAML → :class:`Study` (dataclasses), validated with errors that say how to fix the YAML.
 
-Relative paths in a study file are looked up, in this order, in the study file's folder, the
-current directory and the labeldiff source checkout (the folder holding ``recipes/``); the first
-that exists wins and the resolved absolute path is used (and printed). A ``split.groups`` file is
-first looked up in the dataset root, like ``labeldiff split``'s default ``DATA/sequences.json``.
+A study is a YAML file, or the name of an example study shipped with labeldiff (``quick``, ``brain``:
+:mod:`labeldiff.examples`). Relative paths in a study file are looked up in the study file's folder,
+then in the current directory; the first that exists wins and the resolved absolute path is used
+(and printed). A ``split.groups`` file is first looked up in the dataset root, like ``labeldiff
+split``'s default ``DATA/sequences.json``. A ``recipe`` is a shipped recipe's name (``ddpm-cpu``) or
+a path (:func:`labeldiff.recipes.find`).
 
-Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/*.yaml``)::
+Schema (every key but ``methods`` and ``strategies`` is optional; see the example studies)::
 
     data:
       path: ../shared/datasets/monuseg   # labeled target: images/, masks/, split.json
@@ -27,7 +29,7 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
                                          #   volume-slabs: slice data.path's one nnU-Net case into slabs
     methods:
       - name: ddpm
-        recipe: recipes/ddpm-cpu.yaml
+        recipe: ddpm-cpu                 # a shipped recipe's name, or the path of a recipe YAML
         overrides: {train.steps: 800}    # section.field: value, applied after the recipe
         pretrain_steps: [200, 800]       # optional sweep: one run per length ("ddpm@200"), each longer
                                          #   one continuing the one before it (resumed with more steps)
@@ -41,7 +43,7 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see ``studies/
     seeds: [0, 1, 2]
     select: random                       # random | diverse | typical, or a list as an axis ([random, diverse])
     require_all_classes: false
-    finetune: {recipe: recipes/finetune-cpu.yaml, overrides: {train.steps: 300}}
+    finetune: {recipe: finetune-cpu, overrides: {train.steps: 300}}
     protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
       - {name: none, overrides: {transfer.augment: none}}
       - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
@@ -68,7 +70,8 @@ from typing import Any
 from labeldiff.config import STRATEGIES as TRANSFER_STRATEGIES
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
-from labeldiff.errors import LabeldiffError
+from labeldiff.errors import ConfigError, LabeldiffError
+from labeldiff.recipes import find as find_recipe
 
 STRATEGIES = (*TRANSFER_STRATEGIES, "source")  # + source: a hybrid / supervised run as it is
 SELECTS = ("random", "diverse", "typical")
@@ -86,7 +89,6 @@ POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
 POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on")
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class StudyError(LabeldiffError, ValueError):
@@ -196,19 +198,19 @@ def _unknown(file: Path, where: str, keys, known) -> None:
 
 
 def resolve_path(value: Any, file: Path, where: str, first: Path | None = None) -> Path:
-    """An existing path for ``value``: absolute, or relative to ``first``, the study file's folder,
-    the current directory or the labeldiff checkout (in that order)."""
+    """An existing path for ``value``: absolute, or relative to ``first``, the study file's folder or
+    the current directory (in that order)."""
     if not isinstance(value, str) or not value:
         raise _fail(file, where, f"expected a path string, got {value!r}")
     p = Path(value)
-    bases = [b for b in (first, file.parent, Path.cwd(), REPO_ROOT) if b is not None]
+    bases = [b for b in (first, file.parent, Path.cwd()) if b is not None]
     candidates = [p] if p.is_absolute() else [b / p for b in bases]
     for c in candidates:
         if c.exists():
             return c.resolve()
     looked = ", ".join(str(c) for c in candidates)
     raise _fail(file, where, f"{value} does not exist (looked at {looked}); relative paths are taken from the study "
-                             f"file's folder, then the current directory, then the labeldiff checkout")
+                             f"file's folder, then the current directory")
 
 
 def _list(raw: Any, file: Path, where: str) -> list:
@@ -243,7 +245,14 @@ def _recipe(raw: Any, file: Path, where: str) -> Recipe:
     if not isinstance(raw, dict):
         raise _fail(file, where, "expected a mapping {recipe: PATH, overrides: {section.field: value}}")
     _unknown(file, where, raw, ("recipe", "overrides"))
-    path = resolve_path(raw["recipe"], file, f"{where}.recipe") if raw.get("recipe") else None
+    path = None
+    if raw.get("recipe"):
+        if not isinstance(raw["recipe"], str):
+            raise _fail(file, f"{where}.recipe", f"expected a recipe name or path, got {raw['recipe']!r}")
+        try:
+            path = find_recipe(raw["recipe"], bases=(file.parent,))
+        except ConfigError as e:
+            raise _fail(file, f"{where}.recipe", str(e).removeprefix("recipe ")) from None
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise _fail(file, f"{where}.overrides", "expected a mapping like {train.steps: 800}")
@@ -331,7 +340,7 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     if isinstance(raw, str) and raw == NONE_METHOD:
         raw = {"name": NONE_METHOD}
     if not isinstance(raw, dict) or not raw.get("name"):
-        raise _fail(file, where, "expected {name: NAME, recipe: recipes/X.yaml, overrides: {...}} (or name: none)")
+        raise _fail(file, where, "expected {name: NAME, recipe: RECIPE, overrides: {...}} (or name: none)")
     _unknown(file, where, raw, METHOD_KEYS)
     name = str(raw["name"])
     where = f"methods[{i}] ({name})"
@@ -339,7 +348,7 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
         raise _fail(file, where, "a method name may not contain '@' or '/' (the runner adds '@STEPS' to sweeps)")
     recipe = _recipe({k: raw[k] for k in ("recipe", "overrides") if k in raw}, file, where)
     if name != NONE_METHOD and recipe.path is None:
-        raise _fail(file, where, "needs a recipe (e.g. recipe: recipes/ddpm-cpu.yaml); use name: none for no pretraining")
+        raise _fail(file, where, "needs a recipe (e.g. recipe: ddpm-cpu); use name: none for no pretraining")
     steps = sorted(_ints(raw.get("pretrain_steps"), file, f"{where}.pretrain_steps", 1)) or None
     if steps and name == NONE_METHOD:
         raise _fail(file, where, "method none has no pretraining; drop pretrain_steps")
@@ -421,7 +430,7 @@ def parse_study(raw: Any, file: Path) -> Study:
                                        "root (imagesTr/, labelsTr/, dataset.json), e.g. ../shared/datasets/colin27_aal")
     methods = [_method(m, i, file, data) for i, m in enumerate(_list(raw.get("methods"), file, "methods"))]
     if not methods:
-        raise _fail(file, "methods", "empty; list at least one, e.g. - {name: ddpm, recipe: recipes/ddpm-cpu.yaml}")
+        raise _fail(file, "methods", "empty; list at least one, e.g. - {name: ddpm, recipe: ddpm-cpu}")
     names = [m.name for m in methods]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -468,11 +477,14 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Path | None, set]:
 
 
 def load_study(path: str | Path) -> Study:
-    """Read and validate a study file, following ``extends``; see the module docstring."""
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist; see studies/ for examples")
-    path = path.resolve()
+    """Read and validate a study file (or a shipped example's name), following ``extends``; see the
+    module docstring."""
+    from labeldiff.examples import find as find_example
+
+    try:
+        path = find_example(path)
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     raw, parent, own = _read(path, ())
     study = parse_study(raw, path)
     study.extends, study.merged = parent, raw

@@ -49,7 +49,7 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
     ``patience`` epochs (Baranchuk / MDM App. A.2 stop on the training loss) or after ``max_epochs``.
     ``stop_iters > 0`` adds the reference's per-iteration rule: from epoch ``REF_WARMUP_EPOCHS + 1`` on,
     stop once ``stop_iters`` batches in a row did not lower the best batch loss (on a few large images an
-    epoch is hundreds of batches, so the epoch rule alone runs to ``max_epochs``; issue 13).
+    epoch is hundreds of batches, so the epoch rule alone runs to ``max_epochs``).
     The per-member epoch losses (a stopped epoch: its mean so far) are kept in ``ensemble.history``.
     """
     ensemble = PixelEnsemble(num_features, num_classes, members, seed)
