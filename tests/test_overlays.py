@@ -87,14 +87,16 @@ def test_captions_title_and_legend_never_collide(k):
                      rng.uniform(-1, 1, (3, 40, 60)).astype(np.float32), "target": target,
                      "pred": np.roll(target, 3, axis=1), "dice": 0.5 + i / 10})
     fig = overlay_figure(rows, k, title="a_run_with_a_long_name on test (14 images, mean foreground Dice 0.812): "
-                                        "the 3 worst by foreground Dice")
+                                        "the 3 worst by foreground Dice, a title longer than two panels are wide")
     boxes, panels = _extents(fig)
     assert len(boxes) == 1 + 3 * (4 if k > 2 else 2) + 1
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)
+    whole = fig.bbox
     for a in boxes:
         assert sum(a.overlaps(p) for p in panels) == 0
+        assert whole.x0 <= a.x0 and a.x1 <= whole.x1 and whole.y0 <= a.y0 and a.y1 <= whole.y1  # none cut off
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:3] == ["true positive", "false positive", "false negative"]
     assert ("wrong class" in legend) == (k > 2)

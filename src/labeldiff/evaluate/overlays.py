@@ -138,8 +138,10 @@ def panel_figure(rows: list[list[tuple[str, np.ndarray]]], title: str = "", lege
         for ax, (name, pic) in zip(ax_row, row):
             ax.imshow(pic)
             ax.set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # wrapped to the figure's width (about 0.6 em per character): a title never runs off its edges
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=int(2.8 * cols * 72 / (10 * 0.6))), fontsize=10)
     if legend is not None:
         legend(fig)
     return fig

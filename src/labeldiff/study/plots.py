@@ -118,8 +118,10 @@ def run_differences_figure(stems: list[str], diffs: list[float], ci: dict, names
     ax.set_ylabel(f"test images (sorted; red: {na} ahead, blue: {nb} ahead)", fontsize=8)
     ax.set_xlabel(f"{na} − {nb}, per-image {metric}")
     ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{na} − {nb} on {n} test images: {na} ahead on {(d > 0).sum()}, {nb} on {(d < 0).sum()}",
-                 fontsize=10)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(f"{na} − {nb} on {n} test images: {na} ahead on {(d > 0).sum()}, {nb} on "
+                               f"{(d < 0).sum()}", width=85), fontsize=10)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
     return fig
 
