@@ -718,6 +718,31 @@ def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
     assert plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
 
 
+def test_paired_plot_spans_the_whole_interval_and_marks_zero(tmp_path, monkeypatch):
+    """The case of issue 41: seeds' differences within −0.01 … +0.06 but a 3-seed interval of about
+    [−0.07, +0.11]. paired.png's x-axis must hold the whole interval (it crosses 0) and 0 itself; so must
+    a pair whose dots all lie far from 0."""
+    import labeldiff.study.plots as plots
+
+    rows = []
+    for seed, (g1, g2) in enumerate([(-0.01, 0.30), (0.06, 0.32), (0.01, 0.35)]):
+        rows += [_row("ddpm", "full", 1, seed, 0.5 + g1, stems=f"1-{seed}"),
+                 _row("none", "scratch", 1, seed, 0.5, stems=f"1-{seed}"),
+                 _row("ddpm", "full", 8, seed, 0.4 + g2, stems=f"8-{seed}"),
+                 _row("none", "scratch", 8, seed, 0.4, stems=f"8-{seed}")]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi, rect=None: figures.append(fig))
+    drawn = plots.plot_paired(rows, tmp_path / "paired.png")
+    wide = drawn[0]
+    assert wide["low"] < -0.05 and wide["high"] > 0.09 and max(wide["diffs"]) < 0.07  # wider than its dots
+    (ax,) = figures[0].axes
+    lo, hi = ax.get_xlim()
+    for p in drawn:
+        assert lo < p["low"] and p["high"] < hi and lo < min(p["diffs"]) and max(p["diffs"]) < hi
+    assert lo < 0 < hi and any(list(line.get_xdata()) == [0, 0] for line in ax.get_lines())  # 0 is drawn
+    assert drawn[1]["low"] > 0.2  # the far pair: 0 still on the axis
+
+
 @pytest.mark.slow
 def test_a_study_that_extends_another_reuses_its_cells(files, tmp_path, monkeypatch):
     first = write_study(files, base_study(labels=[1], seeds=[0]), name="ext1.yaml")

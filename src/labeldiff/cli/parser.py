@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
     p.add_argument("--slab", default=None, metavar="FIRST:LAST",
                    help="volumes: score only slices FIRST..LAST along --axis (a held-out slab)")
+    p.add_argument("--overlays", default=None, metavar="first|worst|best|all|STEM,...",
+                   help="which images overlays.png shows, each pixel coloured as true positive, false positive or "
+                        "false negative: the first, the worst or the best by foreground Dice, all (also one PNG per "
+                        "image in OUT/overlays/; the grid shows the first), or the named stems [first]")
+    p.add_argument("--overlay-count", type=POSITIVE, default=6,
+                   help="how many images overlays.png shows for first, worst, best and all [6]")
     add_inference_options(p)
     p.add_argument("--corruptions", default=None, metavar="all|NAME,...",
                    help="then score again under test-time corruptions: all, or some of noise, blur, jpeg, contrast, "
@@ -234,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for new images (PNG) or volumes (NIfTI)",
-                       description="Predict masks with a run: a mask PNG, an overlay and an uncertainty map per image, "
-                                   "or a label NIfTI on the input's grid per volume.")
+                       description="Predict masks with a run: per image a mask PNG (a palette PNG: its pixel values "
+                                   "are the class ids, its palette colours them for viewers; 16-bit grey above 256 "
+                                   "classes), an overlay and an uncertainty map (and per-class probabilities with "
+                                   "--probabilities); per volume a label NIfTI on the input's grid.")
     p.add_argument("--model", required=True, type=Path, help="a finetune run folder, or a hybrid / supervised "
                                                             "pretraining run")
     p.add_argument("--input", required=True, type=Path,
@@ -244,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (not the input folder, nor a dataset's "
                                                           "images/ or masks/)")
     p.add_argument("--overwrite", action="store_true", help="replace masks, overlays and maps already in --out")
+    p.add_argument("--probabilities", action="store_true",
+                   help="2D images: also write each class's probability as a 16-bit grey PNG, "
+                        "OUT/probabilities/class_<c>/<stem>.png (65535 = 1), which ImageJ/Fiji, QuPath and any "
+                        "image library open")
     add_inference_options(p)
     p.set_defaults(func=c.cmd_predict)
 
@@ -346,15 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=c.cmd_study)
 
-    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95%% CIs",
-                       description="Pair the finished cells of two studies (the same method name, strategy, protocol, "
-                                   "selection, k, seed and labeled images): each study's mean, the mean paired "
-                                   "difference A − B and its 95% t-interval per setting.")
-    p.add_argument("a", type=Path, help="a study folder (or its results.csv)")
-    p.add_argument("b", type=Path, help="a study folder (or its results.csv) to subtract")
-    p.add_argument("--names", type=_names, default=None, help="A,B: the studies' names in the table [folder names]")
-    p.add_argument("--metric", default="dice", help="results.csv column: dice, iou, dice_<class> [dice]")
-    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    p = sub.add_parser("compare", help="run A − run B image by image, or study A − study B cell by cell, with 95%% CIs",
+                       usage="labeldiff compare A B [--metric METRIC] [--out FILE.md] (A, B: two runs or two studies)",
+                       description="Two runs (run folders, or evaluation folders of `labeldiff evaluate`) scored on "
+                                   "the same test images: the per-image differences A − B of --metric, their mean and "
+                                   "95%% t-interval, how many images each run is ahead on, a table and, with --out, a "
+                                   "plot; refused when the runs were scored on other datasets or test images. A run "
+                                   "folder is compared through its eval_<split>/, evaluated first if it has none. Two "
+                                   "studies: their finished cells paired (the same method name, strategy, protocol, "
+                                   "selection, k, seed and labeled images), each study's mean, the mean paired "
+                                   "difference A − B and its 95%% t-interval per setting.")
+    p.add_argument("a", type=Path, help="a run folder, an evaluation folder, or a study folder (or its results.csv)")
+    p.add_argument("b", type=Path, help="the same kind of folder, to subtract")
+    p.add_argument("--names", type=_names, default=None, help="A,B: their names in the table [folder names]")
+    p.add_argument("--metric", default="dice",
+                   help="dice, iou, or a per-class column dice_<class> / iou_<class> (studies: a results.csv column) "
+                        "[dice]")
+    p.add_argument("--split", default=None,
+                   help="runs: compare their evaluations on this split, RUN/eval_<split>/ [the runs' test split]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
     p.set_defaults(func=c.cmd_compare)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no download)",
