@@ -137,6 +137,58 @@ def test_evaluate(finetuned, module_dataset, tmp_path):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+@pytest.mark.slow
+def test_evaluate_overlays_worst_best_named_and_all(finetuned, module_dataset, tmp_path, capsys):
+    """--overlays worst / best pick the test images of lowest / highest foreground Dice in per_image.csv;
+    named stems are shown in their order; all writes one PNG per image (image | truth | prediction |
+    outcome at the image's own size, K = 3) into OUT/overlays/; a stem not in the split is refused before
+    anything is written."""
+    from labeldiff.data.io import read_image
+    from labeldiff.evaluate.overlays import FP, OUTCOMES, outcome_map
+    from labeldiff.evaluate.report import to_rgb
+
+    def shown(how: str, *more: str) -> list[str]:
+        out = tmp_path / how.replace(",", "_")
+        assert main(["evaluate", "--model", str(finetuned), "--out", str(out), "--device", "cpu",
+                     "--overlays", how, *more]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        return line.split("overlays.png (")[1].split(": ", 1)[1].split(")")[0].split(", ")
+
+    train = json.loads((module_dataset / "split.json").read_text())["train"]
+    assert main(["evaluate", "--model", str(finetuned), "--split", "train", "--out", str(tmp_path / "scores"),
+                 "--device", "cpu"]) == 0
+    with open(tmp_path / "scores" / "per_image.csv") as f:
+        fg = {r["stem"]: np.nanmean([float(r["dice_1"]), float(r["dice_2"])]) for r in csv.DictReader(f)}
+    assert len(set(fg.values())) == len(fg)  # distinct scores: the order is the test's to check
+    by = sorted(fg, key=fg.get)
+    assert shown("worst", "--split", "train", "--overlay-count", "2") == by[:2]
+    assert shown("best", "--split", "train", "--overlay-count", "3") == by[::-1][:3]
+    assert shown(f"{train[2]},{train[0]}", "--split", "train") == [train[2], train[0]]
+    assert shown("all", "--split", "train", "--overlay-count", "1") == train[:1]
+    for stem in train:
+        with Image.open(tmp_path / "all" / "overlays" / f"{stem}.png") as im, \
+                Image.open(module_dataset / "images" / f"{stem}.png") as src:
+            assert im.size == (4 * src.size[0] + 3 * 4, src.size[1])
+    # in the outcome panel, false positives (predicted foreground on background) are drawn in their colour
+    assert main(["predict", "--model", str(finetuned), "--input", str(module_dataset), "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 0
+    stem = train[0]
+    image = read_image(module_dataset / "images" / f"{stem}.png", 3)
+    kinds = outcome_map(read_mask(tmp_path / "p" / f"{stem}.png"), read_mask(module_dataset / "masks" / f"{stem}.png"))
+    with Image.open(tmp_path / "all" / "overlays" / f"{stem}.png") as im:
+        outcome = np.asarray(im.convert("RGB"))[:, -kinds.shape[1]:].astype(int)
+    fp, colour = kinds == FP, np.array(OUTCOMES[FP][1])
+    rgb = to_rgb(image).astype(int)
+    solid = np.all(outcome[fp] == colour, axis=1)
+    blend = np.all(np.abs(outcome[fp] - (0.6 * rgb[fp] + 0.4 * colour)) <= 1, axis=1)
+    assert fp.sum() > 0 and solid.any() and np.all(solid | blend)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(finetuned), "--out", str(tmp_path / "bad"), "--device", "cpu",
+                 "--overlays", "img_05,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--overlays names nope, not in split 'test'" in err and not (tmp_path / "bad").exists()
+
+
 def test_evaluate_default_out_and_other_split(finetuned):
     """Without --out, evaluate writes into MODEL/eval_SPLIT; --split picks another split."""
     assert main(["evaluate", "--model", str(finetuned), "--split", "train", "--device", "cpu"]) == 0
@@ -163,6 +215,73 @@ def test_predict(finetuned, module_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_writes_palette_masks_that_read_back_as_class_ids(finetuned, module_dataset, tmp_path):
+    """Masks are palette PNGs: mode "P", pixel values = class ids (what np.asarray and read_mask give), the
+    palette colours them (class 0 black, the overlay colours). --probabilities writes one 16-bit PNG per
+    class whose values sum to 65535 and whose argmax is the mask. A dataset whose masks are those palette
+    PNGs evaluates as Dice 1 against the run that predicted them: evaluate reads the ids, not colours."""
+    from labeldiff.data.io import class_colours, write_mask
+
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(finetuned), "--input", str(module_dataset), "--out", str(out),
+                 "--device", "cpu", "--probabilities"]) == 0
+    stems = sorted(p.stem for p in (module_dataset / "images").glob("*.png"))
+    seen = set()
+    for stem in stems:
+        with Image.open(out / f"{stem}.png") as im:
+            assert im.mode == "P" and im.getpalette()[:9] == class_colours(3).ravel().tolist()
+            ids = np.asarray(im)
+        assert ids.dtype == np.uint8 and np.array_equal(ids, read_mask(out / f"{stem}.png", num_classes=3))
+        seen |= set(np.unique(ids).tolist())
+        probs = []
+        for c in range(3):
+            with Image.open(out / "probabilities" / f"class_{c}" / f"{stem}.png") as pm:
+                assert pm.mode == "I;16" and pm.size == im.size
+                probs.append(np.asarray(pm).astype(np.int64))
+        probs = np.stack(probs)
+        assert np.all(np.abs(probs.sum(0) - 65535) <= 2)
+        near_tie = np.sort(probs, 0)[-1] - np.sort(probs, 0)[-2] <= 2
+        assert np.array_equal(probs.argmax(0)[~near_tie], ids[~near_tie])
+    assert seen and seen < {0, 1, 2}
+    # palette masks as the ground truth of a dataset: evaluate reads their ids. The predicted ones score
+    # Dice 1 against the run that predicted them; the true masks rewritten as palette PNGs score as the
+    # grey originals do
+    def dataset(name: str, write) -> Path:
+        data = tmp_path / name
+        shutil.copytree(module_dataset / "images", data / "images")
+        (data / "masks").mkdir()
+        for stem in stems:
+            write(stem, data / "masks" / f"{stem}.png")
+        shutil.copy(module_dataset / "split.json", data / "split.json")
+        assert main(["evaluate", "--model", str(finetuned), "--data", str(data), "--out", str(tmp_path / f"ev_{name}"),
+                     "--device", "cpu"]) == 0
+        return tmp_path / f"ev_{name}" / "metrics.json"
+
+    m = json.loads(dataset("predicted", lambda stem, to: shutil.copy(out / f"{stem}.png", to)).read_text())
+    assert all(v == 1.0 or math.isnan(v) for v in m["dice"]["per_class"].values()) and m["dice"]["mean"] == 1.0
+    truth = dataset("palette", lambda stem, to: write_mask(read_mask(module_dataset / "masks" / f"{stem}.png"), to, 3))
+    with Image.open(tmp_path / "palette" / "masks" / f"{stems[-1]}.png") as im:
+        assert im.mode == "P" and set(np.unique(np.asarray(im))) == {0, 1, 2}
+    assert main(["evaluate", "--model", str(finetuned), "--out", str(tmp_path / "ev_grey"), "--device", "cpu"]) == 0
+    grey = json.loads((tmp_path / "ev_grey" / "metrics.json").read_text())
+    assert json.loads(truth.read_text())["dice"] == grey["dice"]
+
+
+def test_write_mask_keeps_16_bit_grey_above_256_classes(tmp_path):
+    from labeldiff.data.io import write_mask
+
+    mask = np.arange(300 * 4).reshape(30, 40) % 300
+    assert write_mask(mask, tmp_path / "m.png", 300) == "16-bit grey PNG"
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.mode == "I;16"
+    assert np.array_equal(read_mask(tmp_path / "m.png"), mask)
+    assert write_mask(mask % 256, tmp_path / "p.png", 256) == "palette PNG"
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.mode == "P" and len(set(map(tuple, np.array(im.getpalette()).reshape(-1, 3)))) == 256
+    assert np.array_equal(read_mask(tmp_path / "p.png"), mask % 256)
+
+
+@pytest.mark.slow
 def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     """predict on a NIfTI, an nnU-Net dataset's imagesTs and a DICOM series: one label NIfTI per case with
     the input's shape and affine, values < K, and an overlay strip."""
@@ -179,6 +298,8 @@ def test_predict_volumes_writes_nifti_on_the_input_grid(finetuned, tmp_path):
     pred = nib.load(str(out / "ct.nii.gz"))
     assert pred.shape == (20, 14, 5) and np.allclose(pred.affine, oblique_affine(), atol=1e-5)
     assert np.asarray(pred.dataobj).max() < 3 and (out / "overlays" / "ct.png").is_file()
+    assert main(["predict", "--model", str(finetuned), "--input", str(vol), "--out", str(tmp_path / "pp"),
+                 "--probabilities"]) == 2  # volumes keep NIfTI labels: the 2D probability PNGs are refused
 
     raw = tmp_path / "Dataset009"
     (raw / "imagesTs").mkdir(parents=True)

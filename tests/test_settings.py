@@ -213,3 +213,17 @@ def test_the_reference_pages_are_what_the_code_generates():
 
 def test_flatten_names_every_declared_setting():
     assert set(flatten(RunConfig())) == {name for name, _, _ in declared()}
+
+
+def test_augment_auto_follows_the_number_of_labeled_images():
+    """auto: none for up to 2 labeled images (or slices), strong above and for whole volumes; the run
+    records the choice and why."""
+    def augment(**values):
+        cfg = resolve("segmentation", [Layer("test", values)])
+        return cfg.transfer.augment, cfg.sources.get("transfer.augment", "")
+
+    assert augment(**{"transfer.labels": 1}) == ("none", "derived: --augment auto for 1 labeled slices")
+    assert augment(**{"transfer.labels": 2})[0] == "none"
+    assert augment(**{"transfer.labels": 3})[0] == "strong"
+    assert augment(**{"transfer.labels": 2, "transfer.label_unit": "volumes"})[0] == "strong"
+    assert augment(**{"transfer.labels": 1, "transfer.augment": "strong"}) == ("strong", "test")

@@ -533,7 +533,7 @@ BAD = [
      r"protocols\[0\] \(s\).overrides: 'transfer.augmnt': transfer has no field 'augmnt' \(did you mean transfer.augment\?\)"),
     (dict(protocols=[{"name": "a/b"}]), r"protocols\[0\]: name 'a/b': use letters"),
     (dict(protocols=[{"name": "s", "overrides": {"transfer.augment": "heavy"}}]),
-     r"--augment 'heavy' is not one of none, light, strong"),
+     r"--augment 'heavy' is not one of auto, none, light, strong"),
     (dict(labels=[]), "labels: missing"),
     (dict(select="best"), "select: 'best' is not one of random, diverse"),
     (dict(methods=[{"name": "ddpm", "recipe": "pre.yaml", "overrides": {"train.stepz": 3}}]),
@@ -583,7 +583,7 @@ def test_example_studies_load_by_name_from_any_folder(name, monkeypatch, tmp_pat
 
 def test_an_unknown_study_name_lists_the_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StudyError, match=r"study 'quik' is not a shipped name; shipped: brain, quick"):
+    with pytest.raises(StudyError, match=r"study 'quik' is not a shipped name; shipped: brain, demo, quick"):
         load_study("quik")
     with pytest.raises(StudyError, match=r"study mine.yaml does not exist \(looked at "):
         load_study("mine.yaml")
@@ -716,6 +716,31 @@ def test_paired_plot_draws_every_pair_with_its_seed_differences(tmp_path):
     assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scratch_only = [r for r in rows if r["strategy"] == "scratch"]
     assert plot_paired(scratch_only, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
+def test_paired_plot_spans_the_whole_interval_and_marks_zero(tmp_path, monkeypatch):
+    """The case of issue 41: seeds' differences within −0.01 … +0.06 but a 3-seed interval of about
+    [−0.07, +0.11]. paired.png's x-axis must hold the whole interval (it crosses 0) and 0 itself; so must
+    a pair whose dots all lie far from 0."""
+    import labeldiff.study.plots as plots
+
+    rows = []
+    for seed, (g1, g2) in enumerate([(-0.01, 0.30), (0.06, 0.32), (0.01, 0.35)]):
+        rows += [_row("ddpm", "full", 1, seed, 0.5 + g1, stems=f"1-{seed}"),
+                 _row("none", "scratch", 1, seed, 0.5, stems=f"1-{seed}"),
+                 _row("ddpm", "full", 8, seed, 0.4 + g2, stems=f"8-{seed}"),
+                 _row("none", "scratch", 8, seed, 0.4, stems=f"8-{seed}")]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi, rect=None: figures.append(fig))
+    drawn = plots.plot_paired(rows, tmp_path / "paired.png")
+    wide = drawn[0]
+    assert wide["low"] < -0.05 and wide["high"] > 0.09 and max(wide["diffs"]) < 0.07  # wider than its dots
+    (ax,) = figures[0].axes
+    lo, hi = ax.get_xlim()
+    for p in drawn:
+        assert lo < p["low"] and p["high"] < hi and lo < min(p["diffs"]) and max(p["diffs"]) < hi
+    assert lo < 0 < hi and any(list(line.get_xdata()) == [0, 0] for line in ax.get_lines())  # 0 is drawn
+    assert drawn[1]["low"] > 0.2  # the far pair: 0 still on the axis
 
 
 @pytest.mark.slow

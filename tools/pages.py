@@ -6,7 +6,8 @@
 - each study's page in the research notebook, ``research/results/NAME/README.md``, from its result
   folder and its study file (:mod:`labeldiff.study.pages`);
 - the table of studies in ``research/README.md`` and the headline table in ``README.md``, between
-  their marker comments, from the studies' ``verdict.md`` and ``results.csv``;
+  their marker comments, from the studies' ``verdict.md`` and ``results.csv``; the fine-tuning guide's
+  table of what strong augmentation did, from the studies that ran it beside none;
 - the reference pages ``docs/reference/study-yaml.md`` (the docstring of ``labeldiff.study.spec``),
   ``docs/reference/run-folder.md`` (the docstrings of ``labeldiff.checkpoint``, ``labeldiff.runs`` and
   ``labeldiff.study.runner``) and ``docs/reference/recipes.md`` (the shipped recipe and example files).
@@ -151,6 +152,41 @@ def headline() -> str:
     return replace_block((ROOT / "README.md").read_text(), "headline", "\n".join(lines))
 
 
+# the studies that ran the same cells with and without strong augmentation: (study, what its data and setting are)
+AUGMENT_EVIDENCE = [
+    ("monuseg_screen", "MoNuSeg H&E nuclei; UNet (32, 64, 128), 300 steps"),
+    ("cvc_screen", "Kvasir-SEG → CVC-ClinicDB; UNet (32, 64, 128), 300 steps"),
+    ("demo_protocol", "MNI152 brain slices; the demo's UNet (16, 32, 64), 150 steps"),
+    ("colin27_demo", "Colin27 brain slices; the demo's UNet (16, 32, 64), 150 steps"),
+]
+
+
+def augment_evidence() -> str:
+    """The fine-tuning guide's table of strong − none augmentation, paired by cell (method, strategy, k,
+    seed, selection), from the studies of :data:`AUGMENT_EVIDENCE`."""
+    from labeldiff.study.stats import paired_ci
+
+    lines = ["| study | data; network, fine-tuning steps | k | seeds | pretrained: strong − none, 95 % CI | "
+             "scratch: strong − none, 95 % CI |", "|---|---|---|---|---|---|"]
+    for name, what in AUGMENT_EVIDENCE:
+        rows = list(csv.DictReader(open(RESULTS / name / "results.csv")))
+        key = lambda r: (r["method"], r["strategy"], r["k"], r["seed"], r.get("select", ""))  # noqa: E731
+        none = {key(r): float(r["dice"]) for r in rows if r["protocol"] == "none"}
+        strong = {key(r): float(r["dice"]) for r in rows if r["protocol"] == "strong"}
+        for k in sorted({c[2] for c in none}, key=int):
+            cells = []
+            for arm in ("pretrained", "scratch"):
+                diffs = [strong[c] - none[c] for c in none if c in strong and c[2] == k
+                         and (c[1] == "scratch") == (arm == "scratch") and c[1] in ("full", "scratch")]
+                mean, lo, hi, n, _ = paired_ci(diffs)
+                cells.append((f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n > 1 else "–", n))
+            seeds = len({c[3] for c in none if c[2] == k})
+            lines.append(f"| [{name}](../../research/results/{name}/README.md) | {what} | {k} | {seeds} | "
+                         f"{cells[0][0]} | {cells[1][0]} |")
+    guide = ROOT / "docs" / "guides" / "fine-tuning.md"
+    return replace_block(guide.read_text(), "augment-evidence", "\n".join(lines))
+
+
 # -------------------------------------------------------------------------------------------- reference
 
 def docstring(module: str) -> str:
@@ -249,7 +285,7 @@ def reference_pages() -> dict[Path, str]:
 
 def all_pages() -> dict[Path, str]:
     return {**study_pages(), RESEARCH / "README.md": research_index(), ROOT / "README.md": headline(),
-            **reference_pages()}
+            ROOT / "docs" / "guides" / "fine-tuning.md": augment_evidence(), **reference_pages()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from labeldiff.errors import ConfigError, RunFolderError
 from labeldiff.settings import (BOTH, DENOISING, DIFFUSION, FINETUNE, LOSS_BY_METHOD, PRETRAIN, SAME, SECTIONS,  # noqa: F401
                                 STRATEGIES, CorruptionConfig, DataConfig, ModelConfig, Setting, TrainConfig,
-                                TransferConfig)
+                                TransferConfig, auto_augment)
 
 FLOAT32_MAX = 3.4028234663852886e38  # the network and optimiser compute in float32 at most
 KINDS = ("pretrain", "segmentation")  # RunConfig.kind: a pretraining run, or a transfer (fine-tuning, probe)
@@ -417,13 +417,13 @@ def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
 
 
 RESUME_MAY_CHANGE = resume_may_change()
-AUGMENT_LEVELS = declaration("transfer.augment").choices  # labeldiff.data.augment
+AUGMENT_LEVELS = tuple(c for c in declaration("transfer.augment").choices if c != "auto")  # labeldiff.data.augment
 LABEL_UNITS = declaration("transfer.label_unit").choices
 
 
 def check_augment(level: str, flips: str) -> None:
     """An augmentation level and mirrorings from their declared choices (for callers outside a config)."""
-    for name, value in (("transfer.augment", level), ("transfer.flips", flips)):
-        if value not in declaration(name).choices:
-            raise ConfigError(f"{declaration(name).flag} {value!r} is not one of "
-                              f"{', '.join(declaration(name).choices)}")
+    for name, value, choices in (("transfer.augment", level, AUGMENT_LEVELS),
+                                 ("transfer.flips", flips, declaration("transfer.flips").choices)):
+        if value not in choices:
+            raise ConfigError(f"{declaration(name).flag} {value!r} is not one of {', '.join(choices)}")

@@ -24,53 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labeldiff.errors import SetupError
-
-CLASS_NAMES = ["background/CSF", "grey matter", "white matter"]
-
-
-def template_files() -> dict[str, Path]:
-    """Paths of the MNI152 files inside the installed nilearn package (no download)."""
-    import nilearn
-
-    root = Path(nilearn.__file__).parent / "datasets" / "data"
-    files = {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise SetupError(f"nilearn is installed but lacks {missing[0]}; reinstall it with `pip install nilearn`")
-    return files
-
-
-CASE = "mni152"
-TRAIN_FRACTION, GAP = 0.4, 4
-
-
-def build_brain_dataset(out: Path) -> Path:
-    """Write the template as an nnU-Net v2 raw dataset (``imagesTr/mni152_0000.nii.gz``,
-    ``labelsTr/mni152.nii.gz``, ``dataset.json``) with a ``split.json`` of two axial slabs: the lower
-    40 % of the labeled slices train, the rest after a gap of 4 test."""
-    import nibabel as nib
-
-    from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.data.splits import write_split
-
-    files = template_files()
-    gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32) / 255.0
-    wm = np.asarray(nib.load(str(files["wm"])).dataobj, dtype=np.float32) / 255.0
-    labels = np.zeros(gm.shape, dtype=np.uint8)
-    labels[(gm >= 0.5) & (gm >= wm)] = 1
-    labels[(wm >= 0.5) & (wm > gm)] = 2
-    t1 = nib.load(str(files["t1"]))
-    for sub in ("imagesTr", "labelsTr"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32), t1.affine), str(out / "imagesTr" / f"{CASE}_0000.nii.gz"))
-    nib.save(nib.Nifti1Image(labels, t1.affine), str(out / "labelsTr" / f"{CASE}.nii.gz"))
-    atomic_write_text(out / "dataset.json", json.dumps({
-        "name": "MNI ICBM152 2009c (nilearn, BSD-3)", "channel_names": {"0": "T1"},
-        "labels": {name: i for i, name in enumerate(CLASS_NAMES)}, "numTraining": 1, "file_ending": ".nii.gz"},
-        indent=2))
-    write_split(out, out / "split.json", slab_train=TRAIN_FRACTION, gap=GAP, axis=2, overwrite=True)
-    return out
+from labeldiff.data.mni152 import CASE, CLASS_NAMES, build_brain_dataset  # noqa: F401  (the demo's data)
 
 
 def test_slab(split: dict) -> tuple[int, int]:

@@ -8,8 +8,9 @@ A run's settings come in layers, later ones winning::
     < the command line (flags and --set)
 
 then the values that follow from others are derived (the network reads ``data.channels`` channels;
-``corruption.loss: auto`` becomes the method's loss; ddep and dep train the EfficientNet encoder–decoder,
-dep from random weights). :func:`resolve` does both and checks the result (types, ranges, choices). It is
+``corruption.loss: auto`` becomes the method's loss; ``transfer.augment: auto`` becomes none or strong by
+the number of labeled images; ddep and dep train the EfficientNet encoder–decoder, dep from random
+weights). :func:`resolve` does both and checks the result (types, ranges, choices). It is
 pure: it reads no file (the caller passes the pretrained run's config) and changes none of its inputs.
 The config it returns records where every value that differs from the defaults came from
 (``sources``) and which geometry values differ from the pretrained run's (``inherited``); a run prints
@@ -31,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from labeldiff.config import (LOSS_BY_METHOD, RunConfig, check, declaration, default_config, default_value, flatten,
-                              geometry_fields)
+from labeldiff.config import (LOSS_BY_METHOD, RunConfig, auto_augment, check, declaration, default_config,
+                              default_value, flatten, geometry_fields)
 from labeldiff.errors import ConfigError
 
 MODEL_FIELDS = tuple(name for name in flatten(RunConfig()) if name.startswith("model."))
@@ -109,6 +110,9 @@ def derive(cfg: RunConfig) -> dict[str, str]:
     put("model.in_channels", cfg.data.channels, "derived: the network reads data.channels channels")
     if cfg.kind == "segmentation" and cfg.transfer.labeled:
         put("transfer.labels", len(cfg.transfer.labeled), "derived: the number of --labeled images")
+    if cfg.kind == "segmentation" and cfg.transfer.augment == "auto":
+        put("transfer.augment", auto_augment(cfg.transfer.labels, cfg.transfer.label_unit),
+            f"derived: --augment auto for {cfg.transfer.labels} labeled {cfg.transfer.label_unit}")
     if cfg.kind == "pretrain":
         c = cfg.corruption
         if c.loss == "auto":

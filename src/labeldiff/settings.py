@@ -245,6 +245,13 @@ class TrainConfig:
 
 
 STRATEGIES = ("probe", "linear", "decoder", "full", "lp-ft", "scratch")  # labeldiff.transfer: one enum
+AUGMENT_NONE_UP_TO = 2  # transfer.augment auto: none for up to this many labeled images (slices), strong above
+
+
+def auto_augment(labels: int, label_unit: str) -> str:
+    """What ``transfer.augment: auto`` is for k labeled images: ``none`` up to :data:`AUGMENT_NONE_UP_TO`
+    labeled images (or slices), ``strong`` above, and for whole labeled volumes (many slices each)."""
+    return "none" if label_unit == "slices" and labels <= AUGMENT_NONE_UP_TO else "strong"
 PROBE_ONLY = _unless("transfer.strategy", ("probe",), "only --strategy probe trains pixel MLPs")
 
 
@@ -287,10 +294,11 @@ class TransferConfig:
                                     flag="--probe-stop-iters", commands=FINETUNE, lo=0, applies=PROBE_ONLY)
     keep_out_norm: bool = setting(False, "unet: keep the pretrained final GroupNorm + SiLU in front of the new head",
                                   flag="--keep-out-norm", commands=FINETUNE)
-    augment: str = setting("strong", "image+mask augmentation: none (crop window only), light (small rotation/scale, "
-                                     "brightness, gamma) or strong (nnU-Net-like: rotation, scale, elastic, noise, "
-                                     "blur, contrast)", flag="--augment", commands=FINETUNE,
-                           choices=("none", "light", "strong"))
+    augment: str = setting("auto", "image+mask augmentation: none (crop window only), light (small rotation/scale, "
+                                   "brightness, gamma), strong (nnU-Net-like: rotation, scale, elastic, noise, blur, "
+                                   "contrast), or auto: none for up to 2 labeled images, strong above (the guide "
+                                   "on fine-tuning shows the studies behind it)", flag="--augment",
+                           commands=FINETUNE, choices=("auto", "none", "light", "strong"))
     flips: str = setting("h", "mirrorings that make sense for the data: none, h (left-right), v, hv", flag="--flips",
                          commands=FINETUNE, choices=("none", "h", "v", "hv"))
     steps_rule: str = setting("fixed", "fine-tuning length: fixed (--steps) or plateau (stop when the training loss "

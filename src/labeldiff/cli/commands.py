@@ -105,7 +105,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(args.model, args.out, data=args.data, split=args.split, split_file=args.split_file,
              corruptions=corruptions, severities=severities, corruption_seed=args.corruption_seed,
              slab=_slab(args.slab), axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
-             device=args.device, precision=args.precision, tta=args.tta)
+             device=args.device, precision=args.precision, tta=args.tta, overlays=args.overlays,
+             overlay_count=args.overlay_count)
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:
@@ -124,7 +125,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from labeldiff.evaluate.run import run_predict
 
     run_predict(args.model, args.input, args.out, device=args.device, tta=args.tta, precision=args.precision,
-                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window, overwrite=args.overwrite)
+                axis=args.axis, intensity=args.intensity, hu_window=args.hu_window, overwrite=args.overwrite,
+                probabilities=args.probabilities)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -141,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     batch_size=args.batch_size, precision=args.precision)
     masks = (sample_masks(model, cfg, images, args.batch_size, precision=args.precision)
              if cfg.corruption.method == "hybrid" else None)
-    grid = save_samples(images, args.out, masks=masks)
+    grid = save_samples(images, args.out, masks=masks, num_classes=cfg.num_classes)
     pairs = " (image, mask) pairs" if masks is not None else ""
     print(f"wrote {args.n} samples{pairs} to {args.out} (sample_XXX.png) and {grid}")
     say_next(f"labeldiff evaluate-samples --samples {args.out} --data {cfg.data.path}   # FID, KID, precision/recall "
@@ -226,14 +228,66 @@ def _results_csv(path: Path) -> Path:
     return csv
 
 
+def _two_names(names: tuple[str, str]) -> tuple[str, str]:
+    """Two folders of one name: say which is which."""
+    return (f"{names[0]} (A)", f"{names[1]} (B)") if names[0] == names[1] else names
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
+    """Two studies (cell by cell) or two runs (image by image), decided from what the paths are."""
+    from labeldiff.study.paired_runs import FORMS, form_of
+
+    forms = []
+    for p in (args.a, args.b):
+        try:
+            forms.append(form_of(p))
+        except DataError:
+            forms.append(None)
+    if "study" in forms and set(forms) <= {"study", None}:
+        return _compare_studies(args)
+    if "study" in forms:
+        study, other = (args.a, args.b) if forms[0] == "study" else (args.b, args.a)
+        raise DataError(f"{study} is a study and {other} a single run; compare takes two of one form: {FORMS}")
+    if args.split is not None and "run" not in forms:
+        raise ConfigError("--split picks a run folder's eval_<split>/; with evaluation folders leave it out")
+    _compare_runs(args)
+
+
+def _compare_runs(args: argparse.Namespace) -> None:
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.study.paired_runs import open_evaluation, paired_runs, runs_markdown, summary_line
+    from labeldiff.evaluate.report import save_figure
+    from labeldiff.study.plots import run_differences_figure
+
+    def evaluate_it(run: Path, out: Path, split: str) -> None:
+        from labeldiff.evaluate.run import evaluate
+
+        evaluate(run, out, split=split)
+
+    a, b = (open_evaluation(p, args.split, evaluate_it) for p in (args.a, args.b))
+    names = _two_names(args.names or (a.name, b.name))
+    result = paired_runs(a, b, args.metric)
+    text = runs_markdown(a, b, result, names)
+    print(text, end="")
+    print(summary_line(result, names))
+    if args.out:
+        atomic_write_text(args.out, text)
+        plot = Path(args.out).with_suffix(".png")
+        save_figure(run_differences_figure(result["stems"], result["diffs"], result, names, args.metric), plot)
+        print(f"wrote {args.out} and {plot}")
+    else:
+        print("(--out FILE.md also writes this table and FILE.png, the plot of the per-image differences)")
+
+
+def _compare_studies(args: argparse.Namespace) -> None:
     from labeldiff.checkpoint import atomic_write_text
     from labeldiff.study.report import compare_markdown, read_csv
 
+    if args.split is not None:
+        raise ConfigError("--split picks a run folder's eval_<split>/; two studies are paired cell by cell: "
+                          "leave it out")
     csvs = [_results_csv(p) for p in (args.a, args.b)]
-    names = args.names or tuple(c.resolve().parent.name for c in csvs)
-    if names[0] == names[1]:  # two folders of one name: say which is which
-        names = (f"{names[0]} (A)", f"{names[1]} (B)")
+    names = _two_names(args.names or tuple(c.resolve().parent.name for c in csvs))
     rows = [read_csv(c) for c in csvs]
     for c, r in zip(csvs, rows):
         missing = [col for col in ("cell", "method", "strategy", "k", "seed", "stems", args.metric)

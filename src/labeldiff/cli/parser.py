@@ -1,186 +1,15 @@
-"""The argument parser. The options of ``pretrain`` and ``finetune`` (and of the benchmarks that run
-``pretrain``) are generated from the settings declared in :mod:`labeldiff.settings`: a declaration with a
-``flag`` and the command among its ``commands`` becomes an option of that command, in the group of its
-section, with its help, its default for that command, its choices and its parser. Settings without a
-flag are set with ``--set section.field=value`` (or a recipe, or a study). The other commands' options
-are written here, in one vocabulary (:data:`VOCABULARY`).
+"""The argument parser of every everyday command. The options of ``pretrain`` and ``finetune`` are
+generated from the settings declared in :mod:`labeldiff.settings` (:mod:`labeldiff.cli.options`); the other
+commands' options are written here, in one vocabulary (:data:`VOCABULARY`); the benchmarks' are in
+:mod:`labeldiff.cli.bench`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-# One name per concept across every command (the reference lists it; a test walks every parser and
-# fails when a concept appears under another name).
-VOCABULARY = {
-    "--model": "the run being used (a run folder written by pretrain or finetune)",
-    "--pretrained": "the run to start from (a pretraining run folder)",
-    "--data": "the dataset (a folder of images, a dataset root, or an nnU-Net raw volume dataset)",
-    "--input": "the images (or volumes) to predict",
-    "--out": "where the command writes (a run folder, a report folder, a file)",
-    "--labels": "the number of labeled images k",
-    "--seed": "a random seed",
-    "--overwrite": "replace what --out holds (only a labeldiff run, or outputs labeldiff wrote)",
-    "--device": "where the network runs: auto, cpu or cuda[:N]",
-    "--precision": "the number format the network computes in",
-}
-# names that would say one of those concepts a second way
-SYNONYMS = ("--images", "--dataset", "--input-dir", "--run", "--run-dir", "--checkpoint", "--model-dir", "--k",
-            "--num-labels", "--n-labels", "--output", "--out-dir", "--output-dir", "--from-scratch", "--force",
-            "--random-seed", "--pretrained-run")
-
-GROUPS = {"data": "data", "train": "training", "model": "network", "corruption": "pretext task",
-          "transfer": "transfer"}
-KIND = {"pretrain": "pretrain", "finetune": "segmentation"}
-INTENSITY_SCHEMES = ("percentile", "ct-window", "ct-percentile", "zscore", "none")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``labeldiff CMD: error: …`` (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
-def number(typ, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
-    """An argparse type: a finite ``typ`` within [lo, hi] (open ends where ``lo_open`` / ``hi_open``)."""
-    import math
-
-    def parse(text: str):
-        try:
-            v = typ(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if typ is int else 'a number'}") from None
-        bad = (not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and lo_open))) or
-               (hi is not None and (v > hi or (v == hi and hi_open))))
-        if bad:
-            left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{'-∞' if lo is None else f'{lo:g}'}, "
-                                             f"{'∞' if hi is None else f'{hi:g}'}{right} (got {text})")
-        return v
-    parse.__name__ = typ.__name__
-    return parse
-
-
-POSITIVE = number(int, 1)
-NON_NEGATIVE = number(int, 0)
-FRACTION = number(float, 0, 1, lo_open=True, hi_open=True)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(_text(v) for v in value)
-    if isinstance(value, bool):
-        return str(int(value))
-    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _setting_type(name: str):
-    """The argparse type of a declared setting: :func:`labeldiff.config.parse_value`, its errors one line."""
-    from labeldiff.config import parse_value
-    from labeldiff.errors import ConfigError
-
-    def parse(text: str):
-        try:
-            return parse_value(name, text)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
-    parse.__name__ = name
-    return parse
-
-
-def add_settings(p: argparse.ArgumentParser, command: str) -> None:
-    """The options of ``command`` generated from the declared settings, grouped by section."""
-    from labeldiff.config import annotation, declared, default_value
-
-    kind = KIND[command]
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, _, meta in declared():
-        if meta.flag is None or command not in meta.commands or meta.flag == "--data":
-            continue
-        section = name.split(".")[0]
-        group = groups.get(section) or groups.setdefault(section, p.add_argument_group(GROUPS[section]))
-        default = default_value(name, kind)
-        if meta.store_true:
-            group.add_argument(meta.flag, dest=name, action="store_true", default=None, help=meta.help)
-            continue
-        choices = meta.choices
-        metavar = meta.metavar or ("{" + ",".join(_text(c) for c in choices) + "}" if choices else
-                                   _metavar(annotation(name)))
-        shown = f" [{_text(default)}]" if default not in (None, "") else ""
-        group.add_argument(meta.flag, dest=name, type=_setting_type(name), default=None, metavar=metavar,
-                           help=f"{meta.help}{shown}")
-
-
-def _metavar(hint: Any) -> str:
-    import typing
-
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return {bool: "{0,1}", int: "N", float: "X"}.get(kinds[0], "TEXT")
-
-
-def add_run_options(p: argparse.ArgumentParser, command: str) -> None:
-    """What every training command takes besides its settings."""
-    io = p.add_argument_group("run")
-    io.add_argument("--data", required=True, type=Path, help=VOCABULARY["--data"])
-    io.add_argument("--out", required=True, type=Path, help="run folder to create")
-    io.add_argument("--recipe", help="settings from a recipe: a shipped name (e.g. ddpm-cpu) or a YAML file; "
-                                     "flags override it")
-    io.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="any setting, including those without a flag (e.g. train.weight_decay=1e-4); repeatable")
-    io.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                                                          "(with the same settings; a larger --steps extends it)")
-    io.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    add_settings(p, command)
-    g = p.add_argument_group("volumes")
-    g.add_argument("--intensity", default=None, choices=INTENSITY_SCHEMES,
-                   help="volume datasets: percentile (each volume's 0.5/99.5 percentiles to [-1, 1]), ct-window (a "
-                        "fixed HU window, --hu-window), ct-percentile (nnU-Net's CT scheme, fitted on the training "
-                        "cases), zscore (per volume, MRI) or none [" +
-                        ("percentile" if command == "pretrain" else "the pretrained run's, else percentile") + "]")
-    g.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="--intensity ct-window: the HU window, e.g. -160 240 (abdomen)")
-
-
-def add_inference_options(p: argparse.ArgumentParser, volumes: bool = True) -> None:
-    if volumes:
-        p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
-                       help="volumes: the axis slices are cut along [the run's: 2 = axial]")
-        p.add_argument("--intensity", default=None, choices=INTENSITY_SCHEMES,
-                       help="volumes: the intensity scheme [the run's own]")
-        p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                       help="--intensity ct-window: the HU window, e.g. -160 240")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the horizontal flip")
-    p.add_argument("--device", default="auto", help=f"{VOCABULARY['--device']} [auto]")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
-                   help="fp32 (the same numbers on every CPU), bf16 autocast, or auto (bf16 where the CPU/GPU has "
-                        "it) [fp32]")
-
-
-def _names(text: str) -> tuple[str, str]:
-    names = tuple(n.strip() for n in text.split(","))
-    if len(names) != 2 or not all(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: give two names, e.g. videos,random")
-    return names
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give I/N, e.g. 0/2") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"{text!r}: I must lie in 0..N-1")
-    return i, n
-
-
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in s.split(","))
-
-
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
+from labeldiff.cli.options import (FRACTION, INTENSITY_SCHEMES, NON_NEGATIVE, POSITIVE, SYNONYMS, VOCABULARY,  # noqa: F401
+                                   Parser, _floats, _names, _shard, add_inference_options, add_run_options, number)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=Path, help="output folder [MODEL/eval_SPLIT]")
     p.add_argument("--slab", default=None, metavar="FIRST:LAST",
                    help="volumes: score only slices FIRST..LAST along --axis (a held-out slab)")
+    p.add_argument("--overlays", default=None, metavar="first|worst|best|all|STEM,...",
+                   help="which images overlays.png shows, each pixel coloured as true positive, false positive or "
+                        "false negative: the first, the worst or the best by foreground Dice, all (also one PNG per "
+                        "image in OUT/overlays/; the grid shows the first), or the named stems [first]")
+    p.add_argument("--overlay-count", type=POSITIVE, default=6,
+                   help="how many images overlays.png shows for first, worst, best and all [6]")
     add_inference_options(p)
     p.add_argument("--corruptions", default=None, metavar="all|NAME,...",
                    help="then score again under test-time corruptions: all, or some of noise, blur, jpeg, contrast, "
@@ -234,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for new images (PNG) or volumes (NIfTI)",
-                       description="Predict masks with a run: a mask PNG, an overlay and an uncertainty map per image, "
-                                   "or a label NIfTI on the input's grid per volume.")
+                       description="Predict masks with a run: per image a mask PNG (a palette PNG: its pixel values "
+                                   "are the class ids, its palette colours them for viewers; 16-bit grey above 256 "
+                                   "classes), an overlay and an uncertainty map (and per-class probabilities with "
+                                   "--probabilities); per volume a label NIfTI on the input's grid.")
     p.add_argument("--model", required=True, type=Path, help="a finetune run folder, or a hybrid / supervised "
                                                             "pretraining run")
     p.add_argument("--input", required=True, type=Path,
@@ -244,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (not the input folder, nor a dataset's "
                                                           "images/ or masks/)")
     p.add_argument("--overwrite", action="store_true", help="replace masks, overlays and maps already in --out")
+    p.add_argument("--probabilities", action="store_true",
+                   help="2D images: also write each class's probability as a 16-bit grey PNG, "
+                        "OUT/probabilities/class_<c>/<stem>.png (65535 = 1), which ImageJ/Fiji, QuPath and any "
+                        "image library open")
     add_inference_options(p)
     p.set_defaults(func=c.cmd_predict)
 
@@ -346,15 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers launches; for several machines sharing OUT, then --report-only)")
     p.set_defaults(func=c.cmd_study)
 
-    p = sub.add_parser("compare", help="study A − study B, cell by cell, with 95%% CIs",
-                       description="Pair the finished cells of two studies (the same method name, strategy, protocol, "
-                                   "selection, k, seed and labeled images): each study's mean, the mean paired "
-                                   "difference A − B and its 95% t-interval per setting.")
-    p.add_argument("a", type=Path, help="a study folder (or its results.csv)")
-    p.add_argument("b", type=Path, help="a study folder (or its results.csv) to subtract")
-    p.add_argument("--names", type=_names, default=None, help="A,B: the studies' names in the table [folder names]")
-    p.add_argument("--metric", default="dice", help="results.csv column: dice, iou, dice_<class> [dice]")
-    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    p = sub.add_parser("compare", help="run A − run B image by image, or study A − study B cell by cell, with 95%% CIs",
+                       usage="labeldiff compare A B [--metric METRIC] [--out FILE.md] (A, B: two runs or two studies)",
+                       description="Two runs (run folders, or evaluation folders of `labeldiff evaluate`) scored on "
+                                   "the same test images: the per-image differences A − B of --metric, their mean and "
+                                   "95%% t-interval, how many images each run is ahead on, a table and, with --out, a "
+                                   "plot; refused when the runs were scored on other datasets or test images. A run "
+                                   "folder is compared through its eval_<split>/, evaluated first if it has none. Two "
+                                   "studies: their finished cells paired (the same method name, strategy, protocol, "
+                                   "selection, k, seed and labeled images), each study's mean, the mean paired "
+                                   "difference A − B and its 95%% t-interval per setting.")
+    p.add_argument("a", type=Path, help="a run folder, an evaluation folder, or a study folder (or its results.csv)")
+    p.add_argument("b", type=Path, help="the same kind of folder, to subtract")
+    p.add_argument("--names", type=_names, default=None, help="A,B: their names in the table [folder names]")
+    p.add_argument("--metric", default="dice",
+                   help="dice, iou, or a per-class column dice_<class> / iou_<class> (studies: a results.csv column) "
+                        "[dice]")
+    p.add_argument("--split", default=None,
+                   help="runs: compare their evaluations on this split, RUN/eval_<split>/ [the runs' test split]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
     p.set_defaults(func=c.cmd_compare)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no download)",
@@ -371,75 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training precision: auto (bf16 where the CPU has AMX/AVX512-BF16, else fp32) [auto]")
     p.set_defaults(func=c.cmd_demo)
 
+    from labeldiff.cli.bench import add_bench
+
     add_bench(sub)
     return parser
-
-
-def add_bench(sub) -> None:
-    """``labeldiff bench …``: measurements for developers, not in the everyday command list."""
-    from labeldiff.cli import commands as c
-
-    bench = sub.add_parser("bench", description="Measurements, not tests: run one and quote its table.")
-    bsub = bench.add_subparsers(dest="what", required=True, metavar="{probe-memory,loop,predict,ddp}")
-    p = bsub.add_parser("probe-memory", help="streamed pixel-MLP probe vs the in-RAM reference",
-                        description="Train the pixel-MLP probe the reference way (all pixel features in RAM) and the "
-                                    "labeldiff way (float16 disk cache, streamed) on the same images, features and "
-                                    "seed, each in its own process; print peak RSS, their ratio, wall time and test "
-                                    "IoU of each.")
-    p.add_argument("--pretrained", required=True, type=Path, help="a pretraining run (diffusion UNet)")
-    p.add_argument("--data", required=True, type=Path, help="a labeled dataset root (train and test splits)")
-    p.add_argument("--labels", type=POSITIVE, default=3, help="labeled training images [3]")
-    p.add_argument("--size", type=number(int, 8), default=256, help="images and masks resized to size² [256]")
-    p.add_argument("--members", type=POSITIVE, default=10, help="MLPs in the ensemble [10]")
-    p.add_argument("--max-epochs", type=POSITIVE, default=50, help="epochs per member at most [50]")
-    p.add_argument("--patience", type=POSITIVE, default=3, help="stop a member after this many epochs without "
-                                                          "improvement of its training loss [3]")
-    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads in each child process [1]")
-    p.add_argument("--train-split", default="train", help="split.json entry of the labeled images [train]")
-    p.add_argument("--test-split", default="test", help="split.json entry evaluated [test]")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="labeled-image choice and MLP seeds [0]")
-    p.set_defaults(func=c.cmd_bench)
-
-    p = bsub.add_parser("loop", help="bare training step / step of the real pretrain loop",
-                        description="Loop efficiency: the bare forward + backward + optimizer step of the network, "
-                                    "batch and precision of a pretraining config, divided by a step of the real "
-                                    "`labeldiff pretrain` loop, for each --workers count. Takes the pretrain options; "
-                                    "--steps is the length of each timed run [30].")
-    add_run_settings(p)
-    p.add_argument("--workers", type=_ints, default=(0, 2), help="data-loading worker counts to measure [0,2]")
-    p.set_defaults(func=c.cmd_bench)
-
-    p = bsub.add_parser("ddp", help="1 vs 2 torchrun processes of pretrain, the all-reduce, an 8-GPU estimate",
-                        description="Throughput of `labeldiff pretrain` under torchrun with 1 and 2 processes (gloo, "
-                                    "1 thread each), the gloo all-reduce of the model's gradient on its own, and with "
-                                    "--estimate-recipe an estimate of a recipe on --gpus GPUs from its counted FLOPs "
-                                    "and gradient size. Takes the pretrain options; --steps is the length of each "
-                                    "timed run [30].")
-    add_run_settings(p)
-    p.add_argument("--estimate-recipe", help="recipe to estimate on GPUs, e.g. ddpm (the CT paper's)")
-    p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs of the estimate [8]")
-    p.add_argument("--gpu-step-seconds", type=number(float, 0, lo_open=True), default=None,
-                   help="a step of --estimate-recipe measured on one GPU; it replaces the assumed GPU utilisation")
-    p.set_defaults(func=c.cmd_bench)
-
-    p = bsub.add_parser("predict", help="bare batched forward / `labeldiff predict`",
-                        description="Predict efficiency: a bare batched forward over the network inputs that "
-                                    "prediction evaluates for a folder of images, divided by `labeldiff predict` on "
-                                    "that folder (reading, sliding window, writing PNGs), on --device; the fastest of "
-                                    "--repeats runs of each.")
-    p.add_argument("--model", required=True, type=Path, help="a segmenter run folder (finetune / probe)")
-    p.add_argument("--input", required=True, type=Path, help="a folder of images (or a dataset root with images/)")
-    p.add_argument("--sw-batch-size", type=POSITIVE, default=8, help="inputs per forward, as predict's sliding "
-                                                                     "window uses [8]")
-    p.add_argument("--repeats", type=POSITIVE, default=1, help="timed runs of each side; the fastest counts [1]")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
-    p.set_defaults(func=c.cmd_bench)
-
-
-def add_run_settings(p: argparse.ArgumentParser) -> None:
-    """A benchmark that runs `labeldiff pretrain`: its data, recipe, --set and settings."""
-    p.add_argument("--data", required=True, type=Path, help=VOCABULARY["--data"])
-    p.add_argument("--recipe", help="settings from a recipe: a shipped name or a YAML file")
-    p.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="any setting; repeatable")
-    add_settings(p, "pretrain")

@@ -18,7 +18,7 @@ def _cell(text: str) -> str:
 
 
 def _value(value) -> str:
-    from labeldiff.cli.parser import _text
+    from labeldiff.cli.options import _text
 
     return "—" if value in (None, "") else f"`{_text(value)}`"
 

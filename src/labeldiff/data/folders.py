@@ -3,7 +3,9 @@ nnU-Net v2 raw volume dataset read as 2D slices (:class:`VolumeFolder`), which o
 (:func:`open_labeled`), and every image of an unlabeled one (:func:`unlabeled_samples`).
 
 A labeled dataset is ``ROOT/images/*`` + ``ROOT/masks/*`` (same stem) + optional
-``ROOT/split.json`` (``{"train": [stems], "test": [stems], ...}``), or an nnU-Net v2 raw volume
+``ROOT/split.json`` (``{"train": [stems], "test": [stems], ...}``) + optional ``ROOT/roi/*`` (same stem:
+each image's region of interest, its field of view; pixels outside it count for nothing: see
+:data:`ROI_IGNORE`), or an nnU-Net v2 raw volume
 dataset (its volumes as 2D slices, read lazily). An unlabeled dataset is a folder of images, the
 ``images/`` of a labeled one, or a volume dataset. Nothing is read until it is needed. Making splits is
 :mod:`labeldiff.data.splits`; checking samples :mod:`labeldiff.data.validation`; batches
@@ -43,6 +45,10 @@ def list_images(folder: Path) -> dict[str, Path]:
     return out
 
 
+ROI = "roi"  # ROOT/roi/<stem>.png: non-zero inside the region of interest (a fundus camera's circle, a slide's tissue)
+ROI_IGNORE = 255  # the mask value outside the region of interest when --ignore-index is not given
+
+
 @dataclass
 class Sample:
     """One 2D sample: an image file (and mask file), or a slice of a volume case (``ref``; then
@@ -54,6 +60,7 @@ class Sample:
     ref: SliceRef | None = None
     intensity: Intensity | None = None
     ignore_index: int | None = None  # a mask value meaning "not labeled" (DataConfig.ignore_index)
+    roi: Path | None = None  # the region of interest: pixels outside it become ignore_index
 
     @property
     def key(self) -> str:
@@ -65,10 +72,21 @@ class Sample:
         return read_image(self.image, channels)
 
     def read_mask(self, num_classes: int | None = None) -> np.ndarray:
+        """The class map ``[H, W]``; with a region of interest, every pixel outside it is ``ignore_index``
+        (what it held there is never read: a fundus camera's black surround is no class)."""
         if self.ref is not None:
             return read_slice_mask(self.ref, num_classes, self.ignore_index)
         assert self.mask is not None
-        return read_mask(self.mask, num_classes, self.ignore_index)
+        if self.roi is None:
+            return read_mask(self.mask, num_classes, self.ignore_index)
+        inside = read_roi(self.roi, image_size(self.mask))
+        mask = read_mask(self.mask, None, self.ignore_index)
+        mask[~inside] = self.ignore_index
+        if num_classes is not None:
+            from labeldiff.data.io import check_mask_values
+
+            check_mask_values(self.mask, np.unique(mask[inside]).tolist(), num_classes, self.ignore_index)
+        return mask
 
     def size(self) -> tuple[int, int]:
         """(height, width) without decoding an image file (a volume slice: its display square)."""
@@ -77,6 +95,16 @@ class Sample:
             side = max(n for i, n in enumerate(shape) if i != self.ref.axis)
             return side, side
         return image_size(self.image)
+
+
+def read_roi(path: Path, hw: tuple[int, int]) -> np.ndarray:
+    """A region-of-interest file as a boolean ``[H, W]`` (non-zero: inside), checked against the size of its
+    image."""
+    roi = read_mask(path)
+    if roi.shape != tuple(hw):
+        raise DataError(f"region of interest {path} is {roi.shape[1]}×{roi.shape[0]} but its image is {hw[1]}×{hw[0]}; "
+                        f"an roi/ file must have its image's size")
+    return roi > 0
 
 
 def read_splits(split_file: Path) -> dict[str, list[str]]:
@@ -109,6 +137,7 @@ class LabeledFolder:
             raise DataError(f"{self.root}: no masks/ folder; a labeled dataset is ROOT/images + ROOT/masks")
         self.images = list_images(self.root / "images")
         self.masks = list_images(self.root / "masks")
+        self.rois = list_images(self.root / ROI) if (self.root / ROI).is_dir() else None
         self.split_file = split_path(self.root, split_file)
         self.splits = read_splits(self.split_file)
         self.ignore_index: int | None = None  # set by open_labeled from DataConfig.ignore_index
@@ -140,8 +169,18 @@ class LabeledFolder:
             if s not in self.masks:
                 raise DataError(f"{self.images[s]}: no mask with stem {s!r} in {self.root / 'masks'}; "
                                 f"add masks/{s}.png or drop the image")
-            out.append(Sample(s, self.images[s], self.masks[s], ignore_index=self.ignore_index))
+            roi = None
+            if self.rois is not None:
+                if s not in self.rois:
+                    raise DataError(f"{self.images[s]}: no region of interest with stem {s!r} in {self.root / ROI}; add "
+                                    f"{ROI}/{s}.png (non-zero inside), or remove {ROI}/ to use every pixel")
+                roi = self.rois[s]
+            out.append(Sample(s, self.images[s], self.masks[s], ignore_index=self.ignore_index, roi=roi))
         return out
+
+    @property
+    def has_roi(self) -> bool:
+        return self.rois is not None
 
 
 class VolumeFolder:
@@ -293,6 +332,8 @@ def open_labeled(cfg: DataConfig, path: str | Path | None = None, split_file: st
     ds = (VolumeFolder(root, split_file, cfg.axis, resolve_intensity(cfg, root), cfg.spacing) if is_nnunet_raw(root)
           else LabeledFolder(root, split_file))
     ds.ignore_index = cfg.ignore_index
+    if getattr(ds, "has_roi", False) and ds.ignore_index is None:
+        ds.ignore_index = ROI_IGNORE  # outside the region of interest: left out, as --ignore-index 255 would
     return ds
 
 

@@ -12,7 +12,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from labeldiff.errors import DataError  # re-exported: bad input data, one line naming the file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
+# the colour of each class id in mask PNGs and overlays: 0 black, then 20 distinct colours (Sasha Trubetskoy's
+# list); ids from 21 on get generated colours (:func:`class_colours`)
+MASK_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                         [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                         [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                         [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], dtype=np.uint8)
+PALETTE_CLASSES = 256  # a PNG palette holds 256 colours; more classes are written as 16-bit grey
 
 
 BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what Pillow raises on a broken file
@@ -256,3 +262,43 @@ def read_mask(path: Path, num_classes: int | None = None, ignore_index: int | No
     if num_classes is not None and mask.max() >= num_classes:
         check_mask_values(path, np.unique(mask).tolist(), num_classes, ignore_index)
     return mask
+
+
+def class_colours(n: int) -> np.ndarray:
+    """``[n, 3]`` uint8, the colour of class ids 0..n-1: :data:`MASK_COLOURS` first, then colours stepped
+    round the hue circle by the golden ratio at three saturation and four brightness levels. The first
+    :data:`PALETTE_CLASSES` are distinct and only class 0 is black."""
+    import colorsys
+
+    out = [tuple(int(v) for v in c) for c in MASK_COLOURS[:n]]
+    seen = set(out)
+    i = len(out)
+    while len(out) < n:
+        h, s, v = (i * 0.6180339887) % 1.0, (0.95, 0.7, 0.5)[i % 3], (1.0, 0.85, 0.7, 0.55)[(i // 3) % 4]
+        c = tuple(int(round(x * 255)) for x in colorsys.hsv_to_rgb(h, s, v))
+        i += 1
+        if c in seen and len(out) < PALETTE_CLASSES:  # the palette's colours stay distinct
+            continue
+        seen.add(c)
+        out.append(c)
+    return np.array(out, dtype=np.uint8).reshape(n, 3)
+
+
+def write_mask(mask: np.ndarray, path: Path, num_classes: int) -> str:
+    """Write the class ids ``mask [H, W]`` (0..num_classes-1) as a PNG that viewers show in colour and
+    :func:`read_mask` (``np.asarray(Image.open(path))``) reads as the ids: a palette PNG (mode "P", the
+    pixel values are the ids, the palette colours them, class 0 black) up to :data:`PALETTE_CLASSES`
+    classes, a 16-bit grey PNG above (a palette holds 256 colours). Returns the format written, in words."""
+    mask = np.asarray(mask)
+    if mask.size and (mask.min() < 0 or mask.max() >= num_classes):
+        raise ValueError(f"class ids {int(mask.min())}..{int(mask.max())} outside 0..{num_classes - 1}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if num_classes <= PALETTE_CLASSES:
+        img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode "L" ...
+        img.putpalette(class_colours(num_classes).tobytes(), rawmode="RGB")  # ... becomes "P": same bytes, coloured
+        img.save(path, compress_level=1)
+        return "palette PNG"
+    if num_classes > 65536:
+        raise ValueError(f"{num_classes} classes: a PNG holds at most 65,536 class ids")
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16)).save(path, compress_level=1)
+    return "16-bit grey PNG"

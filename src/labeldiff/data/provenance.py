@@ -40,6 +40,15 @@ def record(root: str | Path, split_file: str | Path | None, stems: list[str], la
             "stems": sorted(stems)}
 
 
+def scored(root: str | Path, split_file: str | Path | None, split: str, stems: list[str]) -> dict:
+    """What an evaluation scored (``metrics.json``'s ``test_images``): the dataset, the split by name, the
+    split file and its sha256, and the stems, sorted. Two evaluations pair image by image when their
+    datasets and stems agree."""
+    rec = record(root, split_file, stems, labeled=True)
+    return {"data": rec["data"], "split": split, "split_file": rec["split_file"], "split_sha256": rec["split_sha256"],
+            "stems": rec["stems"]}
+
+
 def leaked(rec: dict | None, root: str | Path, stems: list[str]) -> list[str]:
     """The stems among ``stems`` (to be scored, of the dataset at ``root``) that a run with the record
     ``rec`` trained on; [] when it has no record, read another dataset, or read the test images on purpose

@@ -40,7 +40,12 @@ def validate_samples(samples: list[Sample], num_classes: int | None, hint: str |
     for s in samples:
         ih, iw = s.size()
         assert s.mask is not None
-        if s.ref is None:
+        if s.ref is None and s.roi is not None:  # only what lies inside the region of interest counts
+            mask = s.read_mask()
+            (mh, mw), present = mask.shape, np.unique(mask).tolist()
+            if num_classes is not None:
+                check_mask_values(s.mask, present, num_classes, s.ignore_index, hint)
+        elif s.ref is None:
             mh, mw = image_size(s.mask)
             present = known[s.mask]
             if num_classes is not None:

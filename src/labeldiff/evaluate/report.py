@@ -6,10 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
-                    [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0],
-                    [255, 215, 180], [0, 0, 128], [128, 128, 128]], dtype=np.uint8)  # 20 distinct colours + black
+from labeldiff.data.io import class_colours
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -20,7 +17,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    return PALETTE[np.asarray(mask) % len(PALETTE)]
+    """``[H, W]`` class ids → ``[H, W, 3]`` uint8 in the colours a predicted mask PNG's palette gives them
+    (:func:`labeldiff.data.io.class_colours`)."""
+    mask = np.asarray(mask)
+    return class_colours(int(mask.max()) + 1 if mask.size else 1)[mask]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -41,49 +41,36 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
-    """A legend under ``fig`` naming (``dataset.json`` / ``classes.json`` names, else numbers) the
-    foreground classes present in ``masks``, in their overlay colours; False when none is present."""
-    from matplotlib.patches import Patch
-
-    present = sorted({int(c) for m in masks if m is not None for c in np.unique(m) if c > 0})
-    if not present:
-        return False
-    colours = colorize(np.array(present)) / 255.0
-    fig.legend([Patch(color=colours[j]) for j in range(len(present))],
-               [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present],
-               loc="lower center", ncol=min(len(present), 7), fontsize=7, frameon=False)
-    return True
-
-
-def overlay_grid(rows: list[dict], path: Path, title: str = "", class_names: list[str] | None = None) -> None:
-    """One row per image: image | ground truth | prediction (overlays), with a legend of the classes.
-    ``rows``: dicts with ``name``, ``image [C,H,W]``, ``target [H,W]`` (optional), ``pred [H,W]``,
-    ``dice`` (optional)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Write a figure whose layout is set (constrained) and close it."""
     import matplotlib.pyplot as plt
 
-    cols = 3 if any(r.get("target") is not None for r in rows) else 2
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
-    for ax_row, r in zip(axes, rows):
-        panels = [("image", to_rgb(r["image"]))]
-        if cols == 3:
-            panels.append(("ground truth", overlay(r["image"], r["target"])))
-        label = "prediction" + (f" (Dice {r['dice']:.3f})" if r.get("dice") is not None else "")
-        panels.append((label, overlay(r["image"], r["pred"])))
-        for ax, (name, pic) in zip(ax_row, panels):
-            ax.imshow(pic)
-            ax.set_title(f"{r['name']}: {name}" if name == "image" else name, fontsize=8)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    legend = class_legend(fig, [r.get("target") for r in rows] + [r["pred"] for r in rows], class_names)
-    fig.tight_layout(rect=(0, 0.4 / (3 * len(rows)), 1, 1) if legend else None)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def class_handles(masks: list[np.ndarray], class_names: list[str] | None,
+                  below: int | None = None) -> tuple[list, list[str]]:
+    """Legend handles and names (``dataset.json`` / ``classes.json`` names, else numbers) of the foreground
+    classes present in ``masks`` (ids below ``below`` only, when given), in their overlay colours."""
+    from matplotlib.patches import Patch
+
+    present = sorted({int(c) for m in masks if m is not None for c in np.unique(m)
+                      if c > 0 and (below is None or c < below)})
+    colours = colorize(np.array(present, dtype=np.int64)) / 255.0
+    return ([Patch(facecolor=colours[j], edgecolor="black", linewidth=0.5) for j in range(len(present))],
+            [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present])
+
+
+def class_legend(fig, masks: list[np.ndarray], class_names: list[str] | None) -> bool:
+    """A legend under ``fig`` naming the foreground classes present in ``masks`` (:func:`class_handles`);
+    False when none is present."""
+    handles, names = class_handles(masks, class_names)
+    if not handles:
+        return False
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=7, frameon=False)
+    return True
 
 
 def bar_chart(results: dict[str, tuple[float, float]], path: Path, ylabel: str = "Dice", title: str = "") -> None:
@@ -101,7 +88,7 @@ def bar_chart(results: dict[str, tuple[float, float]], path: Path, ylabel: str =
     for b, m in zip(bars, means):
         ax.text(b.get_x() + b.get_width() / 2, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, max([1.05] + [m + s + 0.05 for m, s in zip(means, stds) if np.isfinite(m + s)]))  # whole bars
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -2,7 +2,9 @@
 volumes and scores or predicts accordingly (volumes: :mod:`labeldiff.evaluate.volume`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +12,17 @@ import torch
 from tqdm.auto import tqdm
 
 from labeldiff.checkpoint import atomic_write_text
+from labeldiff.data import provenance
 from labeldiff.data.folders import list_images, open_labeled
 from labeldiff.data.guard import check_output_folder, refuse_existing
-from labeldiff.data.io import DataError, check_decodes, read_image
+from labeldiff.data.io import DataError, check_decodes, read_image, write_mask
 from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw
 from labeldiff.data.validation import validate_samples
 from labeldiff.errors import ConfigError
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_and_score, predict_logits
-from labeldiff.evaluate.report import colorize, overlay, overlay_grid, save_png, write_per_image_csv
+from labeldiff.evaluate.overlays import Picker, check_named, overlay_grid, overlay_row, parse_choice
+from labeldiff.evaluate.report import colorize, overlay, save_png, write_per_image_csv
 from labeldiff.runs import open_segmenter
 from labeldiff.runtime import INFERENCE_PRECISION
 
@@ -27,7 +31,8 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
              split_file: str | None = None, corruptions: list[str] | None = None, severities: list[int] | None = None,
              corruption_seed: int = 0, slab: tuple[int, int] | None = None, axis: int | None = None,
              intensity: str | None = None, hu_window: tuple[float, float] | None = None, device: str = "auto",
-             precision: str = INFERENCE_PRECISION, tta: bool = False) -> dict:
+             precision: str = INFERENCE_PRECISION, tta: bool = False, overlays: str | None = None,
+             overlay_count: int = 6) -> dict:
     """``labeldiff evaluate``: score the run ``model_dir`` on ``split`` of the labeled dataset ``data`` (the
     one it trained on when not given) into ``out``; returns the metrics.
 
@@ -35,13 +40,17 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
     (:func:`~labeldiff.evaluate.volume.run_evaluate_volumes`; ``slab``, ``axis``, ``intensity`` and
     ``hu_window`` apply; ``out`` defaults to ``MODEL/eval_volumes_SPLIT``, ``split`` to ``test``); anything
     else image by image at the original mask resolution (:func:`run_evaluate`; ``split_file`` and the
-    ``corruptions`` apply; ``out`` defaults to ``MODEL/eval_SPLIT``). An option of the other kind is refused."""
+    ``corruptions`` and the ``overlays`` choice apply; ``out`` defaults to ``MODEL/eval_SPLIT``). An option of
+    the other kind is refused."""
     if data is not None and is_nnunet_raw(Path(data)):
         from labeldiff.evaluate.volume import run_evaluate_volumes
 
         if corruptions:
             raise ConfigError("--corruptions evaluates 2D image datasets only; volume datasets (nnU-Net raw) are not "
                               "supported yet: evaluate the volumes without it")
+        if overlays is not None:
+            raise ConfigError("--overlays chooses among 2D test images; a volume dataset's overlays are strips of "
+                              "slices of each case: evaluate the volumes without it")
         split = split or "test"
         return run_evaluate_volumes(model_dir, Path(data), out or Path(model_dir) / f"eval_volumes_{split}",
                                     split=split, axis=axis, intensity=intensity, hu_window=hu_window, slab=slab,
@@ -50,16 +59,22 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
         raise ConfigError("--slab applies to volume datasets (an nnU-Net raw folder as --data)")
     return run_evaluate(model_dir, out or Path(model_dir) / f"eval_{split or 'test'}", data=data, split=split,
                         device=device, split_file=split_file, tta=tta, precision=precision, corruptions=corruptions,
-                        severities=severities, corruption_seed=corruption_seed)
+                        severities=severities, corruption_seed=corruption_seed, overlays=overlays,
+                        overlay_count=overlay_count)
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
-                 device: str = "auto", max_overlays: int = 6, split_file: str | None = None, tta: bool = False,
+                 device: str = "auto", overlays: str | None = None, overlay_count: int = 6,
+                 split_file: str | None = None, tta: bool = False,
                  precision: str = INFERENCE_PRECISION, corruptions: list[str] | None = None,
                  severities: list[int] | None = None, corruption_seed: int = 0) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
-    Writes ``metrics.json``, ``per_image.csv`` and ``overlays.png`` into ``out``. ``precision``:
+    Writes ``metrics.json`` (with ``test_images``: the dataset, split file and stems scored, which
+    ``labeldiff compare`` pairs by), ``per_image.csv`` and ``overlays.png`` into ``out``. The overlays
+    (:mod:`labeldiff.evaluate.overlays`) show ``overlay_count`` images chosen by ``overlays``: ``first``
+    [default], ``worst`` or ``best`` by foreground Dice, ``all`` (every image also as
+    ``out/overlays/<stem>.png``; the grid shows the first), or ``STEM,STEM,...``. ``precision``:
     fp32 by default, whatever the run trained with, so the numbers do not depend on the CPU.
     ``corruptions`` (names of :mod:`labeldiff.evaluate.corruptions`): then evaluate again on each
     corrupted copy of the images at each of ``severities`` [1..5] and write ``robustness.json``,
@@ -71,13 +86,17 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     ds = open_labeled(cfg.data, data_path, split_file or (cfg.data.split_file if data is None else None))
     stems = ds.stems(split)
     refuse_trained_on(Path(model_dir), split, ds, stems, cfg.data.train_split)
+    how, named = parse_choice(overlays)
+    check_named(named, stems, f"split {split!r} of {ds.root}")
     samples = ds.samples(stems)
     k = cfg.num_classes
     validate_samples(samples, k, hint=f"the run predicts {k} classes: evaluate it on data labeled with its classes")
     out = check_output_folder(Path(out))
     out.mkdir(parents=True, exist_ok=True)
-    all_stats, rows, grid = [], [], []
-    for s, image, target, pred, stats in predict_and_score(model, cfg.data, samples, k, precision, tta,
+    all_stats, rows, picker = [], [], Picker(how, overlay_count, named)
+    ignore = ds.ignore_index
+    scored = dataclasses.replace(cfg.data, ignore_index=ignore)  # a region of interest ignores its outside
+    for s, image, target, pred, stats in predict_and_score(model, scored, samples, k, precision, tta,
                                                             desc=f"evaluate {split}"):
         all_stats.append(stats)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
@@ -85,19 +104,25 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
         row.update({f"dice_{c}": round(float(dice[c]), 6) for c in range(k)})
         row.update({f"iou_{c}": round(float(iou[c]), 6) for c in range(k)})
         rows.append(row)
-        if len(grid) < max_overlays:
-            fg = np.nanmean(dice[1:]) if np.any(np.isfinite(dice[1:])) else None
-            grid.append({"name": s.stem[:24], "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
+        fg = float(np.nanmean(dice[1:])) if np.any(np.isfinite(dice[1:])) else math.nan
+        picker.offer({"name": s.stem, "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
+        if how == "all":
+            save_png(overlay_row(image.numpy(), pred, target, k, ignore), out / "overlays" / f"{s.stem}.png")
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
-                    "precision": precision, "ignore_index": cfg.data.ignore_index})
+                    "precision": precision, "ignore_index": ignore, "roi": bool(getattr(ds, "has_roi", False)),
+                    "num_classes": k, "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_per_image_csv(rows, out / "per_image.csv")
-    overlay_grid(grid, out / "overlays.png", title=f"{Path(model_dir).name} on {split}: "
-                 f"mean foreground Dice {metrics['dice']['mean']:.3f}", class_names=names)
+    overlay_grid(picker.rows(), out / "overlays.png", k, class_names=names, ignore_index=ignore,
+                 title=f"{Path(model_dir).name} on {split} ({len(samples)} images, mean foreground Dice "
+                       f"{metrics['dice']['mean']:.3f}): {picker.describe()}")
+    each = f", overlays/ (all {len(samples)}, one PNG each)" if how == "all" else ""
+    shown = [r["name"] for r in picker.rows()]
     print(f"{split}: {len(samples)} images, Dice {metrics['dice']['mean']:.4f} (foreground mean), "
-          f"IoU {metrics['iou']['mean']:.4f}; wrote {out}/metrics.json, per_image.csv, overlays.png")
+          f"IoU {metrics['iou']['mean']:.4f}; wrote {out}/metrics.json, per_image.csv, overlays.png "
+          f"({picker.describe()}: {', '.join(shown[:6])}{' …' if len(shown) > 6 else ''}){each}")
     if corruptions:
         from labeldiff.evaluate.robustness import run_robustness
 
@@ -111,7 +136,6 @@ def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_s
     """Refuse to score images the run (or the run it was pretrained from) trained on: a split file that
     changed after training, or another dataset split over the same images. Scoring the run's own
     training split is allowed, with a note saying what the numbers are."""
-    from labeldiff.data import provenance
     from labeldiff.runs import RunFolder
 
     for how, rec in RunFolder.open(model_dir).trained_on():
@@ -134,9 +158,12 @@ def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_s
 
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
                 precision: str = INFERENCE_PRECISION, axis: int | None = None, intensity: str | None = None,
-                hu_window: tuple[float, float] | None = None, overwrite: bool = False) -> list[Path]:
-    """Write ``<stem>.png`` (class indices; 8-bit, 16-bit above 256 classes), ``overlays/<stem>.png`` and
-    ``uncertainty/<stem>.png``.
+                hu_window: tuple[float, float] | None = None, overwrite: bool = False,
+                probabilities: bool = False) -> list[Path]:
+    """Write ``<stem>.png`` (the class ids: a palette PNG up to 256 classes, coloured for viewers; 16-bit grey
+    above, :func:`~labeldiff.data.io.write_mask`), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``;
+    with ``probabilities`` also ``probabilities/class_<c>/<stem>.png`` per class c: its softmax probability
+    as a 16-bit grey PNG (65535 = 1).
 
     Volumes (a NIfTI file, a DICOM series folder, an nnU-Net dataset or ``imagesTs/`` folder) go to
     :func:`labeldiff.evaluate.volume.run_predict_volumes` instead: one label NIfTI per case, on the
@@ -154,32 +181,37 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     inputs = Path(inputs)
     out = check_output_folder(Path(out), reads=(inputs,))
     if volume_cases(inputs):
+        if probabilities:
+            raise ConfigError(f"--probabilities writes per-class PNG maps of 2D images; {inputs} holds volumes, "
+                              f"which predict writes as label NIfTIs: leave --probabilities out")
         return run_predict_volumes(model_dir, inputs, out, axis=axis, intensity=intensity, hu_window=hu_window,
                                    device=device, tta=tta, precision=precision, overwrite=overwrite)
     model, cfg = open_segmenter(Path(model_dir), device)
     files = {inputs.stem: inputs} if inputs.is_file() else list_images(inputs / "images" if (inputs / "images").is_dir() else inputs)
     check_decodes(list(files.values()))  # a broken file stops here, before the output folder exists
-    if cfg.num_classes > 65536:
-        raise DataError(f"{model_dir} predicts {cfg.num_classes} classes; a PNG mask holds at most 65,536")
-    refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty")],
+    k = cfg.num_classes
+    if k > 65536:
+        raise DataError(f"{model_dir} predicts {k} classes; a PNG mask holds at most 65,536")
+    maps = [f"probabilities/class_{c}" for c in range(k)] if probabilities else []
+    refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty", *maps)],
                     overwrite)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    (out / "uncertainty").mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if cfg.num_classes <= 256 else np.uint16  # class ids as pixel values, never wrapped
-    written = []
+    written, kind = [], ""
     for stem, path in tqdm(files.items(), desc="predict", unit="img"):
         image = torch.from_numpy(read_image(path, cfg.data.channels))
         logits = predict_logits(model, image, cfg.data, precision, tta=tta)
-        pred = logits.argmax(0).numpy().astype(dtype)
+        pred = logits.argmax(0).numpy()
         probs = torch.softmax(logits, dim=0)
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(cfg.num_classes, 2))
-        save_png(pred, out / f"{stem}.png")
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(k, 2))
+        kind = write_mask(pred, out / f"{stem}.png", k)
         save_png(overlay(image.numpy(), pred), out / "overlays" / f"{stem}.png")
         save_png((ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8), out / "uncertainty" / f"{stem}.png")
+        for c, folder in enumerate(maps):
+            save_png((probs[c].clamp(0, 1) * 65535).round().numpy().astype(np.uint16), out / folder / f"{stem}.png")
         written.append(out / f"{stem}.png")
-    bits = "8-bit" if dtype == np.uint8 else "16-bit"
-    print(f"wrote {len(written)} masks ({bits} PNG, values 0..{cfg.num_classes - 1}) to {out}, overlays to "
-          f"{out / 'overlays'} and uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}")
+    extra = (f", and per-class probabilities (16-bit PNG, 65535 = 1) to {out / 'probabilities'}/class_0..{k - 1}"
+             if probabilities else "")
+    print(f"wrote {len(written)} masks ({kind}, pixel values = class ids 0..{k - 1}) to {out}, overlays to "
+          f"{out / 'overlays'}, uncertainty maps (entropy, 255 = log K) to {out / 'uncertainty'}{extra}")
     return written
 
 

@@ -88,11 +88,14 @@ def sample_masks(model: torch.nn.Module, cfg: RunConfig, images: torch.Tensor, b
     return torch.cat(out)
 
 
-def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.Tensor | None = None) -> Path:
-    """Write ``sample_XXX.png`` per image (and ``mask_XXX.png``, class indices) and ``grid.png``.
+def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.Tensor | None = None,
+                 num_classes: int | None = None) -> Path:
+    """Write ``sample_XXX.png`` per image (and ``mask_XXX.png``, the class ids as a palette PNG of
+    ``num_classes`` colours, :func:`~labeldiff.data.io.write_mask`) and ``grid.png``.
 
     With masks, each grid tile is the image next to its mask overlaid on it.
     """
+    from labeldiff.data.io import write_mask
     from labeldiff.evaluate.report import overlay, save_png, to_rgb
 
     out = Path(out)
@@ -102,8 +105,9 @@ def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.
     for i, p in enumerate(pics):
         save_png(p, out / f"sample_{i:03d}.png")
     if masks is not None:
+        k = num_classes or int(masks.max()) + 1
         for i, m in enumerate(masks):
-            save_png(m.numpy().astype(np.uint8), out / f"mask_{i:03d}.png")
+            write_mask(m.numpy(), out / f"mask_{i:03d}.png", k)
         pics = [np.concatenate([p, np.full((p.shape[0], 1, 3), 255, np.uint8), overlay(x.numpy(), m.numpy())], axis=1)
                 for p, x, m in zip(pics, images, masks)]
     cols = int(np.ceil(np.sqrt(len(pics))))

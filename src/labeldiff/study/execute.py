@@ -201,7 +201,7 @@ def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: 
         where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
         with written_whole(cell.dir / "eval" / "robustness") as tmp:
             run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
-                         split=ft.data.test_split, device=ft.train.device, max_overlays=1,
+                         split=ft.data.test_split, device=ft.train.device, overlay_count=1,
                          corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
                          corruption_seed=study.robustness["seed"], **where)
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from labeldiff.config import ModelConfig, RunConfig, flatten, geometry_fields
+from labeldiff.config import ModelConfig, RunConfig, auto_augment, flatten, geometry_fields
 from labeldiff.data import provenance
 from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
@@ -112,6 +112,16 @@ class Cell:
         return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
 
 
+def concrete(finetune: dict, k: int) -> dict:
+    """A protocol's hashed settings for cells of k labels: ``transfer.augment: auto`` as what it resolves to
+    (:func:`labeldiff.settings.auto_augment`), so a cell is named by what it computes — the same name as
+    the same cell with that augmentation given."""
+    t = finetune["transfer"]
+    if t.get("augment") != "auto":
+        return finetune
+    return {**finetune, "transfer": {**t, "augment": auto_augment(k, t.get("label_unit", "slices"))}}
+
+
 def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]:
     """One run per (method, length); in a ``pretrain_steps`` sweep each length continues the one before
     it (``--resume`` with more steps, see :func:`labeldiff.pretrain.loop.extend_config`). ``out``: the
@@ -208,10 +218,10 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
             finetune = identity(ft)
             if not keeps:  # keep_head does not apply: the cell is the one of the same protocol without it
                 finetune["transfer"]["keep_head"] = False
-            shared = {**base, "finetune": finetune}
             tag = "" if protocol == DEFAULT_PROTOCOL else f"{protocol}-"
             for select in study.select:
                 for k in ks:
+                    shared = {**base, "finetune": concrete(finetune, k)}
                     for seed in study.seeds:
                         what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
                         if strategy == "source":  # no training: the same score at every k, seed and protocol

@@ -27,7 +27,7 @@ def prepare_data(study: Study, out: Path) -> None:
     at it.
     """
     if study.prepare == BRAIN_DEMO:
-        from labeldiff.demo import build_brain_dataset
+        from labeldiff.data.mni152 import build_brain_dataset
 
         root = out / "data" / BRAIN_DEMO
         if not (root / "split.json").is_file():

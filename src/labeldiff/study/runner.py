@@ -109,7 +109,8 @@ def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> Non
             predict_mask(model, torch.from_numpy(s.read_image(cfg.data.channels)), cfg.data).numpy()
             for s in samples]
     plots.plot_overlays(images, preds, path, title=f"k = {k}, seed {seed}, select {study.select[0]}",
-                         class_names=dataset_class_names(target.ds.root))
+                         class_names=dataset_class_names(target.ds.root), num_classes=target.num_classes,
+                         ignore_index=samples[0].ignore_index)
 
 
 def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_only: bool = False,

@@ -49,6 +49,10 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
     cfg = resolved(cfg, pre.config if pre else None, str(pre.path) if pre else None)
     t = cfg.transfer
     ds = open_labeled(cfg.data, split_file=cfg.data.split_file)
+    if ds.ignore_index != cfg.data.ignore_index:  # the dataset has roi/: what the run found, recorded
+        cfg.data.ignore_index = ds.ignore_index
+        print(f"{ds.root}/roi/: pixels outside each image's region of interest are left out of the loss, the "
+              f"metrics and the probe's samples (as mask value {ds.ignore_index}, data.ignore_index)")
     pool = ds.stems(cfg.data.train_split)
     named = stems is None and bool(t.labeled)
     if named and t.label_unit == "volumes":
@@ -70,7 +74,8 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
     check_scaled_images(ds.samples(chosen), cfg.data)
     ignore = cfg.data.ignore_index
     if ignore is not None and ignore < cfg.num_classes:
-        raise DataError(f"--ignore-index {ignore} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "
+        why = " (the value marking pixels outside roi/)" if getattr(ds, "has_roi", False) else ""
+        raise DataError(f"--ignore-index {ignore}{why} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "
                         f"give the value that marks unlabeled pixels (e.g. 255)")
     return Transfer(cfg, pre, ds, chosen, cfg.num_classes)
 
