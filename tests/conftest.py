@@ -195,3 +195,23 @@ def interrupt_on_call(n: int):
         return wrapped
 
     return factory
+
+
+def write_tiny_study(root: Path, pretrain_steps: int = 2, finetune_steps: int = 2, **study) -> Path:
+    """``root/`` with data/ (6 images, K=3, 4 train / 2 test), pre.yaml and ft.yaml (the 8,16 UNet, batch 2,
+    fp32 on the CPU, no augmentation) and s.yaml: ddpm with full and scratch at k = 2, seed 0, with
+    ``study``'s keys replacing those; returns s.yaml."""
+    import yaml
+
+    write_labeled_dataset(root / "data", n=6, k=3)
+    train = {"batch_size": 2, "precision": "fp32", "device": "cpu", "checkpoint_every": 100}
+    (root / "pre.yaml").write_text(yaml.safe_dump({
+        "model": {"channels": [8, 16], "attention_levels": [False, False], "num_head_channels": 8},
+        "train": {"steps": pretrain_steps, **train}}))
+    (root / "ft.yaml").write_text(yaml.safe_dump({"train": {"steps": finetune_steps, **train},
+                                                  "transfer": {"head_hidden": 8, "augment": "none"}}))
+    spec = {"data": {"path": "data", "size": 16, "channels": 3}, "methods": [{"name": "ddpm", "recipe": "pre.yaml"}],
+            "strategies": ["full", "scratch"], "labels": [2], "seeds": [0], "finetune": {"recipe": "ft.yaml"}}
+    spec.update(study)
+    (root / "s.yaml").write_text(yaml.safe_dump(spec))
+    return root / "s.yaml"

@@ -596,13 +596,16 @@ def test_top_level_help_lists_commands(capsys):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys):
     """The demo is the example study `demo` run by the study runner (tiny step counts here): its cells, the
-    study's pages, and the demo's report for pretrained and scratch."""
+    study's pages, and the demo's report for pretrained and scratch; it ends by naming them and what to run
+    next."""
     from labeldiff.demo import CLASS_NAMES, run_demo, test_slab
 
     out = tmp_path / "demo"
     summary = run_demo(out, pretrain_steps=2, finetune_steps=2, seeds=2, size=32)
+    end = capsys.readouterr().out.splitlines()[-2:]
+    assert end[0].startswith(f"report: {out / 'report'} (summary.md") and end[1].startswith("next: ")
     report = out / "report"
     for name in ("summary.md", "metrics.json", "dice.png", "overlays_pretrained.png", "overlays_scratch.png"):
         assert (report / name).is_file(), name

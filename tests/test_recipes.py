@@ -23,7 +23,23 @@ K = 3
 
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"ddpm", "ddpm-cpu", "finetune", "finetune-cpu"} <= names
+    assert {"ddpm", "ddpm-cpu", "finetune", "finetune-cpu", "ddpm-quick", "finetune-quick"} <= names
+
+
+def test_the_quick_presets_are_the_demos_network_and_budget():
+    """ddpm-quick and finetune-quick: the small UNet, 32-wide head, steps and batches of examples/demo.yaml."""
+    from labeldiff.config import read_yaml
+    from labeldiff.examples import find as find_example
+
+    demo = read_yaml(find_example("demo"))
+    method, ft = demo["methods"][0]["overrides"], demo["finetune"]["overrides"]
+    pre, tune = load_recipe("ddpm-quick"), load_recipe("finetune-quick")
+    assert load_recipe(demo["methods"][0]["recipe"])["corruption"] == pre["corruption"]
+    assert pre["model"]["channels"] == method["model.channels"] == [16, 32, 64]
+    assert pre["model"]["num_head_channels"] == method["model.num_head_channels"]
+    assert pre["train"]["steps"] == method["train.steps"]
+    assert tune["transfer"]["head_hidden"] == ft["transfer.head_hidden"] == 32
+    assert (tune["train"]["steps"], tune["train"]["batch_size"]) == (ft["train.steps"], ft["train.batch_size"])
 
 
 def test_a_recipe_by_name_or_by_path(tmp_path, monkeypatch):

@@ -225,6 +225,37 @@ def markdown(doc: str) -> str:
     return "\n".join(out).strip() + "\n"
 
 
+# What a step of the quick presets costs, as measured (the recipes page's source for it; tools/cost_per_step.py
+# is the measurement, run from the checkout: .venv/bin/python tools/cost_per_step.py PRESET PRECISION THREADS STEPS)
+QUICK_COSTS = """## What the quick presets cost
+
+`ddpm-quick` and `finetune-quick` are the demo's network and budget for your own data: the (16, 32, 64) UNet
+pretrained for 350 steps of batch 16, fine-tuned for 150 steps of batch 4 with a 32-wide head. What a step
+costs, measured on a 2-core AMD EPYC with AVX512-BF16 and no AMX (`lscpu`), on MoNuSeg at `--scale 0.25`
+(64² crops; fine-tuning with its default augmentation), in CPU seconds of one thread per step
+(`tools/cost_per_step.py`): other jobs shared the machine's two cores throughout, and the CPU time of one
+thread is the figure they do not inflate.
+
+| preset | network, batch | bf16 autocast (`auto` here) | fp32 | its steps, bf16 |
+|---|---|---|---|---|
+| `ddpm-quick` | UNet (16, 32, 64), 16 at 64² | 0.38 s | 0.58–0.60 s | 350 steps ≈ 2.2 min |
+| `finetune-quick` | that UNet + a 32-wide head, 4 at 64² | 0.14–0.16 s | 0.18–0.20 s | 150 steps ≈ 21–24 s |
+| `ddpm-cpu`, for comparison | UNet (32, 64, 128), 16 at 64² | 1.06 s | | 2000 steps ≈ 35 min |
+| `finetune-cpu`, for comparison | that UNet + a 128-wide head, 8 at 64² | 0.82 s | | 300 steps ≈ 4.1 min |
+
+Two runs of each; the ranges are theirs. Not measured here: two threads on an idle machine (with other jobs on
+the cores, two threads were slower than one: 1.8–3.9 s a `ddpm-quick` step against 0.56 s, likely as OpenMP's threads
+wait on each other), a CPU with AVX2 only (no bf16: fp32), a CPU with AMX, and any GPU for these presets.
+Recorded in the research notebook: the whole demo, with these presets' network and budget (one pretraining,
+six fine-tuning runs, their evaluation), took 8.5–9.6 min on a 2-core AVX2-only AMD EPYC in fp32 and 2.7–3.0
+min on a 2-core Intel Xeon with AMX in bf16 ([the demo page](../../research/notebook/demo.md)); on one H200
+GPU a bare step of `ddpm-cpu`'s network took 45 ms and one of the CT paper's `ddpm` 213 ms, both bf16
+([efficiency](../../research/notebook/efficiency.md)). On a machine shared with other jobs,
+`OMP_NUM_THREADS=1` may be the faster setting. Every run prints its own estimate, from its first step, before
+its second.
+"""
+
+
 def reference_pages() -> dict[Path, str]:
     ref = ROOT / "docs" / "reference"
     schema = docstring("labeldiff.study.spec")
@@ -239,6 +270,7 @@ def reference_pages() -> dict[Path, str]:
              "`transfer`). Give a shipped one by name (`--recipe ddpm-cpu`, `recipe: ddpm-cpu` in a study) or "
              "your own by path; flags given on the command line override it. The example studies run with "
              "`labeldiff study NAME --out OUT`.\n"]
+    parts.append(QUICK_COSTS)
     for title_, folder in (("Recipes", RECIPES), ("Example studies", EXAMPLES)):
         parts.append(f"## {title_}\n")
         for path in sorted(folder.glob("*.yaml")):

@@ -108,6 +108,8 @@ def derive(cfg: RunConfig) -> dict[str, str]:
             why[name] = reason
 
     put("model.in_channels", cfg.data.channels, "derived: the network reads data.channels channels")
+    if cfg.kind == "segmentation" and cfg.transfer.labeled:
+        put("transfer.labels", len(cfg.transfer.labeled), "derived: the number of --labeled images")
     if cfg.kind == "segmentation" and cfg.transfer.augment == "auto":
         put("transfer.augment", auto_augment(cfg.transfer.labels, cfg.transfer.label_unit),
             f"derived: --augment auto for {cfg.transfer.labels} labeled {cfg.transfer.label_unit}")
@@ -132,6 +134,7 @@ def resolve(kind: str, layers: Sequence[Layer] = (), pretrained: RunConfig | Non
     """The configuration of a run of ``kind`` (``pretrain`` | ``segmentation``) from its layers (see the
     module docstring), derived, checked, with ``sources`` and ``inherited`` recorded."""
     cfg, sources = compose(kind, layers, pretrained, pretrained_from)
+    check_labeled(cfg, layers)
     sources.update(derive(cfg))
     if pretrained is not None:
         pre = flatten(pretrained)
@@ -151,6 +154,23 @@ def resolve(kind: str, layers: Sequence[Layer] = (), pretrained: RunConfig | Non
     now = flatten(cfg)
     cfg.sources = {name: src for name, src in sources.items() if not _same(now[name], default_value(name, kind))}
     return cfg
+
+
+def check_labeled(cfg: RunConfig, layers: Sequence[Layer]) -> None:
+    """``transfer.labeled`` names the images, so ``transfer.labels`` is their count: a layer that gives
+    another count is refused (the two would say different things)."""
+    named = cfg.transfer.labeled
+    if cfg.kind != "segmentation" or not named:
+        return
+    named = tuple(dict.fromkeys(named))
+    cfg.transfer.labeled = named
+    for layer in layers:
+        k = layer.values.get("transfer.labels")
+        if k is not None and k != len(named):
+            shown = ", ".join(named[:4]) + (", …" if len(named) > 4 else "")
+            raise ConfigError(f"--labels {k} ({layer.source}) but --labeled names {len(named)} image"
+                              f"{'s' if len(named) != 1 else ''} ({shown}); drop --labels (it is their count) or "
+                              f"name {k}")
 
 
 def nondefault(cfg: RunConfig) -> dict[str, Any]:

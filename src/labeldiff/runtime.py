@@ -129,3 +129,9 @@ def threads_summary() -> str:
     """``"2 threads"``: what torch computes with on the CPU (``OMP_NUM_THREADS`` / ``torch.set_num_threads``)."""
     n = torch.get_num_threads()
     return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def compute_summary(device: torch.device, precision: str) -> str:
+    """``"cpu, bf16 autocast (--precision auto), 2 threads"``: where and how a run trains, as it starts."""
+    how = precision_name(resolve_precision(precision, device))
+    return f"{device}, {how}{f' (--precision {precision})' if precision == 'auto' else ''}, {threads_summary()}"

@@ -270,8 +270,12 @@ class TransferConfig:
                                     "everything), lp-ft (linear, then full), scratch (random init, same network), "
                                     "probe (pixel-MLP ensemble on frozen features)", flag="--strategy",
                             commands=FINETUNE, choices=STRATEGIES)
-    labels: int = setting(3, "number of labeled training images k, drawn with --seed", flag="--labels",
-                          commands=FINETUNE, lo=1)
+    labels: int = setting(3, "number of labeled training images k, drawn with --seed (with --labeled: their count)",
+                          flag="--labels", commands=FINETUNE, lo=1)
+    labeled: tuple[str, ...] | None = setting(None, "train on exactly these images of the train split: STEM,STEM,… or "
+                                                    "a file of stems, one a line (`labeldiff select --out` writes "
+                                                    "one); stored as the stems", flag="--labeled", commands=FINETUNE,
+                                              metavar="STEMS|FILE")
     t: int = setting(0, "fixed timestep fed to the backbone's time embedding", flag="--t", commands=FINETUNE, lo=0)
     head_hidden: int = setting(128, "hidden channels of the segmentation head", flag="--head-hidden",
                                commands=FINETUNE, lo=1)

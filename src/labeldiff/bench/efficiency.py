@@ -39,26 +39,6 @@ def real_step_seconds(log_path: Path, batch_size: int) -> list[float]:
     return [batch_size / r["images_per_s"] for r in records if r.get("images_per_s", 0) > 0]
 
 
-def bare_step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, steps: int,
-                      dtype: torch.dtype | None) -> list[float]:
-    """Seconds of each of ``steps`` bare steps: ``loss_fn(model)`` → backward → ``optimizer.step()``."""
-    from labeldiff.runtime import autocast
-
-    device = next(model.parameters()).device
-    model.train()
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            loss = loss_fn(model)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # the real loop reads the loss every step too
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2)) -> dict:
     """Loop efficiency of ``cfg`` (a pretraining config with its data path) for each worker count.
 
@@ -70,6 +50,7 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
     from labeldiff.checkpoint import save_checkpoint
     from labeldiff.corruption import build_corruption
     from labeldiff.data.datasets import StepBatches
+    from labeldiff.pretrain.cost import step_seconds
     from labeldiff.pretrain.loop import EMA
     from labeldiff.pretrain.run import build_pretrain_network, run_pretrain, training_samples
     from labeldiff.runtime import generator, precision_name, resolve_device, resolve_precision
@@ -97,7 +78,7 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
     dtype = resolve_precision(cfg.train.precision, device)
 
     def bare() -> float:
-        return statistics.fmean(bare_step_seconds(model, optimizer, lambda net: corruption.loss(net(c.input, c.t), c),
+        return statistics.fmean(step_seconds(model, optimizer, lambda net: corruption.loss(net(c.input, c.t), c),
                                                   steps, dtype)[every:])
 
     # bare, real, bare, real, …, bare: each real run is divided by the mean of the bare runs beside it, so

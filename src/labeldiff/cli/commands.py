@@ -29,6 +29,10 @@ def settings_layers(args: argparse.Namespace) -> list:
         from labeldiff.data.nnunet import Intensity
 
         typed["data.intensity"] = Intensity.named(args.intensity or "percentile", args.hu_window).to_dict()
+    if typed.get("transfer.labeled") is not None:  # a file of stems (`labeldiff select --out`) → the stems
+        from labeldiff.data.splits import labeled_stems
+
+        typed["transfer.labeled"] = labeled_stems(typed["transfer.labeled"])
     layers.append(Layer("command line", typed, typed=True))
     return layers
 
@@ -38,14 +42,30 @@ def _last(layers: list, name: str):
     return next((layer.values[name] for layer in reversed(layers) if name in layer.values), None)
 
 
+def say_next(*commands: str) -> None:
+    """The last lines of a command: what a user usually runs next (``command  # why`` each)."""
+    for i, line in enumerate(commands):
+        print(f"{'next:' if i == 0 else '     '} {line}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from labeldiff.pretrain.run import run_pretrain
     from labeldiff.resolve import resolve
+    from labeldiff.runs import DIRECT_SEGMENTERS
 
     cfg = resolve("pretrain", settings_layers(args))
     result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
-          f"run folder {args.out}")
+          f"run folder {args.out} (model.safetensors, config.json, log.jsonl)")
+    data, ft = cfg.data.path, f"{args.out}-ft"
+    if cfg.corruption.method in DIRECT_SEGMENTERS:
+        say_next(f"labeldiff evaluate --model {args.out} --data TARGET   # it segments as it is: its zero-label score",
+                 f"labeldiff finetune --data TARGET --pretrained {args.out} --labels 4 --out {ft}")
+        return
+    say_next(f"labeldiff select --pretrained {args.out} --data {data} --labels 4 --out to_label.txt   # which images "
+             f"to label first",
+             f"labeldiff finetune --data {data} --pretrained {args.out} --labeled to_label.txt --out {ft}   # once "
+             f"they have masks (or --labels 4: drawn at random)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -64,10 +84,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         ensure_synthetic(cfg.transfer.synthetic, resolve_device(cfg.train.device))
     result = run_transfer(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if cfg.transfer.strategy == "probe":
-        print(f"done: probe trained ({result['step']} member-epochs) in {result['seconds']:.0f} s; run folder {args.out}")
-        return
-    print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
-          f"run folder {args.out}")
+        print(f"done: probe trained ({result['step']} member-epochs) in {result['seconds']:.0f} s; run folder "
+              f"{args.out} (probe.safetensors, backbone.safetensors, config.json, labeled.json)")
+    else:
+        print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; run "
+              f"folder {args.out} (model.safetensors, config.json, labeled.json: the images it trained on)")
+    say_next(f"labeldiff evaluate --model {args.out}   # Dice / IoU on its test split, into "
+             f"{Path(args.out) / ('eval_' + cfg.data.test_split)}",
+             f"labeldiff predict --model {args.out} --input NEW_IMAGES --out {args.out}-masks")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -121,7 +145,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
              if cfg.corruption.method == "hybrid" else None)
     grid = save_samples(images, args.out, masks=masks, num_classes=cfg.num_classes)
     pairs = " (image, mask) pairs" if masks is not None else ""
-    print(f"wrote {args.n} samples{pairs} and {grid}")
+    print(f"wrote {args.n} samples{pairs} to {args.out} (sample_XXX.png) and {grid}")
+    say_next(f"labeldiff evaluate-samples --samples {args.out} --data {cfg.data.path}   # FID, KID, precision/recall "
+             f"against the real images")
 
 
 def cmd_evaluate_samples(args: argparse.Namespace) -> None:
@@ -152,6 +178,11 @@ def cmd_select(args: argparse.Namespace) -> None:
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {args.out} (stem, tab, file per line)")
+    else:
+        print("(--out FILE writes these lines, for finetune --labeled FILE)")
+    say_next("label them: a mask per image in masks/, under the image's name",
+             f"labeldiff finetune --data {args.data} --pretrained {args.pretrained} --labeled {args.out or 'FILE'} "
+             f"--out {args.pretrained}-ft   # trains on exactly these images")
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -161,14 +192,30 @@ def cmd_split(args: argparse.Namespace) -> None:
                           slab_train=args.slab_train, gap=args.gap, axis=args.axis, spacing=args.spacing,
                           overwrite=args.overwrite)
     print(f"wrote {args.out}: {what}")
+    default = Path(args.out).resolve() == (Path(args.data) / "split.json").resolve()
+    split = "" if default else f" --split-file {args.out}"
+    say_next(f"labeldiff pretrain --data {args.data}{split} --recipe ddpm-quick --out runs/pre   # leaves the test "
+             f"split out")
 
 
 def cmd_study(args: argparse.Namespace) -> None:
     from labeldiff.study import run_study
 
-    run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only,
-              pretrain_only=args.pretrain_only, pretrain_dir=args.pretrain_dir, workers=args.workers,
-              shard=args.shard)
+    rows = run_study(args.study, args.out, dry_run=args.dry_run, report_only=args.report_only,
+                     pretrain_only=args.pretrain_only, pretrain_dir=args.pretrain_dir, workers=args.workers,
+                     shard=args.shard)
+    if args.shard is not None or args.pretrain_only:
+        return
+    if args.dry_run:
+        say_next(f"labeldiff study {args.study} --out {args.out}   # runs what is todo; resumable, finished cells "
+                 f"are kept")
+        return
+    if rows:
+        print(f"results: {args.out}/verdict.md (did pretraining help, per k), results.md, paired.md, paired.png, "
+              f"results.csv; each cell's run and scores in {args.out}/cells/")
+        say_next(f"python -m labeldiff.study.pages {args.out}   # one page: the question, the verdict, the tables",
+                 "more seeds for the same comparison: a study file with `extends: "
+                 f"{Path(args.study).name}` and a longer `seeds:` list")
 
 
 def _results_csv(path: Path) -> Path:

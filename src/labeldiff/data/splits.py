@@ -166,6 +166,26 @@ def select_subset(stems: list[str], k: int, seed: int, split_name: str = "train"
     return sorted(random.Random(seed).sample(sorted(stems), k))
 
 
+STEM_LIST_SUFFIXES = (".txt", ".tsv", ".csv", ".list")
+
+
+def labeled_stems(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The stems ``--labeled`` names: ``STEM,STEM,…`` as given, or one file of stems, one a line (blank
+    lines and ``#`` comments skipped; a line's text before a tab is its stem, so the ``stem<TAB>file`` lines
+    ``labeldiff select --out`` writes are read as they are). Duplicates are dropped, order kept."""
+    values = [str(v).strip() for v in values if str(v).strip()]
+    if len(values) == 1 and (Path(values[0]).is_file() or Path(values[0]).suffix in STEM_LIST_SUFFIXES):
+        path = Path(values[0])
+        if not path.is_file():
+            raise DataError(f"--labeled {path}: no such file; give STEM,STEM,… or a file of stems, one a line "
+                            f"(`labeldiff select --out` writes one)")
+        values = [line.split("\t")[0].strip() for line in path.read_text(errors="replace").splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+        if not values:
+            raise DataError(f"--labeled {path}: the file names no image; write one stem a line")
+    return tuple(dict.fromkeys(values))
+
+
 def pretraining_exclusions(cfg: DataConfig) -> tuple[list[str], str]:
     """The stems that unlabeled pretraining must not read, and a sentence saying why.
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from labeldiff import distributed
 from labeldiff.checkpoint import load_checkpoint, rename_weights, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
+from labeldiff.pretrain.cost import StepClock
 from labeldiff.data.datasets import StepBatches, step_loader
 from labeldiff.errors import ConfigError, NonFiniteError
 from labeldiff.runtime import autocast, generator, grad_scaler, resolve_precision
@@ -151,7 +152,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
 
     ``frozen`` modules are put in ``eval()`` after every ``model.train()`` so their BatchNorm
     statistics and dropout stay fixed. ``stop(step, loss)``, called after every step, may end the run
-    early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. Returns
+    early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. Before its second
+    step the run prints what its steps will take, from its first step's time
+    (:class:`labeldiff.pretrain.cost.StepClock`). Returns
     ``{"step", "loss", "seconds", "stopped"}`` (``stopped``: True when ``stop`` ended it).
 
     Under torchrun (:mod:`labeldiff.distributed`) each rank trains on its shard of the same global
@@ -212,12 +215,14 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not main)
     tick, tick_step = time.time(), start
+    clock = StepClock(cfg.steps - start, desc, say=tqdm.write if main else lambda line: None)
     step = start
     stopped = False
     interrupt = DeferredInterrupt()
     try:
         interrupt.__enter__()
         loader = step_loader(batches, start, cfg.steps, config.data.num_workers, pin_memory=device.type == "cuda")
+        began = time.perf_counter()  # a step's time includes waiting for its batch
         for step, batch in zip(range(start, cfg.steps), loader):
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
@@ -251,6 +256,10 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 ema.update(model, step)
             loss_value = float(global_loss)
             done = step + 1
+            if clock.watching:
+                now = time.perf_counter()
+                clock.step_done(now - began)
+                began = now
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.time()
                 ips = (done - tick_step) * batches.batch_size / max(now - tick, 1e-9)

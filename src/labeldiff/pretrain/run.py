@@ -20,7 +20,8 @@ from labeldiff.models.unet import build_network, check_input_size, check_step_me
 from labeldiff.pretrain.loop import train
 from labeldiff.resolve import describe, resolved
 from labeldiff.runs import RunFolder
-from labeldiff.runtime import resolve_device
+from labeldiff.pretrain.cost import calibrate
+from labeldiff.runtime import compute_summary, generator, resolve_device, resolve_precision
 from labeldiff.errors import ConfigError
 
 
@@ -39,11 +40,13 @@ def micro_batch(cfg: RunConfig) -> int:
     return max(1, cfg.train.batch_size // (distributed.world_size() * cfg.train.grad_accum))
 
 
-def training_samples(cfg: RunConfig, corruption: Corruption) -> tuple[list[Sample], int | None]:
-    """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K)."""
+def training_samples(cfg: RunConfig, corruption: Corruption, quiet: bool = False) -> tuple[list[Sample], int | None]:
+    """Unlabeled images, or the labeled ``train_split`` for hybrid / supervised (with K); ``quiet``: without
+    the line saying which images pretraining leaves out."""
     if not corruption.needs_labels:
         samples, _, why = pretraining_samples(cfg.data)
-        print(why)
+        if not quiet:
+            print(why)
         return samples, None
     if cfg.data.ignore_index is not None:
         raise ConfigError(f"--ignore-index is for fine-tuning, the probe and evaluation; {cfg.corruption.method} "
@@ -86,6 +89,32 @@ def build_pretrain_network(cfg: RunConfig, corruption: Corruption) -> tuple[torc
     return model, frozen
 
 
+def calibrate_pretrain(cfg: RunConfig) -> float:
+    """Seconds of one training step of the resolved ``cfg`` on this machine, measured on real batches of its
+    data with a network built for the measurement and thrown away (:func:`labeldiff.pretrain.cost.calibrate`);
+    a study's ``--dry-run`` prints it. Writes nothing."""
+    corruption = build_corruption(cfg.corruption)
+    check_input_size(cfg.model, cfg.data.size)
+    samples, num_classes = training_samples(cfg, corruption, quiet=True)
+    device = resolve_device(cfg.train.device)
+    check_step_memory(cfg.model, cfg.data.size, micro_batch(cfg), cfg.data.channels, device)
+    model, _ = build_pretrain_network(replace(cfg, num_classes=num_classes), corruption)
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed, labeled=corruption.needs_labels,
+                          num_classes=num_classes)
+    loss_fn, drawn = pretext_loss(corruption), iter(range(2))
+
+    def draw() -> dict:
+        i = next(drawn)
+        return {"i": i, **{k: v.to(device) for k, v in batches[i].items()}}
+
+    def step(net: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return loss_fn(net, batch, generator(batch.pop("i"), device))
+
+    return calibrate(model, optimizer, step, draw, resolve_precision(cfg.train.precision, device))
+
+
 def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Pretrain into the run folder ``out``. ``cfg``: resolved by :func:`labeldiff.resolve.resolve` (the
     command line and the study runner do), or a config built in Python, resolved here with its non-default
@@ -125,7 +154,7 @@ def _pretrain(cfg: RunConfig, out: Path, corruption: Corruption, samples: list[S
     labels = f", {len(samples)} labeled (K={cfg.num_classes})" if corruption.needs_labels else f", {len(samples)} images"
     print(f"pretrain {cfg.corruption.method}{labels}: {cfg.model.arch} {n_params / 1e6:.2f}M parameters "
           f"({n_train / 1e6:.2f}M trained), {cfg.train.steps} steps of batch {cfg.train.batch_size} at "
-          f"{cfg.data.size}² on {device}")
+          f"{cfg.data.size}² on {compute_summary(device, cfg.train.precision)}")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed,
                           labeled=corruption.needs_labels, num_classes=cfg.num_classes)

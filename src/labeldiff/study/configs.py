@@ -28,7 +28,7 @@ PRETRAIN_DATA_FIELDS = tuple(dict.fromkeys(
 NOT_RESULT: dict[str, list[str]] = {}
 for _name in not_result_fields():
     NOT_RESULT.setdefault(_name.split(".")[0], []).append(_name.split(".")[1])
-LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None}, "transfer": {"label_unit": "slices"}}  # fields added later: at their default, runs hash as before
+LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None}, "transfer": {"label_unit": "slices", "labeled": None}}  # fields added later: at their default, runs hash as before
 
 
 def digest(obj: Any, n: int = 10) -> str:

@@ -4,10 +4,14 @@ score finished cells in 3D and under corruptions; read a finished cell back as a
 in several processes side by side."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -18,6 +22,7 @@ from labeldiff.config import RunConfig
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes
 from labeldiff.fs import atomic_folder
+from labeldiff.pretrain.cost import duration
 from labeldiff.pretrain.run import run_pretrain
 from labeldiff.resolve import Layer, compose, resolve
 from labeldiff.runs import RunFolder
@@ -34,6 +39,28 @@ from labeldiff.transfer.run import run_transfer
 TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
 
 
+class _Renaming(io.TextIOBase):
+    """A text stream that writes to ``stream`` with the path ``tmp`` replaced by ``final``."""
+
+    def __init__(self, stream, tmp: Path, final: Path):
+        self.stream, self.tmp, self.final = stream, str(tmp), str(final)
+
+    def write(self, text: str) -> int:
+        self.stream.write(text.replace(self.tmp, self.final))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def written_whole(folder: Path) -> Iterator[Path]:
+    """:func:`labeldiff.fs.atomic_folder`, with what is printed meanwhile naming ``folder``, where the files
+    will be, instead of the temporary folder they are written in (``eval.tmp/``, gone once renamed)."""
+    with atomic_folder(folder) as tmp, redirect_stdout(_Renaming(sys.stdout, tmp, folder)):
+        yield tmp
+
+
 def start_from(shorter: Pretraining, folder: Path) -> None:
     """Seed ``folder`` with the final checkpoint, config and log of the finished ``shorter`` run."""
     if not shorter.finished:
@@ -45,10 +72,17 @@ def start_from(shorter: Pretraining, folder: Path) -> None:
             shutil.copyfile(shorter.dir / name, tmp / name)
 
 
+def run_config(run: Pretraining) -> RunConfig:
+    """The resolved config a pretraining run trains with."""
+    return resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
+
+
 def pretrain(runs: list[Pretraining]) -> None:
     """Train, resume or reuse every pretraining run."""
     for i, run in enumerate(runs, 1):
-        if run.finished:
+        if run.reused:
+            print(f"[pretrain {i}/{len(runs)}] {run.name}: your run, used as it is: {run.dir}")
+        elif run.finished:
             print(f"[pretrain {i}/{len(runs)}] {run.name}: finished, reusing {run.dir}")
         else:
             resume = (run.dir / "latest.json").is_file()
@@ -59,8 +93,7 @@ def pretrain(runs: list[Pretraining]) -> None:
                       f"({run.continues.cfg.train.steps} → {run.cfg.train.steps} steps) → {run.dir}")
             else:
                 print(f"[pretrain {i}/{len(runs)}] {run.name}: {'resuming' if resume else 'training'} → {run.dir}")
-            cfg = resolve("pretrain", run.layers) if run.layers is not None else RunConfig.from_dict(run.cfg.to_dict())
-            result = run_pretrain(cfg, run.dir, resume=resume, overwrite=not resume)
+            result = run_pretrain(run_config(run), run.dir, resume=resume, overwrite=not resume)
             write_json(run.dir / TIMING, {"seconds": result["seconds"], "resumed": resume})
 
 
@@ -70,9 +103,10 @@ def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
     return {name: json.loads(f.read_text())["seconds"] if f.is_file() else None for name, f in files.items()}
 
 
-def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
+def cell_config(cell: Cell, shared: list[Layer], target: Target, pre_config: RunConfig | None = None) -> RunConfig:
     """The resolved config of a cell (:func:`labeldiff.resolve.resolve`): the protocol's ``shared`` layers
-    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run."""
+    (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run
+    (``pre_config``: that run's config where it is not trained yet, for ``--dry-run``)."""
     own = {"data.split_file": str(target.ds.split_file) if target.ds.split_file.is_file() else None,
            "data.num_classes": target.num_classes, "transfer.strategy": cell.strategy, "transfer.labels": cell.k,
            "train.seed": cell.seed}
@@ -82,7 +116,7 @@ def cell_config(cell: Cell, shared: list[Layer], target: Target) -> RunConfig:
     pre = None
     if cell.pre is not None:
         own["transfer.pretrained"] = str(cell.pre.dir)
-        pre = RunFolder.open(cell.pre.dir, flag="--pretrained").config
+        pre = pre_config or RunFolder.open(cell.pre.dir, flag="--pretrained").config
     else:  # scratch: the pretrained runs' network, built from the config alone
         own["transfer.pretrained"] = None
         own.update({f"model.{k}": v for k, v in asdict(cell.model).items()})
@@ -115,7 +149,7 @@ def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": stems, "git": code_state()})
     cfg = cell_config(cell, shared, target)
     run_transfer(cfg, cell.dir / "run", stems)
-    with atomic_folder(cell.dir / "eval") as tmp:
+    with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
@@ -128,7 +162,7 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     pretraining run and copies it into the other cells."""
     write_json(cell.dir / "cell.json", {**cell.describe(), "stems": [], "git": code_state()})
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
-    with atomic_folder(cell.dir / "eval") as tmp:
+    with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
                      device=ft.train.device)
         seconds = time.time() - t0
@@ -165,7 +199,7 @@ def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: 
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
         where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
-        with atomic_folder(cell.dir / "eval" / "robustness") as tmp:
+        with written_whole(cell.dir / "eval" / "robustness") as tmp:
             run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
                          split=ft.data.test_split, device=ft.train.device, overlay_count=1,
                          corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
@@ -193,12 +227,6 @@ def cell_row(cell: Cell) -> dict:
     return row
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
 def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target, out: Path,
               selector: Selector, todo: list[Cell] | None = None) -> int:
     """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
@@ -210,7 +238,7 @@ def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target,
     for i, cell in enumerate(todo):
         eta = sum(times) / len(times) * (len(todo) - i) if times else None
         print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
-              f"ETA {_duration(eta)} → {cell.dir}")
+              f"ETA {duration(eta)} → {cell.dir}")
         try:
             times.append(run_cell(cell, shared[cell.protocol], target, selector))
         except KeyboardInterrupt:

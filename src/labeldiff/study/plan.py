@@ -9,19 +9,22 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from labeldiff.config import ModelConfig, RunConfig, auto_augment
+from labeldiff.config import ModelConfig, RunConfig, auto_augment, flatten, geometry_fields
+from labeldiff.data import provenance
 from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.data.validation import validate_samples
 from labeldiff.evaluate.volume import split_slabs
 from labeldiff.models.probe import PROBE_METHODS
-from labeldiff.resolve import Layer
+from labeldiff.errors import ConfigError
+from labeldiff.resolve import Layer, compose
+from labeldiff.runs import RunFolder
 from labeldiff.study.configs import (arch_key, digest, identity, pretrain_config, pretrain_key, pretrain_layers,
                                      pretrain_runs, resolved_model)
 from labeldiff.study.prepare import build_pool
 from labeldiff.study.select import PICKERS, RULES, class_sets, pixel_features, random_subset, unet_features
-from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study
+from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, StudyError
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Pretraining:
     continues: "Pretraining | None" = None  # the shorter run of a pretrain_steps sweep this one extends
     fine_tuned: bool = True  # False: a length the method's finetune_at leaves out (trained, no cells)
     layers: list[Layer] | None = None  # what labeldiff.resolve resolves its run config from
+    reused: bool = False  # a run of the user's own (a method's run:), used as it is, never trained here
 
     @property
     def finished(self) -> bool:
@@ -124,14 +128,61 @@ def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]
     study folder, where prepared data lives (:func:`~labeldiff.study.configs.pretrain_key`)."""
     runs: list[Pretraining] = []
     pool = build_pool(study, folder) if study.data.pool and any(
-        m.pretrains and m.pretrain_on == "unlabeled" for m in study.methods) else None
+        m.pretrains and m.run is None and m.pretrain_on == "unlabeled" for m in study.methods) else None
     for name, method, steps in pretrain_runs(study):
+        if method.run is not None:  # the user's own run: named by the hash of its identity, as the study's are
+            cfg = RunFolder.open(method.run, flag=f"{name}.run").config
+            runs.append(Pretraining(name, cfg, pretrain_key(cfg, None, out), method.run, cfg.model, reused=True))
+            continue
         cfg = pretrain_config(study, method, steps, pool)
         prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
         key = pretrain_key(cfg, prev.key if prev else None, out)
         runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev,
                                 method.fine_tunes(steps), pretrain_layers(study, method, steps, pool)))
     return runs
+
+
+def check_reused(study: Study, runs: list[Pretraining], target: Target, shared: dict[str, list[Layer]]) -> None:
+    """Refuse, with the reason, a run of the user's own (``methods: [{name, run}]``) that the study cannot
+    judge as its own: one whose data geometry differs from the geometry its cells would train and test at
+    (``shared``: each protocol's fine-tuning layers, resolved over the run as a cell's are), one that read the
+    study's test images (``trained_on.json``; unless the study's ``include_test``), or one trained on the
+    target's labels. Prints what was checked."""
+    for run in (r for r in runs if r.reused):
+        where = f"{study.file}: methods ({run.name}).run: {run.dir}"
+        for protocol, layers in shared.items():
+            try:
+                cell, sources = compose("segmentation", layers, run.cfg, str(run.dir))
+            except ConfigError as e:
+                raise StudyError(f"{where}: {e}") from None
+            ran, will = flatten(run.cfg), flatten(cell)
+            differ = [name for name in geometry_fields() if json.dumps(ran[name], sort_keys=True, default=str) !=
+                      json.dumps(will[name], sort_keys=True, default=str)]
+            if differ:
+                said = "; ".join(f"{n}: the run {ran[n]!r}, the cells {will[n]!r} ({sources.get(n, 'the default')})"
+                                 for n in differ)
+                under = "" if protocol == DEFAULT_PROTOCOL else f" under protocol {protocol}"
+                raise StudyError(f"{where} was pretrained at another data geometry than this study's cells train "
+                                 f"and test at{under} ({said}); set the study's data (or finetune overrides) to the "
+                                 f"run's values, or pretrain a run at the study's")
+        rec = next((r for how, r in RunFolder.open(run.dir).trained_on() if how == "was trained on"), None)
+        if rec is None:
+            raise StudyError(f"{where} has no {provenance.TRAINED_ON} (written by labeldiff pretrain since it records "
+                             f"what a run read), so the study cannot check that it never read the test images; "
+                             f"pretrain it again with this labeldiff")
+        if rec.get("data") == provenance.dataset_key(target.ds.root):
+            if rec.get("labeled"):
+                raise StudyError(f"{where} was trained on the masks of {target.ds.root}, the study's target: its cells "
+                                 f"would not be label-efficient; pretrain it on another labeled dataset (data.source)")
+            seen = sorted(set(rec.get("stems") or []) & set(target.test))
+            if seen and not study.data.options.get("include_test"):
+                shown = ", ".join(seen[:3]) + (", …" if len(seen) > 3 else "")
+                raise StudyError(f"{where} read {len(seen)} of the study's {len(target.test)} test images when it was "
+                                 f"pretrained ({shown}); pretrain it on the images outside the study's test split "
+                                 f"(the default, without --include-test, with the study's split file), or give the "
+                                 f"study data: {{include_test: true}}")
+        print(f"{run.name}: your run {run.dir}, used as it is (the cells' data geometry; it never read the study's "
+              f"{len(target.test)} test images)")
 
 
 def scratch_networks(study: Study, runs: list[Pretraining]) -> dict[str, tuple[str, ModelConfig]]:

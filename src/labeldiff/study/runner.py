@@ -31,9 +31,10 @@ from pathlib import Path
 from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.study import plots, report
 from labeldiff.study.configs import finetune_config, finetune_layers, write_json
+from labeldiff.study.estimate import estimate_lines
 from labeldiff.study.execute import (cell_row, pretrain, pretrain_seconds, robustness_evaluations, run_cells, run_workers,
                                      synthetic_first, volume_evaluations)
-from labeldiff.study.plan import Cell, Selector, Target, plan_cells, plan_pretraining, planned_stems, todo_order
+from labeldiff.study.plan import Cell, Selector, Target, check_reused, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.spec import StudyError, Study, load_study
 from labeldiff.study.verdict import verdict_markdown
@@ -139,6 +140,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     target = Target.load(study, ft)
     pre_dir = Path(pretrain_dir).resolve() if pretrain_dir else out / "pretrain"
     runs = plan_pretraining(study, pre_dir, out)
+    check_reused(study, runs, target, shared)
     cells = plan_cells(study, runs, target, fts, out)
     write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
                                    "train": len(target.train), "test": len(target.test), "K": target.num_classes,
@@ -153,6 +155,8 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         selector = Selector(target, ft, runs)
         for c in cells:
             print(f"  {'done' if c.finished else 'todo'}  {c.id}  {planned_stems(c, selector)}")
+        for line in estimate_lines(runs, cells, shared, target):
+            print(line)
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
         pretrain(runs)

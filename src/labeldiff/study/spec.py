@@ -36,6 +36,11 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
         finetune_at: [800]               # optional: the sweep's lengths that get cells (default: all); the
                                          #   others are still trained, as the runs the longer ones continue
         pretrain_on: unlabeled           # unlabeled | source [source for hybrid/supervised]
+      - name: mine                       # or a run you pretrained yourself (`labeldiff pretrain --out
+        run: runs/pre                    #   runs/pre`), used as it is: never retrained nor written to. It
+                                         #   must have the geometry the cells train at (size, mode, scale,
+                                         #   channels, axis, intensity, spacing) and must never have read the
+                                         #   study's test images (its trained_on.json); else the study refuses
       - name: none                       # no pretraining: only the scratch strategy
     strategies: [probe, linear, decoder, full, lp-ft, scratch]   # + source: a hybrid / supervised run as
                                          #   it is, no target label (its zero-label score)
@@ -88,7 +93,7 @@ DATA_PATH_KEYS = ("path", "split_file", "split", "unlabeled", "source", "source_
 POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
 POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
-METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on")
+METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on", "run")
 
 
 class StudyError(LabeldiffError, ValueError):
@@ -152,6 +157,7 @@ class MethodSpec:
     pretrain_on: str = "unlabeled"  # unlabeled | source
     pretext: str = "ddpm"  # corruption.method after recipe + overrides
     finetune_at: list[int] | None = None  # the pretrain_steps that get cells; None: every length
+    run: Path | None = None  # a finished pretraining run folder the study uses as it is (never retrains)
 
     def fine_tunes(self, steps: int | None) -> bool:
         return self.finetune_at is None or steps in self.finetune_at
@@ -346,6 +352,8 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     where = f"methods[{i}] ({name})"
     if "@" in name or "/" in name:
         raise _fail(file, where, "a method name may not contain '@' or '/' (the runner adds '@STEPS' to sweeps)")
+    if "run" in raw:
+        return _reused(raw, name, where, file)
     recipe = _recipe({k: raw[k] for k in ("recipe", "overrides") if k in raw}, file, where)
     if name != NONE_METHOD and recipe.path is None:
         raise _fail(file, where, "needs a recipe (e.g. recipe: ddpm-cpu); use name: none for no pretraining")
@@ -368,6 +376,29 @@ def _method(raw: Any, i: int, file: Path, data: DataSpec) -> MethodSpec:
     if pretext in LABELED_METHODS and on != "source" and name != NONE_METHOD:
         raise _fail(file, where, f"pretext {pretext!r} needs labels; it can only pretrain on data.source")
     return MethodSpec(name, recipe, steps, on, pretext, finetune_at)
+
+
+def _reused(raw: dict, name: str, where: str, file: Path) -> MethodSpec:
+    """``{name, run: FOLDER}``: a pretraining run the study uses as it is. Its geometry and what it read are
+    checked against the study's data when the study is planned (:func:`labeldiff.study.plan.check_reused`)."""
+    from labeldiff.runs import RunFolder
+
+    extra = [k for k in raw if k not in ("name", "run")]
+    if extra:
+        raise _fail(file, where, f"{extra[0]!r} with run: a run of your own is used as it is (its settings are in its "
+                                 f"config.json); drop {', '.join(extra)}, or drop run and give a recipe")
+    if name == NONE_METHOD:
+        raise _fail(file, where, "method none has no pretraining; give the run another name")
+    path = resolve_path(raw["run"], file, f"{where}.run")
+    try:
+        run = RunFolder.open(path, flag=f"{where}.run").require_pretrain(f"{where}.run")
+    except LabeldiffError as e:
+        raise _fail(file, f"{where}.run", str(e).removeprefix(f"{where}.run ")) from None
+    if not (path / "model.safetensors").is_file():
+        raise _fail(file, f"{where}.run", f"{path} is not finished (no model.safetensors); finish it first: "
+                                          f"labeldiff pretrain … --out {path} --resume")
+    labeled = run.method in LABELED_METHODS
+    return MethodSpec(name, Recipe(), None, "source" if labeled else "unlabeled", run.method, None, path)
 
 
 def _protocols(raw: Any, file: Path) -> list[ProtocolSpec]:
@@ -452,6 +483,14 @@ def parse_study(raw: Any, file: Path) -> Study:
     metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS[:3]))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
     protocols = _protocols(raw.get("protocols"), file)
+    named = [where for where, values in [("finetune", finetune.overrides), *((f"protocols ({p.name})", p.overrides)
+                                                                            for p in protocols)]
+             if values.get("transfer.labeled")]
+    if finetune.path is not None and (load_recipe(finetune.path).get("transfer") or {}).get("labeled"):
+        named.insert(0, f"finetune.recipe ({finetune.path.name})")
+    if named:
+        raise _fail(file, named[0], "transfer.labeled names the images of one run; a study picks each cell's images "
+                                    "itself (labels, seeds, select): drop it")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
                  _robustness(raw.get("robustness"), file))
 

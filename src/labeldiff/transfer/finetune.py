@@ -49,7 +49,8 @@ from labeldiff.pretrain.loop import train
 from labeldiff.pretrain.run import micro_batch
 from labeldiff.resolve import describe
 from labeldiff.runs import DIRECT_SEGMENTERS, RunFolder
-from labeldiff.runtime import resolve_device
+from labeldiff.pretrain.cost import calibrate
+from labeldiff.runtime import compute_summary, generator, resolve_device, resolve_precision
 from labeldiff.transfer.labeled import prepare_transfer
 from labeldiff.errors import ConfigError
 
@@ -195,6 +196,33 @@ def param_groups(model: SegmentationNet, cfg: RunConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def calibrate_finetune(cfg: RunConfig, samples: list, num_classes: int, strategy: str | None = None) -> float:
+    """Seconds of one fine-tuning step of the resolved ``cfg`` (``strategy``: another phase's, e.g. lp-ft's
+    linear one) on this machine: real batches of the labeled ``samples``, augmented as the run augments
+    them, through a network built for the measurement (random weights cost what pretrained ones do) and
+    thrown away (:func:`labeldiff.pretrain.cost.calibrate`). Writes nothing."""
+    t = cfg.transfer
+    device = resolve_device(cfg.train.device)
+    check_step_memory(cfg.model, cfg.data.size, micro_batch(cfg), cfg.data.channels, device)
+    model = SegmentationNet(cfg.model, num_classes, t=t.t, head_hidden=t.head_hidden, keep_out_norm=t.keep_out_norm)
+    freeze(model, frozen_parts(strategy or t.strategy, cfg.model.arch))
+    model.to(device)
+    batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed, labeled=True,
+                          num_classes=num_classes, flips=t.flips,
+                          augment=Augment(t.augment, cfg.data.size) if t.augment != "none" else None)
+    loss_fn, drawn = segmentation_loss(t.ce_weight, cfg.data.ignore_index), iter(range(2))
+
+    def draw() -> dict:
+        i = next(drawn)
+        return {"i": i, **{k: v.to(device) for k, v in batches[i].items()}}
+
+    def step(net: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return loss_fn(net, batch, generator(batch.pop("i"), device))
+
+    return calibrate(model, torch.optim.Adam(param_groups(model, cfg)), step, draw,
+                     resolve_precision(cfg.train.precision, device))
+
+
 def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resume: bool = False,
                  overwrite: bool = False) -> dict:
     """Fine-tune (or train from scratch) on ``stems`` or ``transfer.labels`` drawn images (see
@@ -250,7 +278,8 @@ def _finetune(cfg: RunConfig, out: Path, job, device: torch.device, synthetic, c
                           extra=synthetic, extra_fraction=t.synthetic_fraction)
     extra = f" + {len(synthetic[0])} synthetic pairs ({t.synthetic_fraction:.0%} of each batch)" if synthetic else ""
     print(f"finetune ({t.strategy}): {len(job.stems)} labeled images {job.stems}{extra}, K={job.num_classes}, "
-          f"augment {t.augment}, flips {t.flips}, {_length(cfg)} on {device}")
+          f"augment {t.augment}, flips {t.flips}, {_length(cfg)} of batch {cfg.train.batch_size} on "
+          f"{compute_summary(device, cfg.train.precision)}")
     if t.strategy == "lp-ft":
         lp = replace(cfg, transfer=replace(t, strategy="linear"), train=replace(cfg.train, steps=t.lp_steps))
         lp_dir = out / LP_DIR

@@ -32,10 +32,10 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
     """The resolved config (:func:`labeldiff.resolve.resolved`: the network and data geometry from the
     pretrained run, unless ``cfg`` was resolved already), K, and the labeled images.
 
-    ``stems``: the labeled images, given explicitly (a study's cell); they must belong to the
-    ``train_split``. Without them ``transfer.labels`` images of it are drawn with ``train.seed``
-    (:func:`labeldiff.data.splits.select_subset`), or with ``transfer.label_unit = volumes`` that many
-    training cases, whose labeled slices all train (:func:`select_volumes`).
+    ``stems``: the labeled images, given explicitly (a study's cell), else ``transfer.labeled`` (``--labeled``);
+    they must belong to the ``train_split``. Without either, ``transfer.labels`` images of it are drawn with
+    ``train.seed`` (:func:`labeldiff.data.splits.select_subset`), or with ``transfer.label_unit = volumes``
+    that many training cases, whose labeled slices all train (:func:`select_volumes`).
     """
     from labeldiff.resolve import resolved
 
@@ -54,17 +54,22 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
         print(f"{ds.root}/roi/: pixels outside each image's region of interest are left out of the loss, the "
               f"metrics and the probe's samples (as mask value {ds.ignore_index}, data.ignore_index)")
     pool = ds.stems(cfg.data.train_split)
+    named = stems is None and bool(t.labeled)
+    if named and t.label_unit == "volumes":
+        raise ConfigError("--labeled names slices; drop --label-unit volumes (or drop --labeled and give --labels, "
+                          "a number of volumes)")
+    if named:
+        stems = list(t.labeled)
     if stems is None and t.label_unit == "volumes":
         chosen = select_volumes(ds, pool, t.labels, cfg.train.seed, cfg.data.train_split)
     elif stems is None:
         chosen = select_subset(pool, t.labels, cfg.train.seed, cfg.data.train_split)
     else:
-        chosen = sorted(stems)
-        outside = sorted(set(chosen) - set(pool))
-        if not chosen or outside:
-            raise DataError(f"labeled images must be a non-empty subset of the {cfg.data.train_split!r} split; "
-                            f"{outside[:3] or 'none'} are not in it")
+        chosen = sorted(set(stems))
+        check_in_split(chosen, pool, ds, cfg.data.train_split, "--labeled" if named else "labeled images")
         t.labels = len(chosen)
+        if named:
+            t.labeled = tuple(chosen)
     cfg.num_classes = validate_samples(ds.samples(pool), cfg.data.num_classes or dataset_num_classes(ds.root))
     check_scaled_images(ds.samples(chosen), cfg.data)
     ignore = cfg.data.ignore_index
@@ -73,6 +78,25 @@ def prepare_transfer(cfg: RunConfig, stems: Sequence[str] | None = None) -> Tran
         raise DataError(f"--ignore-index {ignore}{why} is one of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}; "
                         f"give the value that marks unlabeled pixels (e.g. 255)")
     return Transfer(cfg, pre, ds, chosen, cfg.num_classes)
+
+
+def check_in_split(chosen: list[str], pool: list[str], ds: LabeledFolder | VolumeFolder, split: str,
+                   what: str) -> None:
+    """Refuse labeled images outside the ``split`` ``pool``, naming them and where they are instead."""
+    inside = set(pool)
+    outside = [s for s in chosen if s not in inside]
+    if chosen and not outside:
+        return
+    if not chosen:
+        raise DataError(f"{what}: no image named; name images of the {split!r} split")
+    shown = ", ".join(outside[:5]) + (f", … ({len(outside)} in all)" if len(outside) > 5 else "")
+    splits = getattr(ds, "splits", {}) or {}
+    elsewhere = [f"{s} is in {name!r}" for s in outside[:3] for name, stems in splits.items()
+                 if name != split and s in stems]
+    where = f" ({'; '.join(elsewhere)})" if elsewhere else ""
+    raise DataError(f"{what}: {shown} {'is' if len(outside) == 1 else 'are'} not in the {split!r} split of "
+                    f"{ds.root}{where}; name images of that split (it has {len(pool)}: "
+                    f"{', '.join(pool[:3])}{', …' if len(pool) > 3 else ''})")
 
 
 def select_volumes(ds: LabeledFolder | VolumeFolder, pool: list[str], k: int, seed: int, split: str) -> list[str]:

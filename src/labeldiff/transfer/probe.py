@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labeldiff import distributed
+from labeldiff.pretrain.cost import duration
 from labeldiff.models.probe import FeatureExtractor, PixelEnsemble, entropy, load_members, member_seed, save_members
 
 # streaming shuffle: groups of SHUFFLE_CHUNKS chunks of CHUNK_ROWS pixel rows, each chunk from a random
@@ -51,12 +53,15 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
     stop once ``stop_iters`` batches in a row did not lower the best batch loss (on a few large images an
     epoch is hundreds of batches, so the epoch rule alone runs to ``max_epochs``).
     The per-member epoch losses (a stopped epoch: its mean so far) are kept in ``ensemble.history``.
+    With ``progress``, the time of the first member trained is printed with what the others will take.
     """
     ensemble = PixelEnsemble(num_features, num_classes, members, seed)
     ensemble.history = [[] for _ in range(members)]
+    mine = [m for m in range(members) if which is None or m in which]
     for m, net in enumerate(ensemble.members):
-        if which is not None and m not in which:
+        if m not in mine:
             continue
+        began = time.perf_counter()
         g = torch.Generator().manual_seed(member_seed(seed, m))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         net.train()
@@ -92,6 +97,11 @@ def train_members(batches: BatchSource, num_features: int, num_classes: int, mem
         bar.close()
         net.eval()
         ensemble.history[m] = losses
+        if progress and m == mine[0] and len(mine) > 1:
+            took, rest = time.perf_counter() - began, len(mine) - 1
+            tqdm.write(f"probe: member {m + 1} took {duration(took)} ({len(losses)} epochs) → "
+                       f"≈ {duration(took * rest)} for the other {rest} (its time × {rest}; each stops on its own "
+                       f"loss, at most {max_epochs} epochs: ≤ {duration(took / len(losses) * max_epochs * rest)})")
     return ensemble
 
 
@@ -224,10 +234,15 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
     with tempfile.TemporaryDirectory(prefix="labeldiff-probe-") as tmp:
         cache = PixelCache(Path(cache_dir) if cache_dir else Path(tmp), extractor.num_features, batch_pixels)
         g = torch.Generator().manual_seed(seed)  # pixel orders drawn in image order on every rank
+        began = time.perf_counter()
         for i in tqdm(range(len(images)), desc="probe features → disk", disable=not progress, leave=False):
             mine = i % world == rank  # torchrun: rank r computes images r, r + N, …
             feats = _image_features(extractor, images[i], masks[i], i, torch.float16) if mine else None
             cache.add(feats, masks[i], g, ignore_index)
+            if progress and i == 0 and len(images) > 1:
+                took = time.perf_counter() - began
+                tqdm.write(f"probe: features of image 1 took {duration(took)} → ≈ {duration(took * len(images))} "
+                           f"for the {len(images)} images (the first image's time × {len(images)})")
         distributed.barrier()  # every image's features are on disk
         which = range(rank, members, world)  # and rank r trains members r, r + N, …
         ensemble = train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,

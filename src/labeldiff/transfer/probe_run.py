@@ -35,7 +35,7 @@ from labeldiff.models.probe import (PROBE_METHODS, PaddedExtractor, default_spec
                                     parse_spec, save_probe)
 from labeldiff.models.unet import PRETEXT_OUTPUT
 from labeldiff.runs import BACKBONE_FILE
-from labeldiff.runtime import resolve_device
+from labeldiff.runtime import resolve_device, threads_summary
 from labeldiff.transfer.labeled import prepare_transfer
 from labeldiff.transfer.probe import train_probe
 
@@ -101,7 +101,8 @@ def _probe(cfg: RunConfig, out: Path, job, unet, t0: float) -> dict:
     extractor = PaddedExtractor(make_extractor(unet, pre.config, spec, noise_seed=cfg.train.seed))
     print(f"probe: {len(job.stems)} labeled images {job.stems}, K={job.num_classes}, features {t.features} "
           f"({extractor.num_features} per pixel, features {'chosen by validation' if selection else requested}), "
-          f"{t.members} MLPs")
+          f"{t.members} MLPs; the UNet on {next(unet.parameters()).device} and the MLPs on the CPU, in fp32, with "
+          f"{threads_summary()}")
     # under torchrun the ranks split the images (features) and the members, and share them through a
     # folder in the run folder; one process uses a temporary folder
     cache = out / PROBE_CACHE if distributed.world_size() > 1 else None
