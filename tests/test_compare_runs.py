@@ -161,3 +161,55 @@ def test_compare_says_what_each_form_expects(tmp_path, capsys):
     assert main(["compare", str(evaluation), str(evaluation), "--metric", "iou"]) == 0  # y has no IoU: left out
     out = capsys.readouterr().out
     assert "| +0.000 | n/a | n/a | 0 | 0 | 1 | 1 |" in out and "1 image(s) left out: no iou in one run" in out
+
+
+def _evaluation(folder: Path, data: Path, dice: dict[str, float]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"dice": {"mean": 0.5, "per_class": {"0": 0.9, "1": 0.5}},
+                                                     "data": str(data), "split": "test"}))
+    (folder / "per_image.csv").write_text("stem,dice_0,dice_1\n" + "".join(f"{s},0.9,{v}\n" for s, v in dice.items()))
+    return folder
+
+
+def test_compare_by_group_treats_each_video_as_one_observation(tmp_path, capsys):
+    """Frames of one video move together: with the dataset's sequences.json (or --groups) the interval is
+    also computed over the groups' mean differences (checked by hand), printed beside the per-image one;
+    a test image with no group is refused by name; two studies take no --groups; the terminal shows the 5
+    images most behind and most ahead, --out every image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    stems = [f"f{i:02d}" for i in range(24)]
+    video = {s: f"v{i // 6}" for i, s in enumerate(stems)}  # 4 videos of 6 frames
+    shift = {"v0": 0.10, "v1": -0.04, "v2": 0.06, "v3": 0.00}  # the videos differ, their frames alike
+    b = {s: float(rng.uniform(0.3, 0.6)) for s in stems}
+    a = {s: b[s] + shift[video[s]] + float(rng.normal(0, 0.005)) for s in stems}
+    ea, eb = _evaluation(tmp_path / "a", data, a), _evaluation(tmp_path / "b", data, b)
+    (data / "sequences.json").write_text(json.dumps(video))
+    assert main(["compare", str(ea), str(eb), "--names", "A,B"]) == 0
+    printed = capsys.readouterr().out
+    means = np.array([np.mean([a[s] - b[s] for s in stems if video[s] == v]) for v in ("v0", "v1", "v2", "v3")])
+    half = stats.t.ppf(0.975, 3) * means.std(ddof=1) / 2
+    assert f"by group: {means.mean():+.3f} [{means.mean() - half:+.3f}, {means.mean() + half:+.3f}] (95 % CI over 4 groups" \
+        in printed
+    d = np.array([a[s] - b[s] for s in stems])
+    per_image_half = stats.t.ppf(0.975, 23) * d.std(ddof=1) / math.sqrt(24)
+    assert half > 2 * per_image_half  # 24 alike frames pretend to be more sure than 4 videos can be
+    assert f"of {data / 'sequences.json'}" in printed
+    assert "the 5 most behind and the 5 most ahead of 24" in printed and "| … 14 more | | | |" in printed
+    out = tmp_path / "a_vs_b.md"
+    assert main(["compare", str(ea), str(eb), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert all(f"| {s} |" in out.read_text() for s in stems) and "more | | | |" not in out.read_text()
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({s: v for s, v in video.items() if s != "f03"}))
+    assert main(["compare", str(ea), str(eb), "--groups", str(groups)]) == 2
+    line = _error(capsys)
+    assert "names no group for 1 scored image(s) (f03)" in line
+    from labeldiff.study.report import write_csv
+
+    for name in ("s1", "s2"):
+        write_csv([{"cell": "c0", "method": "m", "strategy": "full", "k": 1, "seed": 0, "stems": "a", "dice": 0.5}],
+                  tmp_path / name / "results.csv")
+    assert main(["compare", str(tmp_path / "s1"), str(tmp_path / "s2"), "--groups", str(groups)]) == 2
+    assert "leave --groups out" in _error(capsys)

@@ -49,6 +49,12 @@ def test_step_clock_estimates_after_the_first_step_and_corrects_a_slow_start():
         clock.step_done(0.3)  # the first steps were decoding images: the pace is 3× the estimate's
     assert len(steady) == 2 and "≈ 37 s for 100 steps (367 ms a step): steps 2–10, timed" in steady[1]
     assert not clock.watching
+    for pace, said_again in ((0.85, False), (0.75, True)):  # the threshold: more than 1.25× off the estimate
+        lines = []
+        clock = StepClock(100, "x", say=lines.append)
+        for _ in range(10):
+            clock.step_done(1.0 if not lines else pace)
+        assert (len(lines) == 2) is said_again, (pace, lines)
 
 
 @pytest.mark.slow
@@ -119,11 +125,13 @@ def test_study_dry_run_times_each_network_once_and_says_what_is_left(tmp_path, c
     assert "time left, ≈, on this machine" in text and "the second of two calibration steps" in text
     pre_line = re.search(r"pretraining ddpm: ≈ ([\d.]+) (s|min|h) for 40 steps \(", text)
     assert pre_line and seconds(pre_line) > 0
-    assert re.search(r"cells ddpm full: 2 to run × ≈ [\d.]+ s each \(3 steps, [\d.]+ ms a step, fp32\)", text)
+    evaluation = r", evaluation [\d.]+ s \([\d.]+ ms an image\)"  # the test images, timed as evaluation predicts
+    assert re.search(r"cells ddpm full: 2 to run × ≈ [\d.]+ s each \(3 steps, [\d.]+ ms a step, fp32" + evaluation +
+                     r"\)", text)
     assert re.search(r"cells ddpm lp-ft: 2 to run × ≈ [\d.]+ s each \(5 steps, [\d.]+ ms a step \(linear\), "
-                     r"[\d.]+ ms a step \(lp-ft\), fp32\)", text)
+                     r"[\d.]+ ms a step \(lp-ft\), fp32" + evaluation + r"\)", text)
     assert "cells ddpm probe: 2 to run, not estimated (a probe's MLPs stop on their own loss)" in text
-    assert re.search(r"cells none scratch: 2 to run", text) and re.search(r"total ≈ [\d.]+ (s|min)", text)
+    assert re.search(r"cells none scratch: 2 to run", text) and re.search(r"total ≈ [\d.]+ (s|min) of training steps and evaluation of the \d+ test images per cell", text)
     assert main(["study", str(root / "s.yaml"), "--out", str(out), "--pretrain-only"]) == 0
     import json
 

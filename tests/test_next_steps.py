@@ -2,6 +2,7 @@
 names the folders its files end up in, not the temporary ones they are written in."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,21 @@ def test_pretrain_finetune_select_split_and_sample_end_with_where_and_next(tmp_p
     assert f"run folder {pre} (model.safetensors" in end
     assert f"next: labeldiff select --pretrained {pre} --data {data}" in end
     assert f"labeldiff finetune --data {data} --pretrained {pre} --labeled to_label.txt" in end
+    quick = tmp_path / "quick"  # a quick pretraining run is fine-tuned with the quick fine-tuning preset
+    assert main(["pretrain", "--data", str(data), "--recipe", "ddpm-quick", "--out", str(quick), *TINY, *NET]) == 0
+    assert f"--pretrained {quick} --recipe finetune-quick --labeled to_label.txt" in tail(capsys)
     assert main(["finetune", "--data", str(data), "--pretrained", str(pre), "--labels", "2", "--out", str(ft),
                  "--head-hidden", "8", *TINY]) == 0
-    end = tail(capsys)
+    end = tail(capsys, 6)
     assert f"run folder {ft} (model.safetensors" in end and f"next: labeldiff evaluate --model {ft}" in end
     assert f"into {ft / 'eval_test'}" in end and f"labeldiff predict --model {ft} --input NEW_IMAGES" in end
+    # and the scratch baseline: the same command with --strategy scratch, which runs as printed; then compare
+    baseline = (f"labeldiff finetune --data {data} --pretrained {pre} --labels 2 --head-hidden 8 {' '.join(TINY)} "
+                f"--strategy scratch --out {ft}-scratch")
+    assert baseline in end and f"labeldiff compare {ft} {ft}-scratch" in end
+    assert main(shlex.split(baseline)[1:]) == 0
+    end = tail(capsys, 3)
+    assert f"run folder {ft}-scratch" in end and "--strategy scratch" not in end  # a baseline has no baseline
     assert main(["select", "--pretrained", str(pre), "--data", str(data), "--labels", "2"]) == 0
     end = tail(capsys)
     assert "(--out FILE writes these lines, for finetune --labeled FILE)" in end and "--labeled FILE" in end

@@ -196,6 +196,8 @@ def test_select_command_picks_distinct_images_to_label(files, tmp_path, tiny_run
         assert len(lines) == 2 and all(Path(f).is_file() and Path(f).stem == stem for stem, f in lines)
         picks[seed] = sorted(stem for stem, _ in lines)
         assert picks[seed][0].split("_")[0] != picks[seed][1].split("_")[0], picks[seed]  # not two copies
+        said = capsys.readouterr()
+        assert "select: features of image 1 took" in said.out + said.err and "for the 8 candidates" in said.out + said.err
     assert len({tuple(p) for p in picks.values()}) > 1  # the seed chooses the random half
     # the default rule, typical: one typical image from each of 2 k-means clusters (copies share a cluster)
     assert main(["select", "--pretrained", str(tmp_path / "pre"), "--data", str(folder), "--labels", "2",

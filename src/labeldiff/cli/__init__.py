@@ -22,6 +22,7 @@ BUG = ("labeldiff: this is a bug in labeldiff, not a problem with your input or 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: a command's next step may repeat it
     from labeldiff.cli.commands import write_error
     from labeldiff.errors import LabeldiffError
 

@@ -58,14 +58,16 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
           f"run folder {args.out} (model.safetensors, config.json, log.jsonl)")
     data, ft = cfg.data.path, f"{args.out}-ft"
+    # a quick pretraining run is fine-tuned with the quick fine-tuning preset (its 32-wide head and 150 steps)
+    quick = " --recipe finetune-quick" if str(args.recipe or "").endswith("-quick") else ""
     if cfg.corruption.method in DIRECT_SEGMENTERS:
         say_next(f"labeldiff evaluate --model {args.out} --data TARGET   # it segments as it is: its zero-label score",
                  f"labeldiff finetune --data TARGET --pretrained {args.out} --labels 4 --out {ft}")
         return
     say_next(f"labeldiff select --pretrained {args.out} --data {data} --labels 4 --out to_label.txt   # which images "
              f"to label first",
-             f"labeldiff finetune --data {data} --pretrained {args.out} --labeled to_label.txt --out {ft}   # once "
-             f"they have masks (or --labels 4: drawn at random)")
+             f"labeldiff finetune --data {data} --pretrained {args.out}{quick} --labeled to_label.txt --out {ft}   # "
+             f"once they have masks (or --labels 4: drawn at random)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -89,9 +91,34 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     else:
         print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; run "
               f"folder {args.out} (model.safetensors, config.json, labeled.json: the images it trained on)")
-    say_next(f"labeldiff evaluate --model {args.out}   # Dice / IoU on its test split, into "
+    lines = [f"labeldiff evaluate --model {args.out}   # Dice / IoU on its test split, into "
              f"{Path(args.out) / ('eval_' + cfg.data.test_split)}",
-             f"labeldiff predict --model {args.out} --input NEW_IMAGES --out {args.out}-masks")
+             f"labeldiff predict --model {args.out} --input NEW_IMAGES --out {args.out}-masks"]
+    if cfg.transfer.strategy != "scratch":
+        scratch = f"{args.out}-scratch"
+        lines += [f"{baseline_command(args.argv, scratch)}   # the baseline: the same network, images and schedule "
+                  f"from random weights", f"labeldiff compare {args.out} {scratch}   # did pretraining help, "
+                  f"paired per test image"]
+    say_next(*lines)
+
+
+def baseline_command(argv: list[str], out: str) -> str:
+    """The fine-tuning command ``argv`` again with ``--strategy scratch`` and ``--out out`` (and without
+    ``--resume`` / ``--overwrite``): the scratch run that a pretrained run is compared with."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--strategy", "--out"):
+            skip = "=" not in arg
+            continue
+        if name not in ("--resume", "--overwrite"):
+            kept.append(arg)
+    return "labeldiff " + shlex.join([*kept, "--strategy", "scratch", "--out", out])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -244,6 +271,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         except DataError:
             forms.append(None)
     if "study" in forms and set(forms) <= {"study", None}:
+        if args.groups is not None:
+            raise ConfigError("--groups pairs test images of two runs by video or patient; two studies are paired "
+                              "by cell (seed), each cell already a mean over its test images: leave --groups out")
         return _compare_studies(args)
     if "study" in forms:
         study, other = (args.a, args.b) if forms[0] == "study" else (args.b, args.a)
@@ -255,7 +285,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def _compare_runs(args: argparse.Namespace) -> None:
     from labeldiff.checkpoint import atomic_write_text
-    from labeldiff.study.paired_runs import open_evaluation, paired_runs, runs_markdown, summary_line
+    from labeldiff.study.paired_runs import open_evaluation, paired_runs, runs_markdown, summary_line, test_groups
     from labeldiff.evaluate.report import save_figure
     from labeldiff.study.plots import run_differences_figure
 
@@ -266,9 +296,10 @@ def _compare_runs(args: argparse.Namespace) -> None:
 
     a, b = (open_evaluation(p, args.split, evaluate_it) for p in (args.a, args.b))
     names = _two_names(args.names or (a.name, b.name))
-    result = paired_runs(a, b, args.metric)
-    text = runs_markdown(a, b, result, names)
-    print(text, end="")
+    groups, groups_from = test_groups(a, args.groups)
+    result = paired_runs(a, b, args.metric, groups=groups)
+    text = runs_markdown(a, b, result, names, groups_from=groups_from)
+    print(text if args.out else runs_markdown(a, b, result, names, rows=10, groups_from=groups_from), end="")
     print(summary_line(result, names))
     if args.out:
         atomic_write_text(args.out, text)
@@ -276,7 +307,8 @@ def _compare_runs(args: argparse.Namespace) -> None:
         save_figure(run_differences_figure(result["stems"], result["diffs"], result, names, args.metric), plot)
         print(f"wrote {args.out} and {plot}")
     else:
-        print("(--out FILE.md also writes this table and FILE.png, the plot of the per-image differences)")
+        print("(--out FILE.md also writes the table of every image and FILE.png, the plot of the per-image "
+              "differences)")
 
 
 def _compare_studies(args: argparse.Namespace) -> None:

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "[dice]")
     p.add_argument("--split", default=None,
                    help="runs: compare their evaluations on this split, RUN/eval_<split>/ [the runs' test split]")
+    p.add_argument("--groups", type=Path, default=None,
+                   help="runs: JSON mapping image stem → group (video, patient); each group's mean difference is "
+                        "one observation of a second interval [the scored dataset's sequences.json if it has one]")
     p.add_argument("--out", type=Path, default=None,
                    help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
     p.set_defaults(func=c.cmd_compare)

@@ -81,7 +81,7 @@ class StepClock:
     """The estimate a run prints about itself: after its first step (before the second), the time of
     that step × the steps of this session. The first step also pays for start-up (and the first steps for
     decoding images the cache does not hold yet), so the estimate is said again after the second step when
-    that one was more than twice as fast, and after the tenth when the mean of steps 2–10 is more than 1.5×
+    that one was more than twice as fast, and after the tenth when the mean of steps 2–10 is more than 1.25×
     off the last estimate. ``say``: where the lines go."""
 
     CHECK_AT = 10  # the step whose mean pace is checked against the estimate
@@ -108,6 +108,6 @@ class StepClock:
                      f"{per_step(self.times[0])}, was start-up)")
         elif n == self.CHECK_AT and self.steps > n and self.said:
             pace = sum(self.times[1:]) / (n - 1)
-            if not 1 / 1.5 <= pace / self.said <= 1.5:
+            if not 1 / 1.25 <= pace / self.said <= 1.25:
                 self.said = pace
                 self.say(f"{self.desc}: {estimate(pace, self.steps)}: steps 2–{n}, timed")

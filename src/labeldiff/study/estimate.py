@@ -3,8 +3,10 @@
 Each distinct pretraining network and each distinct fine-tuning network, batch and precision is timed once
 (:func:`labeldiff.pretrain.run.calibrate_pretrain`, :func:`labeldiff.transfer.finetune.calibrate_finetune`:
 the second of two calibration steps on real batches of the study's data, with weights thrown away), and
-multiplied by the steps each run and cell still has to train. The figures cover training steps only: a
-cell's evaluation, a probe's MLPs (they stop on their own loss) and selection features are not in them.
+multiplied by the steps each run and cell still has to train. A cell's evaluation is timed too: one test
+image predicted as evaluation predicts it (:func:`labeldiff.transfer.finetune.calibrate_evaluation`), times
+the test images. A probe's MLPs (they stop on their own loss), selection features and a volume's 3D
+metrics are not in the figures.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from labeldiff.resolve import Layer
 from labeldiff.runtime import precision_name, resolve_device, resolve_precision, threads_summary
 from labeldiff.study.execute import cell_config, cell_row, run_config
 from labeldiff.study.plan import Cell, Pretraining, Target
-from labeldiff.transfer.finetune import calibrate_finetune
+from labeldiff.transfer.finetune import calibrate_evaluation, calibrate_finetune
 
 UNTIMED = {"probe": "a probe's MLPs stop on their own loss", "source": "no training: evaluation only"}
 
@@ -106,8 +108,14 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
             parts.append(f"{per_step(step)} a step" + (f" ({strategy})" if len(phases) > 1 else ""))
         else:
             at_most = "at most " if cfg.transfer.steps_rule == "plateau" else ""
+            scoring = seconds(cfg, "evaluate", lambda c=cfg: calibrate_evaluation(
+                c, target.ds.samples(target.test[:1])[0], target.num_classes)) if target.test else 0.0
+            scored = ""
+            if not isinstance(scoring, str):
+                cost += scoring * len(target.test)
+                scored = f", evaluation {duration(scoring * len(target.test))} ({per_step(scoring)} an image)"
             group[1] = cost
-            group[2] = f"{at_most}{steps} steps, {', '.join(parts)}, {_how(cfg)}"
+            group[2] = f"{at_most}{steps} steps, {', '.join(parts)}, {_how(cfg)}{scored}"
     for (method, strategy, protocol), (n, cost, what) in groups.items():
         name = f"{method} {strategy}" + (f" [{protocol}]" if len(shared) > 1 else "")
         if cost is None:
@@ -123,5 +131,5 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
     return ([f"time left, ≈, on this machine ({threads_summary()}): measured step time × the steps still to train "
              f"(each network, batch and precision timed once: the second of two calibration steps on real batches "
              f"of the data, weights thrown away)"] + lines +
-            [f"  total ≈ {duration(total)} of training steps; each cell also evaluates {len(target.test)} test "
-             f"images (not in the figures){measured}"])
+            [f"  total ≈ {duration(total)} of training steps and evaluation of the {len(target.test)} test images "
+             f"per cell{measured}"])

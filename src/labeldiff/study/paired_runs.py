@@ -7,6 +7,12 @@ study's), the count of images each run is ahead on, a markdown table and a plot.
 the interval says how sure the difference is over test images like these, for these two trained
 networks; how much another training seed would move either is a study's question (several seeds).
 
+Images of one patient or one video are not independent: frames of a colonoscopy video look alike, so
+their differences move together and an interval over images is too narrow. With groups (``--groups
+FILE``, JSON image stem → group; by default the scored dataset's ``sequences.json`` when it has one, as
+``labeldiff split`` reads it) each group's mean difference is one observation, and the interval over the
+groups is the one to read.
+
 The pairing is refused, with the reason, when the two evaluations scored different datasets, different
 test images, or the runs predict different numbers of classes.
 """
@@ -159,11 +165,33 @@ def check_pairable(a: Evaluation, b: Evaluation) -> str:
     return ""
 
 
-def paired_runs(a: Evaluation, b: Evaluation, metric: str = "dice", level: float = 0.95) -> dict:
+def test_groups(a: Evaluation, groups: Path | None) -> tuple[dict[str, str] | None, str | None]:
+    """``(stem → group, where they came from)`` for the images ``a`` scored: the JSON file ``groups``, else
+    the scored dataset's ``sequences.json`` when there is one, else ``(None, None)``. A scored image the
+    file does not name is refused by name."""
+    path = Path(groups) if groups is not None else Path(a.scored["data"]) / "sequences.json"
+    if groups is None and not path.is_file():
+        return None, None
+    try:
+        by = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"--groups {path}: cannot read it as JSON image stem → group ({e}); give a file like "
+                        f"{{\"frame1\": \"video1\", …}}") from None
+    missing = [s for s in a.scored["stems"] if s not in by]
+    if missing:
+        raise DataError(f"--groups {path} names no group for {len(missing)} scored image(s) "
+                        f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); give every test image a group")
+    return by, str(path)
+
+
+def paired_runs(a: Evaluation, b: Evaluation, metric: str = "dice", level: float = 0.95,
+                groups: dict[str, str] | None = None) -> dict:
     """A − B per test image (in A's order), with ``mean``, ``low``, ``high``, ``n``, ``sd``
     (:func:`~labeldiff.study.stats.paired_ci`), ``ahead_a`` / ``ahead_b`` / ``tied`` counts, ``a`` and ``b``
     (each run's mean over the paired images), ``stems`` and ``diffs`` of the pairs and ``unscored`` (images
-    without a finite score in either run, left out)."""
+    without a finite score in either run, left out). With ``groups`` (stem → group), ``by_group`` holds the
+    same over the groups' mean differences (``mean``, ``low``, ``high``, ``n``, ``sd``, ``ahead_a``,
+    ``ahead_b``, ``tied``, ``names``, ``diffs``); else it is None."""
     note = check_pairable(a, b)
     va, vb = a.values(metric), b.values(metric)
     stems, diffs, xa, xb, unscored = [], [], [], [], []
@@ -181,11 +209,28 @@ def paired_runs(a: Evaluation, b: Evaluation, metric: str = "dice", level: float
     return {"metric": metric, "mean": mean, "low": low, "high": high, "n": n, "sd": sd,
             "ahead_a": int((d > 0).sum()), "ahead_b": int((d < 0).sum()), "tied": int((d == 0).sum()),
             "a": float(np.mean(xa)) if xa else math.nan, "b": float(np.mean(xb)) if xb else math.nan,
-            "stems": stems, "diffs": diffs, "values_a": xa, "values_b": xb, "unscored": unscored, "note": note}
+            "stems": stems, "diffs": diffs, "values_a": xa, "values_b": xb, "unscored": unscored, "note": note,
+            "by_group": _by_group(stems, diffs, groups, level) if groups else None}
 
 
-def runs_markdown(a: Evaluation, b: Evaluation, p: dict, names: tuple[str, str], digits: int = 3) -> str:
-    """The report of :func:`paired_runs`: the summary row, how it was computed, and every image's scores."""
+def _by_group(stems: list[str], diffs: list[float], groups: dict[str, str], level: float) -> dict:
+    """Each group's mean difference as one observation, and the t-interval over the groups."""
+    members: dict[str, list[float]] = {}
+    for s, x in zip(stems, diffs):
+        members.setdefault(groups[s], []).append(x)
+    names = sorted(members, key=lambda g: (len(g), g))
+    means = [float(np.mean(members[g])) for g in names]
+    mean, low, high, n, sd = paired_ci(means, level)
+    m = np.array(means)
+    return {"mean": mean, "low": low, "high": high, "n": n, "sd": sd, "ahead_a": int((m > 0).sum()),
+            "ahead_b": int((m < 0).sum()), "tied": int((m == 0).sum()), "names": names, "diffs": means,
+            "sizes": [len(members[g]) for g in names]}
+
+
+def runs_markdown(a: Evaluation, b: Evaluation, p: dict, names: tuple[str, str], digits: int = 3,
+                  rows: int | None = None, groups_from: str | None = None) -> str:
+    """The report of :func:`paired_runs`: the summary row (and the by-group row, when grouped), how it was
+    computed, and every image's scores (``rows``: only the ``rows // 2`` images most behind and most ahead)."""
     from labeldiff.study.report import format_ci, format_delta, format_excludes_zero
 
     na, nb = names
@@ -205,6 +250,17 @@ def runs_markdown(a: Evaluation, b: Evaluation, p: dict, names: tuple[str, str],
              f"images |", "|---|---|---|---|---|---|---|---|---|",
              f"| {p['a']:.{digits}f} | {p['b']:.{digits}f} | {format_delta(p, digits)} | {format_ci(p, digits)} | "
              f"{format_excludes_zero(p)} | {p['ahead_a']} | {p['ahead_b']} | {p['tied']} | {p['n']} |"]
+    g = p.get("by_group")
+    if g:
+        lines += [f"\nBy group ({g['n']} groups of {groups_from}: each group's mean Δ is one observation, since "
+                  f"images of one video or patient move together; this is the interval to read):\n",
+                  f"| groups | mean Δ | 95 % CI | excludes 0 | {na} ahead | {nb} ahead | tied |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {g['n']} | {format_delta(g, digits)} | {format_ci(g, digits)} | {format_excludes_zero(g)} | "
+                  f"{g['ahead_a']} | {g['ahead_b']} | {g['tied']} |", "",
+                  "| group | images | Δ |", "|---|---|---|"]
+        lines += [f"| {name} | {size} | {x:+.{digits}f} |" for name, size, x in
+                  sorted(zip(g["names"], g["sizes"], g["diffs"]), key=lambda r: r[2])]
     if p["unscored"]:
         lines.append(f"\n{len(p['unscored'])} image(s) left out: no {metric} in one run (empty in both truth and "
                      f"prediction): {', '.join(p['unscored'][:5])}{' …' if len(p['unscored']) > 5 else ''}")
@@ -214,9 +270,14 @@ def runs_markdown(a: Evaluation, b: Evaluation, p: dict, names: tuple[str, str],
     if settings:
         lines.append("\nThe evaluations differ in " + ", ".join(
             f"{k} ({na}: {a.metrics.get(k)}, {nb}: {b.metrics.get(k)})" for k in settings) + ".")
-    lines += [f"\n## Per image, by Δ\n", f"| image | {na} | {nb} | Δ |", "|---|---|---|---|"]
-    for i in sorted(range(p["n"]), key=lambda i: p["diffs"][i]):
-        lines.append(f"| {p['stems'][i]} | {p['values_a'][i]:.{digits}f} | {p['values_b'][i]:.{digits}f} | "
+    order = sorted(range(p["n"]), key=lambda i: p["diffs"][i])
+    shown = order if rows is None or len(order) <= rows else order[:rows // 2] + [None] + order[-(rows // 2):]
+    title = "Per image, by Δ" if len(shown) == len(order) else \
+        f"Per image, by Δ: the {rows // 2} most behind and the {rows // 2} most ahead of {p['n']}"
+    lines += [f"\n## {title}\n", f"| image | {na} | {nb} | Δ |", "|---|---|---|---|"]
+    for i in shown:
+        lines.append(f"| … {p['n'] - 2 * (rows // 2)} more | | | |" if i is None else
+                     f"| {p['stems'][i]} | {p['values_a'][i]:.{digits}f} | {p['values_b'][i]:.{digits}f} | "
                      f"{p['diffs'][i]:+.{digits}f} |")
     return "\n".join(lines) + "\n"
 
@@ -224,5 +285,12 @@ def runs_markdown(a: Evaluation, b: Evaluation, p: dict, names: tuple[str, str],
 def summary_line(p: dict, names: tuple[str, str]) -> str:
     na, nb = names
     ci = f" [{p['low']:+.3f}, {p['high']:+.3f}]" if p["n"] >= 2 else ""
-    return (f"{na} − {nb}: {p['metric']} {p['mean']:+.3f}{ci} (95 % CI over {p['n']} test images); {na} ahead on "
+    line = (f"{na} − {nb}: {p['metric']} {p['mean']:+.3f}{ci} (95 % CI over {p['n']} test images); {na} ahead on "
             f"{p['ahead_a']}, {nb} on {p['ahead_b']}, tied on {p['tied']}")
+    g = p.get("by_group")
+    if g:
+        gci = f" [{g['low']:+.3f}, {g['high']:+.3f}]" if g["n"] >= 2 else " (no interval from one group)"
+        line += (f"\nby group: {g['mean']:+.3f}{gci} (95 % CI over {g['n']} groups, each group's mean Δ; the "
+                 f"interval to read when images of a group are alike); {na} ahead in {g['ahead_a']}, {nb} in "
+                 f"{g['ahead_b']}")
+    return line

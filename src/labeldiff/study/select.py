@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from labeldiff.data.folders import LabeledFolder, Sample
 from labeldiff.data.io import DataError
 from labeldiff.data.splits import select_subset
+from labeldiff.pretrain.cost import duration
 
 MAX_TRIES = 1000
 POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
@@ -241,9 +243,15 @@ def unet_features(pre_dir: Path, samples: list[Sample], data_cfg) -> np.ndarray:
     extractor = PaddedExtractor(make_extractor(run.backbone(), pre, noise_seed=0))
     loader = ScaledImages(replace(data_cfg, channels=pre.data.channels))
     feats = []
+    began = time.perf_counter()
     with torch.no_grad():
-        for s in tqdm(samples, desc="decoder features", unit="image", leave=False, disable=len(samples) < 50):
+        for i, s in enumerate(tqdm(samples, desc="decoder features", unit="image", leave=False,
+                                   disable=len(samples) < 50)):
             feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].cpu().numpy())
+            if i == 0 and len(samples) > 1:
+                took = time.perf_counter() - began
+                tqdm.write(f"select: features of image 1 took {duration(took)} → ≈ {duration(took * len(samples))} "
+                           f"for the {len(samples)} candidates (fed whole, at the network's scale)")
     return np.stack(feats)
 
 

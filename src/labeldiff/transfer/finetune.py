@@ -223,6 +223,26 @@ def calibrate_finetune(cfg: RunConfig, samples: list, num_classes: int, strategy
                      resolve_precision(cfg.train.precision, device))
 
 
+def calibrate_evaluation(cfg: RunConfig, sample, num_classes: int) -> float:
+    """Seconds to predict one test image (``sample``, read at its own size) with the network ``cfg`` trains,
+    as evaluation predicts it (fp32, sliding window or whole image): the second of two predictions of a
+    network with random weights. Writes nothing."""
+    import time
+
+    from labeldiff.evaluate.predict import predict_mask
+
+    t = cfg.transfer
+    model = SegmentationNet(cfg.model, num_classes, t=t.t, head_hidden=t.head_hidden, keep_out_norm=t.keep_out_norm)
+    model.to(resolve_device(cfg.train.device)).eval()
+    image = torch.from_numpy(sample.read_image(cfg.data.channels))
+    took = []
+    for _ in range(2):
+        began = time.perf_counter()
+        predict_mask(model, image, cfg.data)
+        took.append(time.perf_counter() - began)
+    return took[-1]
+
+
 def run_finetune(cfg: RunConfig, out: Path, stems: list[str] | None = None, resume: bool = False,
                  overwrite: bool = False) -> dict:
     """Fine-tune (or train from scratch) on ``stems`` or ``transfer.labels`` drawn images (see
