@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from labeldiff.study.family import describe, family_markdown, judge_registry  # noqa: E402
 from labeldiff.study.pages import render, study_header  # noqa: E402
 
 RESEARCH = ROOT / "research"
@@ -46,6 +47,44 @@ HEADLINE = [
     ("monuseg_confirm", 1, "MoNuSeg H&E nuclei, 5 seeds"),
     ("ct_abdomen", 2, "abdominal CT, 13 organs, 5 seeds"),
 ]
+
+
+# ------------------------------------------------------------------------------------ family-wise control
+
+REGISTRY = RESEARCH / "primaries.yaml"  # the primaries the studies fixed in advance, by family
+_FAMILIES: list = []
+
+
+def families() -> list:
+    if not _FAMILIES:
+        _FAMILIES.extend(judge_registry(REGISTRY))
+    return _FAMILIES
+
+
+def judged(study: str) -> tuple | None:
+    """``(family, its primary's row)`` of ``study`` in the registry, or None."""
+    return next(((f, r) for f in families() for r in f.judged if r["study"] == study), None)
+
+
+def family_page() -> str:
+    return f"{GENERATED}\n\n" + family_markdown(families(), "Family-wise verdicts of the research studies") + \
+        "\nThe registry: [research/primaries.yaml](../primaries.yaml). `labeldiff family research/primaries.yaml` " \
+        "recomputes this page.\n"
+
+
+def correction(study: str, short: bool = False) -> str:
+    """What Holm's correction over its family says of ``study``'s primary."""
+    found = judged(study)
+    if found is None:
+        return "– (no primary fixed in advance)" if short else ""
+    fam, r = found
+    verdict = "survives" if r["survives"] else "does not survive"
+    p = f"{r['p_holm']:.2g}" if r["p_holm"] < 0.001 else f"{r['p_holm']:.3f}"
+    if short:
+        return f"{verdict} (p {p}, {len(fam.judged)} primaries)"
+    return (f"**After correction for the other primaries:** its primary ({describe(r['compare'])}, "
+            f"{r['mean']:+.3f} over {r['n']} seeds) **{verdict}** Holm's correction over the {len(fam.judged)} "
+            f"primaries of the {fam.name} family (adjusted p = {p}; [every primary](../family.md)).\n")
 
 
 # ---------------------------------------------------------------------------------------------- studies
@@ -85,7 +124,13 @@ def study_pages() -> dict[Path, str]:
     pages = {}
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
         study = study_file(folder.name)  # none: a folder of results made by a script, given a page of its files
-        pages[folder / "README.md"] = render(folder, study, folder.name, commands(study) if study else [])
+        page = render(folder, study, folder.name, commands(study) if study else [])
+        note = correction(folder.name)
+        if note:  # said first, under the title
+            title_line, rest = page.split("\n", 1)
+            page = f"{title_line}\n\n{note}{rest}"
+        pages[folder / "README.md"] = page
+    pages[RESULTS / "family.md"] = family_page()
     return pages
 
 
@@ -141,14 +186,27 @@ def research_index() -> str:
 
 
 def headline() -> str:
-    lines = ["| data | best pretrained setting | k | pretrained | scratch | Δ, 95 % CI | goal |", "|---|---|---|---|---|---|---|"]
+    """Per study of :data:`HEADLINE`: its primary, fixed in advance, and what Holm's correction over its
+    family says of it; a study without a registered primary shows its best setting, marked as picked."""
+    lines = ["| data | after correction for the other primaries (Holm) | comparison | k | pretrained | scratch | "
+             "Δ, 95 % CI | goal, this study alone |", "|---|---|---|---|---|---|---|---|"]
     for name, k, what in HEADLINE:
+        link = f"[{what}](research/results/{name}/README.md)"
+        found = judged(name)
+        if found is not None:
+            fam, r = found
+            alone = "met" if r["mean"] >= fam.goal and r["low"] > 0 else f"not met (Δ {r['mean']:+.3f})"
+            setting = describe(r["compare"]).split(", k = ")[0]
+            lines.append(f"| {link} | {correction(name, short=True)} | {setting}, fixed in advance | "
+                         f"{r['compare']['k']} | {r['arm']:.3f} | {r['baseline']:.3f} | {r['mean']:+.3f} "
+                         f"[{r['low']:+.3f}, {r['high']:+.3f}] | {alone} |")
+            continue
         row = next((r for r in verdict_rows(RESULTS / name) if r.get("k") == str(k)), None)
         if row is None:
             raise SystemExit(f"research/results/{name}/verdict.md has no row for k = {k}; fix HEADLINE in tools/pages.py")
-        lines.append(f"| [{what}](research/results/{name}/README.md) | {row['best pretrained setting']} | {k} | "
-                     f"{row['dice']} | {row['scratch']} | {row['Δ vs scratch']} {row['95 % CI']} | "
-                     f"{row['goal (≥ +0.05, CI > 0)']} |")
+        lines.append(f"| {link} | {correction(name, short=True)} | {row['best pretrained setting']}, the best of the "
+                     f"study's settings (picked after looking) | {k} | {row['dice']} | {row['scratch']} | "
+                     f"{row['Δ vs scratch']} {row['95 % CI']} | {row['goal (≥ +0.05, CI > 0)']} |")
     return replace_block((ROOT / "README.md").read_text(), "headline", "\n".join(lines))
 
 

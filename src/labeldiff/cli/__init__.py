@@ -1,5 +1,5 @@
 """The command line: ``labeldiff pretrain | finetune | evaluate | predict | sample | evaluate-samples |
-select | split | study | compare | demo`` (and, for developers, ``bench``).
+select | split | study | compare | family | demo`` (and, for developers, ``bench``).
 
 :mod:`labeldiff.cli.parser` builds the parser: the options of ``pretrain`` and ``finetune`` are generated
 from the settings declared in :mod:`labeldiff.settings`; :mod:`labeldiff.cli.commands` runs each command.

@@ -336,6 +336,21 @@ def _compare_studies(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_family(args: argparse.Namespace) -> None:
+    from labeldiff.checkpoint import atomic_write_text
+    from labeldiff.study.family import family_markdown, judge_registry
+
+    families = judge_registry(args.registry, args.metric)
+    text = family_markdown(families)
+    print(text, end="")
+    for fam in families:
+        print(f"{fam.name}: {sum(r['survives'] for r in fam.judged)} of {len(fam.judged)} primaries survive Holm at "
+              f"α = {fam.alpha:g}")
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "probe-memory":
         from labeldiff.bench.probe_memory import bench_probe_memory_cli

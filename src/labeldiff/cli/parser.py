@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained from scratch."))
     parser.add_argument("--version", action="version", version=f"labeldiff {__version__}")
     everyday = ("pretrain", "finetune", "evaluate", "predict", "sample", "evaluate-samples", "select", "split",
-                "study", "compare", "demo")
+                "study", "compare", "family", "demo")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(everyday) + "}")
 
     p = sub.add_parser("pretrain", help="pretrain a network with a pretext task on your images",
@@ -211,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
     p.set_defaults(func=c.cmd_compare)
+
+    p = sub.add_parser("family", help="the primaries of several studies, Holm-adjusted over their family",
+                       usage="labeldiff family REGISTRY.yaml [--metric METRIC] [--out FILE.md]",
+                       description="A registry (YAML) lists the primary comparisons that studies fixed in advance, "
+                                   "grouped in families. For each primary: its paired differences over seeds, 95%% "
+                                   "t-interval, paired t-test p-value (and an exact sign-flip p-value as a check below "
+                                   "10 pairs; the larger is used), and its Holm-adjusted p-value over its family; it "
+                                   "survives when that is below the family's alpha. The registry's format: "
+                                   "docs/guides/studies.md and labeldiff.study.family.")
+    p.add_argument("registry", type=Path, help="the registry YAML (families → primaries: study, results, compare)")
+    p.add_argument("--metric", default="dice", help="a results.csv column [dice]")
+    p.add_argument("--out", type=Path, default=None, help="also write the tables here (markdown)")
+    p.set_defaults(func=c.cmd_family)
 
     p = sub.add_parser("demo", help="the whole story on the embedded MNI152 brain template (no download)",
                        description="Pretrain on brain MRI slices without labels, fine-tune pretrained and scratch with "
