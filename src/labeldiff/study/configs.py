@@ -75,13 +75,17 @@ def layers(study: Study, recipe: Recipe, data_fields: tuple[str, ...] | None = N
     return out
 
 
-def pretrain_layers(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None) -> list[Layer]:
-    """The layers of ``method``'s pretraining (``steps`` from a ``pretrain_steps`` sweep, or None); ``pool``:
-    the folder :func:`labeldiff.study.prepare.build_pool` made of a ``data.unlabeled`` list."""
+def pretrain_layers(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None,
+                    seed: int | None = None) -> list[Layer]:
+    """The layers of ``method``'s pretraining (``steps`` from a ``pretrain_steps`` sweep, or None; ``seed``
+    from ``pretrain_seeds``, or None: the recipe's); ``pool``: the folder
+    :func:`labeldiff.study.prepare.build_pool` made of a ``data.unlabeled`` list."""
     d = study.data
     run: dict[str, Any] = {}
     if steps is not None:
         run["train.steps"] = steps
+    if seed is not None:
+        run["train.seed"] = seed
     if method.pretrain_on == "source":
         run.update({"data.path": str(d.source), "data.train_split": d.source_split, "data.split_file": None})
     elif d.pool and pool is not None:
@@ -94,9 +98,10 @@ def pretrain_layers(study: Study, method: MethodSpec, steps: int | None, pool: P
     return layers(study, method.recipe, PRETRAIN_DATA_FIELDS) + [Layer(f"study {study.file.name}, run", run)]
 
 
-def pretrain_config(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None) -> RunConfig:
+def pretrain_config(study: Study, method: MethodSpec, steps: int | None, pool: Path | None = None,
+                    seed: int | None = None) -> RunConfig:
     """The settings :func:`pretrain_layers` compose (what names the run; ``run_pretrain`` derives the rest)."""
-    cfg, _ = compose("pretrain", pretrain_layers(study, method, steps, pool))
+    cfg, _ = compose("pretrain", pretrain_layers(study, method, steps, pool, seed))
     if cfg.corruption.loss == "auto":  # the loss is named in the hash as run_pretrain stores it
         cfg.corruption.loss = LOSS_BY_METHOD.get(cfg.corruption.method, "auto")
     return cfg
@@ -122,13 +127,20 @@ def pretrain_key(cfg: RunConfig, continues: str | None = None, out: Path | None 
     return digest({**d, "excluded": pretraining_exclusions(cfg.data)[0], **extra})
 
 
-def run_name(method: MethodSpec, steps: int | None) -> str:
-    return method.name if steps is None else f"{method.name}@{steps}"
+PRETRAIN_SEED_MARK = "~p"  # "ddpm@2000~p1": the run of pretraining seed 1
 
 
-def pretrain_runs(study: Study) -> list[tuple[str, MethodSpec, int | None]]:
-    """``(name, method, steps)`` of every pretraining run (method ``none`` has none)."""
-    return [(run_name(m, s), m, s) for m in study.methods if m.pretrains for s in (m.pretrain_steps or [None])]
+def run_name(method: MethodSpec, steps: int | None, seed: int | None = None) -> str:
+    name = method.name if steps is None else f"{method.name}@{steps}"
+    return name if seed is None else f"{name}{PRETRAIN_SEED_MARK}{seed}"
+
+
+def pretrain_runs(study: Study) -> list[tuple[str, MethodSpec, int | None, int | None]]:
+    """``(name, method, steps, seed)`` of every pretraining run (method ``none`` has none): per method, per
+    pretraining seed (``pretrain_seeds``; None: one run, the recipe's seed), each length of its sweep."""
+    return [(run_name(m, s, p), m, s, p) for m in study.methods if m.pretrains
+            for p in (study.pretrain_seeds if study.pretrain_seeds and m.run is None else [None])
+            for s in (m.pretrain_steps or [None])]
 
 
 def resolved_model(cfg: RunConfig) -> ModelConfig:

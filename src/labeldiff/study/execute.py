@@ -213,6 +213,8 @@ def cell_row(cell: Cell) -> dict:
     row = {"cell": cell.id, "method": cell.method, "pretrain_steps": info.get("pretrain_steps"), "arch": cell.arch,
            "strategy": cell.strategy, "protocol": cell.protocol, "k": cell.k, "seed": cell.seed, "select": cell.select,
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
+    if cell.pre is not None and cell.pre.seed is not None:  # pretrain_seeds: which pretraining run
+        row["pretrain_seed"] = cell.pre.seed
     row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
     robust = cell.dir / "eval" / "robustness" / "robustness.json"

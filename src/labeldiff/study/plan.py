@@ -73,6 +73,8 @@ class Pretraining:
     fine_tuned: bool = True  # False: a length the method's finetune_at leaves out (trained, no cells)
     layers: list[Layer] | None = None  # what labeldiff.resolve resolves its run config from
     reused: bool = False  # a run of the user's own (a method's run:), used as it is, never trained here
+    method: str = ""  # the study method it pretrains
+    seed: int | None = None  # its pretraining seed (pretrain_seeds); None: the recipe's, one run per method
 
     @property
     def finished(self) -> bool:
@@ -103,10 +105,13 @@ class Cell:
         return self.pre.dir if self.strategy == "source" else self.dir / "run"
 
     def describe(self) -> dict:
-        return {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy,
-                "protocol": self.protocol, "k": self.k, "seed": self.seed, "select": self.select,
-                "pretrained": str(self.pre.dir) if self.pre else None,
-                "pretrain_steps": self.pre.cfg.train.steps if self.pre else None}
+        d = {"cell": self.id, "method": self.method, "arch": self.arch, "strategy": self.strategy,
+             "protocol": self.protocol, "k": self.k, "seed": self.seed, "select": self.select,
+             "pretrained": str(self.pre.dir) if self.pre else None,
+             "pretrain_steps": self.pre.cfg.train.steps if self.pre else None}
+        if self.pre is not None and self.pre.seed is not None:
+            d["pretrain_seed"] = self.pre.seed
+        return d
 
     def short(self) -> str:
         return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
@@ -129,16 +134,19 @@ def plan_pretraining(study: Study, folder: Path, out: Path) -> list[Pretraining]
     runs: list[Pretraining] = []
     pool = build_pool(study, folder) if study.data.pool and any(
         m.pretrains and m.run is None and m.pretrain_on == "unlabeled" for m in study.methods) else None
-    for name, method, steps in pretrain_runs(study):
+    for name, method, steps, seed in pretrain_runs(study):
         if method.run is not None:  # the user's own run: named by the hash of its identity, as the study's are
             cfg = RunFolder.open(method.run, flag=f"{name}.run").config
             runs.append(Pretraining(name, cfg, pretrain_key(cfg, None, out), method.run, cfg.model, reused=True))
             continue
-        cfg = pretrain_config(study, method, steps, pool)
-        prev = runs[-1] if steps is not None and runs and runs[-1].name.split("@")[0] == method.name else None
+        cfg = pretrain_config(study, method, steps, pool, seed)
+        last = runs[-1] if runs else None  # a sweep's previous length: the same method and pretraining seed
+        prev = last if steps is not None and last is not None and last.method == method.name and \
+            last.seed == seed and not last.reused else None
         key = pretrain_key(cfg, prev.key if prev else None, out)
         runs.append(Pretraining(name, cfg, key, folder / f"{name}-{key}", resolved_model(cfg), prev,
-                                method.fine_tunes(steps), pretrain_layers(study, method, steps, pool)))
+                                method.fine_tunes(steps), pretrain_layers(study, method, steps, pool, seed),
+                                method=method.name, seed=seed))
     return runs
 
 

@@ -46,6 +46,11 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
                                          #   it is, no target label (its zero-label score)
     labels: [1, 3, all]
     seeds: [0, 1, 2]
+    pretrain_seeds: [0, 1, 2]            # optional: pretrain each method once per seed ("ddpm~p1", train.seed
+                                         #   1); every run is fine-tuned with every seed, so a cell is paired
+                                         #   by (pretraining seed, fine-tuning seed) and the verdict separates
+                                         #   how much the pretraining run moves the gain from how much the
+                                         #   fine-tuning seed does. Absent: one run per method, its recipe's seed
     select: random                       # random | diverse | typical, or a list as an axis ([random, diverse])
     require_all_classes: false
     finetune: {recipe: finetune-cpu, overrides: {train.steps: 300}}
@@ -84,8 +89,8 @@ METRICS = ("dice", "iou", "per-class", "volume")  # volume: the test slab of eac
 PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
-TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "select", "require_all_classes",
-            "finetune", "protocols", "metrics", "robustness", "extends")
+TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "pretrain_seeds", "select",
+            "require_all_classes", "finetune", "protocols", "metrics", "robustness", "extends")
 ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
@@ -183,6 +188,7 @@ class Study:
     protocols: list[ProtocolSpec] = field(default_factory=lambda: [ProtocolSpec(DEFAULT_PROTOCOL)])
     robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
     looks: list[list[int]] = field(default_factory=list)  # seeds of each look (see the module docstring); [] = one
+    pretrain_seeds: list[int] | None = None  # one pretraining run per seed and method; None: one run each
     extends: Path | None = None  # the study file this one extends
     merged: dict = field(default_factory=dict)  # the mapping after ``extends`` (OUT/study.yaml records it)
 
@@ -491,8 +497,15 @@ def parse_study(raw: Any, file: Path) -> Study:
     if named:
         raise _fail(file, named[0], "transfer.labeled names the images of one run; a study picks each cell's images "
                                     "itself (labels, seeds, select): drop it")
+    pretrain_seeds = _ints(raw.get("pretrain_seeds"), file, "pretrain_seeds", 0) or None if "pretrain_seeds" in raw \
+        else None
+    if pretrain_seeds is not None:
+        reused = next((m.name for m in methods if m.run is not None), None)
+        if reused:
+            raise _fail(file, "pretrain_seeds", f"method {reused} is one run of yours (run:), trained once; "
+                                                f"pretrain_seeds trains each method once per seed: drop one of them")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
-                 _robustness(raw.get("robustness"), file))
+                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds)
 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Path | None, set]:

@@ -234,3 +234,83 @@ def study_differences(a: list[dict], b: list[dict], metric: str = "dice", level:
                         b=float(np.mean(f["b"])) if f["b"] else math.nan,
                         unpaired=f["unpaired"], unscored=f["unscored"], shared=f["shared"], diffs=f["diffs"]))
     return out
+
+
+def base_method(method: str) -> tuple[str, int | None]:
+    """``("ddpm@2000", 1)`` for the row label ``ddpm@2000~p1`` of a ``pretrain_seeds`` run; ``(method, None)``
+    otherwise."""
+    name, mark, seed = method.rpartition("~p")
+    return (name, int(seed)) if mark and seed.isdigit() else (method, None)
+
+
+def crossed_interval(d: np.ndarray, level: float = 0.95) -> dict:
+    """The mean of ``d [P runs, S seeds]`` (each pretrained run's paired difference to scratch at each
+    fine-tuning seed) and its ``level`` interval with the pretraining run **and** the fine-tuning seed as
+    random factors, crossed (every run is fine-tuned with every seed, against the same scratch cell):
+    ``d[p, s] = μ + a_p + b_s + e_ps``. Two-way random-effects ANOVA with one observation per cell:
+    ``E[MS_runs] = σ²_e + S σ²_a``, ``E[MS_seeds] = σ²_e + P σ²_b``, ``E[MS_e] = σ²_e``, so
+    ``Var(mean) = σ²_a/P + σ²_b/S + σ²_e/(PS)`` is estimated by ``(MS_runs + MS_seeds − MS_e) / (PS)``
+    (floored at ``MS_e / (PS)``), with Satterthwaite's degrees of freedom. Returns ``mean``, ``low``,
+    ``high``, ``df``, ``runs`` (P), ``seeds`` (S), ``per_run`` (each run's mean), and the variance
+    components as standard deviations ``sd_runs``, ``sd_seeds``, ``sd_residual`` (method-of-moments,
+    negative estimates set to 0)."""
+    from scipy.stats import t
+
+    d = np.asarray(d, dtype=float)
+    P, S = d.shape
+    mean = float(d.mean())
+    out = {"mean": mean, "runs": P, "seeds": S, "per_run": [float(x) for x in d.mean(axis=1)],
+           "low": math.nan, "high": math.nan, "df": math.nan, "sd_runs": math.nan, "sd_seeds": math.nan,
+           "sd_residual": math.nan}
+    if P < 2 or S < 2:
+        return out
+    run_means, seed_means = d.mean(axis=1), d.mean(axis=0)
+    ms_runs = S * float(((run_means - mean) ** 2).sum()) / (P - 1)
+    ms_seeds = P * float(((seed_means - mean) ** 2).sum()) / (S - 1)
+    resid = d - run_means[:, None] - seed_means[None, :] + mean
+    ms_e = float((resid ** 2).sum()) / ((P - 1) * (S - 1))
+    combined = max(ms_runs + ms_seeds - ms_e, ms_e)
+    denom = ms_runs ** 2 / (P - 1) + ms_seeds ** 2 / (S - 1) + ms_e ** 2 / ((P - 1) * (S - 1))
+    df = combined ** 2 / denom if denom > 0 else math.inf
+    half = float(t.ppf((1 + level) / 2, df)) * math.sqrt(combined / (P * S)) if combined > 0 else 0.0
+    out.update(low=mean - half, high=mean + half, df=df, sd_runs=math.sqrt(max(0.0, (ms_runs - ms_e) / S)),
+               sd_seeds=math.sqrt(max(0.0, (ms_seeds - ms_e) / P)), sd_residual=math.sqrt(ms_e))
+    return out
+
+
+def pretraining_variance(rows: list[dict], metric: str = "dice", level: float = 0.95) -> list[dict]:
+    """Per setting (base method, strategy, protocol, select, k) with several pretraining runs
+    (``pretrain_seeds``): the paired differences to scratch as a runs × seeds table over the fine-tuning
+    seeds every run has, and :func:`crossed_interval` of it, with the setting's axes and ``seeds_used``."""
+    table: dict[tuple, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for p in paired_differences_by_seed(rows, metric):
+        name, run = base_method(p["method"])
+        if run is not None:
+            table[(name, p["strategy"], p["protocol"], p["select"], p["k"])][run][p["seed"]] = p["diff"]
+    out = []
+    for key, by_run in table.items():
+        if len(by_run) < 2:
+            continue
+        runs = sorted(by_run)
+        seeds = sorted(set.intersection(*(set(by_run[r]) for r in runs)))
+        d = np.array([[by_run[r][s] for s in seeds] for r in runs])
+        out.append({**dict(zip(("method", "strategy", "protocol", "select", "k"), key)), "pretrain_seeds": runs,
+                    "seeds_used": seeds, **crossed_interval(d, level)})
+    return out
+
+
+def paired_differences_by_seed(rows: list[dict], metric: str = "dice") -> list[dict]:
+    """Every pretrained cell's difference to the scratch cell of the same network, protocol, k, seed, select
+    and labeled images: ``method``, ``strategy``, ``protocol``, ``select``, ``k``, ``seed``, ``diff``."""
+    base = {(r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")): r
+            for r in rows if r["strategy"] == BASELINE}
+    out = []
+    for r in rows:
+        if r["strategy"] == BASELINE:
+            continue
+        b = base.get((r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")))
+        if b is not None and b["stems"] == r["stems"]:
+            out.append({"method": r["method"], "strategy": r["strategy"], "protocol": axis(r, "protocol"),
+                        "select": axis(r, "select"), "k": int(r["k"]), "seed": int(r["seed"]),
+                        "diff": float(r[metric]) - float(b[metric])})
+    return out

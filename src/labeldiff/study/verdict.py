@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from labeldiff.study.report import format_ci, format_delta, format_excludes_zero
-from labeldiff.study.stats import BASELINE, axis_differences, label_sizes, paired_differences, pairs_for_power, summarize
+from labeldiff.study.stats import (BASELINE, axis_differences, label_sizes, paired_differences, pairs_for_power,
+                                   pretraining_variance, summarize)
 
 
 def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05,
@@ -44,6 +45,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                      f"the goal is judged on the {lv} CI (α = 0.05 split over {len(looks)} looks, Bonferroni), "
                      f"each selection − random is given with its {lv} CI as well, and each look's seeds are "
                      f"reported alone below.\n")
+    lines += pretraining_runs_section(rows, metric, digits, goal)
     adj_head, adj_rule = (f" {lv} CI ({len(looks)} looks) |", "---|") if several else ("", "")
     lines += [f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 |{adj_head} "
               f"goal (≥ +{goal:.2f}, CI > 0) | selection − random (this setting) | selection − random (scratch) | "
@@ -111,6 +113,36 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                       "| look | seeds | k | setting | selection | Δ | 95 % CI | excludes 0 | pairs |",
                       "|---|---|---|---|---|---|---|---|---|", *alone_sel]
     return "\n".join(lines) + "\n"
+
+
+def pretraining_runs_section(rows: list[dict], metric: str, digits: int, goal: float) -> list[str]:
+    """With ``pretrain_seeds``: per setting, the gain over every pretraining run and fine-tuning seed, its
+    interval with both as random factors, each run's own mean, and how much each factor moves the gain.
+    Said before the per-run table below, which judges each run as if it were the only one."""
+    found = pretraining_variance(rows, metric)
+    if not found:
+        return []
+    lines = ["## The pretraining run as a source of variance\n",
+             "Each method was pretrained several times (pretrain_seeds), and every run fine-tuned with every seed "
+             "against the same scratch cells. The interval below treats both the pretraining run and the "
+             "fine-tuning seed as random (a crossed two-way random-effects model; Satterthwaite's degrees of "
+             "freedom): it is the answer for *this recipe*, not for one checkpoint of it. The standard deviations "
+             "say how much a new pretraining run and a new fine-tuning seed (and label draw) each move the gain. "
+             "With few pretraining runs the interval is wide, and the between-run spread itself is a rough "
+             "estimate.\n",
+             f"| k | setting | runs | seeds | Δ vs scratch | 95 % CI, runs and seeds random | df | goal (≥ +{goal:.2f}, "
+             f"CI > 0) | each run's Δ | sd between runs | sd between seeds | residual sd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in sorted(found, key=lambda v: (v["k"], v["method"], v["strategy"], v["protocol"], v["select"])):
+        ci = f"[{v['low']:+.{digits}f}, {v['high']:+.{digits}f}]" if v["seeds"] >= 2 else "n/a"
+        met = v["seeds"] >= 2 and v["low"] > 0 and v["mean"] >= goal
+        per_run = ", ".join(f"p{r}: {x:+.{digits}f}" for r, x in zip(v["pretrain_seeds"], v["per_run"]))
+        sd = [f"{v[k]:.{digits}f}" if v[k] == v[k] else "n/a" for k in ("sd_runs", "sd_seeds", "sd_residual")]
+        lines.append(f"| {v['k']} | {_setting(v)} | {v['runs']} | {len(v['seeds_used'])} | {v['mean']:+.{digits}f} | "
+                     f"{ci} | {v['df']:.1f} | {'met' if met else 'not met'} | {per_run} | {' | '.join(sd)} |")
+    lines.append("\nThe table after this one treats each pretraining run (ddpm~p0, ddpm~p1, …) as its own method, "
+                 "as if it were the only one: its best row is the best of several runs, picked after looking.\n")
+    return lines
 
 
 def _pair_key(p: dict) -> tuple:
