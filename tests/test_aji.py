@@ -1,7 +1,9 @@
 """The Aggregated Jaccard Index of connected components: by hand, its edge cases, against a plain
-per-object loop on real MoNuSeg masks."""
+per-object loop on real MoNuSeg masks, and through ``labeldiff evaluate --metrics aji``."""
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.measure import label
 
+from labeldiff.cli import main
 from labeldiff.errors import ConfigError
 from labeldiff.evaluate.instances import (aggregated_jaccard, aji_from_stats, aji_stats, connected_objects,
                                           object_stats, parse_metrics, per_image_columns, summarize_aji)
@@ -111,6 +114,15 @@ def test_parse_metrics():
         parse_metrics("aji,hd95")
 
 
+def test_evaluate_refuses_aji_on_volumes_in_one_line(tmp_path, capsys):
+    raw = tmp_path / "Dataset001_X"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text("{}")
+    assert main(["evaluate", "--model", str(tmp_path / "run"), "--data", str(raw), "--metrics", "aji"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--metrics aji scores 2D images" in err[0]
+
+
 def reference_aji(pred: np.ndarray, target: np.ndarray) -> float:
     """AJI as Kumar et al. 2017 (Algorithm 1) write it, one object at a time over the whole image:
     skimage's labelling (8-connectivity) and full-image boolean masks, no contingency table."""
@@ -164,3 +176,42 @@ def test_monuseg_masks_against_their_perturbations_match_the_reference():
             ours = aggregated_jaccard(pred, target)
             assert 0.05 < ours < 0.95
             assert ours == pytest.approx(reference_aji(pred, target), abs=1e-9)
+
+
+TINY = ["--size", "16", "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
+        "--channels", "3", "--unet-channels", "8,16", "--attention", "0,0", "--head-hidden", "8"]
+
+
+@pytest.mark.slow
+def test_evaluate_metrics_aji_writes_the_column_and_the_mean(binary_dataset, tmp_path, capsys):
+    """``labeldiff evaluate --metrics aji``: an ``aji`` column per image, equal to the AJI of the mask
+    ``labeldiff predict`` writes, and its mean in metrics.json; without the option nothing changes."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("model:\n  num_head_channels: 8\n  num_res_blocks: 1\ntrain:\n  warmup_steps: 1\n")
+    run = tmp_path / "run"
+    assert main(["finetune", "--data", str(binary_dataset), "--out", str(run), "--strategy", "scratch", "--labels", "2",
+                 *TINY, "--recipe", str(recipe)]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run), "--out", str(out), "--device", "cpu", "--metrics", "aji"]) == 0
+    assert ", AJI " in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = np.array([float(r["aji"]) for r in rows])
+    assert len(rows) == 2 and np.isfinite(values).all() and ((0 <= values) & (values <= 1)).all()
+    assert m["aji"]["mean"] == pytest.approx(np.nanmean(values), abs=1e-6)
+    assert set(m["aji"]["per_class"]) == {"1"}
+    preds = tmp_path / "preds"
+    assert main(["predict", "--model", str(run), "--input", str(binary_dataset / "images"), "--out", str(preds),
+                 "--device", "cpu"]) == 0
+    for r in rows:
+        pred, truth = (np.asarray(Image.open(f)) for f in (preds / f"{r['stem']}.png",
+                                                            binary_dataset / "masks" / f"{r['stem']}.png"))
+        assert float(r["aji"]) == pytest.approx(aggregated_jaccard(pred, truth), abs=1e-6)
+
+    plain = tmp_path / "plain"
+    assert main(["evaluate", "--model", str(run), "--out", str(plain), "--device", "cpu"]) == 0
+    assert "aji" not in json.loads((plain / "metrics.json").read_text())
+    assert "aji" not in (plain / "per_image.csv").read_text().splitlines()[0]
+    assert main(["evaluate", "--model", str(run), "--out", str(tmp_path / "x"), "--metrics", "hd95"]) == 2
+    assert "not a metric evaluate scores" in capsys.readouterr().err
