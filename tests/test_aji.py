@@ -1,5 +1,5 @@
 """The Aggregated Jaccard Index of connected components: by hand, its edge cases, against a plain
-per-object loop on real MoNuSeg masks, and through ``labeldiff evaluate --metrics aji``."""
+per-object loop on real MoNuSeg masks, and through ``labeldiff evaluate --metrics aji`` and a study."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from scipy import ndimage
 from skimage.measure import label
@@ -215,3 +216,36 @@ def test_evaluate_metrics_aji_writes_the_column_and_the_mean(binary_dataset, tmp
     assert "aji" not in (plain / "per_image.csv").read_text().splitlines()[0]
     assert main(["evaluate", "--model", str(run), "--out", str(tmp_path / "x"), "--metrics", "hd95"]) == 2
     assert "not a metric evaluate scores" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_metrics_aji_adds_a_column_and_keeps_the_cells(tmp_path, monkeypatch):
+    """A study asked for ``aji`` after a cell finished keeps it (cell ids do not depend on the metrics) and
+    scores it again into eval/aji/, once; a cell run with ``aji`` asked has it in eval/metrics.json;
+    results.csv gains an ``aji`` column and results.md an AJI table."""
+    from conftest import write_tiny_study
+    from labeldiff.study import execute, report, runner
+
+    path = write_tiny_study(tmp_path / "s", strategies=["scratch"])
+    out = tmp_path / "out"
+    (first,) = runner.run_study(path, out)
+    assert "aji" not in first and "aji" not in report.read_csv(out / "results.csv")[0]
+
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1], "metrics": ["dice", "iou", "aji"]}))
+    trained, real = [], execute.run_transfer
+    monkeypatch.setattr(execute, "run_transfer", lambda cfg, run, *a, **k: trained.append(run.parent.name) or
+                        real(cfg, run, *a, **k))
+    rows = runner.run_study(path, out)
+    old, new = sorted(rows, key=lambda r: r["seed"])
+    assert old["cell"] == first["cell"] and old["dice"] == first["dice"] and trained == [new["cell"]]
+    old_eval, new_eval = (out / "cells" / old["cell"] / "eval", out / "cells" / new["cell"] / "eval")
+    assert old["aji"] == json.loads((old_eval / "aji" / "metrics.json").read_text())["aji"]["mean"]
+    assert new["aji"] == json.loads((new_eval / "metrics.json").read_text())["aji"]["mean"]
+    assert not (new_eval / "aji").exists() and all(0 <= r["aji"] <= 1 for r in rows)
+    assert {r["cell"]: float(r["aji"]) for r in report.read_csv(out / "results.csv")} == pytest.approx(
+        {r["cell"]: r["aji"] for r in rows}, abs=1e-6)
+    assert "## AJI" in (out / "results.md").read_text()
+    before = (old_eval / "aji" / "metrics.json").stat().st_mtime_ns
+    runner.run_study(path, out, report_only=True)  # scored once
+    assert (old_eval / "aji" / "metrics.json").stat().st_mtime_ns == before
