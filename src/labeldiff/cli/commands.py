@@ -122,6 +122,7 @@ def baseline_command(argv: list[str], out: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from labeldiff.evaluate.instances import parse_metrics
     from labeldiff.evaluate.run import evaluate
 
     corruptions = severities = None
@@ -133,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
              corruptions=corruptions, severities=severities, corruption_seed=args.corruption_seed,
              slab=_slab(args.slab), axis=args.axis, intensity=args.intensity, hu_window=args.hu_window,
              device=args.device, precision=args.precision, tta=args.tta, overlays=args.overlays,
-             overlay_count=args.overlay_count)
+             overlay_count=args.overlay_count, metrics=parse_metrics(args.metrics))
 
 
 def _slab(text: str | None) -> tuple[int, int] | None:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "image in OUT/overlays/; the grid shows the first), or the named stems [first]")
     p.add_argument("--overlay-count", type=POSITIVE, default=6,
                    help="how many images overlays.png shows for first, worst, best and all [6]")
+    p.add_argument("--metrics", default=None, metavar="aji",
+                   help="scores besides Dice and IoU: aji, the Aggregated Jaccard Index of the connected components "
+                        "(nuclei and other separate objects), per image in per_image.csv, its mean in metrics.json "
+                        "(2D datasets)")
     add_inference_options(p)
     p.add_argument("--corruptions", default=None, metavar="all|NAME,...",
                    help="then score again under test-time corruptions: all, or some of noise, blur, jpeg, contrast, "

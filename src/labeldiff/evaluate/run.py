@@ -19,6 +19,7 @@ from labeldiff.data.io import DataError, check_decodes, read_image, write_mask
 from labeldiff.data.nnunet import dataset_class_names, is_nnunet_raw
 from labeldiff.data.validation import validate_samples
 from labeldiff.errors import ConfigError
+from labeldiff.evaluate.instances import aji_stats, per_image_columns, summarize_aji
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
 from labeldiff.evaluate.predict import predict_and_score, predict_logits
 from labeldiff.evaluate.overlays import Picker, check_named, overlay_grid, overlay_row, parse_choice
@@ -32,7 +33,7 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
              corruption_seed: int = 0, slab: tuple[int, int] | None = None, axis: int | None = None,
              intensity: str | None = None, hu_window: tuple[float, float] | None = None, device: str = "auto",
              precision: str = INFERENCE_PRECISION, tta: bool = False, overlays: str | None = None,
-             overlay_count: int = 6) -> dict:
+             overlay_count: int = 6, metrics: list[str] | None = None) -> dict:
     """``labeldiff evaluate``: score the run ``model_dir`` on ``split`` of the labeled dataset ``data`` (the
     one it trained on when not given) into ``out``; returns the metrics.
 
@@ -40,8 +41,8 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
     (:func:`~labeldiff.evaluate.volume.run_evaluate_volumes`; ``slab``, ``axis``, ``intensity`` and
     ``hu_window`` apply; ``out`` defaults to ``MODEL/eval_volumes_SPLIT``, ``split`` to ``test``); anything
     else image by image at the original mask resolution (:func:`run_evaluate`; ``split_file`` and the
-    ``corruptions`` and the ``overlays`` choice apply; ``out`` defaults to ``MODEL/eval_SPLIT``). An option of
-    the other kind is refused."""
+    ``corruptions``, the ``overlays`` choice and the extra ``metrics`` apply; ``out`` defaults to
+    ``MODEL/eval_SPLIT``). An option of the other kind is refused."""
     if data is not None and is_nnunet_raw(Path(data)):
         from labeldiff.evaluate.volume import run_evaluate_volumes
 
@@ -51,6 +52,9 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
         if overlays is not None:
             raise ConfigError("--overlays chooses among 2D test images; a volume dataset's overlays are strips of "
                               "slices of each case: evaluate the volumes without it")
+        if metrics:
+            raise ConfigError(f"--metrics {','.join(metrics)} scores 2D images; a volume dataset is scored in 3D "
+                              f"(Dice, HD95, NSD): evaluate the volumes without it")
         split = split or "test"
         return run_evaluate_volumes(model_dir, Path(data), out or Path(model_dir) / f"eval_volumes_{split}",
                                     split=split, axis=axis, intensity=intensity, hu_window=hu_window, slab=slab,
@@ -60,14 +64,15 @@ def evaluate(model_dir: Path, out: Path | None = None, data: str | Path | None =
     return run_evaluate(model_dir, out or Path(model_dir) / f"eval_{split or 'test'}", data=data, split=split,
                         device=device, split_file=split_file, tta=tta, precision=precision, corruptions=corruptions,
                         severities=severities, corruption_seed=corruption_seed, overlays=overlays,
-                        overlay_count=overlay_count)
+                        overlay_count=overlay_count, metrics=metrics)
 
 
 def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str | None = None,
                  device: str = "auto", overlays: str | None = None, overlay_count: int = 6,
                  split_file: str | None = None, tta: bool = False,
                  precision: str = INFERENCE_PRECISION, corruptions: list[str] | None = None,
-                 severities: list[int] | None = None, corruption_seed: int = 0) -> dict:
+                 severities: list[int] | None = None, corruption_seed: int = 0,
+                 metrics: list[str] | None = None) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
     Writes ``metrics.json`` (with ``test_images``: the dataset, split file and stems scored, which
@@ -79,6 +84,10 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     ``corruptions`` (names of :mod:`labeldiff.evaluate.corruptions`): then evaluate again on each
     corrupted copy of the images at each of ``severities`` [1..5] and write ``robustness.json``,
     ``robustness.csv`` and ``robustness.png``; their summary goes into ``metrics["robustness"]``.
+    ``metrics``: scores besides Dice and IoU (:data:`~labeldiff.evaluate.instances.INSTANCE_METRICS`): ``aji``
+    adds the Aggregated Jaccard Index of each image's connected components (:mod:`labeldiff.evaluate.instances`)
+    to per_image.csv (``aji``, and ``aji_<c>`` per foreground class when K > 2) and its mean to
+    ``metrics["aji"]``.
     """
     model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
@@ -93,7 +102,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     validate_samples(samples, k, hint=f"the run predicts {k} classes: evaluate it on data labeled with its classes")
     out = check_output_folder(Path(out))
     out.mkdir(parents=True, exist_ok=True)
-    all_stats, rows, picker = [], [], Picker(how, overlay_count, named)
+    all_stats, objects, rows, picker = [], [], [], Picker(how, overlay_count, named)
+    aji = "aji" in (metrics or ())
     ignore = ds.ignore_index
     scored = dataclasses.replace(cfg.data, ignore_index=ignore)  # a region of interest ignores its outside
     for s, image, target, pred, stats in predict_and_score(model, scored, samples, k, precision, tta,
@@ -103,6 +113,9 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
         row = {"stem": s.stem}
         row.update({f"dice_{c}": round(float(dice[c]), 6) for c in range(k)})
         row.update({f"iou_{c}": round(float(iou[c]), 6) for c in range(k)})
+        if aji:
+            objects.append(aji_stats(pred, target, k, ignore))
+            row.update(per_image_columns(objects[-1]))
         rows.append(row)
         fg = float(np.nanmean(dice[1:])) if np.any(np.isfinite(dice[1:])) else math.nan
         picker.offer({"name": s.stem, "image": image.numpy(), "target": target, "pred": pred, "dice": fg})
@@ -110,6 +123,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
             save_png(overlay_row(image.numpy(), pred, target, k, ignore), out / "overlays" / f"{s.stem}.png")
     names = dataset_class_names(ds.root)  # dataset.json / classes.json names
     metrics = summarize(np.stack(all_stats), names)
+    if aji:
+        metrics["aji"] = summarize_aji(np.stack(objects), names)
     metrics.update({"model": str(model_dir), "data": str(data_path), "split": split, "tta": tta,
                     "precision": precision, "ignore_index": ignore, "roi": bool(getattr(ds, "has_roi", False)),
                     "num_classes": k, "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
@@ -120,8 +135,9 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                        f"{metrics['dice']['mean']:.3f}): {picker.describe()}")
     each = f", overlays/ (all {len(samples)}, one PNG each)" if how == "all" else ""
     shown = [r["name"] for r in picker.rows()]
+    objects_said = f", AJI {metrics['aji']['mean']:.4f}" if aji else ""
     print(f"{split}: {len(samples)} images, Dice {metrics['dice']['mean']:.4f} (foreground mean), "
-          f"IoU {metrics['iou']['mean']:.4f}; wrote {out}/metrics.json, per_image.csv, overlays.png "
+          f"IoU {metrics['iou']['mean']:.4f}{objects_said}; wrote {out}/metrics.json, per_image.csv, overlays.png "
           f"({picker.describe()}: {', '.join(shown[:6])}{' …' if len(shown) > 6 else ''}){each}")
     if corruptions:
         from labeldiff.evaluate.robustness import run_robustness

@@ -1,7 +1,7 @@
 """Running what :mod:`labeldiff.study.plan` planned: train, resume or continue the pretraining runs; select,
 fine-tune and evaluate each cell into its folder (``eval/`` written whole, :func:`labeldiff.fs.atomic_folder`);
-score finished cells in 3D and under corruptions; read a finished cell back as a result row; run the cells
-in several processes side by side."""
+score finished cells in 3D, under corruptions and with AJI when it was asked after they finished; read a
+finished cell back as a result row; run the cells in several processes side by side."""
 from __future__ import annotations
 
 import io
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dataclasses import asdict
 
 from labeldiff.config import RunConfig
+from labeldiff.evaluate.instances import INSTANCE_METRICS
 from labeldiff.evaluate.run import run_evaluate
 from labeldiff.evaluate.volume import class_mean, run_evaluate_volumes
 from labeldiff.fs import atomic_folder
@@ -150,7 +151,8 @@ def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector
     cfg = cell_config(cell, shared, target)
     run_transfer(cfg, cell.dir / "run", stems)
     with written_whole(cell.dir / "eval") as tmp:
-        run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device)
+        run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device,
+                     metrics=list(target.scores))
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
@@ -164,7 +166,7 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
-                     device=ft.train.device)
+                     device=ft.train.device, metrics=list(target.scores))
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
@@ -182,6 +184,38 @@ def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") 
             run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
 
 
+def evaluate_again(cell: Cell, target: Target, ft: RunConfig, folder: str, **options) -> None:
+    """``labeldiff evaluate`` of a finished cell's model (a ``source`` cell's: its pretraining run, on the
+    target) on the test split into ``eval/<folder>/``, written whole, with ``options`` of
+    :func:`~labeldiff.evaluate.run.run_evaluate`."""
+    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
+    where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
+    with written_whole(cell.dir / "eval" / folder) as tmp:
+        run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
+                     split=ft.data.test_split, device=ft.train.device, overlay_count=1, **where, **options)
+
+
+def object_evaluations(cells: list[Cell], target: Target, ft: RunConfig) -> None:
+    """``metrics: [..., aji]`` asked after some cells finished without it: evaluate each of those again with
+    ``--metrics aji`` into ``eval/aji/``, once (a cell run with ``aji`` asked has it in ``eval/metrics.json``)."""
+    if not target.scores:
+        return
+    todo = [c for c in cells if c.finished and set(_scored(c, target.scores)) != set(target.scores)]
+    for cell in tqdm(todo, desc="AJI of cells finished without it", unit="cell", disable=not todo):
+        evaluate_again(cell, target, ft, "aji", metrics=list(target.scores))
+
+
+def _scored(cell: Cell, names: tuple[str, ...]) -> dict:
+    """The entries among ``names`` that the cell's evaluation has, from ``eval/metrics.json``, else from
+    ``eval/aji/metrics.json`` (:func:`object_evaluations`)."""
+    found: dict = {}
+    for path in (cell.dir / "eval" / "metrics.json", cell.dir / "eval" / "aji" / "metrics.json"):
+        if path.is_file():
+            m = json.loads(path.read_text())
+            found.update({n: m[n] for n in names if n in m and n not in found})
+    return found
+
+
 def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: RunConfig) -> None:
     """``robustness:``: ``labeldiff evaluate --corruptions`` of every finished cell's model on the test split
     into ``eval/robustness/``, once per setting (a cell scored under other settings is scored again)."""
@@ -196,14 +230,9 @@ def robustness_evaluations(cells: list[Cell], study: Study, target: Target, ft: 
         return {k: r.get(k) for k in study.robustness} == study.robustness
 
     todo = [c for c in cells if c.finished and not done(c)]
-    split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     for cell in tqdm(todo, desc="robustness", unit="cell", disable=not todo):
-        where = ({"data": str(target.ds.root), "split_file": split_file} if cell.strategy == "source" else {})
-        with written_whole(cell.dir / "eval" / "robustness") as tmp:
-            run_evaluate(cell.pre.dir if cell.strategy == "source" else cell.dir / "run", tmp,
-                         split=ft.data.test_split, device=ft.train.device, overlay_count=1,
-                         corruptions=study.robustness["corruptions"], severities=study.robustness["severities"],
-                         corruption_seed=study.robustness["seed"], **where)
+        evaluate_again(cell, target, ft, "robustness", corruptions=study.robustness["corruptions"],
+                       severities=study.robustness["severities"], corruption_seed=study.robustness["seed"])
 
 
 def cell_row(cell: Cell) -> dict:
@@ -217,6 +246,7 @@ def cell_row(cell: Cell) -> dict:
         row["pretrain_seed"] = cell.pre.seed
     row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    row.update({name: score["mean"] for name, score in _scored(cell, INSTANCE_METRICS).items()})  # metrics: aji
     robust = cell.dir / "eval" / "robustness" / "robustness.json"
     if robust.is_file():  # robustness: the mean Dice over corruption × severity, and clean − that
         r = json.loads(robust.read_text())

@@ -15,6 +15,7 @@ from labeldiff.data.folders import LabeledFolder, VolumeFolder, open_labeled
 from labeldiff.data.io import DataError
 from labeldiff.data.nnunet import dataset_num_classes
 from labeldiff.data.validation import validate_samples
+from labeldiff.evaluate.instances import INSTANCE_METRICS
 from labeldiff.evaluate.volume import split_slabs
 from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.errors import ConfigError
@@ -37,6 +38,7 @@ class Target:
     num_classes: int
     classes: dict[str, frozenset[int]] | None  # per train image, with require_all_classes
     slabs: dict[str, tuple[int, int]] | None = None  # metrics: volume — case → test slab scored in 3D
+    scores: tuple[str, ...] = ()  # metrics: aji — what each cell's evaluation scores besides Dice and IoU
 
     @classmethod
     def load(cls, study: Study, ft: RunConfig) -> "Target":
@@ -50,7 +52,7 @@ class Target:
                 raise DataError(f"{study.file}: metrics: volume scores the test slices in 3D, which needs a volume "
                                 f"dataset (an nnU-Net raw folder); {ds.root} is a 2D image folder")
             slabs = split_slabs(ds, test)
-        return cls(ds, train, test, k, classes, slabs)
+        return cls(ds, train, test, k, classes, slabs, tuple(m for m in study.metrics if m in INSTANCE_METRICS))
 
     def size(self, k: int | str) -> int:
         """k of a ``labels`` entry ("all" = every train image), checked against the train split."""

@@ -62,8 +62,8 @@ def results_markdown(rows: list[dict], metrics: list[str], title: str = "", clas
     parts = [f"# {title}\n" if title else ""]
     if class_names and len(class_names) > 1:
         parts.append("Foreground classes: " + ", ".join(f"{c} {n}" for c, n in enumerate(class_names) if c) + ".\n")
-    for metric in (m for m in ("dice", "iou") if m in metrics):
-        name = "Dice" if metric == "dice" else "IoU"
+    for metric in (m for m in ("dice", "iou", "aji") if m in metrics):
+        name = {"dice": "Dice", "iou": "IoU", "aji": "AJI (Aggregated Jaccard Index of connected components)"}[metric]
         parts.append(f"## {name} (foreground mean) on the test split\n\n{results_table(rows, metric)}")
     parts.append("Entries: mean ± sample std over seeds (number of seeds); bold: best mean in the column. "
                  "Scores are per test image, averaged over images, then over foreground classes.\n")

@@ -9,7 +9,8 @@ Layout of DIR::
                                      result), so an edited method gets a new folder and the rest is reused
     cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
-                                     timing.json; volume/ with ``metrics: volume``: the 3D slab scores)
+                                     timing.json; volume/ with ``metrics: volume``: the 3D slab scores;
+                                     aji/ when ``metrics: [..., aji]`` came after the cell finished)
     results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png paired.png overlays.png environment.json
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
@@ -32,8 +33,8 @@ from labeldiff.data.nnunet import dataset_class_names
 from labeldiff.study import plots, report
 from labeldiff.study.configs import finetune_config, finetune_layers, write_json
 from labeldiff.study.estimate import estimate_lines
-from labeldiff.study.execute import (cell_row, pretrain, pretrain_seconds, robustness_evaluations, run_cells, run_workers,
-                                     synthetic_first, volume_evaluations)
+from labeldiff.study.execute import (cell_row, object_evaluations, pretrain, pretrain_seconds, robustness_evaluations,
+                                     run_cells, run_workers, synthetic_first, volume_evaluations)
 from labeldiff.study.plan import Cell, Selector, Target, check_reused, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.spec import StudyError, Study, load_study
@@ -174,6 +175,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         run_cells(cells, shared, target, out, Selector(target, ft, runs), todo=mine)
         volume_evaluations(mine, target, ft.train.device)  # scored side by side too; the parent finds them done
         robustness_evaluations(mine, study, target, ft)
+        object_evaluations(mine, target, ft)
         return [cell_row(c) for c in cells if c.finished]
     if not report_only:
         pretrain(runs)
@@ -184,4 +186,5 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
             run_cells(cells, shared, target, out, Selector(target, ft, runs))
     volume_evaluations(cells, target, ft.train.device)
     robustness_evaluations(cells, study, target, ft)
+    object_evaluations(cells, target, ft)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)

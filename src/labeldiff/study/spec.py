@@ -57,7 +57,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
     protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
       - {name: none, overrides: {transfer.augment: none}}
       - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
-    metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD)
+    metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD);
+                                         #   + aji: the Aggregated Jaccard Index (separate objects: nuclei)
     robustness: {corruptions: all, severities: [1, 3, 5], seed: 0}   # or true (all, 1..5, seed 0):
                                          #   evaluate --corruptions per cell; dice_corrupted, dice_drop columns
     extends: cvc_confirm.yaml            # take every key of that study file; the keys given here replace
@@ -81,11 +82,14 @@ from labeldiff.config import STRATEGIES as TRANSFER_STRATEGIES
 from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
 from labeldiff.errors import ConfigError, LabeldiffError
+from labeldiff.evaluate.instances import INSTANCE_METRICS
 from labeldiff.recipes import find as find_recipe
 
 STRATEGIES = (*TRANSFER_STRATEGIES, "source")  # + source: a hybrid / supervised run as it is
 SELECTS = ("random", "diverse", "typical")
-METRICS = ("dice", "iou", "per-class", "volume")  # volume: the test slab of each case in 3D (volume datasets)
+# volume: the test slab of each case in 3D (volume datasets); aji: the Aggregated Jaccard Index of each cell's
+# test images (labeldiff evaluate --metrics aji). Dice, IoU and per-class, the first three, are the default.
+METRICS = ("dice", "iou", "per-class", "volume", *INSTANCE_METRICS)
 PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
