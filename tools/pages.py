@@ -311,6 +311,13 @@ GPU a bare step of `ddpm-cpu`'s network took 45 ms and one of the CT paper's `dd
 ([efficiency](../../research/notebook/efficiency.md)). On a machine shared with other jobs,
 `OMP_NUM_THREADS=1` may be the faster setting. Every run prints its own estimate, from its first step, before
 its second.
+
+Quick is for checking the path and the machine, and for data as easy as the demo's; it is not a good
+segmenter of harder images. On CVC-ClinicDB colonoscopy frames (414 train, 198 test frames from other videos,
+the (16, 32, 64) network pretrained with `ddpm-quick`), `finetune-quick` with 4 random labeled frames scored
+Dice 0.081 ± 0.035 against scratch's 0.053 ± 0.058 over 5 seeds; the default fine-tuning (`finetune`'s
+defaults: 300 steps of batch 8, a 128-wide head) of the same pretrained run on 4 frames `select` picked scored
+0.355 against scratch's 0.334, in 94 s of training instead of about 20 s.
 """
 
 
