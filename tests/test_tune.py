@@ -2,13 +2,26 @@
 confirmation cells run with each arm's own choice, and studies without it planned exactly as before."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from labeldiff.data.io import DataError
 from labeldiff.runs import RunFolder
+from labeldiff.study.spec import StudyError, parse_study
+from labeldiff.study.tuning import choose, point_label, validation_images
+
+from conftest import write_tiny_study
+
+TUNE = {"grid": {"train.lr": [0.001, 0.01]}, "seeds": [900, 901], "validation": 0.25}
+
+
+def _study(tmp_path: Path, **tune) -> dict:
+    path = write_tiny_study(tmp_path)
+    return yaml.safe_load(path.read_text()) | {"tune": {**TUNE, **tune}}
 
 
 # --- scoring validation images --------------------------------------------------------------------------------
@@ -33,3 +46,89 @@ def test_evaluation_scores_images_the_pretraining_read_without_masks_only_when_a
         runs(*records)
         with pytest.raises(DataError, match="holds 1 image"):
             refuse_trained_on(Path("run"), "validation", ds, ["a", "c"], "train", unlabeled_seen=True)
+
+
+# --- parsing and refusals -------------------------------------------------------------------------------------
+
+def test_tune_parses_a_product_grid_in_order(tmp_path):
+    raw = _study(tmp_path, grid={"train.lr": [0.001, 0.01], "transfer.augment": ["none", "light"]},
+                 validation="val", metric="iou")
+    t = parse_study(raw, tmp_path / "s.yaml").tune
+    assert t.seeds == [900, 901] and t.validation == "val" and t.metric == "iou" and t.validation_seed == 0
+    assert [point_label(p) for p in t.points] == [
+        "train.lr=0.001, transfer.augment=none", "train.lr=0.001, transfer.augment=light",
+        "train.lr=0.01, transfer.augment=none", "train.lr=0.01, transfer.augment=light"]
+    assert parse_study({k: v for k, v in raw.items() if k != "tune"}, tmp_path / "s.yaml").tune is None
+
+
+BAD = [
+    (dict(seeds=[900, 0]), r"tune.seeds: 0 is also in seeds \[0\]: the confirmation must run on seeds the tuning"),
+    (dict(seeds=[]), r"tune.seeds: \[\]: list the tuning seeds"),
+    (dict(grid={"train.lrr": [0.1]}), r"tune.grid: 'train.lrr': train has no field 'lrr' \(did you mean train.lr\?\)"),
+    (dict(grid={"lr": [0.1]}), r"tune.grid: 'lr' is not 'section.field'"),
+    (dict(grid={"model.channels": [[8, 16]]}), r"tune.grid: model.channels: tune fine-tuning settings"),
+    (dict(grid={"train.seed": [1, 2]}), r"tune.grid: train.seed: the study sets it per cell"),
+    (dict(grid={"train.log_every": [1, 5]}), r"train.log_every: does not change what a run computes"),
+    (dict(grid={"train.lr": "0.1"}), r"tune.grid: train.lr: '0.1': list the values"),
+    (dict(grid={"train.lr": [0.1, 0.1]}), r"0.1 is listed twice"),
+    (dict(grid={"train.lr": ["1e-3"]}), r"train.lr: '1e-3': .*YAML reads 1e-3 as text"),
+    (dict(grid={"train.lr": [-0.1]}), r"tune.grid: train.lr: -0.1"),
+    (dict(grid={}), r"tune.grid: expected a mapping"),
+    (dict(validation=1.5), r"tune.validation: 1.5: give a fraction of the train split between 0 and 1"),
+    (dict(validation=0), r"tune.validation: 0: give a fraction"),
+    (dict(validation=True), r"tune.validation: True: give a fraction"),
+    (dict(metric="hd95"), r"tune.metric: 'hd95' is not one of dice, iou, aji"),
+    (dict(valdation=0.2), r"tune: unknown key 'valdation'"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_tune_refusals_say_what_to_fix(tmp_path, change, message):
+    with pytest.raises(StudyError, match=message):
+        parse_study(_study(tmp_path, **change), tmp_path / "s.yaml")
+
+
+# --- validation images ----------------------------------------------------------------------------------------
+
+def test_validation_images_are_whole_groups_or_a_seeded_random_draw():
+    train = [f"v{v}_f{f}" for v in range(4) for f in range(3)]  # 4 videos of 3 frames
+    groups = {s: s.split("_")[0] for s in train}
+    val = validation_images(train, 0.25, 0, groups)
+    assert len(val) == 3 and len({groups[s] for s in val}) == 1  # one whole video, no frame of it left to train
+    assert val == validation_images(train, 0.25, 0, groups)  # seeded: the same draw
+    draws = {tuple(validation_images(train, 0.3, seed)) for seed in range(6)}
+    assert all(len(d) == 4 for d in draws) and len(draws) > 1  # random images, ≥ 30 %, varying with the seed
+    with pytest.raises(DataError, match="tune.validation: all images are in one group"):
+        validation_images(train, 0.25, 0, {s: "one" for s in train})
+
+
+# --- the choice -----------------------------------------------------------------------------------------------
+
+def _rows(arm: tuple, table: dict[str, list[float]], seeds=(900, 901, 902)) -> list[dict]:
+    method, strategy = arm
+    return [{"method": method, "strategy": strategy, "protocol": "default", "select": "random", "k": 2, "seed": s,
+             "tuned": label, "dice": v} for label, values in table.items() for s, v in zip(seeds, values)]
+
+
+LABELS = ["train.lr=0.0001", "train.lr=0.001", "train.lr=0.01"]
+
+
+def test_each_arm_takes_its_own_best_mean_first_in_grid_order_on_a_tie():
+    rows = (_rows(("ddpm", "full"), {LABELS[0]: [0.70, 0.72, 0.74], LABELS[1]: [0.60, 0.80, 0.70],  # mean 0.72 and 0.70
+                                     LABELS[2]: [0.10, 0.20, 0.30]})
+            + _rows(("none", "scratch"), {LABELS[0]: [0.20, 0.30, 0.40], LABELS[1]: [0.50, 0.50, 0.50],
+                                          LABELS[2]: [0.60, 0.60, 0.60]})
+            + _rows(("tie", "full"), {LABELS[0]: [0.5, 0.5, 0.5], LABELS[1]: [0.4, 0.6, 0.5], LABELS[2]: [0.1] * 3})
+            + _rows(("nan", "full"), {LABELS[0]: [math.nan] * 3, LABELS[1]: [0.1, math.nan, 0.3],
+                                      LABELS[2]: [0.0] * 3}))
+    choices = choose(rows, LABELS, [900, 901, 902])
+    arm = lambda m, s: (m, s, "default", "random", 2)  # noqa: E731
+    assert choices[arm("ddpm", "full")].chosen == 0 and choices[arm("none", "scratch")].chosen == 2  # different winners
+    m, sd, n = choices[arm("ddpm", "full")].stats[1]
+    assert (round(m, 6), round(sd, 6), n) == (0.7, 0.1, 3)
+    assert choices[arm("tie", "full")].chosen == 0  # 0.5 = 0.5: the first in grid order
+    assert choices[arm("nan", "full")].chosen == 1  # NaN seeds left out of a mean; an all-NaN point cannot win
+    partial = choose(rows[:-1], LABELS, [900, 901, 902])  # one tuning cell of the "nan" arm not finished
+    assert partial[arm("nan", "full")].chosen is None and partial[arm("nan", "full")].missing == 1
+    assert partial[arm("ddpm", "full")].chosen == 0
+    assert choose(rows, LABELS, [900, 901, 902, 903])[arm("ddpm", "full")].chosen is None  # a seed not run yet

@@ -79,11 +79,13 @@ from pathlib import Path
 from typing import Any
 
 from labeldiff.config import STRATEGIES as TRANSFER_STRATEGIES
-from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
+from labeldiff.config import (DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
 from labeldiff.errors import ConfigError, LabeldiffError
 from labeldiff.evaluate.instances import INSTANCE_METRICS
 from labeldiff.recipes import find as find_recipe
+from labeldiff.study.errors import StudyError, check_setting_name
+from labeldiff.study.tuning import TuneSpec, parse_tune
 
 STRATEGIES = (*TRANSFER_STRATEGIES, "source")  # + source: a hybrid / supervised run as it is
 SELECTS = ("random", "diverse", "typical")
@@ -94,7 +96,7 @@ PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "pretrain_seeds", "select",
-            "require_all_classes", "finetune", "protocols", "metrics", "robustness", "extends")
+            "require_all_classes", "finetune", "protocols", "metrics", "robustness", "tune", "extends")
 ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
@@ -103,10 +105,6 @@ POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
 POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on", "run")
-
-
-class StudyError(LabeldiffError, ValueError):
-    """A study file that cannot run; the message names the key and how to fix it."""
 
 
 @dataclass
@@ -193,6 +191,7 @@ class Study:
     robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
     looks: list[list[int]] = field(default_factory=list)  # seeds of each look (see the module docstring); [] = one
     pretrain_seeds: list[int] | None = None  # one pretraining run per seed and method; None: one run each
+    tune: TuneSpec | None = None  # each arm's fine-tuning settings chosen on validation images; None: as given
     extends: Path | None = None  # the study file this one extends
     merged: dict = field(default_factory=dict)  # the mapping after ``extends`` (OUT/study.yaml records it)
 
@@ -273,15 +272,7 @@ def _recipe(raw: Any, file: Path, where: str) -> Recipe:
     if not isinstance(overrides, dict):
         raise _fail(file, f"{where}.overrides", "expected a mapping like {train.steps: 800}")
     for key in overrides:
-        section, _, name = str(key).partition(".")
-        if section not in SECTIONS or not name:
-            raise _fail(file, f"{where}.overrides", f"{key!r} is not 'section.field' with section one of "
-                                                   f"{', '.join(SECTIONS)} (e.g. train.steps)")
-        known = [f.name for f in fields(SECTIONS[section])]
-        if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1)
-            raise _fail(file, f"{where}.overrides", f"{key!r}: {section} has no field {name!r}"
-                        + (f" (did you mean {section}.{hint[0]}?)" if hint else f"; known: {', '.join(known)}"))
+        check_setting_name(key, file, f"{where}.overrides")
     recipe = Recipe(path, dict(overrides))
     try:
         check_transfer(recipe.apply(RunConfig()).transfer)
@@ -509,7 +500,8 @@ def parse_study(raw: Any, file: Path) -> Study:
             raise _fail(file, "pretrain_seeds", f"method {reused} is one run of yours (run:), trained once; "
                                                 f"pretrain_seeds trains each method once per seed: drop one of them")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
-                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds)
+                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds,
+                 tune=parse_tune(raw.get("tune"), file, seeds))
 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Path | None, set]:
