@@ -2,7 +2,9 @@
 confirmation cells run with each arm's own choice, and studies without it planned exactly as before."""
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +13,9 @@ import yaml
 
 from labeldiff.data.io import DataError
 from labeldiff.runs import RunFolder
-from labeldiff.study.spec import StudyError, parse_study
+from labeldiff.study.configs import finetune_config
+from labeldiff.study.plan import Target, plan_cells, plan_pretraining
+from labeldiff.study.spec import StudyError, load_study, parse_study
 from labeldiff.study.tuning import choose, point_label, validation_images
 
 from conftest import write_tiny_study
@@ -132,3 +136,42 @@ def test_each_arm_takes_its_own_best_mean_first_in_grid_order_on_a_tie():
     assert partial[arm("nan", "full")].chosen is None and partial[arm("nan", "full")].missing == 1
     assert partial[arm("ddpm", "full")].chosen == 0
     assert choose(rows, LABELS, [900, 901, 902, 903])[arm("ddpm", "full")].chosen is None  # a seed not run yet
+
+
+# --- studies without tune -------------------------------------------------------------------------------------
+
+FIXED = Path("/tmp/labeldiff-tune-ids-fixture")  # a cell id hashes its data's absolute path
+BEFORE = {  # the cell ids these studies had before tune existed: sha256 of the ids, one a line, in plan order
+    "plain": "d26ef3c1a4877c0f",
+    "protocols": "7f09bff340fc7753",
+    "pseeds": "7140cbefc1771e27",
+}
+VARIANTS = {
+    "plain": {},
+    "protocols": {"protocols": [{"name": "none", "overrides": {"transfer.augment": "none"}},
+                                {"name": "strong", "overrides": {"transfer.augment": "strong"}}],
+                  "labels": [1, 2, "all"], "seeds": [0, 1], "select": ["random", "diverse"]},
+    "pseeds": {"pretrain_seeds": [0, 1], "strategies": ["full", "linear", "scratch"], "methods": [
+        {"name": "ddpm", "recipe": "pre.yaml", "pretrain_steps": [2, 3]}, "none"]},
+}
+
+
+def test_a_study_without_tune_names_its_cells_as_before():
+    shutil.rmtree(FIXED, ignore_errors=True)
+    try:
+        for name, extra in VARIANTS.items():
+            study = load_study(write_tiny_study(FIXED / name, **extra))
+            out = FIXED / name / "out"
+            fts = {p.name: finetune_config(study, p) for p in study.protocols}
+            target = Target.load(study, next(iter(fts.values())))
+            ids = [c.id for c in plan_cells(study, plan_pretraining(study, out / "pretrain", out), target, fts, out)]
+            assert hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16] == BEFORE[name], (name, ids)
+            if name == "plain":
+                assert ids == ["ddpm-full-k2-s0-random-9969bf78", "none-scratch-k2-s0-random-1abc7c5a"]
+                # an arm that chooses the value the study fine-tunes with anyway is the untuned cell, reused
+                same = {"train.lr": fts["default"].train.lr}
+                tuned = plan_cells(study, plan_pretraining(study, out / "pretrain", out), target, fts, out,
+                                   points=lambda arm: [same])
+                assert [c.id for c in tuned] == ids and all(c.tuned == same for c in tuned)
+    finally:
+        shutil.rmtree(FIXED, ignore_errors=True)
