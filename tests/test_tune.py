@@ -3,6 +3,7 @@ confirmation cells run with each arm's own choice, and studies without it planne
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import labeldiff.study.runner as runner
 from labeldiff.data.io import DataError
 from labeldiff.runs import RunFolder
+from labeldiff.study import execute, report
 from labeldiff.study.configs import finetune_config
 from labeldiff.study.plan import Target, plan_cells, plan_pretraining
 from labeldiff.study.spec import StudyError, load_study, parse_study
@@ -106,6 +109,23 @@ def test_validation_images_are_whole_groups_or_a_seeded_random_draw():
         validation_images(train, 0.25, 0, {s: "one" for s in train})
 
 
+def test_a_named_validation_split_must_not_share_images_with_the_test_split(tmp_path):
+    from labeldiff.study.tuning_cells import hold_out
+
+    path = write_tiny_study(tmp_path, tune={**TUNE, "validation": "val"})
+    split = json.loads((tmp_path / "data" / "split.json").read_text())
+    (tmp_path / "data" / "split.json").write_text(json.dumps({**split, "val": split["train"][:1]}))
+    study = load_study(path)
+    target = Target.load(study, finetune_config(study))
+    assert hold_out(study, target) == (split["train"][:1], "the split 'val' of split.json")
+    (tmp_path / "data" / "split.json").write_text(json.dumps({**split, "val": split["test"][:1]}))
+    with pytest.raises(StudyError, match=r"split 'val' shares 1 images with the test split \(img_04\)"):
+        hold_out(study, Target.load(study, finetune_config(study)))
+    study.tune.validation = "dev"
+    with pytest.raises(StudyError, match=r"has no split 'dev' \(it has test, train, val\)"):
+        hold_out(study, target)
+
+
 # --- the choice -----------------------------------------------------------------------------------------------
 
 def _rows(arm: tuple, table: dict[str, list[float]], seeds=(900, 901, 902)) -> list[dict]:
@@ -136,6 +156,93 @@ def test_each_arm_takes_its_own_best_mean_first_in_grid_order_on_a_tie():
     assert partial[arm("nan", "full")].chosen is None and partial[arm("nan", "full")].missing == 1
     assert partial[arm("ddpm", "full")].chosen == 0
     assert choose(rows, LABELS, [900, 901, 902, 903])[arm("ddpm", "full")].chosen is None  # a seed not run yet
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+PLANTED = {("full", 0.001): 0.9, ("full", 0.01): 0.2, ("scratch", 0.001): 0.1, ("scratch", 0.01): 0.8}
+
+
+def _plant(monkeypatch) -> list[str]:
+    """Validation scores planted by the arm and the learning rate (2 training steps tell nothing apart): full
+    scores best at 0.001, scratch at 0.01. Returns the names of the cells fine-tuned from now on."""
+    real_eval, real_ft, trained = execute.run_evaluate, execute.run_transfer, []
+
+    def evaluate(model_dir, out, *args, **kw):
+        result = real_eval(model_dir, out, *args, **kw)
+        if Path(model_dir).parents[1].name == "tune":
+            cfg = RunFolder.open(model_dir).config
+            path = Path(out) / "metrics.json"
+            m = json.loads(path.read_text())
+            m["dice"]["mean"] = PLANTED[(cfg.transfer.strategy, cfg.train.lr)] + (cfg.train.seed - 900) * 0.01
+            path.write_text(json.dumps(m))
+        return result
+
+    def finetune(cfg, out, *args, **kw):
+        trained.append(Path(out).parent.name)
+        return real_ft(cfg, out, *args, **kw)
+
+    monkeypatch.setattr(execute, "run_evaluate", evaluate)
+    monkeypatch.setattr(execute, "run_transfer", finetune)
+    return trained
+
+
+@pytest.mark.slow
+def test_a_tuned_study_chooses_per_arm_confirms_with_each_choice_and_resumes(tmp_path, monkeypatch, capsys):
+    path = write_tiny_study(tmp_path, labels=[1], seeds=[0], tune=TUNE)
+    out = tmp_path / "out"
+    runner.run_study(path, out, dry_run=True)
+    said = capsys.readouterr().out
+    assert "tune: 8 tuning cells (0 finished) = 2 arms × 2 grid points × 2 tuning seeds" in said
+    assert "the confirmation cells' fine-tuning settings are chosen after tuning" in said
+    assert said.count("  todo  tune/tune-") == 8 and said.count("(settings chosen after tuning)") == 2
+    assert not list((out / "tune").glob("tune-*"))  # nothing trained
+
+    trained = _plant(monkeypatch)
+    rows = runner.run_study(path, out)
+    assert len(trained) == 10 and sum(t.startswith("tune-") for t in trained) == 8
+    assert set(trained[-2:]) == {r["cell"] for r in rows}  # the tuning cells first, then the confirmation
+
+    # each arm its own value (planted), in results.csv and in the confirmation run's own config.json
+    chosen = {"ddpm": "train.lr=0.001", "none": "train.lr=0.01"}
+    csv_rows = report.read_csv(out / "results.csv")
+    assert {r["method"]: r["tuned"] for r in csv_rows} == chosen
+    for r in csv_rows:
+        cfg = RunFolder.open(out / "cells" / r["cell"] / "run").config
+        assert f"train.lr={cfg.train.lr}" == chosen[r["method"]]
+        assert json.loads((out / "cells" / r["cell"] / "cell.json").read_text())["tuned"] == {"train.lr": cfg.train.lr}
+    tuning_md, verdict = (out / "tuning.md").read_text(), (out / "verdict.md").read_text()
+    assert "| ddpm / full | **0.905 ± 0.007 (2)** | 0.205 ± 0.007 (2) | train.lr=0.001 |" in tuning_md
+    assert "| none / scratch | 0.105 ± 0.007 (2) | **0.805 ± 0.007 (2)** | train.lr=0.01 |" in tuning_md
+    assert "## Each arm tuned on its own" in verdict and "none of them a tuning seed" in verdict
+    assert "| ddpm / full | **0.905 ± 0.007 (2)**" in verdict
+
+    # the validation images: never labeled by a tuning cell, never a test image, and what tuning cells score
+    plan = json.loads((out / "plan.json").read_text())
+    val = set(plan["tuning"]["validation"])
+    test = set(json.loads((tmp_path / "data" / "split.json").read_text())["test"])
+    assert len(val) == 1 and not val & test
+    tuned = report.read_csv(out / "tuning.csv")
+    assert len(tuned) == 8 and {r["tuned"] for r in tuned} == {"train.lr=0.001", "train.lr=0.01"}
+    for r in tuned:
+        cell = out / "tune" / r["cell"]
+        labeled = set(json.loads((cell / "run" / "labeled.json").read_text())["stems"])
+        scored = json.loads((cell / "eval" / "metrics.json").read_text())["test_images"]
+        assert labeled and not labeled & val and not labeled & test
+        assert set(scored["stems"]) == val and scored["split"] == "validation"
+    for r in csv_rows:  # the confirmation cells are scored on the test split
+        assert set(json.loads((out / "cells" / r["cell"] / "eval" / "metrics.json").read_text())["test_images"]
+                   ["stems"]) == test
+
+    # resumed: nothing to compute; one tuning cell lost is the only cell computed again
+    trained.clear()
+    runner.run_study(path, out)
+    assert trained == []
+    victim = out / "tune" / tuned[0]["cell"] / "eval" / "metrics.json"
+    victim.unlink()
+    runner.run_study(path, out)
+    assert trained == [tuned[0]["cell"]]
+    assert {r["method"]: r["tuned"] for r in report.read_csv(out / "results.csv")} == chosen
 
 
 # --- studies without tune -------------------------------------------------------------------------------------

@@ -61,9 +61,26 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
                                          #   + aji: the Aggregated Jaccard Index (separate objects: nuclei)
     robustness: {corruptions: all, severities: [1, 3, 5], seed: 0}   # or true (all, 1..5, seed 0):
                                          #   evaluate --corruptions per cell; dice_corrupted, dice_drop columns
+    tune:                                # optional: each arm's fine-tuning settings chosen on its own
+      grid: {train.lr: [0.0001, 0.0003, 0.001, 0.003]}   # train.* / transfer.* setting → values (several:
+                                         #   every combination); the study's finetune and protocol set the rest
+      seeds: [900, 901, 902]             # tuning seeds, none of them in seeds
+      validation: 0.25                   # a fraction of the train split held out (seeded; whole groups where
+                                         #   data.split.groups or DATA/sequences.json has them, else images at
+                                         #   random), or the name of a split of the split file (val)
+      validation_seed: 0
+      metric: dice                       # dice | iou | aji, on the validation images
     extends: cvc_confirm.yaml            # take every key of that study file; the keys given here replace
                                          #   its keys whole (``data`` too, not merged). Its relative paths are
                                          #   read as if written here: keep both files in one folder.
+
+With ``tune``, every *arm* — a pretrained run × strategy, and scratch per network, per protocol, selection
+and k — is fine-tuned with every grid value and tuning seed on k images drawn (by the study's ``select``) from
+the train split outside the validation images, and scored on those. Each arm takes the value with the
+highest mean score over the tuning seeds (the first in grid order on a tie); its confirmation cells (the
+study's ``seeds``) then fine-tune with it, so a pretrained arm and its scratch pair may use different values.
+The tuning cells are ``OUT/tune/tune-…``; ``tuning.md`` and a section of ``verdict.md`` show every arm's
+scores and choice, and ``results.csv`` a ``tuned`` column. A study without ``tune`` names its cells as before.
 
 A study that ``extends`` another and only adds seeds to it (its seeds include all of the other's and
 more) is another *look* at the same comparison: :attr:`Study.looks` lists the seeds of each look, and
