@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "them; one GPU each where there are GPUs) [1]")
     p.add_argument("--shard", type=_shard, default=None,
                    help="I/N: run only the I-th of every N unfinished cells, no pretraining, no reports (what "
-                        "--workers launches; for several machines sharing OUT, then --report-only)")
+                        "--workers launches; for several machines sharing OUT, then --report-only); with tune: the "
+                        "tuning cells while any is unfinished, the confirmation cells when run again")
     p.set_defaults(func=c.cmd_study)
 
     p = sub.add_parser("compare", help="run A − run B image by image, or study A − study B cell by cell, with 95%% CIs",

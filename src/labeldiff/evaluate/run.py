@@ -72,7 +72,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                  split_file: str | None = None, tta: bool = False,
                  precision: str = INFERENCE_PRECISION, corruptions: list[str] | None = None,
                  severities: list[int] | None = None, corruption_seed: int = 0,
-                 metrics: list[str] | None = None) -> dict:
+                 metrics: list[str] | None = None, unlabeled_seen: bool = False) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
     Writes ``metrics.json`` (with ``test_images``: the dataset, split file and stems scored, which
@@ -87,14 +87,16 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     ``metrics``: scores besides Dice and IoU (:data:`~labeldiff.evaluate.instances.INSTANCE_METRICS`): ``aji``
     adds the Aggregated Jaccard Index of each image's connected components (:mod:`labeldiff.evaluate.instances`)
     to per_image.csv (``aji``, and ``aji_<c>`` per foreground class when K > 2) and its mean to
-    ``metrics["aji"]``.
+    ``metrics["aji"]``. ``unlabeled_seen``: score images that the run's pretraining read without their masks
+    (a study's validation images, part of the train split pretraining reads); images the run itself trained
+    on are refused all the same.
     """
     model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
     split = split or cfg.data.test_split
     ds = open_labeled(cfg.data, data_path, split_file or (cfg.data.split_file if data is None else None))
     stems = ds.stems(split)
-    refuse_trained_on(Path(model_dir), split, ds, stems, cfg.data.train_split)
+    refuse_trained_on(Path(model_dir), split, ds, stems, cfg.data.train_split, unlabeled_seen)
     how, named = parse_choice(overlays)
     check_named(named, stems, f"split {split!r} of {ds.root}")
     samples = ds.samples(stems)
@@ -148,13 +150,17 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     return metrics
 
 
-def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_split: str) -> None:
+def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_split: str,
+                      unlabeled_seen: bool = False) -> None:
     """Refuse to score images the run (or the run it was pretrained from) trained on: a split file that
     changed after training, or another dataset split over the same images. Scoring the run's own
-    training split is allowed, with a note saying what the numbers are."""
+    training split is allowed, with a note saying what the numbers are; with ``unlabeled_seen``, so are
+    images its pretraining read without their masks."""
     from labeldiff.runs import RunFolder
 
     for how, rec in RunFolder.open(model_dir).trained_on():
+        if unlabeled_seen and how == "was pretrained on" and not rec.get("labeled"):
+            continue
         seen = provenance.leaked(rec, ds.root, stems)
         if not seen:
             continue

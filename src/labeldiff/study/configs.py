@@ -155,17 +155,24 @@ def arch_key(model: ModelConfig) -> str:
     return digest(asdict(model), 8)
 
 
-def finetune_layers(study: Study, protocol: ProtocolSpec | None = None) -> list[Layer]:
+def finetune_layers(study: Study, protocol: ProtocolSpec | None = None, tuned: dict | None = None) -> list[Layer]:
     """The layers every cell of ``protocol`` shares: finetune recipe → data options → finetune overrides →
-    the protocol's overrides → the target's path (cells add strategy, k, seed, the network)."""
+    the protocol's overrides → the target's path (cells add strategy, k, seed, the network); with ``tuned``,
+    a point of the study's ``tune`` grid on top (:func:`tuned_layer`)."""
     return layers(study, study.finetune, None, protocol) + [
-        Layer(f"study {study.file.name}, data", {"data.path": str(study.data.path)})]
+        Layer(f"study {study.file.name}, data", {"data.path": str(study.data.path)})] + tuned_layer(tuned)
 
 
-def finetune_config(study: Study, protocol: ProtocolSpec | None = None) -> RunConfig:
+def tuned_layer(tuned: dict | None) -> list[Layer]:
+    """A point of a ``tune`` grid as the layer above the protocol's: a tuning cell's grid value, or the one
+    its arm chose for a confirmation cell (none without ``tune``)."""
+    return [Layer("study tune", dict(tuned))] if tuned else []
+
+
+def finetune_config(study: Study, protocol: ProtocolSpec | None = None, tuned: dict | None = None) -> RunConfig:
     """Fine-tuning settings shared by every cell of ``protocol`` (:func:`finetune_layers`, composed):
     what names a cell, with its own values."""
-    return compose("segmentation", finetune_layers(study, protocol))[0]
+    return compose("segmentation", finetune_layers(study, protocol, tuned))[0]
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -55,8 +55,9 @@ def _how(cfg: RunConfig) -> str:
 
 
 def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str, list[Layer]],
-                   target: Target) -> list[str]:
-    """The ``--dry-run`` lines: ≈ time per pretraining run and per cell still to run, and the total."""
+                   target: Target, tuning: tuple[list[Cell], Target] | None = None) -> list[str]:
+    """The ``--dry-run`` lines: ≈ time per pretraining run and per cell still to run, and the total;
+    ``tuning``: a study's tuning cells and their target (the validation images they are scored on)."""
     timed: dict[str, float | str] = {}
 
     def seconds(cfg: RunConfig, strategy: str, measure) -> float | str:
@@ -82,10 +83,12 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
         lines.append(f"  pretraining {run.name}: ≈ {duration(left * step)} for {left} steps ({per_step(step)} a "
                      f"step, {_how(cfg)})")
     groups: dict[tuple, list] = {}
-    for cell in cells:
+    tuning_cells, tuning_target = tuning or ([], target)
+    for cell, on in [*((c, tuning_target) for c in tuning_cells), *((c, target) for c in cells)]:
         if cell.finished:
             continue
-        group = groups.setdefault((cell.method, cell.strategy, cell.protocol), [0, None, ""])
+        stage = "tuning cells" if on is not target else "cells"
+        group = groups.setdefault((stage, cell.method, cell.strategy, cell.protocol), [0, None, ""])
         group[0] += 1
         if group[1] is not None or group[2]:
             continue
@@ -93,14 +96,14 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
             group[2] = UNTIMED[cell.strategy]
             continue
         pre = configs.get(cell.pre.name) if cell.pre is not None and not cell.pre.finished else None
-        cfg = cell_config(cell, shared[cell.protocol], target, pre_config=pre)
-        samples = target.ds.samples(target.train[:max(1, min(cell.k, len(target.train)))])
+        cfg = cell_config(cell, shared[cell.protocol], on, pre_config=pre)
+        samples = on.ds.samples(on.train[:max(1, min(cell.k, len(on.train)))])
         phases = [(cfg.transfer.lp_steps, "linear")] if cfg.transfer.strategy == "lp-ft" else []
         phases.append((cfg.train.steps, cfg.transfer.strategy))
         cost, steps, parts = 0.0, 0, []
         for n, strategy in phases:
             step = seconds(cfg, strategy,
-                           lambda c=cfg, s=strategy: calibrate_finetune(c, samples, target.num_classes, s))
+                           lambda c=cfg, s=strategy: calibrate_finetune(c, samples, on.num_classes, s))
             if isinstance(step, str):
                 group[2] = step
                 break
@@ -109,20 +112,20 @@ def estimate_lines(runs: list[Pretraining], cells: list[Cell], shared: dict[str,
         else:
             at_most = "at most " if cfg.transfer.steps_rule == "plateau" else ""
             scoring = seconds(cfg, "evaluate", lambda c=cfg: calibrate_evaluation(
-                c, target.ds.samples(target.test[:1])[0], target.num_classes)) if target.test else 0.0
+                c, on.ds.samples(on.test[:1])[0], on.num_classes)) if on.test else 0.0
             scored = ""
             if not isinstance(scoring, str):
-                cost += scoring * len(target.test)
-                scored = f", evaluation {duration(scoring * len(target.test))} ({per_step(scoring)} an image)"
+                cost += scoring * len(on.test)
+                scored = f", evaluation {duration(scoring * len(on.test))} ({per_step(scoring)} an image)"
             group[1] = cost
             group[2] = f"{at_most}{steps} steps, {', '.join(parts)}, {_how(cfg)}{scored}"
-    for (method, strategy, protocol), (n, cost, what) in groups.items():
+    for (stage, method, strategy, protocol), (n, cost, what) in groups.items():
         name = f"{method} {strategy}" + (f" [{protocol}]" if len(shared) > 1 else "")
         if cost is None:
-            lines.append(f"  cells {name}: {n} to run, not estimated ({what})")
+            lines.append(f"  {stage} {name}: {n} to run, not estimated ({what})")
             continue
         total += n * cost
-        lines.append(f"  cells {name}: {n} to run × ≈ {duration(cost)} each ({what}) ≈ {duration(n * cost)}")
+        lines.append(f"  {stage} {name}: {n} to run × ≈ {duration(cost)} each ({what}) ≈ {duration(n * cost)}")
     if not lines:
         return []
     done = [row["seconds"] for row in (cell_row(c) for c in cells if c.finished) if row.get("seconds")]

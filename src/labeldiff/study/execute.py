@@ -30,10 +30,11 @@ from labeldiff.runs import RunFolder
 from labeldiff.runtime import resolve_device
 from labeldiff.sample.synthetic import ensure_synthetic
 from labeldiff.study import report
-from labeldiff.study.configs import write_json
-from labeldiff.study.plan import Cell, Pretraining, Selector, Target, todo_order
+from labeldiff.study.configs import tuned_layer, write_json
+from labeldiff.study.plan import VALIDATION, Cell, Pretraining, Selector, Target, todo_order
 from labeldiff.study.prepare import code_state
 from labeldiff.study.spec import StudyError, LABELED_METHODS, Study
+from labeldiff.study.tuning import point_label
 from labeldiff.transfer.run import run_transfer
 
 
@@ -107,7 +108,8 @@ def pretrain_seconds(runs: list[Pretraining]) -> dict[str, float | None]:
 def cell_config(cell: Cell, shared: list[Layer], target: Target, pre_config: RunConfig | None = None) -> RunConfig:
     """The resolved config of a cell (:func:`labeldiff.resolve.resolve`): the protocol's ``shared`` layers
     (:func:`~labeldiff.study.configs.finetune_layers`), then the cell's own values, over its pretrained run
-    (``pre_config``: that run's config where it is not trained yet, for ``--dry-run``)."""
+    (``pre_config``: that run's config where it is not trained yet, for ``--dry-run``). A cell of a tuned study
+    fine-tunes with its grid point (:attr:`Cell.tuned`) on top of the shared layers."""
     own = {"data.split_file": str(target.ds.split_file) if target.ds.split_file.is_file() else None,
            "data.num_classes": target.num_classes, "transfer.strategy": cell.strategy, "transfer.labels": cell.k,
            "train.seed": cell.seed}
@@ -122,7 +124,7 @@ def cell_config(cell: Cell, shared: list[Layer], target: Target, pre_config: Run
         own["transfer.pretrained"] = None
         own.update({f"model.{k}": v for k, v in asdict(cell.model).items()})
         own["data.channels"] = cell.model.in_channels
-    return resolve("segmentation", shared + [Layer(f"cell {cell.id}", own)], pre,
+    return resolve("segmentation", shared + tuned_layer(cell.tuned) + [Layer(f"cell {cell.id}", own)], pre,
                    str(cell.pre.dir) if cell.pre else None)
 
 
@@ -151,8 +153,8 @@ def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector
     cfg = cell_config(cell, shared, target)
     run_transfer(cfg, cell.dir / "run", stems)
     with written_whole(cell.dir / "eval") as tmp:
-        run_evaluate(cell.dir / "run", tmp, split=cfg.data.test_split, device=cfg.train.device,
-                     metrics=list(target.scores))
+        run_evaluate(cell.dir / "run", tmp, split=VALIDATION if target.validation else cfg.data.test_split,
+                     device=cfg.train.device, metrics=list(target.scores), unlabeled_seen=target.validation)
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
@@ -244,6 +246,8 @@ def cell_row(cell: Cell) -> dict:
            "stems": ";".join(info["stems"]), "dice": m["dice"]["mean"], "iou": m["iou"]["mean"]}
     if cell.pre is not None and cell.pre.seed is not None:  # pretrain_seeds: which pretraining run
         row["pretrain_seed"] = cell.pre.seed
+    if cell.tuned:  # tune: the grid point it fine-tuned with
+        row["tuned"] = point_label(cell.tuned)
     row.update({f"dice_{c}": v for c, v in enumerate(m["dice"]["per_class"].values())})  # keyed by class names
     row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
     row.update({name: score["mean"] for name, score in _scored(cell, INSTANCE_METRICS).items()})  # metrics: aji
@@ -260,33 +264,36 @@ def cell_row(cell: Cell) -> dict:
 
 
 def run_cells(cells: list[Cell], shared: dict[str, list[Layer]], target: Target, out: Path,
-              selector: Selector, todo: list[Cell] | None = None) -> int:
+              selector: Selector, todo: list[Cell] | None = None, kind: str = "cell",
+              table: str = "results.csv") -> int:
     """Run the unfinished cells (or those of ``todo``: a shard's) with progress and ETA; returns how many
-    were computed. ``results.csv`` lists every finished cell, whoever computed it."""
+    were computed. ``table`` (``results.csv``; ``tuning.csv`` for tuning cells, ``kind`` "tuning cell") lists
+    every finished cell, whoever computed it."""
     done = [c for c in cells if c.finished]
     times = [s for s in (cell_row(c)["seconds"] for c in done) if s is not None]
     todo = todo_order(cells) if todo is None else todo
-    print(f"cells: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
+    print(f"{kind}s: {len(cells)} in the study, {len(done)} finished, {len(todo)} to run")
     for i, cell in enumerate(todo):
         eta = sum(times) / len(times) * (len(todo) - i) if times else None
-        print(f"[cell {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
+        print(f"[{kind} {len(done) + i + 1}/{len(cells)}] {cell.short()} — {len(done) + i} done, "
               f"ETA {duration(eta)} → {cell.dir}")
         try:
             times.append(run_cell(cell, shared[cell.protocol], target, selector))
         except KeyboardInterrupt:
-            print(f"\ninterrupted in cell {cell.id}: {len(done) + i}/{len(cells)} cells finished; run the same "
+            print(f"\ninterrupted in {kind} {cell.id}: {len(done) + i}/{len(cells)} {kind}s finished; run the same "
                   f"command again to continue (finished cells and pretraining runs are reused)")
-            report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+            report.write_csv([cell_row(c) for c in cells if c.finished], out / table)
             raise
-        report.write_csv([cell_row(c) for c in cells if c.finished], out / "results.csv")
+        report.write_csv([cell_row(c) for c in cells if c.finished], out / table)
     return len(todo)
 
 
-def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
+def run_workers(path: Path, out: Path, pre_dir: Path, workers: int, log: str = "shard") -> None:
     """Run the cells in ``workers`` processes side by side (``labeldiff study --shard i/N``), each with an
     equal share of the CPU threads and, where there are GPUs, GPU ``i mod #GPUs``; their output goes to
-    ``out/workers/shard-i.log``. Cells are independent, so this needs no communication; a cell is small
-    (k images, a batch of 8), so one per device beats one split over devices with DDP."""
+    ``out/workers/shard-i.log`` (``log``: ``tune-shard`` while they run a study's tuning cells). Cells are
+    independent, so this needs no communication; a cell is small (k images, a batch of 8), so one per device
+    beats one split over devices with DDP."""
     import subprocess
     import sys
 
@@ -301,20 +308,20 @@ def run_workers(path: Path, out: Path, pre_dir: Path, workers: int) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        log = open(logs / f"shard-{i}.log", "w")
+        stream = open(logs / f"{log}-{i}.log", "w")
         procs.append((subprocess.Popen([sys.executable, "-m", "labeldiff.cli", "study", str(path), "--out", str(out),
                                         "--pretrain-dir", str(pre_dir), "--shard", f"{i}/{workers}"],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+                                       stdout=stream, stderr=subprocess.STDOUT, env=env), stream))
     print(f"cells in {workers} processes side by side ({threads} thread{'s' if threads > 1 else ''} each"
-          f"{f', GPU i mod {gpus}' if gpus else ''}); their output: {logs}/shard-*.log")
+          f"{f', GPU i mod {gpus}' if gpus else ''}); their output: {logs}/{log}-*.log")
     failed = []
-    for i, (proc, log) in enumerate(procs):
+    for i, (proc, stream) in enumerate(procs):
         if proc.wait() != 0:
             failed.append(i)
-        log.close()
+        stream.close()
     if failed:
-        tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace")[-3000:]
-        raise StudyError(f"study worker(s) {failed} failed; the end of {logs}/shard-{failed[0]}.log:\n{tail}\n"
+        tail = (logs / f"{log}-{failed[0]}.log").read_text(errors="replace")[-3000:]
+        raise StudyError(f"study worker(s) {failed} failed; the end of {logs}/{log}-{failed[0]}.log:\n{tail}\n"
                            f"Finished cells are kept: run the same command again to continue")
 
 

@@ -6,7 +6,8 @@ run or cell is recognised and reused."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from labeldiff.config import ModelConfig, RunConfig, auto_augment, flatten, geometry_fields
@@ -21,11 +22,15 @@ from labeldiff.models.probe import PROBE_METHODS
 from labeldiff.errors import ConfigError
 from labeldiff.resolve import Layer, compose
 from labeldiff.runs import RunFolder
-from labeldiff.study.configs import (arch_key, digest, identity, pretrain_config, pretrain_key, pretrain_layers,
-                                     pretrain_runs, resolved_model)
+from labeldiff.study.configs import (arch_key, digest, finetune_config, identity, pretrain_config, pretrain_key,
+                                     pretrain_layers, pretrain_runs, resolved_model)
 from labeldiff.study.prepare import build_pool
 from labeldiff.study.select import PICKERS, RULES, class_sets, pixel_features, random_subset, unet_features
 from labeldiff.study.spec import DEFAULT_PROTOCOL, LABELED_METHODS, NONE_METHOD, Study, StudyError
+from labeldiff.study.tuning import point_label
+
+
+VALIDATION = "validation"  # tune: the split of the validation images in the tuning cells' split file
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Target:
     classes: dict[str, frozenset[int]] | None  # per train image, with require_all_classes
     slabs: dict[str, tuple[int, int]] | None = None  # metrics: volume — case → test slab scored in 3D
     scores: tuple[str, ...] = ()  # metrics: aji — what each cell's evaluation scores besides Dice and IoU
+    validation: bool = False  # tune: test is the split VALIDATION, images pretraining may have read without masks
 
     @classmethod
     def load(cls, study: Study, ft: RunConfig) -> "Target":
@@ -96,6 +102,7 @@ class Cell:
     pre: Pretraining | None  # None: scratch
     model: ModelConfig
     protocol: str = DEFAULT_PROTOCOL
+    tuned: dict = field(default_factory=dict)  # tune: the grid point it fine-tunes with ({}: none)
 
     @property
     def finished(self) -> bool:
@@ -113,10 +120,13 @@ class Cell:
              "pretrain_steps": self.pre.cfg.train.steps if self.pre else None}
         if self.pre is not None and self.pre.seed is not None:
             d["pretrain_seed"] = self.pre.seed
+        if self.tuned:
+            d["tuned"] = self.tuned
         return d
 
     def short(self) -> str:
-        return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}"
+        tuned = f" {point_label(self.tuned)}" if self.tuned else ""
+        return f"{self.method} {self.strategy} [{self.protocol}] k={self.k} seed={self.seed} {self.select}{tuned}"
 
 
 def concrete(finetune: dict, k: int) -> dict:
@@ -209,13 +219,24 @@ def scratch_networks(study: Study, runs: list[Pretraining]) -> dict[str, tuple[s
             for a, (names, model) in nets.items()}
 
 
-def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[str, RunConfig],
-               out: Path) -> list[Cell]:
+Arm = tuple  # (method row label, strategy, protocol, select, k): what a pretrained cell and its scratch pair are
+
+
+def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[str, RunConfig], out: Path,
+               points: Callable[[Arm], list[dict]] | None = None, seeds: list[int] | None = None,
+               ks: list[int] | None = None, folder: str = "cells", prefix: str = "") -> list[Cell]:
     """Every (method run, strategy, protocol, select, k, seed), then scratch per network (in every
-    protocol); notes skipped combinations. ``fts``: the fine-tuning config of each protocol."""
+    protocol); notes skipped combinations. ``fts``: the fine-tuning config of each protocol.
+
+    ``tune`` (:mod:`labeldiff.study.tuning_cells`) plans with the rest: ``points`` gives each arm the
+    settings its cells fine-tune with on top of their protocol (every grid point, or the arm's chosen one;
+    [] leaves the arm out), ``seeds`` and ``ks`` replace the study's, and the cells go to ``OUT/folder``
+    with ids starting ``prefix``. Without them, a cell is named as before ``tune`` existed."""
     base = {"train": target.train, "test": target.test, "K": target.num_classes,
             "require_all_classes": study.require_all_classes}
-    ks = list(dict.fromkeys(target.size(k) for k in study.labels))
+    ks = ks or list(dict.fromkeys(target.size(k) for k in study.labels))
+    seeds = seeds or study.seeds
+    protocols = {p.name: p for p in study.protocols}
     cells: list[Cell] = []
 
     def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
@@ -225,23 +246,25 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
                 print(f"note: skipping {strategy} for {label} under protocol {protocol}: with keep_head the source's "
                       f"own output is the head, there is none to train first")
                 continue
-            finetune = identity(ft)
-            if not keeps:  # keep_head does not apply: the cell is the one of the same protocol without it
-                finetune["transfer"]["keep_head"] = False
             tag = "" if protocol == DEFAULT_PROTOCOL else f"{protocol}-"
             for select in study.select:
                 for k in ks:
-                    shared = {**base, "finetune": concrete(finetune, k)}
-                    for seed in study.seeds:
-                        what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
-                        if strategy == "source":  # no training: the same score at every k, seed and protocol
-                            key = digest({"test": target.test, "K": target.num_classes, **what, "strategy": strategy}, 8)
-                        else:
-                            key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed,
-                                          "select": select}, 8)
-                        cid = f"{label}-{strategy}-{tag}k{k}-s{seed}-{select}-{key}"
-                        cells.append(Cell(cid, out / "cells" / cid, label, arch, strategy, k, seed, select, pre, model,
-                                          protocol))
+                    for point in points((label, strategy, protocol, select, k)) if points else [{}]:
+                        finetune = identity(finetune_config(study, protocols[protocol], point) if point else ft)
+                        if not keeps:  # keep_head does not apply: the cell is the one of the same protocol without it
+                            finetune["transfer"]["keep_head"] = False
+                        shared = {**base, "finetune": concrete(finetune, k)}
+                        for seed in seeds:
+                            what = {"pretrained": pre.key} if pre else {"network": asdict(model)}
+                            if strategy == "source":  # no training: the same score at every k, seed and protocol
+                                key = digest({"test": target.test, "K": target.num_classes, **what,
+                                              "strategy": strategy}, 8)
+                            else:
+                                key = digest({**shared, **what, "strategy": strategy, "k": k, "seed": seed,
+                                              "select": select}, 8)
+                            cid = f"{prefix}{label}-{strategy}-{tag}k{k}-s{seed}-{select}-{key}"
+                            cells.append(Cell(cid, out / folder / cid, label, arch, strategy, k, seed, select, pre,
+                                              model, protocol, dict(point)))
 
     for run in runs:
         if not run.fine_tuned:

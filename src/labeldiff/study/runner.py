@@ -11,12 +11,17 @@ Layout of DIR::
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
                                      timing.json; volume/ with ``metrics: volume``: the 3D slab scores;
                                      aji/ when ``metrics: [..., aji]`` came after the cell finished)
+    tune/                            with ``tune``: split-<hash>.json (the train split outside the validation
+                                     images, and the validation images) and tune-<cell-id>/, a tuning cell each
+                                     (as cells/, scored on the validation images)
     results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png paired.png overlays.png environment.json
+    tuning.md tuning.csv             with ``tune``: each arm's validation scores per grid value and its choice
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
 weights is resumed (``run_pretrain(..., resume=True)``); anything else in its folder is replaced.
 A cell is finished when ``eval/metrics.json`` exists (``eval/`` is written as ``eval.tmp/`` and
-renamed); finished cells are never recomputed, any other cell folder is deleted and redone.
+renamed); finished cells are never recomputed, any other cell folder is deleted and redone. With ``tune``
+the tuning cells run first; an arm's confirmation cells are planned once its tuning cells are finished.
 
 A cell hands its chosen stems to :func:`labeldiff.transfer.run.run_transfer`, the entry point of
 ``labeldiff finetune``, and is evaluated on the study's test split. ``data.num_classes`` is set to
@@ -38,6 +43,8 @@ from labeldiff.study.execute import (cell_row, object_evaluations, pretrain, pre
 from labeldiff.study.plan import Cell, Selector, Target, check_reused, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.spec import StudyError, Study, load_study
+from labeldiff.study.tuning_cells import (Tuning, arm, confirmation_cells, dry_run_lines, plan_tuning, waiting_line,
+                                         write_tuning)
 from labeldiff.study.verdict import verdict_markdown
 
 OVERLAY_IMAGES = 3
@@ -55,15 +62,16 @@ def write_study_file(study: Study, path: Path) -> None:
 
 
 def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pre_seconds: dict, t0: float,
-                  git: dict | None = None) -> list[dict]:
+                  git: dict | None = None, tuning: Tuning | None = None) -> list[dict]:
     rows = [cell_row(c) for c in cells if c.finished]
     write_environment(out / "environment.json", study, rows, pre_seconds, time.time() - t0, git)
-    if not rows:
-        print("no finished cells yet: nothing to report")
-        return rows
     leak = ("pretraining also read the test images (include_test, transductive)" if study.data.options.get("include_test")
             else "pretraining never read the test images")
     title = f"{study.file.stem}: {Path(study.data.path).name}, test split {len(target.test)} images; {leak}"
+    tuned = write_tuning(tuning, out, title, study.seeds) if tuning is not None else None
+    if not rows:
+        print("no finished cells yet: nothing to report" + (" but tuning.md" if tuning is not None else ""))
+        return rows
     report.write_csv(rows, out / "results.csv")
     names = dataset_class_names(target.ds.root)
     (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title, class_names=names))
@@ -75,12 +83,13 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
-    (out / "verdict.md").write_text(verdict_markdown(rows, title, looks=study.looks))
+    (out / "verdict.md").write_text(verdict_markdown(rows, title, looks=study.looks, tuned=tuned))
     plots.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     plots.plot_paired(rows, out / "paired.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
-          f"verdict.md, dice_vs_labels.png, paired.png, overlays.png, environment.json")
+          f"verdict.md, dice_vs_labels.png, paired.png, overlays.png, environment.json"
+          + (", tuning.md, tuning.csv" if tuning is not None else ""))
     return rows
 
 
@@ -143,20 +152,30 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     runs = plan_pretraining(study, pre_dir, out)
     check_reused(study, runs, target, shared)
     cells = plan_cells(study, runs, target, fts, out)
-    write_json(out / "plan.json", {"data": str(study.data.path), "split_file": study.data.split_file,
-                                   "train": len(target.train), "test": len(target.test), "K": target.num_classes,
-                                   "pretraining": [{"name": r.name, "dir": r.dir, "finished": r.finished} for r in runs],
-                                   "cells": [{**c.describe(), "finished": c.finished} for c in cells]})
+    tuning, pending = None, []
+    if study.tune is not None:  # each arm's settings chosen by its tuning cells, first
+        tuning = plan_tuning(study, runs, target, fts, out, cells)
+        templates, (cells, waiting) = cells, confirmation_cells(study, runs, target, fts, out, tuning)
+        pending = [c for c in templates if arm(c) in set(waiting)]
+    write_plan(out, study, target, runs, cells, tuning)
     stale = {p.name for p in (out / "cells").glob("*")} - {c.id for c in cells} if (out / "cells").is_dir() else set()
+    later = f"; {len(pending)} of them planned once tuning has chosen their settings" if pending else ""
     print(f"study {study.file.name}: {len(runs)} pretraining runs ({sum(r.finished for r in runs)} finished), "
-          f"{len(cells)} cells ({sum(c.finished for c in cells)} finished), K={target.num_classes}, "
+          f"{len(cells) + len(pending)} cells ({sum(c.finished for c in cells)} finished{later}), "
+          f"K={target.num_classes}, "
           f"{len(target.train)} train / {len(target.test)} test images"
           + (f"; {len(stale)} cell folders of earlier versions of the study are kept, not reported" if stale else ""))
     if dry_run:
         selector = Selector(target, ft, runs)
+        if tuning is not None:
+            for line in dry_run_lines(tuning, Selector(tuning.target, ft, runs)):
+                print(line)
         for c in cells:
             print(f"  {'done' if c.finished else 'todo'}  {c.id}  {planned_stems(c, selector)}")
-        for line in estimate_lines(runs, cells, shared, target):
+        for c in pending:
+            print(waiting_line(c, selector))
+        for line in estimate_lines(runs, cells + pending, shared, target,
+                                   tuning=(tuning.cells, tuning.target) if tuning is not None else None):
             print(line)
         return [cell_row(c) for c in cells if c.finished]
     if pretrain_only:
@@ -170,8 +189,13 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
         if unfinished:
             raise StudyError(f"--shard runs cells only, and pretraining {unfinished} is not finished: run the study "
                              f"with --pretrain-only first (two shards would train the same run)")
-        mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
         synthetic_first(fts)  # a no-op under --workers (sampled before); shards started by hand sample what is missing
+        if tuning is not None and not tuning.finished:  # the tuning cells first; run again for the confirmation
+            mine = [c for j, c in enumerate(todo_order(tuning.cells)) if j % n == i]
+            run_cells(tuning.cells, shared, tuning.target, out, Selector(tuning.target, ft, runs), todo=mine,
+                      kind="tuning cell", table="tuning.csv")
+            return [cell_row(c) for c in cells if c.finished]
+        mine = [c for j, c in enumerate(todo_order(cells)) if j % n == i]
         run_cells(cells, shared, target, out, Selector(target, ft, runs), todo=mine)
         volume_evaluations(mine, target, ft.train.device)  # scored side by side too; the parent finds them done
         robustness_evaluations(mine, study, target, ft)
@@ -180,6 +204,14 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     if not report_only:
         pretrain(runs)
         synthetic_first(fts)
+        if tuning is not None and not tuning.finished:
+            if workers > 1:
+                run_workers(Path(study.file), out, pre_dir, workers, log="tune-shard")  # the tuning cells only
+            else:
+                run_cells(tuning.cells, shared, tuning.target, out, Selector(tuning.target, ft, runs),
+                          kind="tuning cell", table="tuning.csv")
+            cells, _ = confirmation_cells(study, runs, target, fts, out, tuning)
+            write_plan(out, study, target, runs, cells, tuning)
         if workers > 1:
             run_workers(Path(study.file), out, pre_dir, workers)
         else:
@@ -187,4 +219,18 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     volume_evaluations(cells, target, ft.train.device)
     robustness_evaluations(cells, study, target, ft)
     object_evaluations(cells, target, ft)
-    return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git)
+    return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git, tuning)
+
+
+def write_plan(out: Path, study: Study, target: Target, runs: list, cells: list[Cell], tuning: Tuning | None) -> None:
+    """``plan.json``: every pretraining run and cell (with ``tune``: the tuning cells, the validation images and
+    the confirmation cells planned so far)."""
+    plan = {"data": str(study.data.path), "split_file": study.data.split_file, "train": len(target.train),
+            "test": len(target.test), "K": target.num_classes,
+            "pretraining": [{"name": r.name, "dir": r.dir, "finished": r.finished} for r in runs],
+            "cells": [{**c.describe(), "finished": c.finished} for c in cells]}
+    if tuning is not None:
+        plan["tuning"] = {"validation": tuning.target.test, "how": tuning.how,
+                          "split_file": tuning.target.ds.split_file,
+                          "cells": [{**c.describe(), "finished": c.finished} for c in tuning.cells]}
+    write_json(out / "plan.json", plan)

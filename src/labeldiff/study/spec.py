@@ -61,9 +61,26 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
                                          #   + aji: the Aggregated Jaccard Index (separate objects: nuclei)
     robustness: {corruptions: all, severities: [1, 3, 5], seed: 0}   # or true (all, 1..5, seed 0):
                                          #   evaluate --corruptions per cell; dice_corrupted, dice_drop columns
+    tune:                                # optional: each arm's fine-tuning settings chosen on its own
+      grid: {train.lr: [0.0001, 0.0003, 0.001, 0.003]}   # train.* / transfer.* setting → values (several:
+                                         #   every combination); the study's finetune and protocol set the rest
+      seeds: [900, 901, 902]             # tuning seeds, none of them in seeds
+      validation: 0.25                   # a fraction of the train split held out (seeded; whole groups where
+                                         #   data.split.groups or DATA/sequences.json has them, else images at
+                                         #   random), or the name of a split of the split file (val)
+      validation_seed: 0
+      metric: dice                       # dice | iou | aji, on the validation images
     extends: cvc_confirm.yaml            # take every key of that study file; the keys given here replace
                                          #   its keys whole (``data`` too, not merged). Its relative paths are
                                          #   read as if written here: keep both files in one folder.
+
+With ``tune``, every *arm* — a pretrained run × strategy, and scratch per network, per protocol, selection
+and k — is fine-tuned with every grid value and tuning seed on k images drawn (by the study's ``select``) from
+the train split outside the validation images, and scored on those. Each arm takes the value with the
+highest mean score over the tuning seeds (the first in grid order on a tie); its confirmation cells (the
+study's ``seeds``) then fine-tune with it, so a pretrained arm and its scratch pair may use different values.
+The tuning cells are ``OUT/tune/tune-…``; ``tuning.md`` and a section of ``verdict.md`` show every arm's
+scores and choice, and ``results.csv`` a ``tuned`` column. A study without ``tune`` names its cells as before.
 
 A study that ``extends`` another and only adds seeds to it (its seeds include all of the other's and
 more) is another *look* at the same comparison: :attr:`Study.looks` lists the seeds of each look, and
@@ -79,11 +96,13 @@ from pathlib import Path
 from typing import Any
 
 from labeldiff.config import STRATEGIES as TRANSFER_STRATEGIES
-from labeldiff.config import (SECTIONS, DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
+from labeldiff.config import (DataConfig, RunConfig, apply_overrides, check_transfer, load_recipe,
                               merge_recipe, read_yaml)
 from labeldiff.errors import ConfigError, LabeldiffError
 from labeldiff.evaluate.instances import INSTANCE_METRICS
 from labeldiff.recipes import find as find_recipe
+from labeldiff.study.errors import StudyError, check_setting_name
+from labeldiff.study.tuning import TuneSpec, parse_tune
 
 STRATEGIES = (*TRANSFER_STRATEGIES, "source")  # + source: a hybrid / supervised run as it is
 SELECTS = ("random", "diverse", "typical")
@@ -94,7 +113,7 @@ PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
 TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "pretrain_seeds", "select",
-            "require_all_classes", "finetune", "protocols", "metrics", "robustness", "extends")
+            "require_all_classes", "finetune", "protocols", "metrics", "robustness", "tune", "extends")
 ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
 POOL_TARGET = "target"  # in a data.unlabeled list: the target's own images outside its test split
@@ -103,10 +122,6 @@ POOL_KEYS = ("pool_size", "pool_seed", "pool_by")
 POOL_BY = ("images", "groups")
 DATA_OPTION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in ("path", "split_file"))
 METHOD_KEYS = ("name", "recipe", "overrides", "pretrain_steps", "finetune_at", "pretrain_on", "run")
-
-
-class StudyError(LabeldiffError, ValueError):
-    """A study file that cannot run; the message names the key and how to fix it."""
 
 
 @dataclass
@@ -193,6 +208,7 @@ class Study:
     robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
     looks: list[list[int]] = field(default_factory=list)  # seeds of each look (see the module docstring); [] = one
     pretrain_seeds: list[int] | None = None  # one pretraining run per seed and method; None: one run each
+    tune: TuneSpec | None = None  # each arm's fine-tuning settings chosen on validation images; None: as given
     extends: Path | None = None  # the study file this one extends
     merged: dict = field(default_factory=dict)  # the mapping after ``extends`` (OUT/study.yaml records it)
 
@@ -273,15 +289,7 @@ def _recipe(raw: Any, file: Path, where: str) -> Recipe:
     if not isinstance(overrides, dict):
         raise _fail(file, f"{where}.overrides", "expected a mapping like {train.steps: 800}")
     for key in overrides:
-        section, _, name = str(key).partition(".")
-        if section not in SECTIONS or not name:
-            raise _fail(file, f"{where}.overrides", f"{key!r} is not 'section.field' with section one of "
-                                                   f"{', '.join(SECTIONS)} (e.g. train.steps)")
-        known = [f.name for f in fields(SECTIONS[section])]
-        if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1)
-            raise _fail(file, f"{where}.overrides", f"{key!r}: {section} has no field {name!r}"
-                        + (f" (did you mean {section}.{hint[0]}?)" if hint else f"; known: {', '.join(known)}"))
+        check_setting_name(key, file, f"{where}.overrides")
     recipe = Recipe(path, dict(overrides))
     try:
         check_transfer(recipe.apply(RunConfig()).transfer)
@@ -509,7 +517,8 @@ def parse_study(raw: Any, file: Path) -> Study:
             raise _fail(file, "pretrain_seeds", f"method {reused} is one run of yours (run:), trained once; "
                                                 f"pretrain_seeds trains each method once per seed: drop one of them")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
-                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds)
+                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds,
+                 tune=parse_tune(raw.get("tune"), file, seeds))
 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Path | None, set]:

@@ -11,7 +11,7 @@ from labeldiff.study.stats import (BASELINE, axis_differences, label_sizes, pair
 
 
 def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits: int = 3, goal: float = 0.05,
-                     looks: list[list[int]] | None = None) -> str:
+                     looks: list[list[int]] | None = None, tuned: list[str] | None = None) -> str:
     """Per k: the best pretrained method × strategy × protocol (highest mean, random selection where
     there is a choice), its paired Δ to scratch with the 95 % CI and whether the CI excludes 0; then
     each selection − random (diverse, typical) for that setting and for scratch, and the seeds a study of that setting needs for
@@ -20,7 +20,10 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
     ``looks``: the seeds of each look when a study was extended with more seeds after an earlier
     verdict (:attr:`labeldiff.study.spec.Study.looks`). With more than one, the goal is judged on the
     CI at level 1 − 0.05 / looks (Bonferroni over the looks), each selection − random shows that CI
-    too, and each look's seeds are also reported alone."""
+    too, and each look's seeds are also reported alone.
+
+    ``tuned``: the section on a study's ``tune`` (:func:`labeldiff.study.tuning_cells.write_tuning`), said after
+    the opening paragraph: each arm fine-tuned with its own chosen settings."""
     looks = [list(look) for look in looks or [] if look]
     level = 1 - 0.05 / max(1, len(looks))
     pairs = paired_differences(rows, metric)
@@ -45,6 +48,7 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                      f"the goal is judged on the {lv} CI (α = 0.05 split over {len(looks)} looks, Bonferroni), "
                      f"each selection − random is given with its {lv} CI as well, and each look's seeds are "
                      f"reported alone below.\n")
+    lines += tuned or []
     lines += pretraining_runs_section(rows, metric, digits, goal)
     adj_head, adj_rule = (f" {lv} CI ({len(looks)} looks) |", "---|") if several else ("", "")
     lines += [f"| k | best pretrained setting | {metric} | scratch | Δ vs scratch | 95 % CI | excludes 0 |{adj_head} "
