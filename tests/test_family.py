@@ -112,9 +112,43 @@ def test_family_command_on_a_registry_and_its_errors(tmp_path, capsys):
     assert out.read_text() in printed
     registry.write_text(json.dumps({"families": {"f": {"primaries": [
         {"study": "gone", "compare": {"method": "ddpm", "k": 4}}]}}}))
-    assert main(["family", str(registry)]) == 2
-    assert "gone has no results at" in capsys.readouterr().err
+    assert main(["family", str(registry)]) == 0  # fixed, not run: counted in the family, never a survivor
+    assert "| gone | ddpm, k = 4 − scratch | – | not run: no results.csv yet; it counts in the family as p = 1 |" \
+        in capsys.readouterr().out
     registry.write_text(json.dumps({"families": {"f": {"primaries": [
         {"study": "null", "compare": {"method": "ddpm", "k": 4, "seed": 1}}]}}}))
     assert main(["family", str(registry)]) == 2
     assert "(not seed)" in capsys.readouterr().err
+
+
+def test_a_primary_over_several_pretraining_runs_uses_the_crossed_interval(tmp_path, capsys):
+    """compare: {…, pretraining: random}: the gain over runs × seeds, its p-value from the crossed model's t
+    (Satterthwaite df), consistent with the interval: p < 0.05 exactly when the 95 % interval excludes 0."""
+    from labeldiff.study.stats import pretraining_variance
+
+    rng = np.random.default_rng(3)
+    for shift, name in ((0.06, "gain"), (0.0, "null")):
+        rows = []
+        for seed in range(6):
+            stems = f"a{seed};b{seed}"
+            base = 0.5 + rng.normal(0, 0.03)
+            rows.append({"method": "none", "arch": "x", "strategy": "scratch", "protocol": "none", "select": "random",
+                         "k": 2, "seed": seed, "stems": stems, "dice": base})
+            for run in (1, 2, 3):
+                rows.append({"method": f"ddpm~p{run}", "arch": "x", "strategy": "full", "protocol": "none",
+                             "select": "random", "k": 2, "seed": seed, "stems": stems,
+                             "dice": base + shift + 0.01 * (run - 2) + rng.normal(0, 0.01)})
+        write_csv(rows, tmp_path / "results" / name / "results.csv")
+    registry = tmp_path / "primaries.yaml"
+    registry.write_text(json.dumps({"families": {"recheck": {"primaries": [
+        {"study": s, "compare": {"method": "ddpm", "strategy": "full", "protocol": "none", "select": "random", "k": 2,
+                                 "pretraining": "random"}} for s in ("gain", "null")]}}}))
+    from labeldiff.study.family import judge_registry
+
+    (fam,) = judge_registry(registry)
+    for r in fam.judged:
+        v = pretraining_variance(list(__import__("csv").DictReader(open(tmp_path / "results" / r["study"] /
+                                                                         "results.csv"))))[0]
+        assert (r["mean"], r["low"], r["high"]) == pytest.approx((v["mean"], v["low"], v["high"]))
+        assert (r["p_t"] < 0.05) == (r["low"] > 0 or r["high"] < 0) and r["n"] == 18
+    assert [r["survives"] for r in fam.judged] == [True, False]

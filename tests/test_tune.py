@@ -282,3 +282,11 @@ def test_a_study_without_tune_names_its_cells_as_before():
                 assert [c.id for c in tuned] == ids and all(c.tuned == same for c in tuned)
     finally:
         shutil.rmtree(FIXED, ignore_errors=True)
+
+
+def test_a_volume_with_one_case_holds_out_the_top_of_its_training_slab():
+    from labeldiff.study.tuning_cells import top_slab
+
+    train = [f"c_z{i:03d}" for i in range(10)]
+    assert top_slab(train, {s: "c" for s in train}, 0.25) == ["c_z007", "c_z008", "c_z009"]
+    assert top_slab(train[:2], {s: "c" for s in train[:2]}, 0.9) == ["c_z001"]  # never the whole slab

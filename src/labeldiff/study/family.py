@@ -51,7 +51,7 @@ from labeldiff.study.stats import BASELINE, axis, paired_ci
 
 FEW_PAIRS = 10  # below this many pairs the sign-flip test checks the t-test
 EXACT_UP_TO = 16  # sign flips enumerated exactly up to this many pairs (2¹⁶ patterns); drawn above
-COMPARE_KEYS = ("method", "strategy", "protocol", "select", "k", "vs")
+COMPARE_KEYS = ("method", "strategy", "protocol", "select", "k", "vs", "pretraining")
 
 
 @dataclass
@@ -189,10 +189,16 @@ def judge_family(family: Family, metric: str = "dice") -> list[dict]:
 
     out = []
     for p in family.primaries:
-        if not p.results.is_file():
-            raise DataError(f"family {family.name!r}: {p.study} has no results at {p.results}; run the study or "
-                            f"give `results:` (relative to the registry)")
-        pairs = primary_pairs(read_csv(p.results), p.compare, metric)
+        if not p.results.is_file():  # fixed, not run (yet): it counts in the family, and cannot survive
+            out.append({"study": p.study, "compare": p.compare, "fixed": p.fixed, "n": 0, "mean": math.nan,
+                        "low": math.nan, "high": math.nan, "p_t": math.nan, "p_sign": None, "p": 1.0, "ahead": 0,
+                        "arm": math.nan, "baseline": math.nan, "pending": str(p.results)})
+            continue
+        rows = read_csv(p.results)
+        if p.compare.get("pretraining") == "random":  # pretrain_seeds: runs × seeds, both random
+            out.append(_crossed_primary(p, rows, metric, family))
+            continue
+        pairs = primary_pairs(rows, p.compare, metric)
         diffs = [a - b for a, b in pairs]
         if not diffs:
             raise DataError(f"family {family.name!r}: no paired cells in {p.results} for {p.compare}; check the "
@@ -207,9 +213,34 @@ def judge_family(family: Family, metric: str = "dice") -> list[dict]:
     for row, adjusted in zip(out, holm([r["p"] for r in out])):
         row["p_holm"] = adjusted
         row["survives"] = math.isfinite(adjusted) and adjusted < family.alpha
-        row["goal_met"] = row["survives"] and row["mean"] >= max(family.goal, 0) and row["mean"] > 0
+        row["goal_met"] = bool(row["survives"] and row["mean"] >= max(family.goal, 0) and row["mean"] > 0)
     family.judged = out
     return out
+
+
+def _crossed_primary(p: Primary, rows: list[dict], metric: str, family: Family) -> dict:
+    """A primary over several pretraining runs (``compare: {…, pretraining: random}``): the gain over runs ×
+    seeds with both random (:func:`labeldiff.study.stats.crossed_interval`) and its two-sided t-test p-value
+    on Satterthwaite's degrees of freedom."""
+    from scipy.stats import t
+
+    from labeldiff.study.stats import pretraining_variance
+
+    want = {k: str(v) for k, v in p.compare.items() if k in ("method", "strategy", "protocol", "select", "k")}
+    found = [v for v in pretraining_variance(rows, metric) if all(str(v[k]) == x for k, x in want.items())]
+    if len(found) != 1:
+        raise DataError(f"family {family.name!r}: {p.results} has {len(found)} settings with several pretraining runs "
+                        f"matching {p.compare}; name method, strategy, protocol, select and k of exactly one")
+    v = found[0]
+    se = (v["high"] - v["mean"]) / float(t.ppf(0.975, v["df"])) if v["high"] == v["high"] else math.nan
+    p_t = float(2 * t.sf(abs(v["mean"]) / se, v["df"])) if se and se == se else math.nan
+    arm = [float(r[metric]) for r in rows if r["strategy"] != "scratch" and
+           r["method"].rpartition("~p")[0] == p.compare["method"]]
+    base = [float(r[metric]) for r in rows if r["strategy"] == "scratch" and int(r["seed"]) in set(v["seeds_used"])]
+    return {"study": p.study, "compare": p.compare, "fixed": p.fixed, "n": v["runs"] * len(v["seeds_used"]),
+            "mean": v["mean"], "low": v["low"], "high": v["high"], "p_t": p_t, "p_sign": None, "p": p_t,
+            "ahead": sum(x > 0 for x in v["per_run"]), "arm": float(np.mean(arm)), "baseline": float(np.mean(base)),
+            "runs": v["runs"]}
 
 
 def describe(compare: dict) -> str:
@@ -218,7 +249,8 @@ def describe(compare: dict) -> str:
     if "vs" in compare:
         return f"{' / '.join(parts)}, k = {compare['k']}: {compare.get('select')} − {compare['vs']}"
     sel = f" / {compare['select']}" if "select" in compare else ""
-    return f"{' / '.join(parts)}{sel}, k = {compare['k']} − scratch"
+    runs = " (pretraining runs and seeds random)" if compare.get("pretraining") == "random" else ""
+    return f"{' / '.join(parts)}{sel}, k = {compare['k']} − scratch{runs}"
 
 
 def _p(p: float | None) -> str:
@@ -242,6 +274,11 @@ def family_markdown(families: list[Family], title: str = "Family-wise verdicts")
                   "| study | comparison | fixed | pairs | ahead | Δ | 95 % CI | p (t) | p (sign-flip) | "
                   f"Holm p (of {len(rows)}) | survives | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["p_holm"], r["study"])):
+            if r.get("pending"):
+                lines.append(f"| {r['study']} | {describe(r['compare'])} | {r['fixed'] or '–'} | not run: no "
+                             f"{Path(r['pending']).name} yet; it counts in the family as p = 1 | | | | | | "
+                             f"{_p(r['p_holm'])} | no | not met |")
+                continue
             ci = f"[{r['low']:+.3f}, {r['high']:+.3f}]" if r["n"] >= 2 else "n/a"
             lines.append(f"| {r['study']} | {describe(r['compare'])} | {r['fixed'] or '–'} | {r['n']} | {r['ahead']} | "
                          f"{r['mean']:+.3f} | {ci} | {_p(r['p_t'])} | {_p(r['p_sign'])} | {_p(r['p_holm'])} | "

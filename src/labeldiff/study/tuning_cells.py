@@ -71,6 +71,19 @@ def _groups(study: Study, target: Target) -> tuple[dict | None, str]:
     return json.loads(path.read_text()), f"whole groups of {path.name}"
 
 
+def top_slab(train: list[str], cases: dict[str, str], fraction: float) -> list[str]:
+    """Per case, the last ``fraction`` of its train slices in ``train``'s (slice) order, at least one and never
+    all: a contiguous slab, as the study's test slab is one."""
+    import math
+
+    out = []
+    for case in dict.fromkeys(cases[s] for s in train):
+        mine = [s for s in train if cases[s] == case]
+        n = min(len(mine) - 1, max(1, math.ceil(fraction * len(mine))))
+        out += mine[len(mine) - n:] if n > 0 else []
+    return out
+
+
 def hold_out(study: Study, target: Target) -> tuple[list[str], str]:
     """The validation images (``tune.validation``: a fraction of the train split, or a split's name) and how
     they were chosen."""
@@ -88,6 +101,10 @@ def hold_out(study: Study, target: Target) -> tuple[list[str], str]:
                              f"disjoint from it")
         return val, f"the split {name!r} of {Path(ds.split_file).name}"
     groups, how = _groups(study, target)
+    if isinstance(target.ds, VolumeFolder) and len(set(groups.values())) < 2:  # one case: a slab of its slices
+        val = top_slab(target.train, groups, spec.validation)
+        return val, (f"{len(val)} of the {len(target.train)} train slices: the top {spec.validation:g} of the one "
+                     f"case's training slab (a volume with one case cannot give whole cases)")
     val = validation_images(target.train, spec.validation, spec.validation_seed, groups)
     return val, f"{len(val)} of the {len(target.train)} train images, {how}, seed {spec.validation_seed}"
 
