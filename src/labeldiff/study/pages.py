@@ -5,7 +5,7 @@
 
 The page puts together, in this order: the question (the study file's first comment lines), the
 commands that run it, ``verdict.md``, ``results.md`` with ``dice_vs_labels.png``, ``paired.md`` with
-``paired.png``, ``per_class.md``, ``overlays.png``, the other files of the folder, where it ran
+``paired.png``, ``tuning.md`` (a study with ``tune:``), ``per_class.md``, ``overlays.png``, the other files of the folder, where it ran
 (``environment.json``) and the study file itself. Nothing in it is typed by hand, so it cannot
 disagree with the reports: after ``labeldiff study … --report-only`` rewrites them, build the page
 again. A folder that lacks some of the files gets a page without those sections.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 PAGE = "README.md"
 REPORTS = (("verdict.md", "Verdict", None), ("results.md", "Results", "dice_vs_labels"),
-           ("paired.md", "Paired differences", "paired"), ("per_class.md", "Per class", None))
+           ("paired.md", "Paired differences", "paired"), ("tuning.md", "Tuning", None),
+           ("per_class.md", "Per class", None))
 FIGURES = {"dice_vs_labels": "Dice against the number of labeled images", "paired": "paired differences to scratch",
            "overlays": "test images, truth and prediction"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
