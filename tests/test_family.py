@@ -152,3 +152,19 @@ def test_a_primary_over_several_pretraining_runs_uses_the_crossed_interval(tmp_p
         assert (r["mean"], r["low"], r["high"]) == pytest.approx((v["mean"], v["low"], v["high"]))
         assert (r["p_t"] < 0.05) == (r["low"] > 0 or r["high"] < 0) and r["n"] == 18
     assert [r["survives"] for r in fam.judged] == [True, False]
+
+
+def test_a_verdict_of_few_pairs_checks_its_t_test_with_the_sign_flip_test():
+    from labeldiff.study.verdict import verdict_markdown
+
+    rows = _rows([0.08, 0.1, 0.09, 0.12, 0.07])
+    for r in rows:
+        r["arch"] = "x"
+    text = verdict_markdown(rows, "five seeds")
+    d = [0.08, 0.1, 0.09, 0.12, 0.07]
+    assert (f"k = 4, 5 pairs: t-test p = {t_test_p(d):.3f}, sign-flip p = {sign_flip_p(d):.3f}" in text
+            and "sign-flip p = 0.062" in text and "cannot go below p = 0.0625" in text)
+    many = _rows(list(np.linspace(0.05, 0.1, 12)))
+    for r in many:
+        r["arch"] = "x"
+    assert "sign-flip" not in verdict_markdown(many, "twelve seeds")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from labeldiff.study.report import format_ci, format_delta, format_excludes_zero
+from labeldiff.study.family import FEW_PAIRS, sign_flip_p, t_test_p
 from labeldiff.study.stats import (BASELINE, axis_differences, label_sizes, paired_differences, pairs_for_power,
                                    pretraining_variance, summarize)
 
@@ -93,6 +94,14 @@ def verdict_markdown(rows: list[dict], title: str, metric: str = "dice", digits:
                  f"measured here (an estimate itself: with 5 pairs the true spread may be half or twice it). A "
                  f"study with at least that many seeds whose CI still contains 0 speaks against a gain of that "
                  f"size; one with fewer cannot tell.")
+    few = [b for b in bests if 2 <= b["n"] < FEW_PAIRS]
+    if few:
+        checks = "; ".join(f"k = {b['k']}, {b['n']} pairs: t-test p = {t_test_p(b['diffs']):.3f}, sign-flip p = "
+                           f"{sign_flip_p(b['diffs']):.3f}" for b in few)
+        lines.append(f"\nWith fewer than {FEW_PAIRS} pairs the t-interval leans on a normality the pairs cannot show, so "
+                     f"an exact sign-flip permutation test (each pair's sign a coin toss under no difference) checks "
+                     f"it: {checks}. The verdict above uses the t-interval; where the two disagree on p < 0.05, read "
+                     f"it as not shown. (With 5 pairs the sign-flip test cannot go below p = 0.0625.)")
     if several:
         lines += ["\n## Each look alone\n", "| look | seeds | k | setting | Δ vs scratch | 95 % CI | excludes 0 | pairs |",
                   "|---|---|---|---|---|---|---|---|"]
