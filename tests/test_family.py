@@ -168,3 +168,21 @@ def test_a_verdict_of_few_pairs_checks_its_t_test_with_the_sign_flip_test():
     for r in many:
         r["arch"] = "x"
     assert "sign-flip" not in verdict_markdown(many, "twelve seeds")
+
+
+@pytest.mark.slow
+def test_a_study_that_names_its_family_says_first_whether_its_primary_survives(tmp_path):
+    from conftest import write_tiny_study
+
+    (tmp_path / "primaries.yaml").write_text(json.dumps({"families": {"mine": {"primaries": [
+        {"study": "s", "results": "elsewhere/results.csv", "compare": {"method": "ddpm", "strategy": "full", "k": 2}},
+        {"study": "other", "compare": {"method": "ddpm", "k": 2}}]}}}))
+    write_tiny_study(tmp_path, seeds=[0, 1], family="primaries.yaml")
+    out = tmp_path / "out"
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    lines = (out / "verdict.md").read_text().splitlines()
+    assert lines[0].startswith("# Verdict: s") and lines[2].startswith("**After correction for the other primaries:** "
+                                                                       "its primary (ddpm / full, k = 2 − scratch")
+    assert "Holm's correction over the 2 primaries of the mine family" in lines[2]  # read from this run's results
+    write_tiny_study(tmp_path / "bad", family="nowhere.yaml")
+    assert main(["study", str(tmp_path / "bad" / "s.yaml"), "--out", str(tmp_path / "bad_out"), "--dry-run"]) == 2

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from labeldiff.study.family import describe, family_markdown, judge_registry  # noqa: E402
+from labeldiff.study.family import correction_note, describe, family_markdown, judge_registry  # noqa: E402
 from labeldiff.study.pages import render, study_header  # noqa: E402
 
 RESEARCH = ROOT / "research"
@@ -75,19 +75,16 @@ def family_page() -> str:
 
 
 def correction(study: str, short: bool = False) -> str:
-    """What Holm's correction over its family says of ``study``'s primary."""
+    """What Holm's correction over its family says of ``study``'s primary (``short``: for the headline)."""
+    if not short:
+        return correction_note(families(), study, "../family.md")
     found = judged(study)
     if found is None:
-        return "– (no primary fixed in advance)" if short else ""
+        return "– (no primary fixed in advance)"
     fam, r = found
-    verdict = "survives" if r["survives"] else "does not survive"
     p = f"{r['p_holm']:.2g}" if r["p_holm"] < 0.001 else f"{r['p_holm']:.3f}"
-    if short:
-        m = len(fam.judged)
-        return f"{verdict} (p {p}, {m} primar{'y' if m == 1 else 'ies'} in its family)"
-    return (f"**After correction for the other primaries:** its primary ({describe(r['compare'])}, "
-            f"{r['mean']:+.3f} over {r['n']} seeds) **{verdict}** Holm's correction over the {len(fam.judged)} "
-            f"primaries of the {fam.name} family (adjusted p = {p}; [every primary](../family.md)).\n")
+    m = len(fam.judged)
+    return f"{'survives' if r['survives'] else 'does not survive'} (p {p}, {m} primar{'y' if m == 1 else 'ies'} in its family)"
 
 
 # ---------------------------------------------------------------------------------------------- studies

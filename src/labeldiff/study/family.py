@@ -296,8 +296,30 @@ def family_markdown(families: list[Family], title: str = "Family-wise verdicts")
     return "\n".join(lines) + "\n"
 
 
-def judge_registry(path: Path, metric: str = "dice") -> list[Family]:
+def judge_registry(path: Path, metric: str = "dice", own: tuple[str, Path] | None = None) -> list[Family]:
+    """Every family of the registry ``path``, judged. ``own``: ``(study, results.csv)`` — a study judging
+    itself reads its primary from its own results, wherever the registry says they are copied."""
     families = load_registry(path)
     for fam in families:
+        for p in fam.primaries:
+            if own is not None and p.study == own[0]:
+                p.results = Path(own[1])
         judge_family(fam, metric)
     return families
+
+
+def correction_note(families: list[Family], study: str, page: str | None = None) -> str:
+    """What Holm's correction over its family says of ``study``'s primary, in a sentence (``""`` when the
+    registry has none); ``page``: a link to every primary."""
+    found = next(((f, r) for f in families for r in f.judged if r["study"] == study), None)
+    if found is None:
+        return ""
+    fam, r = found
+    m = len(fam.judged)
+    if r.get("pending"):
+        return f"**After correction for the other primaries:** its primary has no results yet.\n"
+    verdict = "survives" if r["survives"] else "does not survive"
+    link = f"; [every primary]({page})" if page else ""
+    return (f"**After correction for the other primaries:** its primary ({describe(r['compare'])}, "
+            f"{r['mean']:+.3f} over {r['n']} pairs) **{verdict}** Holm's correction over the {m} "
+            f"primar{'y' if m == 1 else 'ies'} of the {fam.name} family (adjusted p = {_p(r['p_holm'])}{link}).\n")

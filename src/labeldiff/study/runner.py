@@ -83,7 +83,16 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
-    (out / "verdict.md").write_text(verdict_markdown(rows, title, looks=study.looks, tuned=tuned))
+    verdict = verdict_markdown(rows, title, looks=study.looks, tuned=tuned)
+    if study.family is not None:  # said first: whether its primary survives correction for the others
+        from labeldiff.study.family import correction_note, judge_registry
+
+        note = correction_note(judge_registry(study.family, own=(study.file.stem, out / "results.csv")),
+                               study.file.stem) or (f"**After correction for the other primaries:** {study.family} "
+                                                    f"lists no primary of {study.file.stem}; add it there.\n")
+        head, rest = verdict.split("\n", 1)
+        verdict = f"{head}\n\n{note}{rest}"
+    (out / "verdict.md").write_text(verdict)
     plots.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     plots.plot_paired(rows, out / "paired.png", title=title)
     overlays(study, cells, target, out / "overlays.png")

@@ -46,6 +46,9 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
                                          #   it is, no target label (its zero-label score)
     labels: [1, 3, all]
     seeds: [0, 1, 2]
+    family: ../primaries.yaml            # optional: the registry of primaries (labeldiff family) that lists this
+                                         #   study's primary; verdict.md then says first whether it survives
+                                         #   Holm's correction over its family
     pretrain_seeds: [0, 1, 2]            # optional: pretrain each method once per seed ("ddpm~p1", train.seed
                                          #   1); every run is fine-tuned with every seed, so a cell is paired
                                          #   by (pretraining seed, fine-tuning seed) and the verdict separates
@@ -112,7 +115,7 @@ METRICS = ("dice", "iou", "per-class", "volume", *INSTANCE_METRICS)
 PREPARE = ("brain-demo", "volume-slabs")
 NONE_METHOD = "none"
 LABELED_METHODS = ("hybrid", "supervised")  # pretext tasks that read a labeled source
-TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "pretrain_seeds", "select",
+TOP_KEYS = ("data", "prepare", "methods", "strategies", "labels", "seeds", "pretrain_seeds", "family", "select",
             "require_all_classes", "finetune", "protocols", "metrics", "robustness", "tune", "extends")
 ROBUSTNESS_KEYS = ("corruptions", "severities", "seed")
 DEFAULT_PROTOCOL = "default"
@@ -208,6 +211,7 @@ class Study:
     robustness: dict | None = None  # {corruptions, severities, seed}: evaluate --corruptions for every cell
     looks: list[list[int]] = field(default_factory=list)  # seeds of each look (see the module docstring); [] = one
     pretrain_seeds: list[int] | None = None  # one pretraining run per seed and method; None: one run each
+    family: Path | None = None  # the registry of primaries this study's primary belongs to (labeldiff family)
     tune: TuneSpec | None = None  # each arm's fine-tuning settings chosen on validation images; None: as given
     extends: Path | None = None  # the study file this one extends
     merged: dict = field(default_factory=dict)  # the mapping after ``extends`` (OUT/study.yaml records it)
@@ -516,8 +520,14 @@ def parse_study(raw: Any, file: Path) -> Study:
         if reused:
             raise _fail(file, "pretrain_seeds", f"method {reused} is one run of yours (run:), trained once; "
                                                 f"pretrain_seeds trains each method once per seed: drop one of them")
+    family = None
+    if raw.get("family") is not None:
+        family = (file.parent / str(raw["family"])).resolve()
+        if not family.is_file():
+            raise _fail(file, "family", f"{family} does not exist; give the registry of primaries (YAML, see "
+                                        f"`labeldiff family --help`), relative to this file")
     return Study(file, data, methods, strategies, labels, seeds, select, require, finetune, metrics, prepare, protocols,
-                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds,
+                 _robustness(raw.get("robustness"), file), pretrain_seeds=pretrain_seeds, family=family,
                  tune=parse_tune(raw.get("tune"), file, seeds))
 
 
