@@ -246,6 +246,7 @@ def test_study_metrics_aji_adds_a_column_and_keeps_the_cells(tmp_path, monkeypat
     assert {r["cell"]: float(r["aji"]) for r in report.read_csv(out / "results.csv")} == pytest.approx(
         {r["cell"]: r["aji"] for r in rows}, abs=1e-6)
     assert "## AJI" in (out / "results.md").read_text()
+    assert "# Paired aji difference vs scratch" in (out / "paired.md").read_text()  # the same pairs, by objects
     before = (old_eval / "aji" / "metrics.json").stat().st_mtime_ns
     runner.run_study(path, out, report_only=True)  # scored once
     assert (old_eval / "aji" / "metrics.json").stat().st_mtime_ns == before

@@ -80,6 +80,8 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
     paired = report.paired_markdown(rows)
     if any(r.get("dice_3d") is not None for r in rows):
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_3d") is not None], "dice_3d")
+    if any(r.get("aji") not in (None, "") for r in rows):  # metrics: aji — the same pairs, by objects
+        paired += "\n" + report.paired_markdown([r for r in rows if r.get("aji") not in (None, "")], "aji")
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
     (out / "paired.md").write_text(paired)
