@@ -139,7 +139,14 @@ def verdict_rows(folder: Path) -> list[dict[str, str]]:
     path = folder / "verdict.md"
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    tables, block = [], []
+    for line in path.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            tables.append(block)
+            block = []
+    lines = next((t for t in tables if "best pretrained setting" in t[0]), [])  # the per-k verdict table
     if len(lines) < 3:
         return []
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]

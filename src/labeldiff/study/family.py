@@ -239,8 +239,18 @@ def _crossed_primary(p: Primary, rows: list[dict], metric: str, family: Family) 
     base = [float(r[metric]) for r in rows if r["strategy"] == "scratch" and int(r["seed"]) in set(v["seeds_used"])]
     return {"study": p.study, "compare": p.compare, "fixed": p.fixed, "n": v["runs"] * len(v["seeds_used"]),
             "mean": v["mean"], "low": v["low"], "high": v["high"], "p_t": p_t, "p_sign": None, "p": p_t,
-            "ahead": sum(x > 0 for x in v["per_run"]), "arm": float(np.mean(arm)), "baseline": float(np.mean(base)),
+            "ahead": _pairs_ahead(rows, p.compare, metric), "arm": float(np.mean(arm)), "baseline": float(np.mean(base)),
             "runs": v["runs"]}
+
+
+def _pairs_ahead(rows: list[dict], compare: dict, metric: str) -> int:
+    """How many (pretraining run, seed) pairs of a ``pretraining: random`` primary are ahead of scratch."""
+    from labeldiff.study.stats import base_method, paired_differences_by_seed
+
+    want = {k: str(compare[k]) for k in ("strategy", "protocol", "select", "k") if k in compare}
+    return sum(d["diff"] > 0 for d in paired_differences_by_seed(rows, metric)
+               if base_method(d["method"])[0] == str(compare["method"]) and base_method(d["method"])[1] is not None
+               and all(str(d[k]) == v for k, v in want.items()))
 
 
 def describe(compare: dict) -> str:
