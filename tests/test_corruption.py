@@ -33,6 +33,29 @@ def test_cosine_schedule_monotone():
     assert not torch.allclose(abar, lin)
 
 
+def test_cosine_schedule_is_nichol_and_dhariwals_and_refuses_beta_endpoints():
+    """ᾱ_t of the cosine schedule, by hand: f(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008, ᾱ_t = f(t)/f(0) with
+    each β = 1 − ᾱ_t/ᾱ_(t−1) clipped at 0.999; it has no β endpoints, so other ones are refused by name, and the
+    CT paper's recipe (which names both a cosine schedule and β 1e-4 → 0.02) sets none."""
+    import math
+
+    from labeldiff.config import ConfigError, load_recipe
+    from labeldiff.recipes import find
+
+    T, s = 1000, 0.008
+    f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
+    abar, running = [], 1.0
+    for t in range(1, T + 1):
+        running *= 1 - min(1 - f[t] / f[t - 1], 0.999)
+        abar.append(running)
+    got = GaussianNoise(CorruptionConfig(schedule="cosine")).alphas_cumprod
+    torch.testing.assert_close(got.double(), torch.tensor(abar, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="the cosine schedule has no β endpoints"):
+        GaussianNoise(CorruptionConfig(schedule="cosine", beta_end=0.05))
+    ct = load_recipe(find("ddpm"))["corruption"]
+    assert ct["schedule"] == "cosine" and "beta_start" not in ct and "beta_end" not in ct
+
+
 def test_forward_process_by_hand():
     """input = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with ε the returned target, for the sampled t of each item."""
     c = build_corruption(CorruptionConfig())

@@ -137,8 +137,10 @@ class CorruptionConfig:
                             commands=PRETRAIN, choices=("linear", "cosine"),
                             applies=_unless("corruption.method", ("ddpm", "hybrid"), "only ddpm and hybrid add noise "
                                                                                      "on a schedule"))
-    beta_start: float = setting(1e-4, "first β of the linear schedule", lo=0, hi=1, lo_open=True, hi_open=True)
-    beta_end: float = setting(0.02, "last β of the linear schedule", lo=0, hi=1, lo_open=True, hi_open=True)
+    beta_start: float = setting(1e-4, "first β of the linear schedule (cosine has none: another value is refused)",
+                                lo=0, hi=1, lo_open=True, hi_open=True)
+    beta_end: float = setting(0.02, "last β of the linear schedule (cosine has none: another value is refused)",
+                              lo=0, hi=1, lo_open=True, hi_open=True)
     prediction: str = setting("epsilon", "what the network predicts: epsilon (the noise) or sample (the clean image)",
                               flag="--prediction", commands=PRETRAIN, choices=("epsilon", "sample"),
                               applies=_unless("corruption.method", DENOISING, "only the denoising tasks predict "

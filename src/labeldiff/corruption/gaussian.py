@@ -17,8 +17,17 @@ MONAI_SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
 
 def make_scheduler(cfg: CorruptionConfig) -> DDPMScheduler:
+    """MONAI's DDPM scheduler for ``cfg``. ``linear``: β from ``beta_start`` to ``beta_end``. ``cosine``
+    (Nichol & Dhariwal 2021, as MONAI implements it): ᾱ_t = cos²((t/T + s)/(1 + s)·π/2) normalised, s = 0.008,
+    β clipped at 0.999; it has no β endpoints, so a ``beta_start`` / ``beta_end`` other than the defaults is
+    refused rather than silently ignored."""
     if cfg.schedule not in MONAI_SCHEDULES:
         raise ConfigError(f"schedule {cfg.schedule!r} is unknown; use one of {sorted(MONAI_SCHEDULES)}")
+    defaults = CorruptionConfig()
+    if cfg.schedule == "cosine" and (cfg.beta_start, cfg.beta_end) != (defaults.beta_start, defaults.beta_end):
+        raise ConfigError(f"corruption.beta_start {cfg.beta_start} / beta_end {cfg.beta_end}: the cosine schedule has "
+                          f"no β endpoints (its βs follow from ᾱ_t = cos²(…), clipped at 0.999), so they would be "
+                          f"ignored; drop them, or use schedule: linear")
     kwargs = {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end} if cfg.schedule == "linear" else {}
     return DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=MONAI_SCHEDULES[cfg.schedule],
                          prediction_type=cfg.prediction, **kwargs)
