@@ -241,6 +241,33 @@ def test_ct_percentile_matches_hand_computed_foreground_statistics(tmp_path):
     assert again == it
 
 
+def test_dataset_percentile_pools_every_voxel_of_the_training_cases(tmp_path):
+    """The CT paper's scheme: the 0.5 / 99.5 percentiles of all voxels of all training cases (labels play no
+    part), every volume clipped to them and scaled to [-1, 1]; stored and read back unchanged."""
+    from labeldiff.data.nnunet import fit_dataset_percentile
+
+    rng = np.random.default_rng(1)
+    cases, voxels = [], []
+    for name, scale in (("a", 300), ("b", 900)):
+        x = rng.normal(0, scale, (10, 10, 4)).astype(np.float32)
+        cases.append(Case(name, [write_nifti(tmp_path / f"{name}_0000.nii.gz", x, np.eye(4))], None))
+        voxels.append(x.ravel())
+    lo, hi = np.percentile(np.concatenate(voxels).astype(np.float64), [0.5, 99.5])
+    it = fit_dataset_percentile(cases)
+    assert (it.scheme, it.lo, it.hi, it.fitted_on) == ("dataset-percentile", pytest.approx(lo), pytest.approx(hi),
+                                                       ["a", "b"])
+    x = np.array([-1e4, lo, (lo + hi) / 2, hi, 1e4], np.float32)
+    np.testing.assert_allclose(it.apply(x), [-1, -1, 0, 1, 1], atol=1e-5)
+    assert Intensity.from_dict(json.loads(json.dumps(it.to_dict()))) == it
+
+
+def test_the_command_line_offers_every_intensity_scheme():
+    from labeldiff.cli.options import INTENSITY_SCHEMES as offered
+    from labeldiff.data.nnunet import INTENSITY_SCHEMES
+
+    assert sorted(offered) == sorted(INTENSITY_SCHEMES)
+
+
 def test_window_and_zscore_schemes():
     w = Intensity("ct-window", lo=-160, hi=240)
     np.testing.assert_allclose(w.apply(np.array([-1000, -160, 40, 240, 3000])), [-1, -1, 0, 1, 1])

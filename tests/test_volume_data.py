@@ -97,6 +97,18 @@ def test_ct_percentile_is_fitted_once_and_stored(tmp_path, fresh_volumes):
     assert cfg.intensity == stored  # fitted once: stored statistics are reused, never refitted
 
 
+def test_dataset_percentile_is_fitted_on_the_training_cases_and_stored(tmp_path, fresh_volumes, capsys):
+    root = make_volume_dataset(tmp_path / "Dataset005")
+    cfg = DataConfig(path=str(root), channels=1, intensity={"scheme": "dataset-percentile"})
+    ds = open_labeled(cfg)
+    assert cfg.intensity["fitted_on"] == ["a", "b"] and "dataset-percentile fitted on every voxel" in capsys.readouterr().out
+    x = ds.samples(ds.stems("train")[:1])[0].read_image(1)
+    assert -1 <= float(x.min()) and float(x.max()) <= 1
+    stored = dict(cfg.intensity)
+    open_labeled(cfg)
+    assert cfg.intensity == stored  # fitted once
+
+
 def test_batches_from_volume_slices(tmp_path, fresh_volumes):
     root = make_volume_dataset(tmp_path / "Dataset004")
     cfg = DataConfig(path=str(root), channels=1, size=16, mode="resize")

@@ -30,7 +30,8 @@ SYNONYMS = ("--images", "--dataset", "--input-dir", "--run", "--run-dir", "--che
 GROUPS = {"data": "data", "train": "training", "model": "network", "corruption": "pretext task",
           "transfer": "transfer"}
 KIND = {"pretrain": "pretrain", "finetune": "segmentation"}
-INTENSITY_SCHEMES = ("percentile", "ct-window", "ct-percentile", "zscore", "none")
+INTENSITY_SCHEMES = ("percentile", "ct-window", "ct-percentile", "dataset-percentile", "zscore", "none")  # the data
+# layer's (labeldiff.data.nnunet), kept here so --help imports no numpy; a test keeps the two the same
 
 
 class Parser(argparse.ArgumentParser):
@@ -134,7 +135,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--intensity", default=None, choices=INTENSITY_SCHEMES,
                    help="volume datasets: percentile (each volume's 0.5/99.5 percentiles to [-1, 1]), ct-window (a "
                         "fixed HU window, --hu-window), ct-percentile (nnU-Net's CT scheme, fitted on the training "
-                        "cases), zscore (per volume, MRI) or none [" +
+                        "cases), dataset-percentile (the CT paper's: the training cases' pooled 0.5/99.5 percentiles "
+                        "to [-1, 1]), zscore (per volume, MRI) or none [" +
                         ("percentile" if command == "pretrain" else "the pretrained run's, else percentile") + "]")
     g.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="--intensity ct-window: the HU window, e.g. -160 240 (abdomen)")

@@ -23,7 +23,7 @@ import numpy as np
 from labeldiff.config import DataConfig
 from labeldiff.data.geometry import check_spacing, load_canonical, volume_shape
 from labeldiff.data.io import IMAGE_SUFFIXES, DataError, check_decodes, image_size, read_image, read_mask
-from labeldiff.data.nnunet import Intensity, NnUNetRaw, fit_ct_percentile, is_nnunet_raw
+from labeldiff.data.nnunet import Intensity, NnUNetRaw, fit_ct_percentile, fit_dataset_percentile, is_nnunet_raw
 from labeldiff.data.slices import (AXIS_LETTERS, LABEL_DTYPE, MIN_LABELED_FRACTION, VOLUMES, SliceRef, read_slice_image,
                                    read_slice_mask, slice_stem)
 from labeldiff.data.volume_io import check_volumes
@@ -321,6 +321,10 @@ def resolve_intensity(cfg: DataConfig, root: Path) -> Intensity:
         it = fit_ct_percentile(NnUNetRaw(root).cases("train"))
         print(f"intensity: ct-percentile fitted on {len(it.fitted_on)} training case(s): clip "
               f"[{it.lo:.1f}, {it.hi:.1f}], mean {it.mean:.1f}, std {it.std:.1f}")
+    if it.scheme == "dataset-percentile" and not it.fitted_on:
+        it = fit_dataset_percentile(NnUNetRaw(root).cases("train"))
+        print(f"intensity: dataset-percentile fitted on every voxel of {len(it.fitted_on)} training case(s): clip "
+              f"[{it.lo:.1f}, {it.hi:.1f}] to [-1, 1]")
     cfg.intensity = it.to_dict()
     return it
 

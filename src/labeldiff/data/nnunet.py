@@ -28,7 +28,7 @@ from labeldiff.errors import ConfigError
 
 SPLIT_FOLDERS = {"train": "imagesTr", "test": "imagesTs", "unlabeled": "imagesUnlabeled"}
 LABEL_FOLDERS = {"train": "labelsTr", "test": "labelsTs"}
-INTENSITY_SCHEMES = ("ct-window", "ct-percentile", "percentile", "zscore", "none")
+INTENSITY_SCHEMES = ("ct-window", "ct-percentile", "dataset-percentile", "percentile", "zscore", "none")
 CT_PERCENTILES = (0.5, 99.5)  # nnU-Net's CT scheme and the CT paper's clipping
 MAX_FIT_VOXELS = 1_000_000  # voxels per case used to fit dataset-wide statistics (strided, deterministic)
 
@@ -166,6 +166,8 @@ class Intensity:
     - ``ct-percentile``: nnU-Net's CT scheme — the 0.5 / 99.5 percentiles, mean and standard deviation
       of the foreground voxels of every training case (label > 0; every voxel of a case without a
       label); clip to the percentiles, then subtract the mean and divide by the deviation;
+    - ``dataset-percentile``: the CT paper's scheme — the 0.5 / 99.5 percentiles of every voxel of every
+      training case, pooled; clip every volume to them and scale to [-1, 1];
     - ``percentile``: per volume, clip to its own 0.5 / 99.5 percentiles and scale to [-1, 1] — what
       :func:`labeldiff.data.volumes.volume_to_slices` writes as 8-bit slices (the CT paper's clipping);
     - ``zscore``: per volume, with the mean and deviation of its non-zero voxels (MRI, whose background
@@ -192,8 +194,8 @@ class Intensity:
         if self.scheme == "percentile":
             lo, hi = volume_percentiles(x)
             return (np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1).astype(np.float32)
-        if self.scheme == "ct-window":
-            return ((np.clip(x, self.lo, self.hi) - self.lo) / (self.hi - self.lo) * 2 - 1).astype(np.float32)
+        if self.scheme in ("ct-window", "dataset-percentile"):
+            return ((np.clip(x, self.lo, self.hi) - self.lo) / max(self.hi - self.lo, 1e-8) * 2 - 1).astype(np.float32)
         if self.scheme == "ct-percentile":
             return ((np.clip(x, self.lo, self.hi) - self.mean) / max(self.std, 1e-8)).astype(np.float32)
         if self.scheme == "zscore":
@@ -231,6 +233,19 @@ def volume_percentiles(x, percentiles: tuple[float, float] = CT_PERCENTILES) -> 
     decoded twice for its statistics)."""
     lo, hi = np.percentile(np.asarray(x[::2, ::2, ::2], dtype=np.float32), percentiles)
     return float(lo), float(hi)
+
+
+def fit_dataset_percentile(cases: list[Case], channel: int = 0) -> Intensity:
+    """The ``dataset-percentile`` scheme fitted on ``cases`` (the training cases: never the test cases): the
+    0.5 / 99.5 percentiles of all their voxels, pooled (each case strided to at most :data:`MAX_FIT_VOXELS`)."""
+    if not cases:
+        raise DataError("dataset-percentile needs at least one training case to fit its percentiles")
+    values = []
+    for c in cases:
+        v = read_volume(c.images[channel]).array.ravel()
+        values.append(v[::max(1, v.size // MAX_FIT_VOXELS)])
+    lo, hi = np.percentile(np.concatenate(values).astype(np.float64), CT_PERCENTILES)
+    return Intensity("dataset-percentile", lo=float(lo), hi=float(hi), fitted_on=[c.name for c in cases])
 
 
 def fit_ct_percentile(cases: list[Case], channel: int = 0) -> Intensity:
