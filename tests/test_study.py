@@ -597,7 +597,8 @@ def test_research_studies_parse(name, monkeypatch, tmp_path):
     # into a checkout-like folder whose ../shared is the benchmark data conftest found, they parse from any
     # directory, also in a clone with no ../shared beside it
     (tmp_path / "shared").symlink_to(DATASETS.parent, target_is_directory=True)
-    shutil.copytree(RESEARCH, tmp_path / "repo" / "research" / "studies")
+    # not studies/runs/: a local study's run folders (gigabytes) are no part of its file
+    shutil.copytree(RESEARCH, tmp_path / "repo" / "research" / "studies", ignore=shutil.ignore_patterns("runs"))
     folder = tmp_path / "repo" / "research" / "studies"
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load((folder / f"{name}.yaml").read_text())
