@@ -46,10 +46,10 @@ def _rows(diffs: list[float], method: str = "ddpm", k: int = 4, select: str = "r
     for seed, d in enumerate(diffs):
         stems = f"a{seed};b{seed}"
         base = 0.5 + 0.01 * seed
-        rows.append({"method": "none", "strategy": "scratch", "protocol": "strong", "select": select, "k": k,
-                     "seed": seed, "stems": stems, "dice": base})
-        rows.append({"method": method, "strategy": "full", "protocol": "strong", "select": select, "k": k,
-                     "seed": seed, "stems": stems, "dice": base + d})
+        rows.append({"method": "none", "arch": "x", "strategy": "scratch", "protocol": "strong", "select": select,
+                     "k": k, "seed": seed, "stems": stems, "dice": base})
+        rows.append({"method": method, "arch": "x", "strategy": "full", "protocol": "strong", "select": select,
+                     "k": k, "seed": seed, "stems": stems, "dice": base + d})
     return rows
 
 
@@ -158,15 +158,11 @@ def test_a_verdict_of_few_pairs_checks_its_t_test_with_the_sign_flip_test():
     from labeldiff.study.verdict import verdict_markdown
 
     rows = _rows([0.08, 0.1, 0.09, 0.12, 0.07])
-    for r in rows:
-        r["arch"] = "x"
     text = verdict_markdown(rows, "five seeds")
     d = [0.08, 0.1, 0.09, 0.12, 0.07]
     assert (f"k = 4, 5 pairs: t-test p = {t_test_p(d):.3f}, sign-flip p = {sign_flip_p(d):.3f}" in text
             and "sign-flip p = 0.062" in text and "cannot go below p = 0.0625" in text)
     many = _rows(list(np.linspace(0.05, 0.1, 12)))
-    for r in many:
-        r["arch"] = "x"
     assert "sign-flip" not in verdict_markdown(many, "twelve seeds")
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from labeldiff.study.family import correction_note, describe, family_markdown, judge_registry  # noqa: E402
+from labeldiff.study.family import (correction_note, describe, family_markdown, format_p,  # noqa: E402
+                                    judge_registry)
 from labeldiff.study.pages import render, study_header  # noqa: E402
 
 RESEARCH = ROOT / "research"
@@ -82,9 +83,9 @@ def correction(study: str, short: bool = False) -> str:
     if found is None:
         return "– (no primary fixed in advance)"
     fam, r = found
-    p = f"{r['p_holm']:.2g}" if r["p_holm"] < 0.001 else f"{r['p_holm']:.3f}"
     m = len(fam.judged)
-    return f"{'survives' if r['survives'] else 'does not survive'} (p {p}, {m} primar{'y' if m == 1 else 'ies'} in its family)"
+    return (f"{'survives' if r['survives'] else 'does not survive'} (p {format_p(r['p_holm'])}, {m} "
+            f"primar{'y' if m == 1 else 'ies'} in its family)")
 
 
 # ---------------------------------------------------------------------------------------------- studies

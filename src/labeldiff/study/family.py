@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from labeldiff.errors import ConfigError, DataError
-from labeldiff.study.stats import BASELINE, axis, paired_ci
+from labeldiff.study.stats import axis, paired_ci, same_images, scratch_pairs
 
 FEW_PAIRS = 10  # below this many pairs the sign-flip test checks the t-test
 EXACT_UP_TO = 16  # sign flips enumerated exactly up to this many pairs (2¹⁶ patterns); drawn above
@@ -123,15 +123,13 @@ def primary_pairs(rows: list[dict], compare: dict, metric: str = "dice") -> list
     def match(r: dict, **fixed) -> bool:
         return all(value(r, key) == v for key, v in {**want, **fixed}.items())
 
-    arm = {int(r["seed"]): r for r in rows if match(r)}
     if "vs" in compare:
+        arm = {int(r["seed"]): r for r in rows if match(r)}
         base = {int(r["seed"]): r for r in rows if match(r, select=str(compare["vs"]))}
         pairs = [(arm[s], base[s]) for s in sorted(arm) if s in base]
-    else:
-        held = {key: want[key] for key in ("protocol", "select", "k") if key in want}
-        base = {int(r["seed"]): r for r in rows if r["strategy"] == BASELINE
-                and all(value(r, key) == v for key, v in held.items())}
-        pairs = [(arm[s], base[s]) for s in sorted(arm) if s in base and base[s]["stems"] == arm[s]["stems"]]
+    else:  # the study's own pairing with scratch (same network, protocol, k, seed, selection and images)
+        pairs = sorted(((a, b) for a, b in scratch_pairs(rows) if match(a) and same_images(a, b)),
+                       key=lambda ab: int(ab[0]["seed"]))
     return [(float(a[metric]), float(b[metric])) for a, b in pairs]
 
 
@@ -220,11 +218,8 @@ def judge_family(family: Family, metric: str = "dice") -> list[dict]:
 
 def _crossed_primary(p: Primary, rows: list[dict], metric: str, family: Family) -> dict:
     """A primary over several pretraining runs (``compare: {…, pretraining: random}``): the gain over runs ×
-    seeds with both random (:func:`labeldiff.study.stats.crossed_interval`) and its two-sided t-test p-value
-    on Satterthwaite's degrees of freedom."""
-    from scipy.stats import t
-
-    from labeldiff.study.stats import pretraining_variance
+    seeds with both random and its p-value (:func:`labeldiff.study.stats.crossed_interval`)."""
+    from labeldiff.study.stats import base_method, pretraining_variance
 
     want = {k: str(v) for k, v in p.compare.items() if k in ("method", "strategy", "protocol", "select", "k")}
     found = [v for v in pretraining_variance(rows, metric) if all(str(v[k]) == x for k, x in want.items())]
@@ -232,25 +227,20 @@ def _crossed_primary(p: Primary, rows: list[dict], metric: str, family: Family) 
         raise DataError(f"family {family.name!r}: {p.results} has {len(found)} settings with several pretraining runs "
                         f"matching {p.compare}; name method, strategy, protocol, select and k of exactly one")
     v = found[0]
-    se = (v["high"] - v["mean"]) / float(t.ppf(0.975, v["df"])) if v["high"] == v["high"] else math.nan
-    p_t = float(2 * t.sf(abs(v["mean"]) / se, v["df"])) if se and se == se else math.nan
-    arm = [float(r[metric]) for r in rows if r["strategy"] != "scratch" and
-           r["method"].rpartition("~p")[0] == p.compare["method"]]
-    base = [float(r[metric]) for r in rows if r["strategy"] == "scratch" and int(r["seed"]) in set(v["seeds_used"])]
-    return {"study": p.study, "compare": p.compare, "fixed": p.fixed, "n": v["runs"] * len(v["seeds_used"]),
-            "mean": v["mean"], "low": v["low"], "high": v["high"], "p_t": p_t, "p_sign": None, "p": p_t,
-            "ahead": _pairs_ahead(rows, p.compare, metric), "arm": float(np.mean(arm)), "baseline": float(np.mean(base)),
+
+    def named(a: dict) -> bool:  # a cell of one of the primary's pretraining runs, on a seed every run has
+        name, run = base_method(a["method"])
+        return run is not None and int(a["seed"]) in v["seeds_used"] and all(
+            (name if k == "method" else str(axis(a, k) if k in ("protocol", "select") else a[k])) == x
+            for k, x in want.items())
+
+    pairs = [(a, b) for a, b in scratch_pairs(rows) if same_images(a, b) and named(a)]
+    scratch = {id(b): float(b[metric]) for _, b in pairs}  # each scratch cell once: every run shares it
+    return {"study": p.study, "compare": p.compare, "fixed": p.fixed, "n": len(pairs), "mean": v["mean"],
+            "low": v["low"], "high": v["high"], "p_t": v["p"], "p_sign": None, "p": v["p"],
+            "ahead": sum(float(a[metric]) > float(b[metric]) for a, b in pairs),
+            "arm": float(np.mean([float(a[metric]) for a, _ in pairs])), "baseline": float(np.mean(list(scratch.values()))),
             "runs": v["runs"]}
-
-
-def _pairs_ahead(rows: list[dict], compare: dict, metric: str) -> int:
-    """How many (pretraining run, seed) pairs of a ``pretraining: random`` primary are ahead of scratch."""
-    from labeldiff.study.stats import base_method, paired_differences_by_seed
-
-    want = {k: str(compare[k]) for k in ("strategy", "protocol", "select", "k") if k in compare}
-    return sum(d["diff"] > 0 for d in paired_differences_by_seed(rows, metric)
-               if base_method(d["method"])[0] == str(compare["method"]) and base_method(d["method"])[1] is not None
-               and all(str(d[k]) == v for k, v in want.items()))
 
 
 def describe(compare: dict) -> str:
@@ -263,7 +253,8 @@ def describe(compare: dict) -> str:
     return f"{' / '.join(parts)}{sel}, k = {compare['k']} − scratch{runs}"
 
 
-def _p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
+    """A p-value as a table shows it: 2 significant digits below 0.001, else 3 decimals; – when none."""
     if p is None or not math.isfinite(p):
         return "–"
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
@@ -287,11 +278,11 @@ def family_markdown(families: list[Family], title: str = "Family-wise verdicts")
             if r.get("pending"):
                 lines.append(f"| {r['study']} | {describe(r['compare'])} | {r['fixed'] or '–'} | not run: no "
                              f"{Path(r['pending']).name} yet; it counts in the family as p = 1 | | | | | | "
-                             f"{_p(r['p_holm'])} | no | not met |")
+                             f"{format_p(r['p_holm'])} | no | not met |")
                 continue
             ci = f"[{r['low']:+.3f}, {r['high']:+.3f}]" if r["n"] >= 2 else "n/a"
             lines.append(f"| {r['study']} | {describe(r['compare'])} | {r['fixed'] or '–'} | {r['n']} | {r['ahead']} | "
-                         f"{r['mean']:+.3f} | {ci} | {_p(r['p_t'])} | {_p(r['p_sign'])} | {_p(r['p_holm'])} | "
+                         f"{r['mean']:+.3f} | {ci} | {format_p(r['p_t'])} | {format_p(r['p_sign'])} | {format_p(r['p_holm'])} | "
                          f"{'yes' if r['survives'] else 'no'} | {'met' if r['goal_met'] else 'not met'} |")
         lines.append("")
     lines.append(
@@ -332,4 +323,4 @@ def correction_note(families: list[Family], study: str, page: str | None = None)
     link = f"; [every primary]({page})" if page else ""
     return (f"**After correction for the other primaries:** its primary ({describe(r['compare'])}, "
             f"{r['mean']:+.3f} over {r['n']} pairs) **{verdict}** Holm's correction over the {m} "
-            f"primar{'y' if m == 1 else 'ies'} of the {fam.name} family (adjusted p = {_p(r['p_holm'])}{link}).\n")
+            f"primar{'y' if m == 1 else 'ies'} of the {fam.name} family (adjusted p = {format_p(r['p_holm'])}{link}).\n")

@@ -113,6 +113,21 @@ def pairs_for_power(sd: float, effect: float, power: float = 0.8, level: float =
     return hi
 
 
+def scratch_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """Every pretrained cell with the scratch cell of the same network, protocol, k, seed and selection, in the
+    rows' order; whether they trained on the same images is :func:`same_images`."""
+    def where(r: dict) -> tuple:
+        return r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")
+
+    base = {where(r): r for r in rows if r["strategy"] == BASELINE}
+    return [(r, base[where(r)]) for r in rows if r["strategy"] != BASELINE and where(r) in base]
+
+
+def same_images(cell: dict, scratch: dict) -> bool:
+    """A pair is a pair when both trained on the same labeled images (a ``source`` cell has none: any pairs)."""
+    return cell["stems"] == scratch["stems"] or cell["strategy"] == "source"
+
+
 def paired_differences(rows: list[dict], metric: str = "dice", level: float = 0.95) -> list[dict]:
     """Every method × strategy × protocol × select vs scratch of the same network, protocol, k, seed and subset.
 
@@ -121,22 +136,13 @@ def paired_differences(rows: list[dict], metric: str = "dice", level: float = 0.
     seed order of the rows) and ``unpaired``: cells whose scratch counterpart trained on a different
     subset, left out.
     """
-    def where(r: dict) -> tuple:
-        return r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")
-
-    base = {where(r): r for r in rows if r["strategy"] == BASELINE}
     diffs: dict[tuple, list[float]] = defaultdict(list)
     unpaired: dict[tuple, int] = defaultdict(int)
     order: dict[tuple, None] = {}
-    for r in rows:
-        if r["strategy"] == BASELINE:
-            continue
+    for r, b in scratch_pairs(rows):
         key = (r["method"], r["strategy"], axis(r, "protocol"), axis(r, "select"), int(r["k"]))
-        b = base.get(where(r))
-        if b is None:
-            continue
         order[key] = None
-        if b["stems"] == r["stems"] or r["strategy"] == "source":  # source: no labels, any subset pairs
+        if same_images(r, b):
             diffs[key].append(float(r[metric]) - float(b[metric]))
         else:
             unpaired[key] += 1
@@ -251,7 +257,7 @@ def crossed_interval(d: np.ndarray, level: float = 0.95) -> dict:
     ``E[MS_runs] = σ²_e + S σ²_a``, ``E[MS_seeds] = σ²_e + P σ²_b``, ``E[MS_e] = σ²_e``, so
     ``Var(mean) = σ²_a/P + σ²_b/S + σ²_e/(PS)`` is estimated by ``(MS_runs + MS_seeds − MS_e) / (PS)``
     (floored at ``MS_e / (PS)``), with Satterthwaite's degrees of freedom. Returns ``mean``, ``low``,
-    ``high``, ``df``, ``runs`` (P), ``seeds`` (S), ``per_run`` (each run's mean), and the variance
+    ``high``, ``df``, ``p`` (the two-sided t-test of mean 0 on those df), ``runs`` (P), ``seeds`` (S), ``per_run`` (each run's mean), and the variance
     components as standard deviations ``sd_runs``, ``sd_seeds``, ``sd_residual`` (method-of-moments,
     negative estimates set to 0)."""
     from scipy.stats import t
@@ -260,8 +266,8 @@ def crossed_interval(d: np.ndarray, level: float = 0.95) -> dict:
     P, S = d.shape
     mean = float(d.mean())
     out = {"mean": mean, "runs": P, "seeds": S, "per_run": [float(x) for x in d.mean(axis=1)],
-           "low": math.nan, "high": math.nan, "df": math.nan, "sd_runs": math.nan, "sd_seeds": math.nan,
-           "sd_residual": math.nan}
+           "low": math.nan, "high": math.nan, "df": math.nan, "p": math.nan, "sd_runs": math.nan,
+           "sd_seeds": math.nan, "sd_residual": math.nan}
     if P < 2 or S < 2:
         return out
     run_means, seed_means = d.mean(axis=1), d.mean(axis=0)
@@ -272,8 +278,10 @@ def crossed_interval(d: np.ndarray, level: float = 0.95) -> dict:
     combined = max(ms_runs + ms_seeds - ms_e, ms_e)
     denom = ms_runs ** 2 / (P - 1) + ms_seeds ** 2 / (S - 1) + ms_e ** 2 / ((P - 1) * (S - 1))
     df = combined ** 2 / denom if denom > 0 else math.inf
-    half = float(t.ppf((1 + level) / 2, df)) * math.sqrt(combined / (P * S)) if combined > 0 else 0.0
-    out.update(low=mean - half, high=mean + half, df=df, sd_runs=math.sqrt(max(0.0, (ms_runs - ms_e) / S)),
+    se = math.sqrt(combined / (P * S))
+    half = float(t.ppf((1 + level) / 2, df)) * se
+    p = float(2 * t.sf(abs(mean) / se, df)) if se > 0 else (1.0 if mean == 0 else 0.0)
+    out.update(low=mean - half, high=mean + half, df=df, p=p, sd_runs=math.sqrt(max(0.0, (ms_runs - ms_e) / S)),
                sd_seeds=math.sqrt(max(0.0, (ms_seeds - ms_e) / P)), sd_residual=math.sqrt(ms_e))
     return out
 
@@ -302,15 +310,6 @@ def pretraining_variance(rows: list[dict], metric: str = "dice", level: float = 
 def paired_differences_by_seed(rows: list[dict], metric: str = "dice") -> list[dict]:
     """Every pretrained cell's difference to the scratch cell of the same network, protocol, k, seed, select
     and labeled images: ``method``, ``strategy``, ``protocol``, ``select``, ``k``, ``seed``, ``diff``."""
-    base = {(r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")): r
-            for r in rows if r["strategy"] == BASELINE}
-    out = []
-    for r in rows:
-        if r["strategy"] == BASELINE:
-            continue
-        b = base.get((r["arch"], axis(r, "protocol"), int(r["k"]), int(r["seed"]), axis(r, "select")))
-        if b is not None and b["stems"] == r["stems"]:
-            out.append({"method": r["method"], "strategy": r["strategy"], "protocol": axis(r, "protocol"),
-                        "select": axis(r, "select"), "k": int(r["k"]), "seed": int(r["seed"]),
-                        "diff": float(r[metric]) - float(b[metric])})
-    return out
+    return [{"method": r["method"], "strategy": r["strategy"], "protocol": axis(r, "protocol"),
+             "select": axis(r, "select"), "k": int(r["k"]), "seed": int(r["seed"]),
+             "diff": float(r[metric]) - float(b[metric])} for r, b in scratch_pairs(rows) if same_images(r, b)]
