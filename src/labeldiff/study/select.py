@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from labeldiff.data.folders import LabeledFolder, Sample
 from labeldiff.data.io import DataError
 from labeldiff.data.splits import select_subset
-from labeldiff.pretrain.cost import duration
+from labeldiff.pretrain.cost import first_item
 
 MAX_TRIES = 1000
 POOL_FRACTION = 0.5  # diverse: k-center greedy runs on a seeded random pool of this fraction of the images
@@ -250,8 +250,8 @@ def unet_features(pre_dir: Path, samples: list[Sample], data_cfg) -> np.ndarray:
             feats.append(extractor(loader.image(s)[None]).mean(dim=(2, 3))[0].cpu().numpy())
             if i == 0 and len(samples) > 1:
                 took = time.perf_counter() - began
-                tqdm.write(f"select: features of image 1 took {duration(took)} → ≈ {duration(took * len(samples))} "
-                           f"for the {len(samples)} candidates (fed whole, at the network's scale)")
+                tqdm.write(first_item("select", took, len(samples),
+                                      f"the {len(samples)} candidates (fed whole, at the network's scale)"))
     return np.stack(feats)
 
 

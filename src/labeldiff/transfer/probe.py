@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labeldiff import distributed
-from labeldiff.pretrain.cost import duration
+from labeldiff.pretrain.cost import duration, first_item
 from labeldiff.models.probe import FeatureExtractor, PixelEnsemble, entropy, load_members, member_seed, save_members
 
 # streaming shuffle: groups of SHUFFLE_CHUNKS chunks of CHUNK_ROWS pixel rows, each chunk from a random
@@ -241,8 +241,8 @@ def train_probe(extractor: FeatureExtractor, images: Sequence[torch.Tensor], mas
             cache.add(feats, masks[i], g, ignore_index)
             if progress and i == 0 and len(images) > 1:
                 took = time.perf_counter() - began
-                tqdm.write(f"probe: features of image 1 took {duration(took)} → ≈ {duration(took * len(images))} "
-                           f"for the {len(images)} images (the first image's time × {len(images)})")
+                tqdm.write(first_item("probe", took, len(images),
+                                      f"the {len(images)} images (the first image's time × {len(images)})"))
         distributed.barrier()  # every image's features are on disk
         which = range(rank, members, world)  # and rank r trains members r, r + N, …
         ensemble = train_members(cache.batches, extractor.num_features, num_classes, members, lr, max_epochs,
