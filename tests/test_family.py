@@ -111,10 +111,17 @@ def test_family_command_on_a_registry_and_its_errors(tmp_path, capsys):
     assert "| 2026-01-01 | 10 | 10 | +0.094 |" in line and line.endswith("| yes | met |")
     assert out.read_text() in printed
     registry.write_text(json.dumps({"families": {"f": {"primaries": [
-        {"study": "gone", "compare": {"method": "ddpm", "k": 4}}]}}}))
+        {"study": "gone", "compare": {"method": "ddpm", "k": 4}},
+        {"study": "strong", "compare": {"method": "ddpm", "strategy": "full", "k": 4}}]}}}))
     assert main(["family", str(registry)]) == 0  # fixed, not run: counted in the family, never a survivor
     assert "| gone | ddpm, k = 4 − scratch | – | not run: no results.csv yet; it counts in the family as p = 1 |" \
         in capsys.readouterr().out
+    from labeldiff.study.family import judge_registry
+
+    (fam,) = judge_registry(registry)
+    gone, strong = fam.judged
+    assert strong["p_holm"] == pytest.approx(min(1.0, 2 * strong["p"]))  # m = 2: the unrun primary counts
+    assert gone["p_holm"] == 1.0 and not gone["survives"]
     registry.write_text(json.dumps({"families": {"f": {"primaries": [
         {"study": "null", "compare": {"method": "ddpm", "k": 4, "seed": 1}}]}}}))
     assert main(["family", str(registry)]) == 2
