@@ -91,6 +91,9 @@ def test_primary_differences_pair_by_seed_and_subset_and_selection(tmp_path):
     sel = _rows([0.1, 0.1], select="random") + _rows([0.3, 0.0], select="typical")
     got = primary_differences(sel, {"method": "ddpm", "strategy": "full", "k": 4, "select": "typical", "vs": "random"})
     assert got == pytest.approx([0.2, -0.1])  # typical − random of the same method and seed
+    two = _rows([0.1, 0.2], method="hybrid") + [r for r in _rows([0.05, 0.3], method="twin") if r["method"] == "twin"]
+    got = primary_differences(two, {"method": "hybrid", "strategy": "full", "k": 4, "vs_method": "twin"})
+    assert got == pytest.approx([0.05, -0.1])  # hybrid − its twin, same strategy, protocol, k and seed
 
 
 def test_family_command_on_a_registry_and_its_errors(tmp_path, capsys):

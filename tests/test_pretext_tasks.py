@@ -29,21 +29,53 @@ def _gen(seed=0):
 
 # ------------------------------------------------------------------------------------------ DDeP / DeP
 
-def test_scaled_noise_keeps_unit_variance():
+def test_scaled_noise_on_the_signed_range_keeps_unit_variance():
     x = torch.randn(64, 3, 32, 32, generator=_gen(1))  # unit-variance input
     for sigma in (0.22, 0.8, 2.0):
-        c = build_corruption(CorruptionConfig(method="ddep", sigma=sigma))(x, _gen(2))
+        c = build_corruption(CorruptionConfig(method="ddep", sigma=sigma, noise_range="signed"))(x, _gen(2))
         assert abs(c.input.var().item() - 1.0) < 0.02, sigma
         gamma = 1 / (1 + sigma**2)
         assert torch.allclose(c.input, math.sqrt(gamma) * x + math.sqrt(1 - gamma) * c.target, atol=1e-5)
         assert torch.equal(c.t, torch.zeros(64, dtype=torch.long))
 
 
+def test_ddep_noise_is_added_to_the_image_in_0_1_as_the_paper_draws_it():
+    """DDeP Fig. 4 shows σ on images in [0, 1]: labeldiff maps its [-1, 1] image there, adds the scaled noise and
+    maps back, so the noise a pixel gets is twice what the same σ adds on [-1, 1]."""
+    x = torch.rand(64, 3, 32, 32, generator=_gen(1)) * 2 - 1
+    sigma = 0.22
+    gamma = 1 / (1 + sigma**2)
+    c = build_corruption(CorruptionConfig(method="ddep", sigma=sigma))(x, _gen(2))
+    x01 = (x + 1) / 2
+    assert torch.allclose(c.input, 2 * (math.sqrt(gamma) * x01 + math.sqrt(1 - gamma) * c.target) - 1, atol=1e-5)
+    signed = build_corruption(CorruptionConfig(method="ddep", sigma=sigma, noise_range="signed"))(x, _gen(2))
+    assert torch.equal(signed.target, c.target)  # the same ε: only its scale on the pixels differs
+    unit_noise = c.input - (2 * math.sqrt(gamma) * x01 - 1)
+    signed_noise = signed.input - math.sqrt(gamma) * x
+    assert torch.allclose(unit_noise, 2 * signed_noise, atol=1e-5)
+    assert CorruptionConfig().noise_range == "unit"
+
+
+def test_a_ddep_run_saved_before_noise_range_existed_reads_as_signed(tmp_path):
+    """A config.json without the field is what that run computed: noise on [-1, 1]."""
+    import json
+
+    from labeldiff.config import RunConfig
+
+    d = RunConfig().to_dict()
+    d["corruption"]["method"] = "ddep"
+    del d["corruption"]["noise_range"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert RunConfig.load(tmp_path / "config.json").corruption.noise_range == "signed"
+
+
 def test_additive_noise_and_x0_target():
     x = torch.randn(64, 3, 32, 32, generator=_gen(1))
-    c = build_corruption(CorruptionConfig(method="ddep", sigma=0.5, noise="additive"))(x, _gen(2))
+    c = build_corruption(CorruptionConfig(method="ddep", sigma=0.5, noise="additive", noise_range="signed"))(x, _gen(2))
     assert abs(c.input.var().item() - 1.25) < 0.03  # x + σ·ε: variance 1 + σ²
     assert torch.allclose(c.input, x + 0.5 * c.target, atol=1e-6)
+    u = build_corruption(CorruptionConfig(method="ddep", sigma=0.5, noise="additive"))(x, _gen(2))
+    assert torch.allclose(u.input, x + 2 * 0.5 * u.target, atol=1e-5)  # on [0, 1]: x01 + σ·ε, mapped back
     c0 = build_corruption(CorruptionConfig(method="dep", prediction="sample"))(x, _gen(2))
     assert torch.equal(c0.target, x)
 

@@ -16,7 +16,7 @@ from labeldiff.resolve import Layer, describe, resolve
 
 from conftest import write_labeled_dataset
 
-RUN_OPTIONS = {"-h", "--help", "--data", "--out", "--recipe", "--set", "--resume", "--overwrite", "--intensity",
+RUN_OPTIONS = {"-h", "--help", "--data", "--out", "--recipe", "--protocol", "--set", "--resume", "--overwrite", "--intensity",
                "--hu-window"}
 TINY = ["--size", "16", "--steps", "1", "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
         "--unet-channels", "8,16", "--attention", "0,0", "--head-channels", "8"]

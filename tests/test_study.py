@@ -599,6 +599,7 @@ def test_research_studies_parse(name, monkeypatch, tmp_path):
     (tmp_path / "shared").symlink_to(DATASETS.parent, target_is_directory=True)
     # not studies/runs/: a local study's run folders (gigabytes) are no part of its file
     shutil.copytree(RESEARCH, tmp_path / "repo" / "research" / "studies", ignore=shutil.ignore_patterns("runs"))
+    shutil.copy(RESEARCH.parent / "primaries.yaml", tmp_path / "repo" / "research")  # a study's `family:` registry
     folder = tmp_path / "repo" / "research" / "studies"
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load((folder / f"{name}.yaml").read_text())

@@ -98,6 +98,10 @@ def _section(kind: type, value: dict[str, Any]) -> Any:
     out = {}
     for k, v in value.items():
         out[k] = tuple(v) if isinstance(v, list) else v
+    for name, f in known.items():  # a setting added after the file was written: what the file's run did
+        absent = f.metadata["setting"].absent if "setting" in f.metadata else SAME
+        if name not in out and absent is not SAME:
+            out[name] = absent
     return kind(**out)
 
 

@@ -50,6 +50,7 @@ class Setting:
     resume: bool = False  # may change on --resume (train.steps extends a run; train.device moves it)
     applies: Callable[[Any], str | None] | None = None  # why a flag given on the command line cannot apply
     store_true: bool = False  # a flag without a value
+    absent: Any = SAME  # what a saved config.json written before this setting existed meant (SAME: the default)
 
 
 def setting(default: Any, help: str, **kw: Any) -> Any:
@@ -161,9 +162,19 @@ class CorruptionConfig:
     noise: str = setting("scaled", "ddep/dep: scaled (√γ·x + √(1−γ)·ε, γ = 1/(1+σ²)) or additive (x + σ·ε)",
                          flag="--noise", commands=PRETRAIN, choices=("scaled", "additive"),
                          applies=_unless("corruption.method", ("ddep", "dep"), "only ddep and dep"))
+    noise_range: str = setting("unit", "ddep/dep: the pixel range σ is measured on: unit (the image mapped to [0, 1], "
+                                       "noised, mapped back: DDeP Fig. 4) or signed (noise added on [-1, 1], where "
+                                       "the same σ is half the relative noise)", flag="--noise-range",
+                               commands=PRETRAIN, choices=("unit", "signed"), absent="signed",
+                               applies=_unless("corruption.method", ("ddep", "dep"), "only ddep and dep"))
     mask_weight: float = setting(1e-4, "hybrid: λ in MSE(image) + λ·MSE(mask) (hybrid paper, Sec. 4)",
                                  flag="--mask-weight", commands=PRETRAIN, lo=0,
                                  applies=_unless("corruption.method", ("hybrid",), "only hybrid weighs a mask loss"))
+    image_weight: float = setting(1.0, "hybrid: the weight of MSE(image); 0 makes the mask-only twin (the same "
+                                       "network, inputs x_t at the same t and mask loss, no image term): the "
+                                       "supervised baseline on the hybrid's footing", flag="--image-weight",
+                                  commands=PRETRAIN, lo=0,
+                                  applies=_unless("corruption.method", ("hybrid",), "only hybrid has an image term"))
 
 
 @dataclass
@@ -221,8 +232,10 @@ class TrainConfig:
     steps: int = setting(1000, "optimisation steps", flag="--steps", commands=BOTH, lo=1, finetune=300, resume=True)
     batch_size: int = setting(8, "images per step (the global batch)", flag="--batch-size", commands=BOTH, lo=1)
     lr: float = setting(5e-4, "base learning rate", flag="--lr", commands=BOTH, lo=0, lo_open=True, finetune=2e-4)
-    lr_final_ratio: float = setting(0.1, "the learning rate decays linearly to lr × this (CT paper: 2e-4 → 2e-5)",
-                                    lo=0, hi=1)
+    lr_final_ratio: float = setting(0.1, "the learning rate decays to lr × this (CT paper: 2e-4 → 2e-5)", lo=0, hi=1)
+    lr_schedule: str = setting("linear", "decay after the warm-up, to lr × lr_final_ratio: linear (CT paper) or cosine "
+                                         "(DDeP §5.1)", flag="--lr-schedule", commands=BOTH,
+                               choices=("linear", "cosine"))
     warmup_steps: int = setting(50, "linear learning-rate warm-up steps", flag="--warmup-steps", commands=BOTH, lo=0,
                                 finetune=20)
     weight_decay: float = setting(0.0, "AdamW weight decay of pretraining", lo=0)
@@ -279,16 +292,20 @@ class TransferConfig:
                                                     "one); stored as the stems", flag="--labeled", commands=FINETUNE,
                                               metavar="STEMS|FILE")
     t: int = setting(0, "fixed timestep fed to the backbone's time embedding", flag="--t", commands=FINETUNE, lo=0)
-    head_hidden: int = setting(128, "hidden channels of the segmentation head", flag="--head-hidden",
-                               commands=FINETUNE, lo=1)
+    head_hidden: int = setting(128, "hidden channels of the segmentation head (two conv3×3 layers, CT paper Fig. 2); "
+                                    "0: one conv3×3 from the features to the classes (TransUNet's head, DDeP)",
+                               flag="--head-hidden", commands=FINETUNE, lo=0)
     head_lr_mult: float = setting(10.0, "the head's learning rate is lr × this (CT paper: 10)", lo=0, lo_open=True)
     head_weight_decay: float = setting(1e-3, "Adam weight decay of the head (CT paper)", lo=0)
     backbone_weight_decay: float = setting(1e-4, "Adam weight decay of the backbone (CT paper)", lo=0)
     ce_weight: float = setting(0.5, "loss = w·CE + (1 − w)·Dice", lo=0, hi=1)
     features: str = setting("default", "probe: default (per method: mdm t=50, ddpm t=50,150,250; middle decoder "
-                                       "blocks), auto (chosen by leave-one-image-out validation) or "
+                                       "blocks), mdm-medical (the MDM paper on medical images: mdm t=50, ddpm "
+                                       "t=250), auto (chosen by leave-one-image-out validation) or "
                                        "'blocks=1,2;t=50,150'", flag="--features", commands=FINETUNE,
                             applies=PROBE_ONLY)
+    probe_batch: int = setting(1024, "probe: pixels per batch (MDM on medical images: 65536; Baranchuk: 64)",
+                               flag="--probe-batch", commands=FINETUNE, lo=1, applies=PROBE_ONLY)
     members: int = setting(10, "probe: MLPs in the ensemble (Baranchuk et al.: 10)", flag="--members",
                            commands=FINETUNE, lo=1, applies=PROBE_ONLY)
     probe_stop_iters: int = setting(0, "probe: after 4 epochs, stop a member once this many batches in a row did not "

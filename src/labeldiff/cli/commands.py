@@ -18,6 +18,12 @@ def settings_layers(args: argparse.Namespace) -> list:
     layers = []
     if getattr(args, "recipe", None):
         layers.append(Layer(f"recipe {args.recipe}", recipe_values(load_recipe(args.recipe), str(args.recipe))))
+    if getattr(args, "protocol", None):
+        from labeldiff import protocols
+
+        protocol = protocols.load(args.protocol)
+        kind = "pretrain" if getattr(args, "command", None) == "pretrain" else "segmentation"
+        layers.append(Layer(f"protocol {protocol.name}", protocol.values(kind)))
     typed = {"data.path": str(args.data)}
     typed.update({name: getattr(args, name) for name, _, _ in declared() if getattr(args, name, None) is not None})
     for item in getattr(args, "set_values", None) or []:
@@ -79,6 +85,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     pretrained = _last(layers, "transfer.pretrained")
     pre = RunFolder.open(pretrained, flag="--pretrained").require_pretrain().verify() if pretrained else None
     cfg = resolve("segmentation", layers, pre.config if pre else None, str(pretrained) if pre else None)
+    if getattr(args, "protocol", None) and pre is not None:
+        from labeldiff import protocols
+
+        protocol = protocols.load(args.protocol)
+        for unmet in protocol.unmet(pre.config):
+            print(f"note: protocol {protocol.name} pretrains with another setting: in {pretrained}, {unmet}; "
+                  f"`labeldiff pretrain --protocol {protocol.name}` follows it (a deviation from {protocol.paper})")
     if cfg.transfer.synthetic and cfg.transfer.strategy != "probe":  # the probe refuses it in run_transfer
         from labeldiff.runtime import resolve_device
         from labeldiff.sample.synthetic import ensure_synthetic

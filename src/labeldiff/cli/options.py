@@ -125,6 +125,11 @@ def add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     io.add_argument("--out", required=True, type=Path, help="run folder to create")
     io.add_argument("--recipe", help="settings from a recipe: a shipped name (e.g. ddpm-cpu) or a YAML file; "
                                      "flags override it")
+    io.add_argument("--protocol", help="a paper's transfer protocol by name (ct, mdm, ddep, hybrid, hybrid-ledm, "
+                                       "shared) or a YAML file: " + ("the pretraining it asks for (mdm: the test "
+                                       "images too; ct: dataset-wide intensity percentiles)" if command == "pretrain"
+                                       else "strategy, head, optimiser, schedule, loss, augmentation and probe "
+                                       "features as the paper states them") + "; above --recipe, below the flags")
     io.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="any setting, including those without a flag (e.g. train.weight_decay=1e-4); repeatable")
     io.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "

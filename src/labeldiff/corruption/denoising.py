@@ -45,9 +45,12 @@ class DecoderDenoising(Corruption):
 
     def __call__(self, x0: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> Corrupted:
         noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        x = (x0 + 1.0) / 2.0 if self.cfg.noise_range == "unit" else x0  # DDeP's σ is relative to [0, 1] pixels
         if self.cfg.noise == "scaled":
-            noisy = math.sqrt(self.gamma) * x0 + math.sqrt(1.0 - self.gamma) * noise
+            noisy = math.sqrt(self.gamma) * x + math.sqrt(1.0 - self.gamma) * noise
         else:
-            noisy = x0 + self.cfg.sigma * noise
+            noisy = x + self.cfg.sigma * noise
+        if self.cfg.noise_range == "unit":
+            noisy = noisy * 2.0 - 1.0  # back to the [-1, 1] images the network reads
         t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)  # no timestep: the network ignores it
         return Corrupted(input=noisy, t=t, target=noise if self.cfg.prediction == "epsilon" else x0)

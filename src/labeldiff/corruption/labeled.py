@@ -6,6 +6,9 @@ estimates both the clean image and the one-hot mask, i.e. E[x, y | x_t]; loss = 
 (x₀ = 'sample', the paper's estimate of the clean image, or ε). With t = 0 the mask channels are a
 segmenter; run backwards, the network samples (image, mask) pairs (:mod:`labeldiff.sample.diffusion`).
 
+``image_weight: 0`` is the hybrid's mask-only twin: the same network, the same noisy inputs x_t at the same
+uniform t and the same mask loss, no image term — a supervised baseline trained on the hybrid's footing.
+
 Supervised pretraining: the same network, input the clean image at t = 0, output K class scores,
 Dice + cross-entropy — the baseline the hybrid paper compares against.
 """
@@ -61,7 +64,8 @@ class HybridDiffusion(Corruption):
         ch = c.input.shape[1]
         img_pred, mask_pred = self.split(pred.float(), ch)
         img_target, mask_target = self.split(c.target.float(), ch)
-        return F.mse_loss(img_pred, img_target) + self.cfg.mask_weight * F.mse_loss(mask_pred, mask_target)
+        image_term = F.mse_loss(img_pred, img_target) if self.cfg.image_weight else img_pred.sum() * 0.0
+        return self.cfg.image_weight * image_term + self.cfg.mask_weight * F.mse_loss(mask_pred, mask_target)
 
 
 class SupervisedSegmentation(Corruption):

@@ -66,17 +66,18 @@ def default_blocks(n_up_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(set(picks)))
 
 
-def default_spec(method: str, n_up_blocks: int) -> FeatureSpec:
+def default_spec(method: str, n_up_blocks: int, medical: bool = False) -> FeatureSpec:
     """Blocks from :func:`default_blocks`; timesteps by pretext method.
 
     - ``mdm``: t = 50 (MDM App. A.2/B, Table 6: "we set t to 50 across all four datasets").
     - ``ddpm``: t = 50, 150, 250 (Baranchuk's official setting, used by MDM for FFHQ/CelebA; on
-      GlaS/MoNuSeg MDM uses a single t = 250, App. B — pass a FeatureSpec for that).
+      GlaS/MoNuSeg MDM uses a single t = 250, App. B: ``medical``).
     - ``mae`` and anything else (hybrid, supervised, …): t = 0. Our MAE-style pretext always feeds
       t = 0 (``corruption/masking.py``), so its time embedding has never seen another value (the
       MDM paper's MAE is a ViT without any t).
+    - ``medical``: the MDM paper's choice on GlaS and MoNuSeg (App. B): ddpm t = 250 alone; mdm stays t = 50.
     """
-    timesteps = {"mdm": (50,), "ddpm": (50, 150, 250)}.get(method, (0,))
+    timesteps = {"mdm": (50,), "ddpm": (250,) if medical else (50, 150, 250)}.get(method, (0,))
     return FeatureSpec(blocks=default_blocks(n_up_blocks), timesteps=timesteps)
 
 

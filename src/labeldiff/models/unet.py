@@ -141,10 +141,14 @@ def build_unet(cfg: ModelConfig, out_channels: int) -> DiffusionModelUNet:
 
 
 class SegHead(nn.Module):
-    """[B, c, H, W] → [B, K, H, W]: 2 × (conv3×3 → BN → ReLU) → conv1×1 (CT paper, Fig. 2)."""
+    """[B, c, H, W] → [B, K, H, W]: 2 × (conv3×3 → BN → ReLU) → conv1×1 (CT paper, Fig. 2); ``hidden=0``:
+    one conv3×3 to the K classes (TransUNet's segmentation head, the network DDeP fine-tunes)."""
 
     def __init__(self, in_channels: int, hidden: int, num_classes: int):
         super().__init__()
+        if hidden == 0:
+            self.layers = nn.Sequential(nn.Conv2d(in_channels, num_classes, 3, padding=1))
+            return
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(2):

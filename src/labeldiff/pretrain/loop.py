@@ -83,11 +83,14 @@ class DeferredInterrupt:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to ``lr_final_ratio``."""
+    """Linear warm-up over ``warmup_steps``, then decay to ``lr_final_ratio``: linear, or along half a
+    cosine (``lr_schedule: cosine``)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     frac = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_schedule == "cosine":
+        frac = (1.0 - math.cos(math.pi * frac)) / 2.0
     return 1.0 - (1.0 - cfg.lr_final_ratio) * frac
 
 

@@ -28,7 +28,13 @@ PRETRAIN_DATA_FIELDS = tuple(dict.fromkeys(
 NOT_RESULT: dict[str, list[str]] = {}
 for _name in not_result_fields():
     NOT_RESULT.setdefault(_name.split(".")[0], []).append(_name.split(".")[1])
-LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None}, "transfer": {"label_unit": "slices", "labeled": None}}  # fields added later: at their default, runs hash as before
+# fields added later: at these values (what runs did before them) runs hash as before. DDeP's noise was added on
+# [-1, 1] ("signed") before noise_range existed, so a "unit" run is another result with another id.
+LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None},
+                  "transfer": {"label_unit": "slices", "labeled": None, "probe_batch": 1024},
+                  "train": {"lr_schedule": "linear"},
+                  "corruption": {"noise_range": "signed", "image_weight": 1.0}}
+ONLY_FOR = {("corruption", "noise_range"): ("ddep", "dep")}  # a later field hashed only for these methods
 
 
 def digest(obj: Any, n: int = 10) -> str:
@@ -52,6 +58,9 @@ def identity(cfg: RunConfig) -> dict:
     d.pop("sources", None)  # a record of where values came from, not a setting
     if d.get("extended") is None:  # runs saved before the field existed hash as they did
         d.pop("extended", None)
+    for (section, name), methods in ONLY_FOR.items():
+        if d["corruption"]["method"] not in methods:
+            d[section].pop(name, None)
     for section, defaults in LATER_DEFAULTS.items():
         for name, value in defaults.items():
             if d[section].get(name, value) == value:
@@ -70,6 +79,10 @@ def layers(study: Study, recipe: Recipe, data_fields: tuple[str, ...] | None = N
     out.append(Layer(f"{where}, data", {f"data.{k}": v for k, v in study.data.options.items()
                                         if data_fields is None or k in data_fields}))
     out.append(Layer(f"{where}, overrides", dict(recipe.overrides)))
+    if protocol is not None and protocol.paper is not None:
+        from labeldiff import protocols
+
+        out.append(Layer(f"protocol {protocol.paper}", protocols.load(protocol.paper).values("segmentation")))
     if protocol is not None:
         out.append(Layer(f"{where}, protocol {protocol.name}", dict(protocol.overrides)))
     return out

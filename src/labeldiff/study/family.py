@@ -15,7 +15,8 @@ primary
   the family's α. Holm controls the chance of any false "survives" in the family at α, whatever the
   dependence between the primaries, and rejects everything Bonferroni does (and sometimes more);
 - its goal: a pretraining primary meets the goal when its mean is at least ``goal`` and it survives; a
-  selection primary (``vs:`` another selection) when it survives with a positive mean.
+  selection primary (``vs:`` another selection) when it survives with a positive mean. ``vs_method:`` compares
+  with another network of the study (the same strategy, protocol, k, seed and selection) instead of scratch.
 
 The registry is YAML::
 
@@ -51,7 +52,7 @@ from labeldiff.study.stats import axis, paired_ci, same_images, scratch_pairs
 
 FEW_PAIRS = 10  # below this many pairs the sign-flip test checks the t-test
 EXACT_UP_TO = 16  # sign flips enumerated exactly up to this many pairs (2¹⁶ patterns); drawn above
-COMPARE_KEYS = ("method", "strategy", "protocol", "select", "k", "vs", "pretraining")
+COMPARE_KEYS = ("method", "strategy", "protocol", "select", "k", "vs", "vs_method", "pretraining")
 
 
 @dataclass
@@ -115,7 +116,7 @@ def primary_differences(rows: list[dict], compare: dict, metric: str = "dice") -
 
 def primary_pairs(rows: list[dict], compare: dict, metric: str = "dice") -> list[tuple[float, float]]:
     """``(arm, baseline)`` scores of each pair of :func:`primary_differences`, in seed order."""
-    want = {k: str(v) for k, v in compare.items() if k != "vs"}
+    want = {k: str(v) for k, v in compare.items() if k not in ("vs", "vs_method")}
 
     def value(r: dict, key: str) -> str:
         return axis(r, key) if key in ("protocol", "select") else str(r[key])
@@ -123,9 +124,10 @@ def primary_pairs(rows: list[dict], compare: dict, metric: str = "dice") -> list
     def match(r: dict, **fixed) -> bool:
         return all(value(r, key) == v for key, v in {**want, **fixed}.items())
 
-    if "vs" in compare:
+    if "vs" in compare or "vs_method" in compare:  # another selection, or another network, same seed
+        other = {"select": str(compare["vs"])} if "vs" in compare else {"method": str(compare["vs_method"])}
         arm = {int(r["seed"]): r for r in rows if match(r)}
-        base = {int(r["seed"]): r for r in rows if match(r, select=str(compare["vs"]))}
+        base = {int(r["seed"]): r for r in rows if match(r, **other)}
         pairs = [(arm[s], base[s]) for s in sorted(arm) if s in base]
     else:  # the study's own pairing with scratch (same network, protocol, k, seed, selection and images)
         pairs = sorted(((a, b) for a, b in scratch_pairs(rows) if match(a) and same_images(a, b)),
@@ -248,6 +250,8 @@ def describe(compare: dict) -> str:
     parts = [str(compare[k]) for k in ("method", "strategy", "protocol") if k in compare]
     if "vs" in compare:
         return f"{' / '.join(parts)}, k = {compare['k']}: {compare.get('select')} − {compare['vs']}"
+    if "vs_method" in compare:
+        return f"{' / '.join(parts)}, k = {compare['k']} − {compare['vs_method']}"
     sel = f" / {compare['select']}" if "select" in compare else ""
     runs = " (pretraining runs and seeds random)" if compare.get("pretraining") == "random" else ""
     return f"{' / '.join(parts)}{sel}, k = {compare['k']} − scratch{runs}"

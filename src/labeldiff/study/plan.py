@@ -241,6 +241,9 @@ def plan_cells(study: Study, runs: list[Pretraining], target: Target, fts: dict[
 
     def add(label: str, arch: str, strategy: str, pre: Pretraining | None, model: ModelConfig) -> None:
         for protocol, ft in fts.items():
+            only = protocols[protocol].strategies
+            if only and strategy != "scratch" and strategy not in only:
+                continue  # the protocol runs only its own strategies (and scratch)
             keeps = pre is not None and pre.cfg.corruption.method in LABELED_METHODS
             if strategy in ("lp-ft", "linear") and ft.transfer.keep_head is True and keeps:
                 print(f"note: skipping {strategy} for {label} under protocol {protocol}: with keep_head the source's "

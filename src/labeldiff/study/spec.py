@@ -58,6 +58,8 @@ Schema (every key but ``methods`` and ``strategies`` is optional; see the exampl
     require_all_classes: false
     finetune: {recipe: finetune-cpu, overrides: {train.steps: 300}}
     protocols:                           # optional axis: fine-tuning settings for every cell, scratch too
+      - {name: ct, protocol: ct, strategies: [decoder]}   # a paper's own protocol (labeldiff.protocols),
+                                         #   overrides on top; strategies: only these run under it (+ scratch)
       - {name: none, overrides: {transfer.augment: none}}
       - {name: strong, overrides: {transfer.augment: strong, transfer.flips: hv}}
     metrics: [dice, iou, per-class]     # + volume: each case's test slab scored in 3D (Dice, HD95, NSD);
@@ -174,6 +176,8 @@ class ProtocolSpec:
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    paper: str | None = None  # a shipped protocol (labeldiff.protocols) whose fine-tuning block is layered first
+    strategies: list[str] | None = None  # the study's strategies that run under it (None: all); scratch always
 
 
 @dataclass
@@ -431,13 +435,24 @@ def _protocols(raw: Any, file: Path) -> list[ProtocolSpec]:
     for i, item in enumerate(items):
         where = f"protocols[{i}]"
         if not isinstance(item, dict) or not item.get("name"):
-            raise _fail(file, where, "expected {name: NAME, overrides: {transfer.augment: strong, ...}}")
-        _unknown(file, where, item, ("name", "overrides"))
+            raise _fail(file, where, "expected {name: NAME, protocol: ct|mdm|ddep|hybrid|…, overrides: {…}}")
+        _unknown(file, where, item, ("name", "protocol", "strategies", "overrides"))
         name = str(item["name"])
         if not name.replace("-", "").replace("_", "").isalnum():
             raise _fail(file, where, f"name {name!r}: use letters, digits, '-' and '_' only (it is part of folder names)")
         recipe = _recipe({"overrides": item.get("overrides") or {}}, file, f"{where} ({name})")
-        out.append(ProtocolSpec(name, recipe.overrides))
+        paper = item.get("protocol")
+        if paper is not None:
+            from labeldiff import protocols
+
+            try:
+                protocols.load(str(paper))
+            except ConfigError as e:
+                raise _fail(file, f"{where}.protocol", str(e)) from None
+        only = item.get("strategies")
+        if only is not None:
+            only = _choices(only, file, f"{where}.strategies", STRATEGIES, [])
+        out.append(ProtocolSpec(name, recipe.overrides, None if paper is None else str(paper), only or None))
     names = [p.name for p in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -505,6 +520,11 @@ def parse_study(raw: Any, file: Path) -> Study:
     metrics = _choices(raw.get("metrics"), file, "metrics", METRICS, list(METRICS[:3]))
     finetune = _recipe(raw.get("finetune"), file, "finetune")
     protocols = _protocols(raw.get("protocols"), file)
+    for p in protocols:
+        missing = [s for s in p.strategies or [] if s not in strategies]
+        if missing:
+            raise _fail(file, f"protocols ({p.name}).strategies", f"{', '.join(missing)} is not among the study's "
+                                                                  f"strategies ({', '.join(strategies)}); add it there")
     named = [where for where, values in [("finetune", finetune.overrides), *((f"protocols ({p.name})", p.overrides)
                                                                             for p in protocols)]
              if values.get("transfer.labeled")]

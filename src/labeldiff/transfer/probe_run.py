@@ -39,6 +39,7 @@ from labeldiff.runtime import resolve_device, threads_summary
 from labeldiff.transfer.labeled import prepare_transfer
 from labeldiff.transfer.probe import train_probe
 
+NAMED_FEATURES = ("default", "mdm-medical", "auto")  # transfer.features besides 'blocks=…;t=…'
 PROBE_CACHE = "probe-cache"  # under torchrun: the features and members the ranks share, removed at the end
 
 
@@ -57,7 +58,7 @@ def run_probe(cfg: RunConfig, out: Path, stems: list[str] | None = None, overwri
                          f"for this run use --strategy linear, decoder or full")
     cfg.corruption = pre.config.corruption
     requested = t.features
-    if requested not in ("default", "auto"):
+    if requested not in NAMED_FEATURES:
         parse_spec(requested)  # validate before the run folder is written
     if requested == "auto" and cfg.data.ignore_index is not None:
         raise ConfigError("--features auto scores its candidates on every pixel; with --ignore-index give the "
@@ -82,8 +83,8 @@ def _probe(cfg: RunConfig, out: Path, job, unet, t0: float) -> dict:
     images = [loader.image(s) for s in samples]
     masks = [loader.mask(s, job.num_classes) for s in samples]
     selection = None
-    if requested == "default":
-        spec = default_spec(pre.method, len(unet.up_blocks))
+    if requested in ("default", "mdm-medical"):
+        spec = default_spec(pre.method, len(unet.up_blocks), medical=requested == "mdm-medical")
     elif requested == "auto":
         from labeldiff.transfer.select_features import format_selection, select_spec
 
@@ -107,6 +108,7 @@ def _probe(cfg: RunConfig, out: Path, job, unet, t0: float) -> dict:
     # folder in the run folder; one process uses a temporary folder
     cache = out / PROBE_CACHE if distributed.world_size() > 1 else None
     ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed,
+                           batch_pixels=t.probe_batch,
                            ignore_index=cfg.data.ignore_index, stop_iters=t.probe_stop_iters, cache_dir=cache,
                            progress=main)
     if cache is not None and main:
