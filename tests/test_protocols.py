@@ -92,6 +92,7 @@ def test_the_shipped_protocols_and_their_pretraining_blocks():
     for name, want in PRETRAIN.items():
         p = protocols.load(name)
         assert p.pretrain == want and p.paper
+        assert set(p.sources) == set(p.pretrain) | set(p.finetune)  # every setting says where it comes from
     shared = flatten(_resolved("finetune", "--protocol", "shared"))
     assert (shared["transfer.strategy"], shared["transfer.augment"]) == ("full", "strong")
 

@@ -33,6 +33,7 @@ class Protocol:
     paper: str
     pretrain: dict[str, Any]
     finetune: dict[str, Any]
+    sources: dict[str, str]  # setting → where the paper says it, or "(choice: …)" where it is silent
 
     def values(self, kind: str) -> dict[str, Any]:
         """The settings of a run of ``kind`` (``pretrain`` or ``segmentation``)."""
@@ -67,8 +68,9 @@ def load(name: str) -> Protocol:
     path = lookup(FOLDER, "protocol", name)
     raw = read_yaml(path) or {}
     where = f"protocol {path}"
-    if not isinstance(raw, dict) or set(raw) - {"paper", *BLOCKS}:
-        raise ConfigError(f"{where}: a protocol has the keys paper, pretrain and finetune; "
+    if not isinstance(raw, dict) or set(raw) - {"paper", "sources", *BLOCKS}:
+        raise ConfigError(f"{where}: a protocol has the keys paper, pretrain, finetune and sources; "
                           f"got {sorted(raw) if isinstance(raw, dict) else raw!r}")
     blocks = {b: recipe_values(raw.get(b) or {}, f"{where}, {b}") for b in BLOCKS}
-    return Protocol(path.stem, str(raw.get("paper", "")), blocks["pretrain"], blocks["finetune"])
+    sources = {str(k): str(v) for k, v in (raw.get("sources") or {}).items()}
+    return Protocol(path.stem, str(raw.get("paper", "")), blocks["pretrain"], blocks["finetune"], sources)
