@@ -253,6 +253,13 @@ class TrainConfig:
     grad_accum: int = setting(1, "compute each batch in N micro-batches, gradients accumulated (the same update in "
                                  "1/N of the activation memory)", flag="--grad-accum", commands=BOTH, lo=1)
     log_every: int = setting(10, "write a log.jsonl record every N steps", lo=1, result=False)
+    track: str = setting("none", "also stream log.jsonl's records to: none, tensorboard (RUN/tensorboard), mlflow or "
+                                 "tensorboard,mlflow (labeldiff.tracking; pip install \"labeldiff[track]\")",
+                         flag="--track", commands=BOTH, metavar="none|tensorboard|mlflow", result=False,
+                         resume=True)
+    tracking_uri: str | None = setting(None, "with --track mlflow: the MLflow tracking URI [file: ./mlruns]",
+                                       flag="--tracking-uri", commands=BOTH, metavar="URI", result=False,
+                                       resume=True)
     seed: int = setting(0, "random seed: the labeled images drawn, the initial weights, the batches", flag="--seed",
                         commands=BOTH, lo=0)
     device: str = setting("auto", "auto (CUDA if present), cpu or cuda[:N]", flag="--device", commands=BOTH,

@@ -131,6 +131,10 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                     "precision": precision, "ignore_index": ignore, "roi": bool(getattr(ds, "has_roi", False)),
                     "num_classes": k, "test_images": provenance.scored(ds.root, ds.split_file, split, stems)})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    from labeldiff.tracking import log_evaluation
+
+    log_evaluation(Path(model_dir), {"dice": metrics["dice"], "iou": metrics["iou"],
+                                     **({"aji": metrics["aji"]} if aji else {})}, step=cfg.train.steps)
     write_per_image_csv(rows, out / "per_image.csv")
     overlay_grid(picker.rows(), out / "overlays.png", k, class_names=names, ignore_index=ignore,
                  title=f"{Path(model_dir).name} on {split} ({len(samples)} images, mean foreground Dice "

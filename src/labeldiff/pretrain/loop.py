@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from labeldiff import distributed
+from labeldiff import distributed, tracking
 from labeldiff.checkpoint import load_checkpoint, rename_weights, save_checkpoint, save_weights
 from labeldiff.config import RunConfig, TrainConfig
 from labeldiff.pretrain.cost import StepClock
@@ -212,6 +212,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
 
     set_train_mode()
     log = open(run_dir / "log.jsonl", "a") if main else open(os.devnull, "w")
+    tracker = tracking.Tracker(run_dir, cfg.track if main else None, cfg.tracking_uri, resume=resume)
+    tracker.params(config.to_dict())
+    finished = False
     last_good = start
     loss_value = ck["extra"].get("loss", math.nan) if resume else math.nan
     t0 = time.time()
@@ -267,9 +270,11 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 now = time.time()
                 ips = (done - tick_step) * batches.batch_size / max(now - tick, 1e-9)
                 tick, tick_step = now, done
-                log.write(json.dumps({"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                                      "images_per_s": round(ips, 2)}) + "\n")
+                record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": round(ips, 2)}
+                log.write(json.dumps(record) + "\n")
                 log.flush()
+                tracker.log(done, record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
             bar.update(1)
             if stop is not None and done < cfg.steps and stop(done, loss_value):
@@ -281,10 +286,12 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 if main:
                     save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
+                    tracking.write_progress(run_dir)
                 last_good = done
             step = done
             if distributed.any_rank(interrupt.hit, device):  # a Ctrl-C during this step (on any rank) stops here,
                 raise KeyboardInterrupt                       # with the state of step `done`
+        finished = True
     except KeyboardInterrupt:
         bar.close()
         if step > last_good and main:
@@ -295,10 +302,16 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
         interrupt.__exit__()
         bar.close()
         log.close()
+        if not finished:
+            tracker.close(finished=False)
     if main:
         if step > start or not resume:  # a resume at the last step only writes the result it lacked
             save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
         final = ema.state if ema is not None else model.state_dict()
         save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
+        for artifact in (tracking.write_progress(run_dir), run_dir / "config.json"):
+            if artifact is not None:
+                tracker.artifact(artifact)
+    tracker.close()
     distributed.barrier()  # the run folder is whole before any rank returns
     return {"step": step, "loss": loss_value, "seconds": time.time() - t0, "stopped": stopped}
