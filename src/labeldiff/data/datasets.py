@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labeldiff import portable
 from labeldiff.config import DataConfig
+from labeldiff.portable import resize_image  # noqa: F401  (the one resize, shared with exported bundles)
 from labeldiff.data.augment import seed_from
 from labeldiff.data.folders import Sample
 from labeldiff.data.io import DataError
@@ -39,15 +41,6 @@ class ImageCache:
         return value
 
 
-def resize_image(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (antialiased) resize of ``[C, H, W]`` or ``[B, C, H, W]``."""
-    squeeze = x.dim() == 3
-    y = x[None] if squeeze else x
-    if tuple(y.shape[-2:]) != tuple(hw):
-        y = F.interpolate(y, size=hw, mode="bilinear", antialias=True, align_corners=False)
-    return y[0] if squeeze else y
-
-
 def resize_mask(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of an integer mask ``[H, W]``."""
     if tuple(m.shape) == tuple(hw):
@@ -56,14 +49,8 @@ def resize_mask(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 def network_hw(hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
-    """The size an image of size ``hw`` is brought to before the network sees it."""
-    if cfg.mode == "resize":
-        return cfg.size, cfg.size
-    h, w = max(1, round(hw[0] * cfg.scale)), max(1, round(hw[1] * cfg.scale))
-    if min(h, w) < cfg.size:  # too small for a crop: enlarge so the short side equals the crop
-        f = cfg.size / min(h, w)
-        h, w = max(cfg.size, round(h * f)), max(cfg.size, round(w * f))
-    return h, w
+    """The size an image of size ``hw`` is brought to before the network sees it (:func:`portable.network_hw`)."""
+    return portable.network_hw(hw, cfg.mode, cfg.size, cfg.scale)
 
 
 class ScaledImages:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from labeldiff.data.io import DataError
+from labeldiff.portable import canonical as portable_canonical, from_canonical, from_display, square as _square, to_display  # noqa: F401,E501
 from labeldiff.data.volume_io import Volume, check_affine, read_volume
 from labeldiff.errors import DataError
 
@@ -19,23 +20,12 @@ from labeldiff.errors import DataError
 
 def canonical(vol: Volume) -> tuple[Volume, np.ndarray]:
     """The volume with its axes permuted and flipped to RAS (nibabel's orientation tools: array axis 0
-    runs left → right, 1 posterior → anterior, 2 inferior → superior), and the orientation that undoes it (:func:`from_canonical`). Slicing, training and prediction work in this
-    frame, so a DICOM series (stored LPS) and a NIfTI (often RAS) of the same scan give the same slices;
-    the affine is updated so every voxel keeps its position in mm."""
-    from nibabel import orientations as o
-
-    src, ras = o.io_orientation(vol.affine), o.axcodes2ornt("RAS")
-    to_ras = o.ornt_transform(src, ras)
-    array = np.ascontiguousarray(o.apply_orientation(vol.array, to_ras))
-    affine = vol.affine @ o.inv_ornt_aff(to_ras, vol.shape)
-    return Volume(array, affine), o.ornt_transform(ras, src)
-
-
-def from_canonical(array: np.ndarray, back: np.ndarray) -> np.ndarray:
-    """Undo :func:`canonical` on an array of the canonical frame (a prediction) → the input's voxel order."""
-    from nibabel import orientations as o
-
-    return np.ascontiguousarray(o.apply_orientation(array, back))
+    runs left → right, 1 posterior → anterior, 2 inferior → superior), and the orientation that undoes it
+    (:func:`from_canonical`). Slicing, training and prediction work in this frame, so a DICOM series
+    (stored LPS) and a NIfTI (often RAS) of the same scan give the same slices; the affine is updated so
+    every voxel keeps its position in mm (:func:`labeldiff.portable.canonical`)."""
+    array, affine, back = portable_canonical(vol.array, vol.affine)
+    return Volume(array, affine), back
 
 
 def canonical_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -150,28 +140,3 @@ def slab_on_grid(first: int, last: int, axis: int, affine: np.ndarray, dst_affin
 
 
 # --- slice geometry: the voxel-order slice ↔ the 2D image the slice datasets hold -------------------------------
-
-def _square(a: np.ndarray, fill: int) -> np.ndarray:
-    """Pad a 2D slice to a centred square so that resizing keeps the aspect ratio."""
-    h, w = a.shape
-    n = max(h, w)
-    out = np.full((n, n), fill, dtype=a.dtype)
-    top, left = (n - h) // 2, (n - w) // 2
-    out[top:top + h, left:left + w] = a
-    return out
-
-
-def to_display(x: np.ndarray, fill=0) -> np.ndarray:
-    """A slice in the volume's voxel order → the 2D image the slice datasets hold: rotated 90° (so an
-    axial NIfTI slice shows anterior up) and padded to a centred square (``fill`` outside)."""
-    return _square(np.rot90(x), fill)
-
-
-def from_display(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Undo :func:`to_display` for a slice of ``shape`` (voxel order); leading axes (classes) are kept."""
-    h, w = shape[1], shape[0]  # rot90 swaps the axes
-    n = max(h, w)
-    if img.shape[-2:] != (n, n):
-        raise ValueError(f"expected a {n}×{n} display image for a {shape} slice, got {img.shape[-2:]}")
-    top, left = (n - h) // 2, (n - w) // 2
-    return np.rot90(img[..., top:top + h, left:left + w], k=-1, axes=(-2, -1))

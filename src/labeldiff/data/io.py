@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from labeldiff.portable import pixels_to_input
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labeldiff.errors import DataError  # re-exported: bad input data, one line naming the file
@@ -212,28 +213,12 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         img = img.convert("RGBA" if "A" in img.mode else "RGB")
     arr = _pixels(img)
     _finite(Path(path), arr)
-    if arr.dtype == np.uint8:
-        x = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16 or img.mode.startswith("I;16"):
-        x = arr.astype(np.float32) / 65535.0
-    else:
-        x = arr.astype(np.float32)
-        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    if x.ndim == 2:
-        x = x[:, :, None]
-    if x.shape[2] in (2, 4):  # grey+alpha or RGBA: drop alpha
-        x = x[:, :, :-1]
-    c = x.shape[2]
-    if channels == c:
-        pass
-    elif channels == 1 and c == 3:
-        x = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]
-    elif channels == 3 and c == 1:
-        x = np.repeat(x, 3, axis=2)
-    else:
-        raise DataError(f"{path}: has {c} channels, cannot convert to {channels}; set --channels {c}")
-    return np.ascontiguousarray(x.transpose(2, 0, 1) * 2.0 - 1.0, dtype=np.float32)
+    if img.mode.startswith("I;16") and arr.dtype != np.uint16:
+        arr = arr.astype(np.uint16)
+    try:
+        return pixels_to_input(arr, channels)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def read_mask(path: Path, num_classes: int | None = None, ignore_index: int | None = None) -> np.ndarray:

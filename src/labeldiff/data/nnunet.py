@@ -25,6 +25,7 @@ import numpy as np
 from labeldiff.data.io import DataError
 from labeldiff.data.volume_io import read_volume
 from labeldiff.errors import ConfigError
+from labeldiff.portable import apply_intensity, volume_percentiles  # noqa: F401
 
 SPLIT_FOLDERS = {"train": "imagesTr", "test": "imagesTs", "unlabeled": "imagesUnlabeled"}
 LABEL_FOLDERS = {"train": "labelsTr", "test": "labelsTs"}
@@ -189,21 +190,9 @@ class Intensity:
             raise ConfigError(f"ct-window needs a window lo < hi in HU (e.g. -160, 240), got [{self.lo}, {self.hi}]")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """Normalise a whole volume (the per-volume schemes take their statistics from it)."""
-        x = np.asarray(x, dtype=np.float32)
-        if self.scheme == "percentile":
-            lo, hi = volume_percentiles(x)
-            return (np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1).astype(np.float32)
-        if self.scheme in ("ct-window", "dataset-percentile"):
-            return ((np.clip(x, self.lo, self.hi) - self.lo) / max(self.hi - self.lo, 1e-8) * 2 - 1).astype(np.float32)
-        if self.scheme == "ct-percentile":
-            return ((np.clip(x, self.lo, self.hi) - self.mean) / max(self.std, 1e-8)).astype(np.float32)
-        if self.scheme == "zscore":
-            inside = x[x != 0]
-            if inside.size == 0:
-                return np.zeros_like(x)
-            return ((x - inside.mean()) / max(float(inside.std()), 1e-8)).astype(np.float32)
-        return x
+        """Normalise a whole volume (the per-volume schemes take their statistics from it;
+        :func:`labeldiff.portable.apply_intensity`)."""
+        return apply_intensity(x, self.scheme, self.lo, self.hi, self.mean, self.std)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -226,13 +215,6 @@ class Intensity:
         d["lo"] = -math.inf if d.get("lo") is None else d["lo"]
         d["hi"] = math.inf if d.get("hi") is None else d["hi"]
         return cls(**d)
-
-
-def volume_percentiles(x, percentiles: tuple[float, float] = CT_PERCENTILES) -> tuple[float, float]:
-    """The 0.5 / 99.5 percentiles of a volume from every second voxel along each axis (a volume is never
-    decoded twice for its statistics)."""
-    lo, hi = np.percentile(np.asarray(x[::2, ::2, ::2], dtype=np.float32), percentiles)
-    return float(lo), float(hi)
 
 
 def fit_dataset_percentile(cases: list[Case], channel: int = 0) -> Intensity:
