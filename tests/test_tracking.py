@@ -93,3 +93,19 @@ def test_an_untracked_run_writes_progress_but_no_tracker_files(tmp_path):
                  "--checkpoint-every", "4"]) == 0
     assert (tmp_path / "pre" / "progress.png").is_file()
     assert not (tmp_path / "pre" / "tracking.json").exists() and not (tmp_path / "pre" / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_generative_pretraining_previews_samples_at_each_checkpoint(tmp_path):
+    from PIL import Image
+
+    data = write_labeled_dataset(tmp_path / "data", n=6, k=3)
+    for method in ("ddpm", "hybrid"):
+        run = tmp_path / method
+        assert main(["pretrain", "--data", str(data), "--out", str(run), "--method", method, "--steps", "4",
+                     "--checkpoint-every", "2", "--preview-samples", "4", "--timesteps", "50", *TINY]) == 0
+        assert sorted(p.name for p in (run / "previews").iterdir()) == ["step-2.png", "step-4.png"]
+        w, h = Image.open(run / "previews" / "step-4.png").size
+        assert w > 2 * 16 and h > 2 * 16  # a 2 × 2 grid of 16² samples (hybrid: each beside its mask)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "mdm"), "--method", "mdm", "--steps",
+                 "2", "--preview-samples", "2", "--patch-size", "4", *TINY]) != 0  # mdm does not generate images

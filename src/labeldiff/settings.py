@@ -253,6 +253,9 @@ class TrainConfig:
     grad_accum: int = setting(1, "compute each batch in N micro-batches, gradients accumulated (the same update in "
                                  "1/N of the activation memory)", flag="--grad-accum", commands=BOTH, lo=1)
     log_every: int = setting(10, "write a log.jsonl record every N steps", lo=1, result=False)
+    preview_samples: int = setting(0, "ddpm / hybrid pretraining: at each checkpoint and at the end, draw N images "
+                                      "(DDIM, 50 steps, seed 0, the EMA weights) into RUN/previews/step-S.png; 0: none",
+                                   flag="--preview-samples", commands=PRETRAIN, lo=0, result=False, resume=True)
     track: str = setting("none", "also stream log.jsonl's records to: none, tensorboard (RUN/tensorboard), mlflow or "
                                  "tensorboard,mlflow (labeldiff.tracking; pip install \"labeldiff[track]\")",
                          flag="--track", commands=BOTH, metavar="none|tensorboard|mlflow", result=False,

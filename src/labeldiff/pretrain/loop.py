@@ -150,12 +150,15 @@ def extend_config(run_dir: Path, config: RunConfig, start: int) -> None:
 
 def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           loss_fn: LossFn, batches: StepBatches, resume: bool = False, desc: str = "train",
-          frozen: list[torch.nn.Module] | None = None, stop: Callable[[int, float], bool] | None = None) -> dict:
+          frozen: list[torch.nn.Module] | None = None, stop: Callable[[int, float], bool] | None = None,
+          at_checkpoint: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Train ``model`` for ``config.train.steps`` steps, writing everything into ``run_dir``.
 
     ``frozen`` modules are put in ``eval()`` after every ``model.train()`` so their BatchNorm
     statistics and dropout stay fixed. ``stop(step, loss)``, called after every step, may end the run
-    early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. Before its second
+    early (fine-tuning's ``steps_rule: plateau``); the step it stopped at is logged. ``at_checkpoint(step,
+    weights)`` runs on rank 0 after every checkpoint and at the end, with the weights saved (the EMA's when
+    there is one, as a state dict): pretraining's preview samples. Before its second
     step the run prints what its steps will take, from its first step's time
     (:class:`labeldiff.pretrain.cost.StepClock`). Returns
     ``{"step", "loss", "seconds", "stopped"}`` (``stopped``: True when ``stop`` ended it).
@@ -287,6 +290,9 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
                 if main:
                     save_checkpoint(run_dir, done, model, optimizer, ema.state if ema else None, extra())
                     tracking.write_progress(run_dir)
+                    if at_checkpoint is not None:
+                        at_checkpoint(done, ema.state if ema is not None else model.state_dict())
+                        set_train_mode()
                 last_good = done
             step = done
             if distributed.any_rank(interrupt.hit, device):  # a Ctrl-C during this step (on any rank) stops here,
@@ -309,6 +315,8 @@ def train(run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: t
             save_checkpoint(run_dir, step, model, optimizer, ema.state if ema else None, extra())
         final = ema.state if ema is not None else model.state_dict()
         save_weights(final, run_dir / "model.safetensors", metadata={"step": str(step), "ema": str(ema is not None)})
+        if at_checkpoint is not None:
+            at_checkpoint(step, final)
         for artifact in (tracking.write_progress(run_dir), run_dir / "config.json"):
             if artifact is not None:
                 tracker.artifact(artifact)
