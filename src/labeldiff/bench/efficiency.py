@@ -39,7 +39,7 @@ def real_step_seconds(log_path: Path, batch_size: int) -> list[float]:
     return [batch_size / r["images_per_s"] for r in records if r.get("images_per_s", 0) > 0]
 
 
-def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2)) -> dict:
+def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2), profile: bool = False) -> dict:
     """Loop efficiency of ``cfg`` (a pretraining config with its data path) for each worker count.
 
     Each real run trains ``steps`` steps (a multiple of ``cfg.train.log_every`` past the first window)
@@ -97,17 +97,61 @@ def bench_loop(cfg: RunConfig, steps: int = 30, workers: tuple[int, ...] = (0, 2
         t0 = time.perf_counter()
         save_checkpoint(Path(tmp), steps, model, optimizer, ema.state if ema else None, {"loss": 0.0})
         checkpoint = time.perf_counter() - t0
+    machine = step_utilisation(lambda: corruption.loss(model(c.input, c.t), c).backward(), device, dtype)
+    if profile:  # where a bare step's time goes, operator by operator (with the optimizer step)
+        from labeldiff.bench.flops import top_operators
+        from labeldiff.runtime import autocast
+
+        def one_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                loss = corruption.loss(model(c.input, c.t), c)
+            loss.backward()
+            optimizer.step()
+
+        machine["profile"] = top_operators(one_step, device)
     rows = []
     for i, n_workers in enumerate(workers):
         real = reals[i] + checkpoint / cfg.train.checkpoint_every
         ref = (bares[i] + bares[i + 1]) / 2
         rows.append({"workers": n_workers, "bare_s": ref, "bare_around_s": (bares[i], bares[i + 1]),
                      "real_s": reals[i], "checkpoint_s": checkpoint, "real_with_checkpoints_s": real,
-                     "efficiency": ref / real})
-    return {"rows": rows, "steps": steps, "batch_size": cfg.train.batch_size, "size": cfg.data.size,
+                     "efficiency": ref / real, "utilisation_bare": machine["flops"] / ref / machine["peak"],
+                     "utilisation_real": machine["flops"] / real / machine["peak"]})
+    return {"rows": rows, **machine, "steps": steps, "batch_size": cfg.train.batch_size, "size": cfg.data.size,
             "precision": precision_name(dtype) + (", channels-last" if cfg.train.channels_last else ""),
             "device": str(device), "threads": torch.get_num_threads(),
             "checkpoint_every": cfg.train.checkpoint_every, "goal": LOOP_GOAL}
+
+
+def step_utilisation(step, device: torch.device, dtype: torch.dtype | None) -> dict:
+    """The counted FLOPs of ``step()`` (autocast as the run computes it) and the measured peak in its dtype
+    (:mod:`labeldiff.bench.flops`): ``{"flops", "peak", "peak_dtype", "datasheet"}``."""
+    from labeldiff.bench.flops import count_flops, datasheet, dtype_name, measured_peak, peak_dtype
+    from labeldiff.runtime import autocast
+
+    def counted() -> None:
+        with autocast(device, dtype):
+            step()
+
+    return {"flops": count_flops(counted), "peak": measured_peak(device, peak_dtype(dtype)),
+            "peak_dtype": dtype_name(peak_dtype(dtype)), "datasheet": datasheet(device)}
+
+
+def machine_lines(result: dict, per: str, seconds: dict[str, float]) -> list[str]:
+    """How much of the machine: FLOPs counted per ``per``, achieved FLOP/s and utilisation for each of
+    ``seconds`` (name → seconds per ``per``), against the measured peak."""
+    from labeldiff.bench.flops import tflops
+
+    sheet = f"; datasheet {tflops(result['datasheet'])}FLOP/s (reference)" if result.get("datasheet") else ""
+    lines = [f"\n{tflops(result['flops'])}FLOP per {per} (counted: torch.utils.flop_counter, matrix multiplies and "
+             f"convolutions, forward{' + backward' if per == 'step' else ''}); measured peak "
+             f"{tflops(result['peak'])}FLOP/s ({result['peak_dtype']} matrix multiply{sheet})", "",
+             "| | time | achieved | utilisation of the measured peak |", "|---|---|---|---|"]
+    for name, s in seconds.items():
+        a = result["flops"] / s
+        lines.append(f"| {name} | {1000 * s:.1f} ms | {tflops(a)}FLOP/s | **{a / result['peak']:.1%}** |")
+    return lines
 
 
 def format_loop(result: dict, title: str) -> str:
@@ -122,6 +166,11 @@ def format_loop(result: dict, title: str) -> str:
                      f"{1000 * r['real_with_checkpoints_s']:.1f} ms | {r['checkpoint_s']:.2f} s / "
                      f"{result['checkpoint_every']} | **{r['efficiency']:.3f}** |")
     lines.append(f"\ngoal ≥ {result['goal']:.2f} (bare / real)")
+    r = result["rows"][0]
+    if result.get("profile"):
+        lines += ["\nwhere a bare step's time goes (torch.profiler, self time):", "```", result["profile"], "```"]
+    lines += machine_lines(result, "step", {"bare step": r["bare_s"],
+                                            f"real step ({r['workers']} workers)": r["real_with_checkpoints_s"]})
     return "\n".join(lines)
 
 
@@ -195,7 +244,18 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
                 torch.cuda.synchronize(device)
             bare.append(time.perf_counter() - t0)
     real_s, bare_s = min(real), min(bare)
-    return {"images": len(files), "network_inputs": len(tiles), "real_s": real_s, "bare_s": bare_s,
+    from labeldiff.bench.flops import count_flops, datasheet, dtype_name, measured_peak, peak_dtype
+
+    def forwards() -> None:
+        with torch.no_grad():
+            for same in groups.values():
+                for s in range(0, len(same), sw_batch_size):
+                    with autocast(device, dtype):
+                        model(torch.stack(same[s:s + sw_batch_size]).to(device))
+
+    machine = {"flops": count_flops(forwards), "peak": measured_peak(device, peak_dtype(dtype)),
+               "peak_dtype": dtype_name(peak_dtype(dtype)), "datasheet": datasheet(device)}
+    return {**machine, "images": len(files), "network_inputs": len(tiles), "real_s": real_s, "bare_s": bare_s,
             "efficiency": bare_s / real_s, "goal": PREDICT_GOAL, "threads": torch.get_num_threads(), "device": str(device),
             "mode": f"{'whole images' if whole else f'{cfg.data.size}² tiles'}, batch {sw_batch_size}"}
 
@@ -208,4 +268,6 @@ def format_predict(result: dict, title: str) -> str:
         "| | total | per image |", "|---|---|---|",
         f"| bare batched forward | {result['bare_s']:.3f} s | {result['bare_s'] / n:.4f} s |",
         f"| `labeldiff predict` | {result['real_s']:.3f} s | {result['real_s'] / n:.4f} s |",
-        f"\npredict efficiency **{result['efficiency']:.3f}** (goal ≥ {result['goal']:.2f})"])
+        f"\npredict efficiency **{result['efficiency']:.3f}** (goal ≥ {result['goal']:.2f})",
+        *machine_lines(result, "folder", {"bare batched forward": result["bare_s"],
+                                          "`labeldiff predict`": result["real_s"]})])

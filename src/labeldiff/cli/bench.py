@@ -40,6 +40,7 @@ def add_bench(sub) -> None:
                                     "--steps is the length of each timed run [30].")
     add_run_settings(p)
     p.add_argument("--workers", type=_ints, default=(0, 2), help="data-loading worker counts to measure [0,2]")
+    p.add_argument("--profile", action="store_true", help="also the profiler's top operators of a bare step")
     p.set_defaults(func=c.cmd_bench)
 
     p = bsub.add_parser("ddp", help="1 vs 2 torchrun processes of pretrain, the all-reduce, an 8-GPU estimate",

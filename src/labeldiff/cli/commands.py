@@ -391,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         layers = settings_layers(args)
         cfg = resolve("pretrain", layers)
-        result = bench_loop(cfg, steps=_last(layers, "train.steps") or 30, workers=args.workers)
+        result = bench_loop(cfg, steps=_last(layers, "train.steps") or 30, workers=args.workers, profile=args.profile)
         print(format_loop(result, f"loop efficiency: {cfg.corruption.method} on {args.data} "
                                   f"({args.recipe or 'default settings'})"))
     elif args.what == "ddp":
