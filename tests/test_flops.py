@@ -54,3 +54,42 @@ def test_bench_loop_and_predict_print_flops_peak_and_utilisation(tmp_path, capsy
     assert main(["bench", "predict", "--model", str(tmp_path / "ft"), "--input", str(data / "images")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\| `labeldiff predict` \| [\d.]+ ms \| [\d.]+ GFLOP/s \| \*\*[\d.]+%\*\* \|", out)
+
+
+@pytest.mark.slow
+def test_predict_with_io_threads_writes_what_the_serial_path_writes(tmp_path):
+    """Reading and writing on threads beside the network changes nothing: every file is byte-identical."""
+    from labeldiff.cli import main
+    from labeldiff.evaluate.run import run_predict
+
+    from conftest import write_labeled_dataset
+
+    data = write_labeled_dataset(tmp_path / "data", n=8, k=3)
+    tiny = ["--size", "16", "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--channels", "3",
+            "--unet-channels", "8,16", "--attention", "0,0", "--head-channels", "8"]
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), "--steps", "2", *tiny]) == 0
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--pretrained", str(tmp_path / "pre"),
+                 "--labels", "2", "--steps", "2", "--head-hidden", "8", "--size", "16", "--batch-size", "2",
+                 "--precision", "fp32", "--device", "cpu"]) == 0
+    for threads in (0, 3):
+        run_predict(tmp_path / "ft", data / "images", tmp_path / f"out{threads}", device="cpu", io_threads=threads,
+                    probabilities=True)
+    serial = sorted(p.relative_to(tmp_path / "out0") for p in (tmp_path / "out0").rglob("*.png"))
+    assert len(serial) == 8 * (1 + 2 + 3)  # mask, overlay, uncertainty, 3 class maps per image
+    for rel in serial:
+        assert (tmp_path / "out3" / rel).read_bytes() == (tmp_path / "out0" / rel).read_bytes(), rel
+
+
+def test_overlapped_keeps_order_and_raises_a_worker_error():
+    from labeldiff.evaluate.run import overlapped
+
+    seen = []
+    overlapped(list(range(20)), lambda i: i * 2, lambda i, x: x + 1, lambda i, y: seen.append((i, y)), threads=3)
+    assert sorted(seen) == [(i, 2 * i + 1) for i in range(20)]
+
+    def broken(i, y):
+        if i == 7:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        overlapped(list(range(20)), lambda i: i, lambda i, x: x, broken, threads=2)

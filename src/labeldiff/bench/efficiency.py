@@ -199,7 +199,7 @@ def network_inputs(image: torch.Tensor, cfg, whole_image: bool, overlap: float =
 
 
 def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats: int = 1,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", io_threads: int = 2) -> dict:
     """Predict efficiency of a segmenter run on a folder of images: bare batched forward / ``predict``.
 
     The bare side stacks ``sw_batch_size`` inputs of one shape per forward (whole resized images too,
@@ -221,7 +221,7 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="labeldiff-bench-predict-") as tmp:
             t0 = time.perf_counter()
-            run_predict(Path(model_dir), inputs, Path(tmp), device=device)
+            run_predict(Path(model_dir), inputs, Path(tmp), device=device, io_threads=io_threads)
             real.append(time.perf_counter() - t0)
 
     whole = cfg.data.mode == "resize" or getattr(model, "whole_image", False)
@@ -257,14 +257,16 @@ def bench_predict(model_dir: Path, inputs: Path, sw_batch_size: int = 8, repeats
                "peak_dtype": dtype_name(peak_dtype(dtype)), "datasheet": datasheet(device)}
     return {**machine, "images": len(files), "network_inputs": len(tiles), "real_s": real_s, "bare_s": bare_s,
             "efficiency": bare_s / real_s, "goal": PREDICT_GOAL, "threads": torch.get_num_threads(), "device": str(device),
-            "mode": f"{'whole images' if whole else f'{cfg.data.size}² tiles'}, batch {sw_batch_size}"}
+            "mode": f"{'whole images' if whole else f'{cfg.data.size}² tiles'}, batch {sw_batch_size}",
+            "io_threads": io_threads}
 
 
 def format_predict(result: dict, title: str) -> str:
     n = result["images"]
     return "\n".join([
         title, f"{n} images, {result['network_inputs']} network inputs ({result['mode']}), "
-               f"{result['device']}, {result['threads']} threads", "",
+               f"{result['device']}, {result['threads']} threads; predict reads and writes on "
+               f"{result['io_threads'] or 'no'} I/O thread(s) beside the network", "",
         "| | total | per image |", "|---|---|---|",
         f"| bare batched forward | {result['bare_s']:.3f} s | {result['bare_s'] / n:.4f} s |",
         f"| `labeldiff predict` | {result['real_s']:.3f} s | {result['real_s'] / n:.4f} s |",

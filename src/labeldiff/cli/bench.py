@@ -67,6 +67,8 @@ def add_bench(sub) -> None:
                                                                      "window uses [8]")
     p.add_argument("--repeats", type=POSITIVE, default=1, help="timed runs of each side; the fastest counts [1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
+    p.add_argument("--io-threads", type=NON_NEGATIVE, default=2, help="threads that read and write beside the "
+                                                                      "network in predict; 0: serial [2]")
     p.set_defaults(func=c.cmd_bench)
 
 

@@ -426,7 +426,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from labeldiff.bench.efficiency import bench_predict, format_predict
 
         result = bench_predict(args.model, args.input, sw_batch_size=args.sw_batch_size, repeats=args.repeats,
-                               device=args.device)
+                               device=args.device, io_threads=args.io_threads)
         print(format_predict(result, f"predict efficiency: {args.model} on {args.input}"))
 
 

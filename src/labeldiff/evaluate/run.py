@@ -182,10 +182,43 @@ def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_s
                         f"scores on them would not be a test: {fix}")
 
 
+def overlapped(items: list, read, work, write, threads: int = 2) -> None:
+    """``write(item, work(item, read(item)))`` for every item, in order of ``work``: with ``threads`` > 0 the
+    next items are read and the last results written on worker threads while ``work`` (the network) runs on
+    this one, at most ``threads + 1`` reads ahead and ``2 · threads`` writes behind; 0: one after the other.
+    The results are the same either way; an error in any step is raised here."""
+    if threads == 0:
+        for item in items:
+            write(item, work(item, read(item)))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending, writes, it = deque(), deque(), iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="read") as readers, \
+            ThreadPoolExecutor(threads, thread_name_prefix="write") as writers:
+        def ahead() -> None:
+            item = next(it, None)
+            if item is not None:
+                pending.append((item, readers.submit(read, item)))
+
+        for _ in range(threads + 1):
+            ahead()
+        while pending:
+            item, data = pending.popleft()
+            data = data.result()
+            ahead()
+            writes.append(writers.submit(write, item, work(item, data)))
+            while len(writes) > 2 * threads:
+                writes.popleft().result()
+        for w in writes:
+            w.result()
+
+
 def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", tta: bool = False,
                 precision: str = INFERENCE_PRECISION, axis: int | None = None, intensity: str | None = None,
                 hu_window: tuple[float, float] | None = None, overwrite: bool = False,
-                probabilities: bool = False) -> list[Path]:
+                probabilities: bool = False, io_threads: int = 2) -> list[Path]:
     """Write ``<stem>.png`` (the class ids: a palette PNG up to 256 classes, coloured for viewers; 16-bit grey
     above, :func:`~labeldiff.data.io.write_mask`), ``overlays/<stem>.png`` and ``uncertainty/<stem>.png``;
     with ``probabilities`` also ``probabilities/class_<c>/<stem>.png`` per class c: its softmax probability
@@ -201,6 +234,9 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
 
     The uncertainty map is the entropy of the predicted class probabilities (for the probe: of the
     ensemble's mean probability), scaled so that 255 = log K (a uniform guess).
+
+    ``io_threads`` threads read the next images and write the last results while the network predicts
+    (:func:`overlapped`; 0: one after the other), so a GPU is not left waiting on PNG decoding and encoding.
     """
     from labeldiff.evaluate.volume import run_predict_volumes, volume_cases
 
@@ -221,19 +257,31 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
     maps = [f"probabilities/class_{c}" for c in range(k)] if probabilities else []
     refuse_existing([out / sub / f"{stem}.png" for stem in files for sub in ("", "overlays", "uncertainty", *maps)],
                     overwrite)
-    written, kind = [], ""
-    for stem, path in tqdm(files.items(), desc="predict", unit="img"):
-        image = torch.from_numpy(read_image(path, cfg.data.channels))
-        logits = predict_logits(model, image, cfg.data, precision, tta=tta)
+    written, kinds = [], []
+    bar = tqdm(total=len(files), desc="predict", unit="img")
+
+    def read(stem: str) -> torch.Tensor:
+        return torch.from_numpy(read_image(files[stem], cfg.data.channels))
+
+    def work(stem: str, image: torch.Tensor):
+        return image, predict_logits(model, image, cfg.data, precision, tta=tta)
+
+    def write(stem: str, result) -> None:
+        image, logits = result
         pred = logits.argmax(0).numpy()
         probs = torch.softmax(logits, dim=0)
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(k, 2))
-        kind = write_mask(pred, out / f"{stem}.png", k)
+        kinds.append(write_mask(pred, out / f"{stem}.png", k))
         save_png(overlay(image.numpy(), pred), out / "overlays" / f"{stem}.png")
         save_png((ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8), out / "uncertainty" / f"{stem}.png")
         for c, folder in enumerate(maps):
             save_png((probs[c].clamp(0, 1) * 65535).round().numpy().astype(np.uint16), out / folder / f"{stem}.png")
-        written.append(out / f"{stem}.png")
+        bar.update(1)
+
+    overlapped(list(files), read, work, write, io_threads)
+    bar.close()
+    written = [out / f"{stem}.png" for stem in files]
+    kind = kinds[0] if kinds else ""
     extra = (f", and per-class probabilities (16-bit PNG, 65535 = 1) to {out / 'probabilities'}/class_0..{k - 1}"
              if probabilities else "")
     print(f"wrote {len(written)} masks ({kind}, pixel values = class ids 0..{k - 1}) to {out}, overlays to "
