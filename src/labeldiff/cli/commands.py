@@ -60,7 +60,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from labeldiff.runs import DIRECT_SEGMENTERS
 
     cfg = resolve("pretrain", settings_layers(args))
-    result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    preview = None
+    if cfg.train.preview_samples:
+        from labeldiff.sample.diffusion import preview_hook
+
+        if cfg.corruption.method not in ("ddpm", "hybrid"):
+            raise ConfigError(f"--preview-samples: {cfg.corruption.method} runs do not generate images; only ddpm and "
+                              f"hybrid runs do")
+        preview = preview_hook(args.out, cfg.train.preview_samples)
+    result = run_pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, at_checkpoint=preview)
     print(f"done: {result['step']} steps in {result['seconds']:.0f} s, final loss {result['loss']:.4f}; "
           f"run folder {args.out} (model.safetensors, config.json, log.jsonl)")
     data, ft = cfg.data.path, f"{args.out}-ft"

@@ -115,10 +115,12 @@ def calibrate_pretrain(cfg: RunConfig) -> float:
     return calibrate(model, optimizer, step, draw, resolve_precision(cfg.train.precision, device))
 
 
-def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
+def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False,
+                 at_checkpoint=None) -> dict:
     """Pretrain into the run folder ``out``. ``cfg``: resolved by :func:`labeldiff.resolve.resolve` (the
     command line and the study runner do), or a config built in Python, resolved here with its non-default
-    values as one layer."""
+    values as one layer. ``at_checkpoint(step, weights)``: see :func:`labeldiff.pretrain.loop.train`
+    (``labeldiff pretrain --preview-samples`` passes :func:`labeldiff.sample.diffusion.preview_hook`)."""
     cfg = resolved(cfg if cfg.kind == "pretrain" else replace(cfg, kind="pretrain"))
     for line in describe(cfg):
         print(line)
@@ -135,13 +137,13 @@ def run_pretrain(cfg: RunConfig, out: Path, resume: bool = False, overwrite: boo
     reads = (cfg.data.path, cfg.data.split_file, cfg.model.encoder)
     out = prepare_run_dir(Path(out), overwrite=overwrite, resume=resume, reads=reads, config=cfg)
     try:
-        return _pretrain(cfg, out, corruption, samples, device, resume)
+        return _pretrain(cfg, out, corruption, samples, device, resume, at_checkpoint)
     finally:
         release_run_dir(out)
 
 
 def _pretrain(cfg: RunConfig, out: Path, corruption: Corruption, samples: list[Sample], device: torch.device,
-              resume: bool) -> dict:
+              resume: bool, at_checkpoint=None) -> dict:
     if distributed.is_main():  # what it read, so that it is never scored on it (labeldiff.data.provenance)
         provenance.write(out, provenance.record(cfg.data.path, split_file_of(cfg), [s.stem for s in samples],
                                                 labeled=corruption.needs_labels, include_test=cfg.data.include_test))
@@ -158,37 +160,6 @@ def _pretrain(cfg: RunConfig, out: Path, corruption: Corruption, samples: list[S
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = StepBatches(samples, cfg.data, cfg.train.batch_size, cfg.train.seed,
                           labeled=corruption.needs_labels, num_classes=cfg.num_classes)
-    preview = previews(cfg, model, out) if cfg.train.preview_samples else None
     return train(out, cfg, model, optimizer, pretext_loss(corruption), batches, resume=resume,
-                 desc=f"pretrain {cfg.corruption.method}", frozen=frozen, at_checkpoint=preview)
+                 desc=f"pretrain {cfg.corruption.method}", frozen=frozen, at_checkpoint=at_checkpoint)
 
-
-PREVIEW_STEPS = 50  # DDIM steps of a preview: a look at the samples, not their best quality
-
-
-def previews(cfg: RunConfig, model: torch.nn.Module, out: Path):
-    """``at_checkpoint`` of a generative run: ``cfg.train.preview_samples`` images drawn with the weights just
-    saved (DDIM, :data:`PREVIEW_STEPS` steps, seed 0: the same noise at every checkpoint, so the grids compare)
-    into ``out/previews/step-S.png`` (hybrid: each image beside its mask)."""
-    import copy
-
-    from labeldiff.errors import ConfigError
-    from labeldiff.sample.diffusion import sample, sample_masks, save_samples
-
-    if cfg.corruption.method not in ("ddpm", "hybrid"):
-        raise ConfigError(f"--preview-samples: {cfg.corruption.method} runs do not generate images; only ddpm and "
-                          f"hybrid runs do")
-
-    def draw(step: int, weights: dict) -> None:
-        import shutil
-        import tempfile
-
-        net = copy.deepcopy(model).eval()
-        net.load_state_dict(weights, strict=True)
-        images = sample(net, cfg, cfg.train.preview_samples, "ddim", PREVIEW_STEPS, seed=0)
-        masks = sample_masks(net, cfg, images) if cfg.corruption.method == "hybrid" else None
-        with tempfile.TemporaryDirectory() as tmp:
-            save_samples(images, Path(tmp), masks=masks, num_classes=cfg.num_classes)
-            (out / "previews").mkdir(exist_ok=True)
-            shutil.copy(Path(tmp) / "grid.png", out / "previews" / f"step-{step}.png")
-    return draw

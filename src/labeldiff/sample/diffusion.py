@@ -119,3 +119,32 @@ def save_samples(images: torch.Tensor, out: Path, title: str = "", masks: torch.
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = p
     save_png(grid, out / "grid.png")
     return out / "grid.png"
+
+
+PREVIEW_STEPS = 50  # DDIM steps of a preview: a look at the samples, not their best quality
+
+
+def preview_hook(out: Path, n: int):
+    """``at_checkpoint`` of a generative pretraining (``--preview-samples N``): N images drawn with the weights
+    just saved (DDIM, :data:`PREVIEW_STEPS` steps, seed 0: the same noise at every checkpoint, so the grids
+    compare) into ``out/previews/step-S.png`` (hybrid: each image beside its mask). The network is rebuilt
+    from ``out/config.json``, which the run writes before its first step."""
+    import shutil
+    import tempfile
+
+    from labeldiff.models.unet import build_network
+    from labeldiff.runs import RunFolder
+
+    def draw(step: int, weights: dict) -> None:
+        cfg = RunFolder.open(out).config
+        corruption = build_corruption(cfg.corruption)
+        net = build_network(cfg.model, out_channels=corruption.out_channels(cfg.model.in_channels, cfg.num_classes))
+        net.load_state_dict(weights, strict=True)
+        net = net.to(next(iter(weights.values())).device).eval()
+        images = sample(net, cfg, n, "ddim", PREVIEW_STEPS, seed=0)
+        masks = sample_masks(net, cfg, images) if cfg.corruption.method == "hybrid" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_samples(images, Path(tmp), masks=masks, num_classes=cfg.num_classes)
+            (Path(out) / "previews").mkdir(exist_ok=True)
+            shutil.copy(Path(tmp) / "grid.png", Path(out) / "previews" / f"step-{step}.png")
+    return draw
