@@ -252,8 +252,9 @@ def cmd_study(args: argparse.Namespace) -> None:
                  f"are kept")
         return
     if rows:
-        print(f"results: {args.out}/verdict.md (did pretraining help, per k), results.md, paired.md, paired.png, "
-              f"results.csv; each cell's run and scores in {args.out}/cells/")
+        print(f"results: {args.out}/report.html (all of it in one page: open it in a browser), verdict.md (did "
+              f"pretraining help, per k), results.md, paired.md, paired.png, results.csv; each cell's run and scores "
+              f"in {args.out}/cells/")
         say_next(f"python -m labeldiff.study.pages {args.out}   # one page: the question, the verdict, the tables",
                  "more seeds for the same comparison: a study file with `extends: "
                  f"{Path(args.study).name}` and a longer `seeds:` list")
