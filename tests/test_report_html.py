@@ -235,21 +235,49 @@ def _painted_as_python_paints(driver, viewer: dict, cell: str, stem: str) -> Non
         assert got.shape == want[name].shape and diff.mean() < 0.5 and diff.max() <= 3, (name, diff.mean(), diff.max())
 
 
-@pytest.mark.slow
-def test_a_tiny_study_report_in_headless_chromium(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    """A tiny study run to the end (ddpm full and scratch, k = 2, seed 0, 2 test images): its folder."""
     from labeldiff.cli import main
 
+    root = tmp_path_factory.mktemp("report")
+    study = write_tiny_study(root, finetune_steps=4)
+    for recipe in ("pre.yaml", "ft.yaml"):  # a learning rate from the first step: the two networks differ
+        values = yaml.safe_load((root / recipe).read_text())
+        values["train"]["warmup_steps"] = 1
+        (root / recipe).write_text(yaml.safe_dump(values))
+    assert main(["study", str(study), "--out", str(root / "out")]) == 0
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_report_only_predicts_the_viewer_images_of_cells_that_finished_without(tiny_study, capsys):
+    """A cell evaluated before cells kept their predictions gets them from --report-only, once: the same
+    files its evaluation writes (the same model, precision and images)."""
+    from labeldiff.cli import main
+
+    cell = next((tiny_study / "cells").glob("ddpm-*"))
+    kept = cell / "eval" / "predictions"
+    files = sorted(p.relative_to(kept) for p in kept.rglob("*.png"))
+    assert [str(f) for f in files] == ["img_04.png", "img_05.png", "uncertainty/img_04.png", "uncertainty/img_05.png"]
+    written = {f: (kept / f).read_bytes() for f in files}
+    shutil.rmtree(kept)
+    capsys.readouterr()
+    assert main(["study", str(tiny_study.parent / "s.yaml"), "--out", str(tiny_study), "--report-only"]) == 0
+    assert "predictions for the report's viewer" in capsys.readouterr().err
+    assert {f: (kept / f).read_bytes() for f in files} == written
+    page = (tiny_study / "report.html").read_text()
+    viewer = json.loads(re.search(r'id="viewer-data">(.*?)</script>', page, re.S).group(1))
+    assert set(viewer["cells"][cell.name]["panels"]) == {"img_04", "img_05"}
+
+
+@pytest.mark.slow
+def test_a_tiny_study_report_in_headless_chromium(tiny_study, tmp_path):
     driver = _browser()  # first: it skips when selenium or the browser is missing
     from selenium.webdriver.common.by import By
 
     try:
-        study = write_tiny_study(tmp_path, finetune_steps=4)
-        for recipe in ("pre.yaml", "ft.yaml"):  # a learning rate from the first step: the two networks differ
-            values = yaml.safe_load((tmp_path / recipe).read_text())
-            values["train"]["warmup_steps"] = 1
-            (tmp_path / recipe).write_text(yaml.safe_dump(values))
-        assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 0
-        page = tmp_path / "out" / "report.html"
+        page = tiny_study / "report.html"
         assert page.stat().st_size < 1_000_000
         assert not external_references(page.read_text())
         driver.get(page.as_uri())
@@ -257,7 +285,7 @@ def test_a_tiny_study_report_in_headless_chromium(tmp_path):
         assert not _severe(driver)
 
         # the table of every cell holds results.csv's numbers
-        with open(tmp_path / "out" / "results.csv", newline="") as f:
+        with open(tiny_study / "results.csv", newline="") as f:
             expected = {r["cell"]: r for r in csv.DictReader(f)}
         table = driver.find_element(By.ID, "cells-table")
         head = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
