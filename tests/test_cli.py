@@ -819,6 +819,9 @@ def test_compare_cli_pairs_two_studies_and_says_how_to_fix_a_missing_file(tmp_pa
     # seeds 0, 1: +0.2, +0.1 (seed 2 labeled other images in random: unpaired)
     assert "| ddpm@10000 | full | default | random | 2 | 0.750 | 0.600 | +0.150 |" in text
     assert "| no | 2 | 1 |" in text and out.read_text() in text
+    page = out.with_suffix(".html").read_text()  # the same table, as a page
+    assert ("<td>ddpm@10000</td><td>full</td><td>default</td><td>random</td><td class=\"num\">2</td>"
+            "<td class=\"num\">0.750</td><td class=\"num\">0.600</td><td class=\"num\">+0.150</td>") in page
     assert main(["compare", str(tmp_path / "videos"), str(tmp_path / "random"), "--names", "v,r",
                  "--metric", "iou"]) == 0
     assert "| v | r | mean Δ |" in capsys.readouterr().out

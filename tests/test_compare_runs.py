@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,40 @@ def test_compare_two_runs_against_a_hand_computation(runs, capsys):
     p = paired_runs(open_evaluation(root / "a" / "eval_test"), open_evaluation(root / "b" / "eval_test"))
     assert p["mean"] == pytest.approx(mean) and p["low"] == pytest.approx(mean - half)
     assert p["n"] == len(d) and p["ahead_a"] == (d > 0).sum()
+
+
+@pytest.mark.slow
+def test_compare_page_holds_the_interval_and_the_images_each_run_is_most_ahead_on(runs, capsys):
+    """--out FILE.md also writes FILE.html: the summary row with its interval, the plot, and the 3 images where
+    A is most behind and the 3 where it is most ahead, each predicted again by both runs — the predictions the
+    evaluations scored (their Dice is per_image.csv's) — with nothing loaded from the network."""
+    from test_report_html import external_references
+
+    from labeldiff.evaluate.metrics import confusion_stats, dice_from_stats
+    from labeldiff.study.html_report import extreme_images
+
+    root, _ = runs
+    out = root / "page" / "a_vs_b.md"
+    assert main(["compare", str(root / "a"), str(root / "b"), "--out", str(out)]) == 0
+    page = out.with_suffix(".html")
+    assert f"and {page} (" in capsys.readouterr().out
+    text = page.read_text()
+    assert not external_references(text), external_references(text)
+    a, b = open_evaluation(root / "a"), open_evaluation(root / "b")
+    p = paired_runs(a, b)
+    assert f'<td class="num">{p["mean"]:+.3f}</td><td>[{p["low"]:+.3f}, {p["high"]:+.3f}]</td>' in text
+    assert "a_vs_b.png: the per-image differences" in text
+    order = sorted(range(p["n"]), key=lambda i: p["diffs"][i])
+    shown = re.findall(r"<h3>(\w+): Δ ([-+][\d.]+)</h3>", text)
+    assert [s for s, _ in shown] == [p["stems"][i] for i in order[:3] + order[-3:]]
+    assert text.count('<img class="plot" src="data:image/png;base64,') == 1
+    assert text.count('<img src="data:image/') == 4 * 6  # image, truth, A, B per image
+    images, note = extreme_images(a, b, p)
+    assert note == "" and [im["stem"] for im in images] == [s for s, _ in shown]
+    for im in images:
+        for pred, want in ((im["pred_a"], im["a"]), (im["pred_b"], im["b"])):
+            dice = dice_from_stats(confusion_stats(pred, im["target"], 2))[1]
+            assert dice == pytest.approx(want, abs=1e-6)
 
 
 def test_compare_plot_spans_every_image_the_interval_and_zero():

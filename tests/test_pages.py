@@ -65,6 +65,16 @@ def test_a_study_page_is_built_from_the_folder_alone(tmp_path):
     assert "## Per class" not in page  # no per_class.md: no section
 
 
+def test_a_study_page_links_the_folders_report_html(tmp_path):
+    folder = study_folder(tmp_path)
+    assert "report.html" not in render(folder)
+    (folder / "report.html").write_text("<!DOCTYPE html>\n")
+    page = render(folder)
+    link = "[report.html](report.html) (it opens offline in a browser)"
+    assert link in page and page.find(link) < page.find("## Run it")  # said before the sections, once
+    assert page.count("report.html") == 2
+
+
 def test_study_header_and_environment():
     question, commands = study_header(STUDY)
     assert question == ["Does X pay on Y? The question, on two lines", "of comment.", "Fixed in advance:"]

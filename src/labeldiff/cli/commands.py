@@ -260,8 +260,9 @@ def cmd_study(args: argparse.Namespace) -> None:
                  f"are kept")
         return
     if rows:
-        print(f"results: {args.out}/verdict.md (did pretraining help, per k), results.md, paired.md, paired.png, "
-              f"results.csv; each cell's run and scores in {args.out}/cells/")
+        print(f"results: {args.out}/report.html (all of it in one page: open it in a browser), verdict.md (did "
+              f"pretraining help, per k), results.md, paired.md, paired.png, results.csv; each cell's run and scores "
+              f"in {args.out}/cells/")
         say_next(f"python -m labeldiff.study.pages {args.out}   # one page: the question, the verdict, the tables",
                  "more seeds for the same comparison: a study file with `extends: "
                  f"{Path(args.study).name}` and a longer `seeds:` list")
@@ -336,13 +337,19 @@ def _compare_runs(args: argparse.Namespace) -> None:
     print(text if args.out else runs_markdown(a, b, result, names, rows=10, groups_from=groups_from), end="")
     print(summary_line(result, names))
     if args.out:
+        from labeldiff.study import html_report
+
         atomic_write_text(args.out, text)
         plot = Path(args.out).with_suffix(".png")
         save_figure(run_differences_figure(result["stems"], result["diffs"], result, names, args.metric), plot)
-        print(f"wrote {args.out} and {plot}")
+        images, note = html_report.extreme_images(a, b, result)
+        page = html_report.write_page(Path(args.out).with_suffix(".html"), html_report.runs_page(
+            f"{names[0]} − {names[1]}", text, plot, images, note, names, a.num_classes, args.metric))
+        print(f"wrote {args.out}, {plot} and {page} ({html_report.size_words(page)}: the table, the plot and the "
+              f"images where {names[0]} is most behind and most ahead, in one page that opens offline)")
     else:
-        print("(--out FILE.md also writes the table of every image and FILE.png, the plot of the per-image "
-              "differences)")
+        print("(--out FILE.md also writes the table of every image, FILE.png, the plot of the per-image "
+              "differences, and FILE.html, all in one page with the images where each run is most ahead)")
 
 
 def _compare_studies(args: argparse.Namespace) -> None:
@@ -366,8 +373,12 @@ def _compare_studies(args: argparse.Namespace) -> None:
     text = compare_markdown(rows[0], rows[1], tuple(names), metric=args.metric)
     print(text, end="")
     if args.out:
+        from labeldiff.study import html_report
+
         atomic_write_text(args.out, text)
-        print(f"wrote {args.out}")
+        page = html_report.write_page(Path(args.out).with_suffix(".html"),
+                                      html_report.studies_page(f"{names[0]} − {names[1]}", text))
+        print(f"wrote {args.out} and {page} (the same table as a page to open in a browser)")
 
 
 def cmd_family(args: argparse.Namespace) -> None:

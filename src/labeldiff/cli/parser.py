@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs: JSON mapping image stem → group (video, patient); each group's mean difference is "
                         "one observation of a second interval [the scored dataset's sequences.json if it has one]")
     p.add_argument("--out", type=Path, default=None,
-                   help="also write the table here (markdown); runs: and the plot beside it (FILE.png)")
+                   help="also write the table here (markdown) and beside it FILE.html, a page that opens offline "
+                        "in a browser; runs: and the plot, FILE.png (in the page too, with the images where each run "
+                        "is most ahead)")
     p.set_defaults(func=c.cmd_compare)
 
     p = sub.add_parser("family", help="the primaries of several studies, Holm-adjusted over their family",

@@ -10,6 +10,7 @@ pick bf16 on CPUs with AMX/AVX512-BF16 and fp32 elsewhere).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -63,9 +64,20 @@ def predict_mask(model: torch.nn.Module, image: torch.Tensor, cfg: DataConfig, p
     return predict_logits(model, image, cfg, precision, tta=tta, network_input=network_input).argmax(0)
 
 
+def entropy_map(logits: torch.Tensor) -> np.ndarray:
+    """``logits [K, H, W]`` → ``[H, W]`` uint8: the entropy of the class probabilities, 255 = log K (a uniform
+    guess over the K classes), 0 = certain. What ``labeldiff predict`` writes as ``uncertainty/<stem>.png``;
+    for the probe, ``logits`` are those of the ensemble's mean probability."""
+    k = logits.shape[0]
+    probs = torch.softmax(logits.float(), dim=0)
+    ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(k, 2))
+    return (ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8)
+
+
 def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, num_classes: int,
                       precision: str = INFERENCE_PRECISION, tta: bool = False, transform=None, desc: str = "evaluate"):
-    """Per labeled sample, in order: ``(sample, image [C, H, W], target [H, W], pred [H, W], stats [K, 3])``.
+    """Per labeled sample, in order: ``(sample, image [C, H, W], target [H, W], logits [K, H, W], pred [H, W],
+    stats [K, 3])``, the logits at the original size (:func:`predict_logits`), ``pred`` their argmax.
 
     ``transform(x, i) -> x`` (e.g. a corruption of the i-th sample) is applied to the image at the network's
     size (``network_input`` of :func:`predict_logits`); the image yielded and the mask stay as read. Ignored
@@ -79,5 +91,6 @@ def predict_and_score(model: torch.nn.Module, cfg: DataConfig, samples: list, nu
         image = torch.from_numpy(s.read_image(cfg.channels))
         target = s.read_mask(num_classes)
         at_net = None if transform is None else (lambda x, i=i: transform(x, i))
-        pred = predict_mask(model, image, cfg, precision, tta=tta, network_input=at_net).numpy()
-        yield s, image, target, pred, confusion_stats(pred, target, num_classes, cfg.ignore_index)
+        logits = predict_logits(model, image, cfg, precision, tta=tta, network_input=at_net)
+        pred = logits.argmax(0).numpy()
+        yield s, image, target, logits, pred, confusion_stats(pred, target, num_classes, cfg.ignore_index)

@@ -21,7 +21,7 @@ from labeldiff.data.validation import validate_samples
 from labeldiff.errors import ConfigError
 from labeldiff.evaluate.instances import aji_stats, per_image_columns, summarize_aji
 from labeldiff.evaluate.metrics import dice_from_stats, iou_from_stats, summarize
-from labeldiff.evaluate.predict import predict_and_score, predict_logits
+from labeldiff.evaluate.predict import entropy_map, predict_and_score, predict_logits
 from labeldiff.evaluate.overlays import Picker, check_named, overlay_grid, overlay_row, parse_choice
 from labeldiff.evaluate.report import colorize, overlay, save_png, write_per_image_csv
 from labeldiff.runs import open_segmenter
@@ -72,7 +72,7 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                  split_file: str | None = None, tta: bool = False,
                  precision: str = INFERENCE_PRECISION, corruptions: list[str] | None = None,
                  severities: list[int] | None = None, corruption_seed: int = 0,
-                 metrics: list[str] | None = None, unlabeled_seen: bool = False) -> dict:
+                 metrics: list[str] | None = None, unlabeled_seen: bool = False, predictions: int = 0) -> dict:
     """Evaluate a fine-tuned run on a named split at the original mask resolution.
 
     Writes ``metrics.json`` (with ``test_images``: the dataset, split file and stems scored, which
@@ -89,7 +89,9 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     to per_image.csv (``aji``, and ``aji_<c>`` per foreground class when K > 2) and its mean to
     ``metrics["aji"]``. ``unlabeled_seen``: score images that the run's pretraining read without their masks
     (a study's validation images, part of the train split pretraining reads); images the run itself trained
-    on are refused all the same.
+    on are refused all the same. ``predictions``: keep the first that many images' predictions, each as
+    ``predictions/<stem>.png`` and ``predictions/uncertainty/<stem>.png`` (:func:`save_prediction`; a study's
+    cells keep the first 8 for the overlay viewer of its ``report.html``).
     """
     model, cfg = open_segmenter(Path(model_dir), device)
     data_path = Path(data or cfg.data.path)
@@ -108,9 +110,11 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
     aji = "aji" in (metrics or ())
     ignore = ds.ignore_index
     scored = dataclasses.replace(cfg.data, ignore_index=ignore)  # a region of interest ignores its outside
-    for s, image, target, pred, stats in predict_and_score(model, scored, samples, k, precision, tta,
-                                                            desc=f"evaluate {split}"):
+    for i, (s, image, target, logits, pred, stats) in enumerate(predict_and_score(model, scored, samples, k, precision,
+                                                                                  tta, desc=f"evaluate {split}")):
         all_stats.append(stats)
+        if i < predictions:
+            save_prediction(out / "predictions", s.stem, logits, pred, k)
         dice, iou = dice_from_stats(stats), iou_from_stats(stats)
         row = {"stem": s.stem}
         row.update({f"dice_{c}": round(float(dice[c]), 6) for c in range(k)})
@@ -140,6 +144,8 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                  title=f"{Path(model_dir).name} on {split} ({len(samples)} images, mean foreground Dice "
                        f"{metrics['dice']['mean']:.3f}): {picker.describe()}")
     each = f", overlays/ (all {len(samples)}, one PNG each)" if how == "all" else ""
+    if predictions:
+        each += f", predictions/ (the first {min(predictions, len(samples))})"
     shown = [r["name"] for r in picker.rows()]
     objects_said = f", AJI {metrics['aji']['mean']:.4f}" if aji else ""
     print(f"{split}: {len(samples)} images, Dice {metrics['dice']['mean']:.4f} (foreground mean), "
@@ -152,6 +158,14 @@ def run_evaluate(model_dir: Path, out: Path, data: str | None = None, split: str
                                                seed=corruption_seed, precision=precision, tta=tta, class_names=names)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def save_prediction(folder: Path, stem: str, logits: torch.Tensor, pred: np.ndarray, num_classes: int) -> None:
+    """Keep one image's prediction in ``folder``: ``<stem>.png``, the class ids (a palette PNG,
+    :func:`~labeldiff.data.io.write_mask`), and ``uncertainty/<stem>.png``, the entropy of its class
+    probabilities (:func:`~labeldiff.evaluate.predict.entropy_map`, 255 = log K)."""
+    write_mask(pred, folder / f"{stem}.png", num_classes)
+    save_png(entropy_map(logits), folder / "uncertainty" / f"{stem}.png")
 
 
 def refuse_trained_on(model_dir: Path, split: str, ds, stems: list[str], train_split: str,
@@ -270,10 +284,9 @@ def run_predict(model_dir: Path, inputs: Path, out: Path, device: str = "auto", 
         image, logits = result
         pred = logits.argmax(0).numpy()
         probs = torch.softmax(logits, dim=0)
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(0) / np.log(max(k, 2))
         kinds.append(write_mask(pred, out / f"{stem}.png", k))
         save_png(overlay(image.numpy(), pred), out / "overlays" / f"{stem}.png")
-        save_png((ent.clamp(0, 1) * 255).round().numpy().astype(np.uint8), out / "uncertainty" / f"{stem}.png")
+        save_png(entropy_map(logits), out / "uncertainty" / f"{stem}.png")
         for c, folder in enumerate(maps):
             save_png((probs[c].clamp(0, 1) * 65535).round().numpy().astype(np.uint16), out / folder / f"{stem}.png")
         bar.update(1)

@@ -5,7 +5,8 @@ split, environment.json), select.py (random / diverse / typical subsets, class c
 pretraining runs and cells a study makes), execute.py (training, resuming and scoring them, in one process
 or several), runner.py (``run_study``: the order of things and the study folder), stats.py (mean ± std,
 paired differences and their t intervals), report.py (results.csv and the tables), verdict.py
-(verdict.md), plots.py (the figures).
+(verdict.md), plots.py (the figures), html_report.py (report.html: all of it in one page, with an overlay
+viewer), pages.py (a study folder's README.md).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Running what :mod:`labeldiff.study.plan` planned: train, resume or continue the pretraining runs; select,
-fine-tune and evaluate each cell into its folder (``eval/`` written whole, :func:`labeldiff.fs.atomic_folder`);
+fine-tune and evaluate each cell into its folder (``eval/`` written whole, :func:`labeldiff.fs.atomic_folder`,
+keeping the predictions of the first :data:`VIEWER_IMAGES` test images for the report's overlay viewer);
 score finished cells in 3D, under corruptions and with AJI when it was asked after they finished; read a
 finished cell back as a result row; run the cells in several processes side by side."""
 from __future__ import annotations
@@ -39,6 +40,7 @@ from labeldiff.transfer.run import run_transfer
 
 
 TIMING = "study_timing.json"  # written by the study into a pretraining folder it trained
+VIEWER_IMAGES = 8  # each cell keeps its predictions of the first 8 test images, eval/predictions/ (report.html)
 
 
 class _Renaming(io.TextIOBase):
@@ -154,7 +156,8 @@ def run_cell(cell: Cell, shared: list[Layer], target: Target, selector: Selector
     run_transfer(cfg, cell.dir / "run", stems)
     with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.dir / "run", tmp, split=VALIDATION if target.validation else cfg.data.test_split,
-                     device=cfg.train.device, metrics=list(target.scores), unlabeled_seen=target.validation)
+                     device=cfg.train.device, metrics=list(target.scores), unlabeled_seen=target.validation,
+                     predictions=0 if target.validation else VIEWER_IMAGES)
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
@@ -168,7 +171,7 @@ def source_cell(cell: Cell, ft: RunConfig, target: Target, t0: float) -> float:
     split_file = str(target.ds.split_file) if target.ds.split_file.is_file() else None
     with written_whole(cell.dir / "eval") as tmp:
         run_evaluate(cell.pre.dir, tmp, data=str(target.ds.root), split=ft.data.test_split, split_file=split_file,
-                     device=ft.train.device, metrics=list(target.scores))
+                     device=ft.train.device, metrics=list(target.scores), predictions=VIEWER_IMAGES)
         seconds = time.time() - t0
         write_json(tmp / "timing.json", {"seconds": seconds})
     return seconds
@@ -184,6 +187,26 @@ def volume_evaluations(cells: list[Cell], target: Target, device: str = "auto") 
         model = cell.pre.dir if cell.strategy == "source" else cell.dir / "run"
         with atomic_folder(cell.dir / "eval" / "volume") as tmp:
             run_evaluate_volumes(model, target.ds.root, tmp, slabs=target.slabs, device=device, quiet=True)
+
+
+def viewer_predictions(cells: list[Cell], target: Target, device: str = "auto") -> None:
+    """Finished cells evaluated without their per-image predictions (by a labeldiff before the report's overlay
+    viewer): predict the first :data:`VIEWER_IMAGES` test images with the cell's model into
+    ``eval/predictions/`` (:func:`~labeldiff.evaluate.run.save_prediction`), once, as their evaluation does now."""
+    import torch
+
+    from labeldiff.evaluate.predict import predict_logits
+    from labeldiff.evaluate.run import save_prediction
+
+    todo = [c for c in cells if c.finished and not (c.dir / "eval" / "predictions").is_dir()]
+    samples = target.ds.samples(target.test[:VIEWER_IMAGES])
+    for cell in tqdm(todo, desc="predictions for the report's viewer", unit="cell", disable=not todo):
+        run = RunFolder.open(cell.run_dir)
+        model, cfg = run.segmenter(resolve_device(device)), run.config
+        with atomic_folder(cell.dir / "eval" / "predictions") as tmp:
+            for s in samples:
+                logits = predict_logits(model, torch.from_numpy(s.read_image(cfg.data.channels)), cfg.data)
+                save_prediction(tmp, s.stem, logits, logits.argmax(0).numpy(), target.num_classes)
 
 
 def evaluate_again(cell: Cell, target: Target, ft: RunConfig, folder: str, **options) -> None:

@@ -3,10 +3,12 @@
     python -m labeldiff.study.pages OUT                      # writes OUT/README.md
     python -m labeldiff.study.pages OUT --study STUDY.yaml --title "My study" --check
 
-The page puts together, in this order: the question (the study file's first comment lines), the
-commands that run it, ``verdict.md``, ``results.md`` with ``dice_vs_labels.png``, ``paired.md`` with
-``paired.png``, ``tuning.md`` (a study with ``tune:``), ``per_class.md``, ``overlays.png``, the other files of the folder, where it ran
-(``environment.json``) and the study file itself. Nothing in it is typed by hand, so it cannot
+The page puts together, in this order: the question (the study file's first comment lines), a link to
+``report.html`` when the folder has one (the same reports and an overlay viewer in one page,
+:mod:`labeldiff.study.html_report`), the commands that run it, ``verdict.md``, ``results.md`` with
+``dice_vs_labels.png``, ``paired.md`` with ``paired.png``, ``tuning.md`` (a study with ``tune:``),
+``per_class.md``, ``overlays.png``, the other files of the folder, where it ran (``environment.json``) and
+the study file itself. Nothing in it is typed by hand, so it cannot
 disagree with the reports: after ``labeldiff study … --report-only`` rewrites them, build the page
 again. A folder that lacks some of the files gets a page without those sections.
 """
@@ -17,6 +19,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from labeldiff.study.html_report import PAGE as HTML
 
 PAGE = "README.md"
 REPORTS = (("verdict.md", "Verdict", None), ("results.md", "Results", "dice_vs_labels"),
@@ -109,6 +113,10 @@ def render(folder: str | Path, study: str | Path | None = None, title: str | Non
             parts.append(f"*{subtitle.split(': ', 1)[-1]}*")
     if question:
         parts.append(" ".join(question))
+    if (folder / HTML).is_file():
+        parts.append(f"All of it in one page, with a viewer of every cell's predictions on the first test images: "
+                     f"[{HTML}]({HTML}) (it opens offline in a browser).")
+        used.add(HTML)
     if commands:
         parts.append("## Run it\n\n```bash\n" + "\n".join(commands) + "\n```")
     for name, heading, figure in REPORTS:

@@ -9,12 +9,16 @@ Layout of DIR::
                                      result), so an edited method gets a new folder and the rest is reused
     cells/<cell-id>/                 cell.json (the cell and its labeled stems), run/ (the fine-tuning
                                      or probe run), eval/ (metrics.json, per_image.csv, overlays.png,
-                                     timing.json; volume/ with ``metrics: volume``: the 3D slab scores;
-                                     aji/ when ``metrics: [..., aji]`` came after the cell finished)
+                                     timing.json; predictions/: the first 8 test images' predicted class ids
+                                     and uncertainty/ maps, for report.html's viewer; volume/ with
+                                     ``metrics: volume``: the 3D slab scores; aji/ when
+                                     ``metrics: [..., aji]`` came after the cell finished)
     tune/                            with ``tune``: split-<hash>.json (the train split outside the validation
                                      images, and the validation images) and tune-<cell-id>/, a tuning cell each
                                      (as cells/, scored on the validation images)
     results.csv results.md per_class.md paired.md verdict.md dice_vs_labels.png paired.png overlays.png environment.json
+    report.html                      all of these in one page that opens offline in a browser, with a viewer of each
+                                     cell's predictions on the first test images and of its scratch pair's
     tuning.md tuning.csv             with ``tune``: each arm's validation scores per grid value and its choice
 
 A pretraining run is finished when its ``model.safetensors`` exists; one with a checkpoint but no
@@ -35,11 +39,12 @@ import time
 from pathlib import Path
 
 from labeldiff.data.nnunet import dataset_class_names
-from labeldiff.study import plots, report
+from labeldiff.study import html_report, plots, report
 from labeldiff.study.configs import finetune_config, finetune_layers, write_json
 from labeldiff.study.estimate import estimate_lines
-from labeldiff.study.execute import (cell_row, object_evaluations, pretrain, pretrain_seconds, robustness_evaluations,
-                                     run_cells, run_workers, synthetic_first, volume_evaluations)
+from labeldiff.study.execute import (VIEWER_IMAGES, cell_row, object_evaluations, pretrain, pretrain_seconds,
+                                     robustness_evaluations, run_cells, run_workers, synthetic_first,
+                                     viewer_predictions, volume_evaluations)
 from labeldiff.study.plan import Cell, Selector, Target, check_reused, plan_cells, plan_pretraining, planned_stems, todo_order
 from labeldiff.study.prepare import code_state, prepare_data, write_environment
 from labeldiff.study.spec import StudyError, Study, load_study
@@ -74,9 +79,9 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
         return rows
     report.write_csv(rows, out / "results.csv")
     names = dataset_class_names(target.ds.root)
-    (out / "results.md").write_text(report.results_markdown(rows, study.metrics, title, class_names=names))
+    texts = {"results.md": report.results_markdown(rows, study.metrics, title, class_names=names)}
     if "per-class" in study.metrics:
-        (out / "per_class.md").write_text(report.per_class_markdown(rows, class_names=names))
+        texts["per_class.md"] = report.per_class_markdown(rows, class_names=names)
     paired = report.paired_markdown(rows)
     if any(r.get("dice_3d") is not None for r in rows):
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_3d") is not None], "dice_3d")
@@ -84,7 +89,7 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("aji") not in (None, "")], "aji")
     if any(r.get("dice_drop") is not None for r in rows):  # robustness: is the pretrained network's drop smaller?
         paired += "\n" + report.paired_markdown([r for r in rows if r.get("dice_drop") is not None], "dice_drop")
-    (out / "paired.md").write_text(paired)
+    texts["paired.md"] = paired
     verdict = verdict_markdown(rows, title, looks=study.looks, tuned=tuned)
     if study.family is not None:  # said first: whether its primary survives correction for the others
         from labeldiff.study.family import correction_note, judge_registry
@@ -94,14 +99,36 @@ def write_reports(study: Study, cells: list[Cell], target: Target, out: Path, pr
                                                     f"lists no primary of {study.file.stem}; add it there.\n")
         head, rest = verdict.split("\n", 1)
         verdict = f"{head}\n\n{note}{rest}"
-    (out / "verdict.md").write_text(verdict)
+    texts["verdict.md"] = verdict
+    for name, text in texts.items():
+        (out / name).write_text(text)
     plots.plot_dice_vs_labels(rows, out / "dice_vs_labels.png", title=title)
     plots.plot_paired(rows, out / "paired.png", title=title)
     overlays(study, cells, target, out / "overlays.png")
+    if tuning is not None and (out / "tuning.md").is_file():
+        texts["tuning.md"] = (out / "tuning.md").read_text()
+    page = write_html(cells, target, out, title, texts, rows)
     print(f"\n{report.results_table(rows, 'dice')}\nwrote {out}/results.csv, results.md, per_class.md, paired.md, "
           f"verdict.md, dice_vs_labels.png, paired.png, overlays.png, environment.json"
-          + (", tuning.md, tuning.csv" if tuning is not None else ""))
+          + (", tuning.md, tuning.csv" if tuning is not None else "")
+          + f", {page.name} ({html_report.size_words(page)}: every table, figure and an overlay viewer in one page)")
     return rows
+
+
+def write_html(cells: list[Cell], target: Target, out: Path, title: str, texts: dict[str, str],
+               rows: list[dict]) -> Path:
+    """``report.html`` (:mod:`labeldiff.study.html_report`): the reports ``texts`` (file name → Markdown),
+    the figures and results.csv of ``out``, and the overlay viewer of the finished cells' kept predictions
+    of the first :data:`~labeldiff.study.execute.VIEWER_IMAGES` test images."""
+    from labeldiff.runs import RunFolder
+
+    finished = [c for c in cells if c.finished]
+    samples = target.ds.samples(target.test[:VIEWER_IMAGES])
+    channels = RunFolder.open(finished[0].run_dir).config.data.channels
+    viewer = html_report.viewer_data(rows, {c.id: c.dir for c in finished}, samples, channels, target.num_classes,
+                                     samples[0].ignore_index if samples else None)
+    page = html_report.study_page(out, title, texts, out / "results.csv", viewer, target.num_classes)
+    return html_report.write_page(out / html_report.PAGE, page)
 
 
 def overlays(study: Study, cells: list[Cell], target: Target, path: Path) -> None:
@@ -230,6 +257,7 @@ def run_study(path: str | Path, out: str | Path, dry_run: bool = False, report_o
     volume_evaluations(cells, target, ft.train.device)
     robustness_evaluations(cells, study, target, ft)
     object_evaluations(cells, target, ft)
+    viewer_predictions(cells, target, ft.train.device)
     return write_reports(study, cells, target, out, pretrain_seconds(runs), t0, git, tuning)
 
 
