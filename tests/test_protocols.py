@@ -46,6 +46,7 @@ PAPERS = {
         ("transfer.probe_batch", 65536, "§4.1: a batch size of 65536 for the medical datasets"),
         ("transfer.probe_stop_iters", 50, "§4.1: until the training loss stops decreasing over a number of steps"),
         ("transfer.members", 10, "Baranchuk et al., whom they follow: an ensemble of 10 MLPs"),
+        ("transfer.probe_max_epochs", 2000, "§4.1: until convergence (the cap must not bind before the loss rule)"),
     ],
     "ddep": [  # Brempong et al. 2022, papers/decoder-denoising-pretraining-ddep.md
         ("transfer.strategy", "full", "Fig. 1 / §5.1: the encoder–decoder model is fine-tuned"),

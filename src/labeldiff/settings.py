@@ -316,6 +316,10 @@ class TransferConfig:
                             applies=PROBE_ONLY)
     probe_batch: int = setting(1024, "probe: pixels per batch (MDM on medical images: 65536; Baranchuk: 64)",
                                flag="--probe-batch", commands=FINETUNE, lo=1, applies=PROBE_ONLY)
+    probe_max_epochs: int = setting(50, "probe: at most this many epochs per member (with few labeled images and "
+                                        "large batches an epoch is one or two batches: raise it so the loss rule "
+                                        "stops a member)", flag="--probe-max-epochs", commands=FINETUNE, lo=1,
+                                    applies=PROBE_ONLY)
     members: int = setting(10, "probe: MLPs in the ensemble (Baranchuk et al.: 10)", flag="--members",
                            commands=FINETUNE, lo=1, applies=PROBE_ONLY)
     probe_stop_iters: int = setting(0, "probe: after 4 epochs, stop a member once this many batches in a row did not "

@@ -31,7 +31,7 @@ for _name in not_result_fields():
 # fields added later: at these values (what runs did before them) runs hash as before. DDeP's noise was added on
 # [-1, 1] ("signed") before noise_range existed, so a "unit" run is another result with another id.
 LATER_DEFAULTS = {"data": {"axis": 2, "intensity": None, "ignore_index": None},
-                  "transfer": {"label_unit": "slices", "labeled": None, "probe_batch": 1024},
+                  "transfer": {"label_unit": "slices", "labeled": None, "probe_batch": 1024, "probe_max_epochs": 50},
                   "train": {"lr_schedule": "linear"},
                   "corruption": {"noise_range": "signed", "image_weight": 1.0}}
 ONLY_FOR = {("corruption", "noise_range"): ("ddep", "dep")}  # a later field hashed only for these methods

@@ -201,8 +201,11 @@ def check_reused(study: Study, runs: list[Pretraining], target: Target, shared: 
                                  f"pretrained ({shown}); pretrain it on the images outside the study's test split "
                                  f"(the default, without --include-test, with the study's split file), or give the "
                                  f"study data: {{include_test: true}}")
-        print(f"{run.name}: your run {run.dir}, used as it is (the cells' data geometry; it never read the study's "
-              f"{len(target.test)} test images)")
+        seen = sorted(set(rec.get("stems") or []) & set(target.test)) if rec.get("data") == \
+            provenance.dataset_key(target.ds.root) else []
+        read = (f"it read the pixels of {len(seen)} of the study's {len(target.test)} test images, as the study's "
+                f"include_test allows" if seen else f"it never read the study's {len(target.test)} test images")
+        print(f"{run.name}: your run {run.dir}, used as it is (the cells' data geometry; {read})")
 
 
 def scratch_networks(study: Study, runs: list[Pretraining]) -> dict[str, tuple[str, ModelConfig]]:

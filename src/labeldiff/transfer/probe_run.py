@@ -108,7 +108,7 @@ def _probe(cfg: RunConfig, out: Path, job, unet, t0: float) -> dict:
     # folder in the run folder; one process uses a temporary folder
     cache = out / PROBE_CACHE if distributed.world_size() > 1 else None
     ensemble = train_probe(extractor, images, masks, job.num_classes, members=t.members, seed=cfg.train.seed,
-                           batch_pixels=t.probe_batch,
+                           batch_pixels=t.probe_batch, max_epochs=t.probe_max_epochs,
                            ignore_index=cfg.data.ignore_index, stop_iters=t.probe_stop_iters, cache_dir=cache,
                            progress=main)
     if cache is not None and main:
