@@ -387,7 +387,8 @@ PAPERS = [  # (docs/papers/ page, its protocols, its rerun studies → their dat
     ("ct", ("ct",), {"protocol_ct_abdomen": "abdominal CT", "protocol_ct_colin27": "Colin27 MRI"}, "CT paper",
      "decoder fine-tuning beats the same network trained from scratch by +6.3 DSC on FLARE22 (model S, all labels, "
      "Table 2); 51.8 % DSC from 4 labeled slices"),
-    ("mdm", ("mdm",), {"protocol_mdm": "MoNuSeg"}, "MDM paper",
+    ("mdm", ("mdm",), {"protocol_mdm": "MoNuSeg", "protocol_mdm_uncapped": "MoNuSeg, cap lifted (after looking)"},
+     "MDM paper",
      "MoNuSeg with 10 % of the labels: the MDM probe 79.7 Dice against 54.8 for a UNet from scratch (Table 1)"),
     ("ddep", ("ddep",), {"protocol_ddep": "MoNuSeg"}, "DDeP paper",
      "the denoising-pretrained decoder adds 4–12 mIoU over a random one at 1–5 % of the labels (Fig. 1, Table 5)"),
