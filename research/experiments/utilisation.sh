@@ -12,11 +12,9 @@ L=.venv/bin/labeldiff
 { lscpu | grep -E "Model name|^CPU\(s\)"; echo "flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"; } > "$OUT/cpu.txt"
 bench() {  # name, then bench loop options
   local name=$1; shift
-  $L bench loop --data "$DATA" --channels 1 --mode resize --size 64 --batch-size 16 --workers 0 --steps 40 "$@" \
+  $L bench loop --data "$DATA" --channels 1 --mode resize --size 64 --batch-size 16 --workers 0 --steps 20 "$@" \
     2>/dev/null | grep -v "^next:" > "$OUT/$name.md"
 }
 bench demo-fp32 --recipe ddpm-quick --precision fp32 --profile
 bench demo-fp32-channels-last --recipe ddpm-quick --precision fp32 --set train.channels_last=true --profile
 bench recipe-fp32 --recipe ddpm-cpu --precision fp32 --profile
-bench demo-bf16 --recipe ddpm-quick --precision bf16
-bench recipe-bf16 --recipe ddpm-cpu --precision bf16
