@@ -71,4 +71,4 @@ def test_a_study_names_its_final_paths_and_says_what_next(tmp_path, capsys):
         assert Path(out / "cells" / cell / "eval" / "metrics.json").is_file()
     assert f"wrote {out / 'cells' / cells[0] / 'eval' / 'robustness'}/robustness.json" in text
     end = "\n".join(text.splitlines()[-3:])
-    assert f"results: {out}/verdict.md" in end and f"next: python -m labeldiff.study.pages {out}" in end
+    assert f"results: {out}/report.html" in end and "verdict.md" in text and f"next: python -m labeldiff.study.pages {out}" in end
